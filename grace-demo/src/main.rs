@@ -1,0 +1,85 @@
+//! `grace-demo`: a small service built on grace, to watch it drain, restart and upgrade.
+//!
+//! Exit codes: 0 when everything drained cleanly; 3 when connections (or jobs, or resources)
+//! had to be cut; 1 on a start-up error.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+mod routes;
+
+/// Exit code when the shutdown had to cut something (see the report on stderr).
+const EXIT_FORCED: i32 = 3;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    version,
+    about = "A demo service for grace: graceful shutdown and zero-downtime restart"
+)]
+pub struct Args {
+    /// Address to listen on (`HOST:PORT`, or `unix:PATH`).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// How long a drain may wait before forcing connections closed (e.g. `30s`, `500ms`).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    shutdown_timeout: Duration,
+    /// How long a client may take to send request headers.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    header_read_timeout: Duration,
+}
+
+/// Parses `500ms`, `2s`, `1.5s`, `1m`, `0`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("bad duration unit in {s:?} (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let clean = runtime.block_on(run(args))?;
+    // Connections cut at the deadline may still have tasks; do not wait for them.
+    runtime.shutdown_background();
+    std::process::exit(if clean { 0 } else { EXIT_FORCED });
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    let server = match args.listen.strip_prefix("unix:") {
+        Some(path) => grace::Server::bind_unix(path)?,
+        None => grace::Server::bind(args.listen.as_str()).await?,
+    };
+    let server = server
+        .shutdown_timeout(args.shutdown_timeout)
+        .header_read_timeout(args.header_read_timeout);
+    let addr = server
+        .local_addrs()
+        .first()
+        .map(ToString::to_string)
+        .context("no listener")?;
+    let serve = server.serve(routes::router()).with_signals();
+    // Signal handlers are installed: now scripts may read the address and signal us.
+    println!("listening on {addr}");
+    let report = serve.await?;
+    eprintln!("{}", report.to_json());
+    Ok(report.is_clean())
+}

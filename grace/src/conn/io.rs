@@ -1,0 +1,87 @@
+//! The socket wrapper every connection is served through.
+//!
+//! It sees each read (to move `New → Active`, and `Idle → Active` on HTTP/1) and, when it
+//! drops, unregisters the connection. It stays with the socket if hyper hands it to an
+//! upgrade handler, so an upgraded connection is tracked until it really closes.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::tracker::{Conn, Tracker};
+use super::Addr;
+
+pub(crate) struct TrackedIo<S> {
+    inner: S,
+    conn: Arc<Conn>,
+}
+
+impl<S: AsRawFd> TrackedIo<S> {
+    pub(crate) fn new(inner: S, peer: Addr, tracker: &Arc<Tracker>) -> Self {
+        let conn = tracker.register(peer, &inner);
+        TrackedIo { inner, conn }
+    }
+
+    pub(crate) fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+}
+
+impl<S> Drop for TrackedIo<S> {
+    fn drop(&mut self) {
+        // Runs before `inner` (the socket) is dropped and closed.
+        self.conn.tracker().unregister(&self.conn);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res {
+            let read = &buf.filled()[before..];
+            if !read.is_empty() {
+                self.conn.on_read(read);
+            }
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

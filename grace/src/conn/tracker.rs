@@ -1,0 +1,248 @@
+//! The tracker: the one owner of every live connection, its state, and the counts per state.
+//!
+//! Connections register when accepted and unregister when their socket closes. State changes
+//! go through [`Conn::set`], which moves the counts and calls the user's hook. Waiting for
+//! the tracker to empty is an event ([`Tracker::wait_empty`]), never a poll.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+use super::{Addr, ConnInfo, ConnState, StateCounts};
+use crate::shutdown::report::{ActiveRequest, ForcedConn};
+use crate::sys::SocketSlot;
+
+/// The user's observer of state changes.
+pub(crate) type Hook = Box<dyn Fn(&ConnInfo, ConnState) + Send + Sync + 'static>;
+
+/// One live connection, shared by its socket wrapper, its request wrappers and the tracker.
+pub(crate) struct Conn {
+    pub(crate) info: ConnInfo,
+    state: AtomicU8,
+    /// Requests (HTTP/1) or streams (HTTP/2) whose response is not fully written yet.
+    inflight: AtomicU32,
+    http2: AtomicBool,
+    request: Mutex<Option<(http::Method, http::Uri, Instant)>>,
+    pub(crate) socket: SocketSlot,
+    left_new: Notify,
+    tracker: Arc<Tracker>,
+}
+
+impl Conn {
+    pub(crate) fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+
+    pub(crate) fn state(&self) -> ConnState {
+        ConnState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// Moves to `to`. `Hijacked` is left only for `Closed`, and `Closed` is final.
+    pub(crate) fn set(&self, to: ConnState) {
+        let mut cur = self.state.load(Ordering::Acquire);
+        let from = loop {
+            let from = ConnState::from_u8(cur);
+            if from == to
+                || from == ConnState::Closed
+                || (from == ConnState::Hijacked && to != ConnState::Closed)
+            {
+                return;
+            }
+            match self.state.compare_exchange_weak(
+                cur,
+                to as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break from,
+                Err(actual) => cur = actual,
+            }
+        };
+        self.tracker.moved(from, to, &self.info);
+    }
+
+    /// The socket delivered bytes. The first byte makes a `New` connection `Active`; on
+    /// HTTP/1, the first byte of the next request makes an `Idle` connection `Active`.
+    /// (HTTP/2 reads control frames while idle; its streams drive its state instead.)
+    #[inline]
+    pub(crate) fn on_read(&self, bytes: &[u8]) {
+        match ConnState::from_u8(self.state.load(Ordering::Relaxed)) {
+            ConnState::New => {
+                self.set(ConnState::Active);
+                if bytes.starts_with(b"PRI ") {
+                    // The HTTP/2 connection preface: no stream open yet.
+                    self.http2.store(true, Ordering::Relaxed);
+                    self.set(ConnState::Idle);
+                }
+                self.left_new.notify_one();
+            }
+            ConnState::Idle if !self.http2.load(Ordering::Relaxed) => self.set(ConnState::Active),
+            _ => {}
+        }
+    }
+
+    /// Resolves once the connection has left `New` (returns at once if it already has).
+    pub(crate) async fn left_new(&self) {
+        if self.state() != ConnState::New {
+            return;
+        }
+        self.left_new.notified().await;
+    }
+
+    pub(crate) fn request_started<B>(&self, req: &http::Request<B>) {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        if req.version() == http::Version::HTTP_2 {
+            self.http2.store(true, Ordering::Relaxed);
+        }
+        *lock(&self.request) = Some((req.method().clone(), req.uri().clone(), Instant::now()));
+        self.set(ConnState::Active);
+    }
+
+    pub(crate) fn request_finished(&self) {
+        self.tracker.completed.fetch_add(1, Ordering::Relaxed);
+        if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *lock(&self.request) = None;
+            self.set(ConnState::Idle);
+        }
+    }
+
+    fn forced(&self, now: Instant) -> ForcedConn {
+        let request = lock(&self.request)
+            .as_ref()
+            .map(|(method, uri, started)| ActiveRequest {
+                method: method.to_string(),
+                path: uri
+                    .path_and_query()
+                    .map_or_else(|| uri.to_string(), |p| p.to_string()),
+                age: now.saturating_duration_since(*started),
+            });
+        ForcedConn {
+            id: self.info.id,
+            peer: self.info.peer.clone(),
+            state: self.state(),
+            age: now.saturating_duration_since(self.info.accepted_at),
+            request,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Every live connection of a server.
+#[derive(Default)]
+pub(crate) struct Tracker {
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    counts: [AtomicUsize; 4],
+    next_id: AtomicU64,
+    completed: AtomicU64,
+    empty: Notify,
+    pub(crate) hook: OnceLock<Hook>,
+}
+
+impl Tracker {
+    /// Registers a freshly accepted connection, in state `New`.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        peer: Addr,
+        socket: &impl std::os::fd::AsRawFd,
+    ) -> Arc<Conn> {
+        let info = ConnInfo {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            peer,
+            accepted_at: Instant::now(),
+        };
+        let conn = Arc::new(Conn {
+            info,
+            state: AtomicU8::new(ConnState::New as u8),
+            inflight: AtomicU32::new(0),
+            http2: AtomicBool::new(false),
+            request: Mutex::new(None),
+            socket: SocketSlot::new(socket),
+            left_new: Notify::new(),
+            tracker: Arc::clone(self),
+        });
+        lock(&self.conns).insert(conn.info.id, Arc::clone(&conn));
+        self.counts[ConnState::New as usize].fetch_add(1, Ordering::Relaxed);
+        self.call_hook(&conn.info, ConnState::New);
+        conn
+    }
+
+    /// Called by the socket's owner right before the socket closes.
+    pub(crate) fn unregister(&self, conn: &Conn) {
+        conn.socket.release();
+        conn.set(ConnState::Closed);
+        let mut conns = lock(&self.conns);
+        conns.remove(&conn.info.id);
+        if conns.is_empty() {
+            drop(conns);
+            self.empty.notify_waiters();
+        }
+    }
+
+    fn moved(&self, from: ConnState, to: ConnState, info: &ConnInfo) {
+        if from != ConnState::Closed {
+            self.counts[from as usize].fetch_sub(1, Ordering::Relaxed);
+        }
+        if to != ConnState::Closed {
+            self.counts[to as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        self.call_hook(info, to);
+    }
+
+    #[inline]
+    fn call_hook(&self, info: &ConnInfo, state: ConnState) {
+        if let Some(hook) = self.hook.get() {
+            hook(info, state);
+        }
+    }
+
+    pub(crate) fn counts(&self) -> StateCounts {
+        let c = |s: ConnState| self.counts[s as usize].load(Ordering::Relaxed);
+        StateCounts {
+            new: c(ConnState::New),
+            active: c(ConnState::Active),
+            idle: c(ConnState::Idle),
+            hijacked: c(ConnState::Hijacked),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.conns).len()
+    }
+
+    /// Requests whose response was fully written, since the server started.
+    pub(crate) fn completed(&self) -> u64 {
+        self.completed.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when no connection is live: woken by the last unregister, not by a timer.
+    pub(crate) async fn wait_empty(&self) {
+        loop {
+            let notified = self.empty.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.len() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Shuts down the socket of every live connection, whatever its state, and says which.
+    pub(crate) fn force_all(&self) -> Vec<ForcedConn> {
+        let now = Instant::now();
+        let conns: Vec<Arc<Conn>> = lock(&self.conns).values().cloned().collect();
+        let mut forced: Vec<ForcedConn> = conns
+            .iter()
+            .filter(|c| c.socket.shutdown())
+            .map(|c| c.forced(now))
+            .collect();
+        forced.sort_by_key(|f| f.id);
+        forced
+    }
+}

@@ -1,0 +1,62 @@
+//! # grace
+//!
+//! Stop, restart and upgrade an HTTP service without losing a request, a connection or a
+//! write.
+//!
+//! `grace` serves any `tower::Service` (an `axum::Router` included) over HTTP/1.1 and
+//! HTTP/2 on TCP or Unix-domain listeners that it owns. When asked to stop — by SIGTERM,
+//! SIGINT or a [`Handle`] — it drains:
+//!
+//! ```text
+//! signal / handle.shutdown()
+//!     │
+//!     ▼
+//! readiness = false ──► (pre-stop delay) ──► listeners closed: new connections refused
+//!     │
+//!     ├─► every tracked connection, by state:
+//!     │      New (silent)   → closed (after a short first-byte grace)
+//!     │      Idle           → closed now
+//!     │      Active HTTP/1  → response gets `Connection: close`, then closes
+//!     │      HTTP/2         → GOAWAY(2^31-1), PING, GOAWAY(last id); open streams finish
+//!     │      Hijacked       → ShutdownNotice fires; the handler says goodbye
+//!     ▼
+//! last connection closed (an event, not a poll) ── or deadline / second signal ──► force
+//!     │
+//!     ▼
+//! ShutdownReport: counts at start, requests completed, what was forced and why, phases
+//! ```
+//!
+//! ```no_run
+//! # async fn doc() -> Result<(), grace::Error> {
+//! let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
+//! let report = grace::Server::bind("127.0.0.1:8080")
+//!     .await?
+//!     .shutdown_timeout(std::time::Duration::from_secs(30))
+//!     .serve(app)
+//!     .with_signals()
+//!     .await?;
+//! eprintln!("{}", report.to_json());
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod conn;
+mod error;
+mod listener;
+mod server;
+mod shutdown;
+mod signal;
+mod sys;
+
+pub use conn::request::TrackedBody;
+pub use conn::{Addr, ConnInfo, ConnState, StateCounts};
+pub use error::{Error, Result};
+pub use listener::Listener;
+pub use server::{Serve, Server};
+pub use shutdown::report::{
+    ActiveRequest, ForcedConn, Outcome, PhaseTiming, ShutdownReport, TaskReport,
+};
+pub use shutdown::{ForceReason, Handle, ShutdownNotice, Trigger};
+pub use signal::DEFAULT_SIGNALS;
+pub use tokio::signal::unix::SignalKind;

@@ -1,0 +1,212 @@
+//! Shutdown coordination: the [`Handle`], the phases of a drain, the notice handlers get,
+//! and the [`ShutdownReport`](report::ShutdownReport).
+//!
+//! The coordinator itself is the tail of [`Serve`](crate::Serve): it waits for a drain
+//! request, then runs the phases in order (see the crate docs for the picture).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::conn::tracker::Tracker;
+use crate::conn::StateCounts;
+
+pub(crate) mod report;
+
+pub use report::{ForceReason, Trigger};
+
+/// Where the server is in its life. Only ever moves forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Phase {
+    /// Accepting and serving.
+    Serving,
+    /// Listeners closed; connections, then jobs, are being drained.
+    Draining,
+    /// Everything still open is being cut.
+    Forcing,
+}
+
+/// What has been asked of the server, by signals or through the handle.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Requests {
+    pub(crate) drain: Option<Trigger>,
+    pub(crate) force: Option<ForceReason>,
+}
+
+/// State shared by the server, its connections and every [`Handle`].
+pub(crate) struct Shared {
+    pub(crate) tracker: Arc<Tracker>,
+    phase: watch::Sender<Phase>,
+    requests: watch::Sender<Requests>,
+    draining: AtomicBool,
+    ready: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Shared {
+            tracker: Arc::new(Tracker::default()),
+            phase: watch::Sender::new(Phase::Serving),
+            requests: watch::Sender::new(Requests::default()),
+            draining: AtomicBool::new(false),
+            ready: AtomicBool::new(true),
+        })
+    }
+
+    #[inline]
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub(crate) fn enter(&self, phase: Phase) {
+        if phase >= Phase::Draining {
+            // Before anyone is woken: responses written from now on carry `Connection: close`.
+            self.draining.store(true, Ordering::Relaxed);
+        }
+        self.phase.send_if_modified(|p| {
+            let moved = *p < phase;
+            if moved {
+                *p = phase;
+            }
+            moved
+        });
+    }
+
+    pub(crate) fn phase(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    pub(crate) fn notice(&self) -> ShutdownNotice {
+        ShutdownNotice(self.phase.subscribe())
+    }
+
+    pub(crate) fn request_drain(&self, trigger: Trigger) {
+        self.requests.send_if_modified(|r| {
+            let first = r.drain.is_none();
+            if first {
+                r.drain = Some(trigger);
+            }
+            first
+        });
+    }
+
+    pub(crate) fn request_force(&self, reason: ForceReason) {
+        self.requests.send_if_modified(|r| {
+            let first = r.force.is_none();
+            if first {
+                r.drain.get_or_insert(Trigger::Handle);
+                r.force = Some(reason);
+            }
+            first
+        });
+    }
+
+    pub(crate) fn requests(&self) -> watch::Receiver<Requests> {
+        self.requests.subscribe()
+    }
+}
+
+/// Controls a running server from code, and reads its live state.
+///
+/// Cheap to clone. Get one from [`Server::handle`](crate::Server::handle) before serving.
+///
+/// ```no_run
+/// # async fn doc() -> Result<(), grace::Error> {
+/// let server = grace::Server::bind("127.0.0.1:0").await?;
+/// let handle = server.handle();
+/// tokio::spawn(async move {
+///     tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+///     println!("live: {:?}", handle.counts());
+///     handle.shutdown(); // like Go's Server.Shutdown; handle.force() is like Close
+/// });
+/// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
+/// let report = server.serve(app).await?;
+/// println!("{}", report.to_json());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Handle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("counts", &self.counts())
+            .field("draining", &self.is_draining())
+            .finish()
+    }
+}
+
+impl Handle {
+    /// Starts a graceful drain. Calling it again changes nothing.
+    pub fn shutdown(&self) {
+        self.shared.request_drain(Trigger::Handle);
+    }
+
+    /// Forces every remaining connection closed now (starting the drain first if needed).
+    pub fn force(&self) {
+        self.shared.request_force(ForceReason::Handle);
+    }
+
+    /// Live connections per state.
+    pub fn counts(&self) -> StateCounts {
+        self.shared.tracker.counts()
+    }
+
+    /// All live connections.
+    pub fn connections(&self) -> usize {
+        self.shared.tracker.len()
+    }
+
+    /// True once a drain has started.
+    pub fn is_draining(&self) -> bool {
+        self.shared.is_draining()
+    }
+
+    /// A notice that resolves when the drain starts, for long-running handlers and jobs.
+    pub fn notice(&self) -> ShutdownNotice {
+        self.shared.notice()
+    }
+
+    /// Resolves once a drain has started.
+    pub async fn draining(&self) {
+        self.notice().wait().await;
+    }
+}
+
+/// Tells a handler that the server is draining, so it can say goodbye properly.
+///
+/// Every request that asks for an upgrade (an `Upgrade` header, or `CONNECT`) carries one in
+/// its extensions, so a WebSocket handler can send a close frame (`1001 Going Away`) when the
+/// drain starts instead of being cut at the deadline. Any code can get one from
+/// [`Handle::notice`].
+///
+/// ```
+/// # async fn doc(req: http::Request<()>) {
+/// if let Some(notice) = req.extensions().get::<grace::ShutdownNotice>() {
+///     notice.wait().await; // say goodbye to the client here
+/// }
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct ShutdownNotice(watch::Receiver<Phase>);
+
+impl ShutdownNotice {
+    /// True once the drain has started.
+    pub fn is_draining(&self) -> bool {
+        *self.0.borrow() >= Phase::Draining
+    }
+
+    /// Resolves when the drain starts (at once if it has).
+    pub async fn wait(&self) {
+        let mut rx = self.0.clone();
+        // An error means the server is gone, which is a drain too.
+        let _ = rx.wait_for(|p| *p >= Phase::Draining).await;
+    }
+}
