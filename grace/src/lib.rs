@@ -23,8 +23,19 @@
 //! last connection closed (an event, not a poll) ── or deadline / second signal ──► force
 //!     │
 //!     ▼
-//! ShutdownReport: counts at start, requests completed, what was forced and why, phases
+//! background jobs told to stop, waited for (same deadline)
+//!     │
+//!     ▼
+//! resources closed in dependency order, each within its timeout
+//!     │
+//!     ▼
+//! ShutdownReport: counts at start, requests completed, what was forced and why,
+//!                 each job and resource, how long each phase took
 //! ```
+//!
+//! The whole shutdown, from the listeners closing to `serve` returning, fits in
+//! [`Server::shutdown_timeout`]: connections and jobs are forced early enough to leave the
+//! resources their close timeouts (at most half of the total).
 //!
 //! ```no_run
 //! # async fn doc() -> Result<(), grace::Error> {
@@ -43,7 +54,10 @@
 
 mod conn;
 mod error;
+mod health;
+mod jobs;
 mod listener;
+mod resources;
 mod server;
 mod shutdown;
 mod signal;
@@ -52,7 +66,10 @@ mod sys;
 pub use conn::request::TrackedBody;
 pub use conn::{Addr, ConnInfo, ConnState, StateCounts};
 pub use error::{Error, Result};
+pub use health::{Liveness, Readiness};
+pub use jobs::JobToken;
 pub use listener::Listener;
+pub use resources::Resource;
 pub use server::{Serve, Server};
 pub use shutdown::report::{
     ActiveRequest, ForcedConn, Outcome, PhaseTiming, ShutdownReport, TaskReport,

@@ -369,13 +369,16 @@ async fn drain(
     shared.enter(Phase::Draining);
     while accepting.join_next().await.is_some() {}
     timed("close_listeners", t);
+    // Everything ends by `deadline`; connections and jobs leave the resources their time.
     let deadline = t + config.shutdown_timeout;
+    let reserve = shared.resources.budget().min(config.shutdown_timeout / 2);
+    let drain_deadline = deadline - reserve;
 
     if forced_by.is_none() {
         let t = Instant::now();
         tokio::select! {
             _ = tracker.wait_empty() => {}
-            _ = tokio::time::sleep_until(deadline.into()) => forced_by = Some(ForceReason::Deadline),
+            _ = tokio::time::sleep_until(drain_deadline.into()) => forced_by = Some(ForceReason::Deadline),
             reason = wait_force(&mut requests) => forced_by = Some(reason),
         }
         timed("drain", t);
@@ -390,14 +393,28 @@ async fn drain(
         timed("force", t);
     }
 
+    // Jobs next: handlers may have handed them work. A force cuts them at once.
+    let t = Instant::now();
+    let jobs_deadline = if forced_by.is_some() {
+        Instant::now()
+    } else {
+        drain_deadline
+    };
+    let jobs = shared.jobs.stop(jobs_deadline).await;
+    timed("jobs", t);
+
+    let t = Instant::now();
+    let resources = shared.resources.close_all(deadline).await;
+    timed("resources", t);
+
     let report = ShutdownReport {
         trigger,
         at_start,
         requests_completed: tracker.completed() - completed_before,
         forced_by,
         forced,
-        jobs: Vec::new(),
-        resources: Vec::new(),
+        jobs,
+        resources,
         phases,
         total: started.elapsed(),
     };

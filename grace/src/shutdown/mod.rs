@@ -11,6 +11,9 @@ use tokio::sync::watch;
 
 use crate::conn::tracker::Tracker;
 use crate::conn::StateCounts;
+use crate::health::Readiness;
+use crate::jobs::{JobToken, Jobs};
+use crate::resources::{Resource, Resources};
 
 pub(crate) mod report;
 
@@ -41,6 +44,8 @@ pub(crate) struct Shared {
     requests: watch::Sender<Requests>,
     draining: AtomicBool,
     ready: AtomicBool,
+    pub(crate) jobs: Jobs,
+    pub(crate) resources: Resources,
 }
 
 impl Shared {
@@ -51,12 +56,18 @@ impl Shared {
             requests: watch::Sender::new(Requests::default()),
             draining: AtomicBool::new(false),
             ready: AtomicBool::new(true),
+            jobs: Jobs::default(),
+            resources: Resources::default(),
         })
     }
 
     #[inline]
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
     }
 
     pub(crate) fn set_ready(&self, ready: bool) {
@@ -177,6 +188,44 @@ impl Handle {
     /// Resolves once a drain has started.
     pub async fn draining(&self) {
         self.notice().wait().await;
+    }
+
+    /// False from the moment a drain is asked for (before any pre-stop delay).
+    pub fn is_ready(&self) -> bool {
+        self.shared.is_ready()
+    }
+
+    /// A tower service for a readiness probe: `200` while serving, `503` once draining.
+    pub fn readiness(&self) -> Readiness {
+        Readiness {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Spawns a background job on the current tokio runtime. It gets a [`JobToken`] that
+    /// fires after the HTTP drain; the drain then waits for it until the deadline.
+    /// See [`JobToken`] for an example.
+    pub fn spawn_job<F, Fut, E>(&self, name: impl Into<String>, job: F)
+    where
+        F: FnOnce(JobToken) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        self.shared.jobs.spawn(name.into(), job);
+    }
+
+    /// Registers a resource to close after the drain. See [`Resource`].
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: grace::Handle) {
+    /// let file = std::sync::Arc::new(tokio::sync::Mutex::new(tokio::fs::File::create("audit.log").await.unwrap()));
+    /// handle.add_resource(grace::Resource::new("audit-file", move || async move {
+    ///     file.lock().await.sync_all().await
+    /// }));
+    /// # }
+    /// ```
+    pub fn add_resource(&self, resource: Resource) {
+        self.shared.resources.add(resource);
     }
 }
 

@@ -1,0 +1,81 @@
+//! Readiness and liveness endpoints for load balancers and Kubernetes probes.
+//!
+//! Readiness answers `200` while the server serves and `503` from the moment a drain is
+//! asked for (before any pre-stop delay), so endpoints stop routing here while in-flight
+//! requests still finish. Liveness answers `200` as long as the process runs.
+
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::shutdown::Shared;
+
+/// A tower service answering readiness probes: `200 ready` or `503 draining`.
+///
+/// ```
+/// # async fn doc() -> Result<(), grace::Error> {
+/// let server = grace::Server::bind("127.0.0.1:0").await?;
+/// let app: axum::Router = axum::Router::new()
+///     .route_service("/readyz", server.handle().readiness())
+///     .route_service("/healthz", grace::Liveness);
+/// # let _ = app; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Readiness {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("ready", &self.shared.is_ready())
+            .finish()
+    }
+}
+
+/// A tower service answering liveness probes: always `200 ok`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Liveness;
+
+fn answer(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response
+}
+
+impl<B> tower_service::Service<Request<B>> for Readiness {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<B>) -> Self::Future {
+        ready(Ok(if self.shared.is_ready() {
+            answer(StatusCode::OK, "ready\n")
+        } else {
+            answer(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        }))
+    }
+}
+
+impl<B> tower_service::Service<Request<B>> for Liveness {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<B>) -> Self::Future {
+        ready(Ok(answer(StatusCode::OK, "ok\n")))
+    }
+}

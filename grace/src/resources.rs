@@ -1,0 +1,213 @@
+//! Resources closed after the drain, in dependency order, each within its own timeout.
+//!
+//! Register a database pool, a cache client, a file, anything with an async close, through
+//! [`Handle::add_resource`](crate::Handle::add_resource). After the connections and jobs
+//! are done, resources close one at a time: a resource closes only after every resource
+//! that [`depends_on`](Resource::depends_on) it; otherwise the last registered closes
+//! first, like destructors. One that hangs is cut at its timeout and the next still closes.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+
+use crate::shutdown::report::{Outcome, TaskReport};
+
+type CloseFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// Something to close on shutdown.
+///
+/// ```
+/// use std::time::Duration;
+/// use grace::Resource;
+///
+/// let pool = Resource::new("db", || async { /* pool.close().await */ Ok::<_, std::io::Error>(()) })
+///     .timeout(Duration::from_secs(5));
+/// let audit = Resource::new("audit-file", || async { Ok::<_, std::io::Error>(()) })
+///     .depends_on(["db"]); // closes before "db"
+/// # let _ = (pool, audit);
+/// ```
+pub struct Resource {
+    name: String,
+    timeout: Duration,
+    depends_on: Vec<String>,
+    close: Box<dyn FnOnce() -> CloseFuture + Send>,
+}
+
+impl std::fmt::Debug for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resource")
+            .field("name", &self.name)
+            .field("timeout", &self.timeout)
+            .field("depends_on", &self.depends_on)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Resource {
+    /// Default close timeout.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// A resource named `name`, closed by `close`.
+    pub fn new<F, Fut, E>(name: impl Into<String>, close: F) -> Resource
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        Resource {
+            name: name.into(),
+            timeout: Self::DEFAULT_TIMEOUT,
+            depends_on: Vec::new(),
+            close: Box::new(move || {
+                Box::pin(async move { close().await.map_err(|e| e.to_string()) })
+            }),
+        }
+    }
+
+    /// How long its close may take before it is cut (default 5 s).
+    pub fn timeout(mut self, timeout: Duration) -> Resource {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Resources this one uses: they close only after this one has.
+    pub fn depends_on<I, S>(mut self, names: I) -> Resource
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.depends_on.extend(names.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// The registered resources of one server.
+#[derive(Default)]
+pub(crate) struct Resources(Mutex<Vec<Resource>>);
+
+impl Resources {
+    pub(crate) fn add(&self, resource: Resource) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(resource);
+    }
+
+    /// The time all closes may take together.
+    pub(crate) fn budget(&self) -> Duration {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|r| r.timeout)
+            .sum()
+    }
+
+    /// Closes every resource in order; none later than `deadline`.
+    pub(crate) async fn close_all(&self, deadline: Instant) -> Vec<TaskReport> {
+        let all = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut reports = Vec::with_capacity(all.len());
+        for r in close_order(all) {
+            let started = Instant::now();
+            let limit = deadline.min(started + r.timeout);
+            tracing::debug!(name = %r.name, "closing resource");
+            let task = tokio::spawn(async move { ((r.close)().await, Instant::now()) });
+            reports.push(bounded(r.name, started, limit, task).await);
+        }
+        reports
+    }
+}
+
+/// Users before what they use; otherwise last registered first.
+fn close_order(mut left: Vec<Resource>) -> Vec<Resource> {
+    let mut order = Vec::with_capacity(left.len());
+    while !left.is_empty() {
+        // The last registered resource that no remaining resource depends on.
+        let free = left
+            .iter()
+            .rposition(|r| !left.iter().any(|u| u.depends_on.contains(&r.name)));
+        let i = free.unwrap_or_else(|| {
+            tracing::warn!(
+                "resources depend on each other in a cycle; closing the last registered"
+            );
+            left.len() - 1
+        });
+        order.push(left.remove(i));
+    }
+    order
+}
+
+/// Waits for a job or a close until `limit`, aborting it then, and reports how it ended.
+pub(crate) async fn bounded(
+    name: String,
+    started: Instant,
+    limit: Instant,
+    task: JoinHandle<(Result<(), String>, Instant)>,
+) -> TaskReport {
+    let abort = task.abort_handle();
+    let (outcome, error, finished) = match tokio::time::timeout_at(limit.into(), task).await {
+        Ok(Ok((Ok(()), at))) => (Outcome::Closed, None, at),
+        Ok(Ok((Err(e), at))) => (Outcome::Failed, Some(e), at),
+        Ok(Err(e)) => (
+            Outcome::Failed,
+            Some(format!("panicked: {e}")),
+            Instant::now(),
+        ),
+        Err(_) => {
+            abort.abort();
+            let cut = format!("cut after {:?}", limit.saturating_duration_since(started));
+            (Outcome::TimedOut, Some(cut), Instant::now())
+        }
+    };
+    TaskReport {
+        name,
+        outcome,
+        took: finished.saturating_duration_since(started),
+        error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(name: &str, deps: &[&str]) -> Resource {
+        Resource::new(name, || async { Ok::<_, String>(()) }).depends_on(deps.iter().copied())
+    }
+
+    fn names(v: Vec<Resource>) -> Vec<String> {
+        v.into_iter().map(|r| r.name).collect()
+    }
+
+    #[test]
+    fn last_registered_closes_first() {
+        assert_eq!(
+            names(close_order(vec![r("a", &[]), r("b", &[]), r("c", &[])])),
+            ["c", "b", "a"]
+        );
+    }
+
+    #[test]
+    fn users_close_before_what_they_use() {
+        // "audit" and "redis" were registered before the "db" they use; they still go first.
+        let order = close_order(vec![
+            r("audit", &["db"]),
+            r("redis", &[]),
+            r("db", &[]),
+            r("jobs", &["redis", "db"]),
+        ]);
+        let order = names(order);
+        let pos = |n: &str| order.iter().position(|x| x == n).unwrap();
+        assert!(pos("audit") < pos("db"));
+        assert!(pos("jobs") < pos("db") && pos("jobs") < pos("redis"));
+        assert_eq!(order.len(), 4);
+    }
+
+    #[test]
+    fn cycles_still_close_everything() {
+        assert_eq!(close_order(vec![r("a", &["b"]), r("b", &["a"])]).len(), 2);
+    }
+}
