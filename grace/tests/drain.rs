@@ -1,0 +1,193 @@
+//! The drain, through real sockets: stop accepting, keep-alive off, idle and silent
+//! connections closed at once, the deadline, forcing, and the report.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{app, start, Client, SOON};
+use grace::{ConnState, ForceReason, Trigger};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn drain_closes_the_listener_at_once() {
+    let mut srv = start(app(), |s| s).await;
+    let mut busy = Client::connect(srv.addr).await;
+    busy.send("/sleep/500").await; // keeps the drain going
+    srv.wait_counts(|c| c.active == 1).await;
+    srv.handle.shutdown();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let err = TcpStream::connect(srv.addr)
+        .await
+        .expect_err("a new connection was accepted");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert_eq!(busy.read().await.unwrap().status, 200);
+    srv.report(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn in_flight_response_carries_connection_close_and_the_connection_closes() {
+    let mut srv = start(app(), |s| s).await;
+    let mut c = Client::connect(srv.addr).await;
+    assert_eq!(
+        c.get("/").await.unwrap().header("connection"),
+        None,
+        "keep-alive before the drain"
+    );
+    c.send("/sleep/300").await;
+    srv.wait_counts(|c| c.active == 1).await;
+    srv.handle.shutdown();
+    let resp = c.read().await.expect("in-flight request was cut");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body, "slept 300");
+    assert_eq!(resp.header("connection"), Some("close"));
+    // No second request is served on it.
+    c.send("/").await;
+    assert!(
+        c.read().await.is_none(),
+        "a second request was served during the drain"
+    );
+    let report = srv.report(Duration::ZERO).await;
+    assert_eq!(report.requests_completed, 1);
+    assert!(report.is_clean());
+    assert_eq!(report.at_start.active, 1);
+    assert_eq!(report.at_start.idle, 0);
+}
+
+#[tokio::test]
+async fn idle_and_silent_connections_close_at_once_without_waiting_for_the_deadline() {
+    let mut srv = start(app(), |s| {
+        s.shutdown_timeout(Duration::from_secs(60))
+            .new_connection_grace(Duration::from_millis(100))
+    })
+    .await;
+    let mut idle = Client::connect(srv.addr).await;
+    assert_eq!(idle.get("/").await.unwrap().status, 200);
+    let mut silent = Client::connect(srv.addr).await;
+    srv.wait_counts(|c| c.idle == 1 && c.new == 1).await;
+    tokio::time::sleep(Duration::from_millis(150)).await; // past the first-byte grace
+    let t = Instant::now();
+    srv.handle.shutdown();
+    assert!(idle.closed().await, "idle connection was not closed");
+    assert!(
+        silent.closed().await,
+        "silent new connection was not closed"
+    );
+    let report = srv.report(Duration::ZERO).await;
+    // Far below the 60 s deadline: the drain ended when the last connection did.
+    assert!(t.elapsed() < SOON, "drain took {:?}", t.elapsed());
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!((report.at_start.idle, report.at_start.new), (1, 1));
+}
+
+#[tokio::test]
+async fn a_request_arriving_just_after_accept_is_still_served() {
+    // A client that connected a moment before the drain and is about to send.
+    let mut srv = start(app(), |s| s.new_connection_grace(Duration::from_secs(2))).await;
+    let mut c = Client::connect(srv.addr).await;
+    srv.wait_counts(|c| c.new == 1).await;
+    srv.handle.shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let resp = c
+        .get("/")
+        .await
+        .expect("request sent in good faith was dropped");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("connection"), Some("close"));
+    assert!(c.closed().await);
+    assert!(srv.report(Duration::ZERO).await.is_clean());
+}
+
+#[tokio::test]
+async fn deadline_forces_every_state_and_the_report_says_what_was_cut() {
+    let deadline = Duration::from_millis(500);
+    let mut srv = start(app(), |s| s.shutdown_timeout(deadline)).await;
+    // A slow request.
+    let mut slow = Client::connect(srv.addr).await;
+    slow.send("/sleep/60000").await;
+    // A client stuck half-way through its headers.
+    let mut stuck = Client::connect(srv.addr).await;
+    stuck.write(b"GET /sleep/1 HTTP/1.1\r\nHost: te").await;
+    srv.wait_counts(|c| c.active == 2).await;
+
+    let t = Instant::now();
+    srv.handle.shutdown();
+    assert!(slow.closed().await && stuck.closed().await);
+    let report = srv.report(deadline).await;
+    let took = t.elapsed();
+    assert!(took >= deadline, "forced before the deadline: {took:?}");
+    assert!(
+        took < deadline + SOON,
+        "forced long after the deadline: {took:?}"
+    );
+    assert_eq!(report.forced_by, Some(ForceReason::Deadline));
+    assert_eq!(report.forced.len(), 2, "{report:?}");
+    assert!(report.forced.iter().all(|f| f.state == ConnState::Active));
+    let with_request: Vec<_> = report
+        .forced
+        .iter()
+        .filter_map(|f| f.request.as_ref())
+        .collect();
+    assert_eq!(
+        with_request.len(),
+        1,
+        "only the slow one had a request in progress"
+    );
+    assert_eq!(
+        (
+            with_request[0].method.as_str(),
+            with_request[0].path.as_str()
+        ),
+        ("GET", "/sleep/60000")
+    );
+    assert!(report
+        .forced
+        .iter()
+        .all(|f| f.peer.as_tcp().is_some() && f.age >= deadline));
+    assert!(!report.is_clean());
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["forced_by"], "deadline");
+    assert_eq!(json["forced"][0]["state"], "active");
+    assert!(json["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "force"));
+}
+
+#[tokio::test]
+async fn force_from_the_handle_cuts_at_once() {
+    let mut srv = start(app(), |s| s.shutdown_timeout(Duration::from_secs(60))).await;
+    let mut slow = Client::connect(srv.addr).await;
+    slow.send("/sleep/60000").await;
+    srv.wait_counts(|c| c.active == 1).await;
+    srv.handle.shutdown();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    srv.handle.force();
+    assert!(slow.closed().await);
+    let report = srv.report(Duration::ZERO).await;
+    assert_eq!(report.trigger, Trigger::Handle);
+    assert_eq!(report.forced_by, Some(ForceReason::Handle));
+    assert_eq!(report.forced.len(), 1);
+}
+
+#[tokio::test]
+async fn streaming_responses_finish_during_the_drain() {
+    use axum::routing::get;
+    let stream = get(|| async {
+        let chunks = futures_util::stream::iter(0..3).then(|i| async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok::<_, std::convert::Infallible>(format!("chunk{i};"))
+        });
+        axum::body::Body::from_stream(chunks)
+    });
+    use futures_util::StreamExt;
+    let mut srv = start(axum::Router::new().route("/stream", stream), |s| s).await;
+    let mut c = Client::connect(srv.addr).await;
+    c.send("/stream").await;
+    srv.wait_counts(|c| c.active == 1).await;
+    srv.handle.shutdown();
+    let resp = c.read().await.unwrap();
+    assert_eq!(resp.body, "chunk0;chunk1;chunk2;");
+    assert!(srv.report(Duration::ZERO).await.is_clean());
+}

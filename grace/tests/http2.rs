@@ -1,0 +1,92 @@
+//! HTTP/2 drain at the frame level: GOAWAY in two steps (RFC 9113 §6.8), open streams finish.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{app, start, SOON};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const GOAWAY: u8 = 0x7;
+const PING: u8 = 0x6;
+const HEADERS: u8 = 0x1;
+const DATA: u8 = 0x0;
+const SETTINGS: u8 = 0x4;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+async fn read_frame(s: &mut TcpStream) -> Option<(u8, u8, u32, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0; len];
+    s.read_exact(&mut payload).await.ok()?;
+    Some((head[3], head[4], stream, payload))
+}
+
+/// HPACK: `:method GET`, `:scheme http`, `:path <path>` (literal), `:authority test`.
+fn get_headers(path: &str) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x01, 4]);
+    block.extend_from_slice(b"test");
+    block
+}
+
+#[tokio::test]
+async fn goaway_twice_then_the_open_stream_finishes() {
+    let mut srv = start(app(), |s| s).await;
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    s.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+    // END_STREAM | END_HEADERS on stream 1.
+    s.write_all(&frame(HEADERS, 0x5, 1, &get_headers("/sleep/300")))
+        .await
+        .unwrap();
+    srv.wait_counts(|c| c.active == 1).await;
+    srv.handle.shutdown();
+
+    let mut goaways = Vec::new();
+    let mut data = Vec::new();
+    let mut ended = false;
+    let result = tokio::time::timeout(SOON, async {
+        while let Some((kind, flags, stream, payload)) = read_frame(&mut s).await {
+            match kind {
+                SETTINGS if flags & 1 == 0 => {
+                    s.write_all(&frame(SETTINGS, 1, 0, &[])).await.unwrap()
+                }
+                PING if flags & 1 == 0 => s.write_all(&frame(PING, 1, 0, &payload)).await.unwrap(),
+                GOAWAY => {
+                    goaways.push(u32::from_be_bytes(payload[..4].try_into().unwrap()) & 0x7fff_ffff)
+                }
+                DATA if stream == 1 => {
+                    data.extend_from_slice(&payload);
+                    ended |= flags & 1 == 1;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(result.is_ok(), "connection was not closed");
+    assert_eq!(
+        goaways,
+        [0x7fff_ffff, 1],
+        "GOAWAY(max) then GOAWAY(last stream id)"
+    );
+    assert_eq!(String::from_utf8_lossy(&data), "slept 300");
+    assert!(ended, "stream 1 did not finish");
+    let report = srv.report(Duration::ZERO).await;
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.requests_completed, 1);
+}

@@ -1,0 +1,139 @@
+//! Connection states as the hook and the handle see them, over HTTP/1, HTTP/2 and WebSocket.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{app, start, Client, SOON};
+use futures_util::{SinkExt, StreamExt};
+use grace::{ConnState::*, ShutdownNotice};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::{protocol::frame::coding::CloseCode, Message};
+
+#[tokio::test]
+async fn http1_keep_alive_goes_new_active_idle_and_closed() {
+    let mut srv = start(app(), |s| s).await;
+    let mut c = Client::connect(srv.addr).await;
+    srv.wait_counts(|c| c.new == 1).await;
+    assert_eq!(c.get("/").await.unwrap().status, 200);
+    srv.wait_counts(|c| c.idle == 1 && c.total() == 1).await;
+    c.send("/sleep/200").await;
+    srv.wait_counts(|c| c.active == 1 && c.idle == 0).await;
+    assert_eq!(c.read().await.unwrap().status, 200);
+    srv.wait_counts(|c| c.idle == 1).await;
+    drop(c);
+    srv.wait_counts(|c| c.total() == 0).await;
+    assert_eq!(srv.states_of(0), [New, Active, Idle, Active, Idle, Closed]);
+    srv.handle.shutdown();
+    srv.report(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn http2_streams_drive_active_and_idle() {
+    let mut srv = start(app(), |s| s).await;
+    let io = TokioIo::new(TcpStream::connect(srv.addr).await.unwrap());
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = || {
+        http::Request::get(format!("http://{}/sleep/200", srv.addr))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let pending = send.send_request(req());
+    let waiting = tokio::spawn(pending);
+    srv.wait_counts(|c| c.active == 1).await;
+    let resp = waiting.await.unwrap().unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(
+        resp.into_body().collect().await.unwrap().to_bytes(),
+        "slept 200"
+    );
+    srv.wait_counts(|c| c.idle == 1 && c.active == 0).await;
+    let states = srv.states_of(0);
+    assert_eq!(states.first(), Some(&New));
+    assert_eq!(states.last(), Some(&Idle));
+    assert!(states.contains(&Active));
+    srv.handle.shutdown();
+    assert!(srv.report(Duration::ZERO).await.is_clean());
+}
+
+/// A WebSocket echo that says goodbye (1001) when the drain starts, unless told to ignore it.
+fn ws_app(polite: bool) -> axum::Router {
+    use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
+    use axum::Extension;
+    axum::Router::new().route(
+        "/ws",
+        axum::routing::get(move |ws: WebSocketUpgrade, Extension(notice): Extension<ShutdownNotice>| async move {
+            ws.on_upgrade(move |mut socket| async move {
+                loop {
+                    tokio::select! {
+                        m = socket.recv() => match m {
+                            Some(Ok(Message::Text(t))) => { let _ = socket.send(Message::Text(t)).await; }
+                            _ => return,
+                        },
+                        _ = notice.wait(), if polite => {
+                            let bye = CloseFrame { code: 1001, reason: "going away".into() };
+                            let _ = socket.send(Message::Close(Some(bye))).await;
+                            while let Some(Ok(m)) = socket.recv().await {
+                                if matches!(m, Message::Close(_)) { break; }
+                            }
+                            return;
+                        }
+                    }
+                }
+            })
+        }),
+    )
+}
+
+#[tokio::test]
+async fn upgraded_connections_stay_tracked_get_a_notice_and_say_goodbye() {
+    let mut srv = start(ws_app(true), |s| {
+        s.shutdown_timeout(Duration::from_secs(60))
+    })
+    .await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", srv.addr))
+        .await
+        .unwrap();
+    ws.send(Message::text("ping")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("ping"));
+    srv.wait_counts(|c| c.hijacked == 1 && c.total() == 1).await;
+
+    srv.handle.shutdown();
+    let close = tokio::time::timeout(SOON, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match close {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Away),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    // tungstenite answers the close; the server then closes the socket.
+    while let Some(Ok(_)) = ws.next().await {}
+    let report = srv.report(Duration::ZERO).await;
+    assert_eq!(report.at_start.hijacked, 1);
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(srv.states_of(0), [New, Active, Hijacked, Closed]);
+}
+
+#[tokio::test]
+async fn an_upgraded_connection_that_ignores_the_notice_is_forced_at_the_deadline() {
+    let deadline = Duration::from_millis(300);
+    let mut srv = start(ws_app(false), |s| s.shutdown_timeout(deadline)).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", srv.addr))
+        .await
+        .unwrap();
+    srv.wait_counts(|c| c.hijacked == 1).await;
+    srv.handle.shutdown();
+    let report = srv.report(deadline).await;
+    assert_eq!(report.forced.len(), 1, "{report:?}");
+    assert_eq!(report.forced[0].state, Hijacked);
+    // The client sees its connection end.
+    let end = tokio::time::timeout(SOON, ws.next()).await.unwrap();
+    assert!(!matches!(end, Some(Ok(Message::Text(_)))));
+}
