@@ -1,0 +1,114 @@
+//! `bench-server --mode grace|hyper|axum --listen 127.0.0.1:0`
+//!
+//! Serves `GET /` → `200 hello` (the same axum router in every mode) and prints
+//! `listening on ADDR` on stdout once bound and ready for signals. On SIGTERM:
+//!
+//! - `grace`: `grace::Server` with `.with_signals()` drains, then prints
+//!   `drained: clean=… conns=… total_us=…` on stdout and exits;
+//! - `axum`: `axum::serve(..).with_graceful_shutdown(sigterm)` drains and exits;
+//! - `hyper`: a bare `hyper_util` auto-builder accept loop; it has no drain, it stops
+//!   accepting and returns from `main`, which drops every connection with the runtime.
+//!
+//! Every mode uses the same listening socket (`grace::Listener::bind`: `SO_REUSEADDR`,
+//! backlog 4096) and sets `TCP_NODELAY` on accepted connections.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Mode {
+    /// `grace::Server` with `.with_signals()`.
+    Grace,
+    /// Bare `hyper_util::server::conn::auto::Builder` accept loop, no drain.
+    Hyper,
+    /// `axum::serve` with graceful shutdown on SIGTERM.
+    Axum,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "HTTP server for grace-bench: GET / -> 200 hello")]
+struct Args {
+    /// Which server to run.
+    #[arg(long, value_enum)]
+    mode: Mode,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Err(e) = grace_bench::raise_nofile() {
+        eprintln!("bench-server: cannot raise RLIMIT_NOFILE: {e}");
+    }
+    let grace::Listener::Tcp(listener) = grace::Listener::bind(args.listen)? else {
+        unreachable!("Listener::bind makes a TCP listener");
+    };
+    let addr = listener.local_addr()?;
+    let app = grace_bench::router();
+
+    match args.mode {
+        Mode::Grace => {
+            let serve = grace::Server::from_listener(listener)
+                .shutdown_timeout(Duration::from_secs(30))
+                .serve(app)
+                .with_signals();
+            println!("listening on {addr}");
+            let report = serve.await?;
+            println!(
+                "drained: clean={} conns={} total_us={}",
+                report.is_clean(),
+                report.at_start.total(),
+                report.total.as_micros()
+            );
+        }
+        Mode::Axum => {
+            let mut term = signal(SignalKind::terminate())?;
+            println!("listening on {addr}");
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|s| {
+                let _ = s.set_nodelay(true);
+            });
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    term.recv().await;
+                })
+                .await?;
+        }
+        Mode::Hyper => {
+            let mut term = signal(SignalKind::terminate())?;
+            println!("listening on {addr}");
+            let service = TowerToHyperService::new(app);
+            let builder = auto::Builder::new(TokioExecutor::new());
+            loop {
+                let accepted = tokio::select! {
+                    _ = term.recv() => break,
+                    accepted = listener.accept() => accepted,
+                };
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        eprintln!("bench-server: accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let (builder, service) = (builder.clone(), service.clone());
+                tokio::spawn(async move {
+                    let _ = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        }
+    }
+    Ok(())
+}

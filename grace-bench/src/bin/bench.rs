@@ -1,0 +1,507 @@
+//! `bench`: the harness. Runs `bench-server` in each mode (grace, bare hyper, axum) in
+//! interleaved rounds (grace, hyper, axum, grace, hyper, axum, …) and prints the medians as
+//! markdown on stdout (progress goes to stderr):
+//!
+//! 1. throughput and latency of keep-alive `GET /`, measured by `wrk --latency`;
+//! 2. shutdown latency with N idle keep-alive connections held by `hold-conns`: the time
+//!    from SIGTERM to the reaped exit of the server, against the floor, the same grace
+//!    server with the same connections ended by SIGKILL;
+//! 3. memory per idle connection: the server's `VmRSS` before and after opening them;
+//! 4. with `--callgrind`, instructions per request under `valgrind --tool=callgrind`.
+//!
+//! By default the server is pinned to CPU 0 and the load generators to CPU 1 (`taskset`),
+//! so the server runs one tokio worker. `wrk`, `taskset` (and `h2load`, `valgrind` for
+//! `--callgrind`) must be on `PATH`; the sibling binaries are found next to this one.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use rustix::process::{kill_process, Pid, Signal};
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark grace against bare hyper-util and axum::serve")]
+struct Args {
+    /// Interleaved rounds; every figure is the median over rounds.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Idle keep-alive connections for the shutdown and memory runs.
+    #[arg(long, default_value_t = 10_000)]
+    conns: usize,
+    /// wrk: measured duration of each throughput run (after a 1 s warm-up).
+    #[arg(long, default_value = "5s")]
+    duration: String,
+    /// wrk: connections.
+    #[arg(long, default_value_t = 64)]
+    wrk_conns: usize,
+    /// Do not pin the server and the load generators to separate CPUs.
+    #[arg(long)]
+    no_pin: bool,
+    /// Skip the wrk throughput runs.
+    #[arg(long)]
+    skip_throughput: bool,
+    /// Skip the shutdown and memory runs.
+    #[arg(long)]
+    skip_shutdown: bool,
+    /// Also count instructions per request with callgrind (slow).
+    #[arg(long)]
+    callgrind: bool,
+    /// Requests sent under callgrind (the baseline run sends a tenth as many).
+    #[arg(long, default_value_t = 20_000)]
+    callgrind_requests: u64,
+}
+
+const MODES: [&str; 3] = ["grace", "hyper", "axum"];
+
+/// Where the sibling binaries are, and how processes are pinned.
+struct Env {
+    dir: PathBuf,
+    pin: bool,
+}
+
+impl Env {
+    /// A command for `program`, pinned to `cpu` when pinning.
+    fn command(&self, cpu: u32, program: &str, args: &[&str]) -> Command {
+        let local = self.dir.join(program);
+        let program = if local.exists() {
+            local.into_os_string()
+        } else {
+            program.into()
+        };
+        let mut cmd = if self.pin {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpu.to_string()).arg(program);
+            c
+        } else {
+            Command::new(program)
+        };
+        cmd.args(args);
+        cmd
+    }
+}
+
+/// A running `bench-server` (optionally under valgrind). Killed if dropped while running.
+struct Server {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(env: &Env, mode: &str) -> Result<Server> {
+        Server::spawn(env.command(0, "bench-server", &["--mode", mode]))
+    }
+
+    fn spawn(mut cmd: Command) -> Result<Server> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("spawning {cmd:?}"))?;
+        let mut stdout = BufReader::new(child.stdout.take().context("no stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .with_context(|| format!("unexpected first line from server: {line:?}"))?
+            .parse()?;
+        Ok(Server {
+            child,
+            stdout,
+            addr,
+        })
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_child(&self.child)
+    }
+
+    /// Resident set size in bytes, from `/proc/PID/status`.
+    fn rss(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .context("no VmRSS")?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()?;
+        Ok(kib * 1024)
+    }
+
+    /// Sends `sig` and waits for the exit: returns the time from the signal to the reaped
+    /// exit, and what the server printed meanwhile.
+    fn stop(mut self, sig: Signal) -> Result<(Duration, String)> {
+        let t = Instant::now();
+        kill_process(self.pid(), sig)?;
+        let status = self.child.wait()?;
+        let took = t.elapsed();
+        if sig == Signal::TERM && !status.success() {
+            bail!("server exited with {status}");
+        }
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut self.stdout, &mut rest)?;
+        Ok((took, rest))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A running `hold-conns` whose connections are all established and idle.
+struct Holder(Child);
+
+impl Holder {
+    fn start(env: &Env, addr: SocketAddr, conns: usize) -> Result<Holder> {
+        let (addr, conns) = (addr.to_string(), conns.to_string());
+        let mut child = env
+            .command(1, "hold-conns", &["--addr", &addr, "--conns", &conns])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning hold-conns")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().context("no stdout")?).read_line(&mut line)?;
+        let holder = Holder(child);
+        if line.trim() != format!("established {conns}") {
+            bail!("hold-conns did not establish its connections: {line:?}");
+        }
+        Ok(holder)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One wrk run.
+#[derive(Clone, Copy, Debug)]
+struct Throughput {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Parses wrk's duration format: `123.45us`, `1.20ms`, `2.00s`, `1.00m`.
+fn wrk_duration_us(s: &str) -> Result<f64> {
+    let units = [
+        ("us", 1.0),
+        ("ms", 1e3),
+        ("s", 1e6),
+        ("m", 60e6),
+        ("h", 3600e6),
+    ];
+    for (suffix, scale) in units {
+        if let Some(n) = s.strip_suffix(suffix) {
+            return Ok(n.parse::<f64>()? * scale);
+        }
+    }
+    bail!("unknown wrk duration {s:?}")
+}
+
+fn wrk(env: &Env, addr: SocketAddr, conns: usize, duration: &str) -> Result<Throughput> {
+    let url = format!("http://{addr}/");
+    let conns = conns.to_string();
+    let args = ["-t1", "-c", &conns, "-d", duration, "--latency", &url];
+    let out = env
+        .command(1, "wrk", &args)
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.contains("Non-2xx") || text.contains("Socket errors") {
+        bail!("wrk failed or saw errors:\n{text}");
+    }
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .map(str::trim)
+            .with_context(|| format!("no {prefix:?} in wrk output:\n{text}"))
+    };
+    Ok(Throughput {
+        rps: field("Requests/sec:")?.parse()?,
+        p50_us: wrk_duration_us(field("50%")?)?,
+        p99_us: wrk_duration_us(field("99%")?)?,
+    })
+}
+
+fn throughput_run(env: &Env, args: &Args, mode: &str) -> Result<Throughput> {
+    let server = Server::start(env, mode)?;
+    wrk(env, server.addr, args.wrk_conns, "1s")?; // warm-up
+    let t = wrk(env, server.addr, args.wrk_conns, &args.duration)?;
+    server.stop(Signal::TERM)?;
+    Ok(t)
+}
+
+/// One shutdown run with idle connections.
+#[derive(Clone, Debug)]
+struct ShutdownRun {
+    exit: Duration,
+    rss_before: u64,
+    rss_after: u64,
+    /// grace's own `ShutdownReport::total`, when it printed one.
+    drain: Option<Duration>,
+}
+
+fn shutdown_run(env: &Env, conns: usize, mode: &str, sig: Signal) -> Result<ShutdownRun> {
+    let server = Server::start(env, mode)?;
+    std::thread::sleep(Duration::from_millis(100));
+    let rss_before = server.rss()?;
+    let holder = Holder::start(env, server.addr, conns)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let rss_after = server.rss()?;
+    let (exit, printed) = server.stop(sig)?;
+    drop(holder);
+    let drain = printed.lines().find_map(|l| {
+        let us = l
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("total_us="))?;
+        if !l.contains("clean=true") {
+            eprintln!("  warning: grace drain was not clean: {l}");
+        }
+        us.parse().ok().map(Duration::from_micros)
+    });
+    Ok(ShutdownRun {
+        exit,
+        rss_before,
+        rss_after,
+        drain,
+    })
+}
+
+/// Total instructions (`Ir`) of `bench-server --mode mode` under callgrind while `requests`
+/// keep-alive requests are sent by `h2load`.
+fn callgrind_ir(env: &Env, mode: &str, requests: u64) -> Result<u64> {
+    let file = std::env::temp_dir().join(format!(
+        "grace-bench.callgrind.{mode}.{requests}.{}",
+        std::process::id()
+    ));
+    let out_arg = format!("--callgrind-out-file={}", file.display());
+    let server_bin = env.dir.join("bench-server");
+    let server_bin = server_bin.to_str().context("binary path is not UTF-8")?;
+    let valgrind = [
+        "-q",
+        "--tool=callgrind",
+        &out_arg,
+        server_bin,
+        "--mode",
+        mode,
+    ];
+    let server = Server::spawn(env.command(0, "valgrind", &valgrind))?;
+    let (url, n) = (format!("http://{}/", server.addr), requests.to_string());
+    let h2load = ["--h1", "-n", &n, "-c", "4", "-t", "1", &url];
+    let out = env.command(1, "h2load", &h2load).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ok = format!("{requests} succeeded");
+    if !out.status.success() || !text.contains(&ok) {
+        bail!("h2load did not complete {requests} requests:\n{text}");
+    }
+    server.stop(Signal::TERM)?;
+    let profile = std::fs::read_to_string(&file)?;
+    let _ = std::fs::remove_file(&file);
+    let total = profile
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
+        .context("no totals in callgrind output")?;
+    Ok(total
+        .split_whitespace()
+        .next()
+        .context("empty totals")?
+        .parse()?)
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn list(xs: &[f64], digits: usize) -> String {
+    xs.iter()
+        .map(|x| format!("{x:.digits$}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    grace_bench::raise_nofile()?;
+    let exe = std::env::current_exe()?;
+    let env = Env {
+        dir: exe.parent().context("no binary directory")?.to_path_buf(),
+        pin: !args.no_pin,
+    };
+    let pinning = if env.pin {
+        "server on CPU 0, load generator on CPU 1"
+    } else {
+        "no CPU pinning"
+    };
+    println!(
+        "# grace-bench: {} rounds, interleaved, medians ({pinning})\n",
+        args.rounds
+    );
+
+    if !args.skip_throughput {
+        let mut runs: Vec<Vec<Throughput>> = vec![Vec::new(); MODES.len()];
+        for round in 1..=args.rounds {
+            for (i, mode) in MODES.iter().enumerate() {
+                let t = throughput_run(&env, &args, mode)?;
+                eprintln!("throughput round {round} {mode}: {t:?}");
+                runs[i].push(t);
+            }
+        }
+        let stat = |i: usize, f: fn(&Throughput) -> f64| -> (f64, Vec<f64>) {
+            let xs: Vec<f64> = runs[i].iter().map(f).collect();
+            (median(&xs), xs)
+        };
+        println!(
+            "## Throughput: `wrk -t1 -c{} -d{} --latency`, keep-alive `GET /`\n",
+            args.wrk_conns, args.duration
+        );
+        println!("| mode | req/s | p50 (µs) | p99 (µs) | req/s by round |");
+        println!("|---|---:|---:|---:|---|");
+        let mut med = Vec::new();
+        for (i, mode) in MODES.iter().enumerate() {
+            let (rps, all) = stat(i, |t| t.rps);
+            let (p50, _) = stat(i, |t| t.p50_us);
+            let (p99, _) = stat(i, |t| t.p99_us);
+            println!(
+                "| {mode} | {rps:.0} | {p50:.0} | {p99:.0} | {} |",
+                list(&all, 0)
+            );
+            med.push((rps, p99));
+        }
+        let (g, h, a) = (med[0], med[1], med[2]);
+        println!(
+            "\ngrace / hyper: throughput {:.3}×, p99 {:.2}×; grace / axum: throughput {:.3}×, p99 {:.2}×\n",
+            g.0 / h.0,
+            g.1 / h.1,
+            g.0 / a.0,
+            g.1 / a.1
+        );
+    }
+
+    if !args.skip_shutdown {
+        // (label, mode, signal)
+        let runs_of = [
+            ("grace, SIGTERM (drain)", "grace", Signal::TERM),
+            ("axum, SIGTERM (drain)", "axum", Signal::TERM),
+            (
+                "hyper, SIGTERM (no drain: runtime dropped)",
+                "hyper",
+                Signal::TERM,
+            ),
+            ("grace, SIGKILL (floor)", "grace", Signal::KILL),
+        ];
+        let mut runs: Vec<Vec<ShutdownRun>> = vec![Vec::new(); runs_of.len()];
+        for round in 1..=args.rounds {
+            for (i, (label, mode, sig)) in runs_of.iter().enumerate() {
+                let r = shutdown_run(&env, args.conns, mode, *sig)?;
+                eprintln!("shutdown round {round} {label}: {r:?}");
+                runs[i].push(r);
+            }
+        }
+        let ms = |r: &ShutdownRun| r.exit.as_secs_f64() * 1e3;
+        let floor = median(&runs[3].iter().map(ms).collect::<Vec<_>>());
+        println!(
+            "## Shutdown with {} idle keep-alive connections: signal → reaped exit\n",
+            args.conns
+        );
+        println!("| run | exit (ms) | × floor | by round (ms) |");
+        println!("|---|---:|---:|---|");
+        for (i, (label, ..)) in runs_of.iter().enumerate() {
+            let xs: Vec<f64> = runs[i].iter().map(ms).collect();
+            let m = median(&xs);
+            println!("| {label} | {m:.1} | {:.2} | {} |", m / floor, list(&xs, 1));
+        }
+        let drains: Vec<f64> = runs[0]
+            .iter()
+            .filter_map(|r| r.drain)
+            .map(|d| d.as_secs_f64() * 1e3)
+            .collect();
+        println!(
+            "\ngrace's own `ShutdownReport::total` (signal handled → drained): median {:.1} ms ({})\n",
+            median(&drains),
+            list(&drains, 1)
+        );
+
+        // Memory: every run of a mode is a sample (grace has two per round).
+        println!(
+            "## Memory per idle keep-alive connection: server VmRSS before and with {} connections\n",
+            args.conns
+        );
+        println!("| mode | RSS before (KiB) | RSS with conns (KiB) | bytes / conn | × hyper |");
+        println!("|---|---:|---:|---:|---:|");
+        let samples = |mode: &str| -> Vec<&ShutdownRun> {
+            runs_of
+                .iter()
+                .zip(&runs)
+                .filter(|((_, m, _), _)| *m == mode)
+                .flat_map(|(_, rs)| rs)
+                .collect()
+        };
+        let per_conn = |mode: &str| {
+            let rs = samples(mode);
+            let f =
+                |g: fn(&ShutdownRun) -> f64| median(&rs.iter().map(|r| g(r)).collect::<Vec<_>>());
+            (
+                f(|r| r.rss_before as f64 / 1024.0),
+                f(|r| r.rss_after as f64 / 1024.0),
+                f(|r| r.rss_after as f64 - r.rss_before as f64) / args.conns as f64,
+            )
+        };
+        let hyper = per_conn("hyper").2;
+        for mode in MODES {
+            let (before, after, per) = per_conn(mode);
+            println!(
+                "| {mode} | {before:.0} | {after:.0} | {per:.0} | {:.2} |",
+                per / hyper
+            );
+        }
+        println!();
+    }
+
+    if args.callgrind {
+        let (n1, n2) = (args.callgrind_requests / 10, args.callgrind_requests);
+        println!(
+            "## Instructions per request (callgrind; (Ir at {n2} − Ir at {n1} requests) / {})\n",
+            n2 - n1
+        );
+        println!("| mode | Ir / request |");
+        println!("|---|---:|");
+        let mut per = Vec::new();
+        for mode in ["grace", "hyper"] {
+            let small = callgrind_ir(&env, mode, n1)?;
+            let big = callgrind_ir(&env, mode, n2)?;
+            let ir = (big as f64 - small as f64) / (n2 - n1) as f64;
+            eprintln!("callgrind {mode}: {small} @ {n1}, {big} @ {n2}: {ir:.0} Ir/request");
+            println!("| {mode} | {ir:.0} |");
+            per.push(ir);
+        }
+        println!("\ngrace / hyper: {:.3}×\n", per[0] / per[1]);
+    }
+    Ok(())
+}
