@@ -3,11 +3,14 @@
 //! Exit codes: 0 when everything drained cleanly; 3 when connections (or jobs, or resources)
 //! had to be cut; 1 on a start-up error.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 
+mod ledger;
 mod routes;
 
 /// Exit code when the shutdown had to cut something (see the report on stderr).
@@ -28,6 +31,42 @@ pub struct Args {
     /// How long a client may take to send request headers.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     header_read_timeout: Duration,
+    /// After SIGTERM, keep accepting and serving this long with readiness already failing,
+    /// so load balancers stop routing here before the listener closes.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pre_stop_delay: Duration,
+    /// The ledger's database: `sqlite://FILE?mode=rwc`, `mysql://…` (MariaDB) or
+    /// `postgres://…`.
+    #[arg(long, default_value = "sqlite://grace-demo.db?mode=rwc")]
+    db: String,
+    /// Size of the database connection pool.
+    #[arg(long, default_value_t = 8)]
+    db_max_connections: u32,
+    /// Redis to push transfer events to (`redis://HOST:PORT`); none by default.
+    #[arg(long)]
+    redis: Option<String>,
+    /// File every transfer is appended to, one JSON line each.
+    #[arg(long, default_value = "grace-demo-audit.log")]
+    audit_file: PathBuf,
+    /// Prefix of the table names and of the Redis list key.
+    #[arg(long, default_value = "grace_")]
+    table_prefix: String,
+    /// How often the settlement job runs.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    settle_interval: Duration,
+}
+
+impl Args {
+    fn ledger(&self) -> ledger::Config {
+        ledger::Config {
+            db_url: self.db.clone(),
+            redis_url: self.redis.clone(),
+            audit_file: self.audit_file.clone(),
+            table_prefix: self.table_prefix.clone(),
+            max_connections: self.db_max_connections,
+            client_name: format!("grace-demo-{}", std::process::id()),
+        }
+    }
 }
 
 /// Parses `500ms`, `2s`, `1.5s`, `1m`, `0`.
@@ -70,13 +109,22 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     };
     let server = server
         .shutdown_timeout(args.shutdown_timeout)
-        .header_read_timeout(args.header_read_timeout);
+        .header_read_timeout(args.header_read_timeout)
+        .pre_stop_delay(args.pre_stop_delay);
     let addr = server
         .local_addrs()
         .first()
         .map(ToString::to_string)
         .context("no listener")?;
-    let serve = server.serve(routes::router()).with_signals();
+    let handle = server.handle();
+    let ledger = ledger::Ledger::open(&args.ledger())
+        .await
+        .context("opening the ledger")?;
+    // The settlement job, then the audit file, Redis and the database pool on shutdown.
+    ledger.register(&handle, args.settle_interval);
+    let serve = server
+        .serve(routes::router(Arc::clone(&ledger), &handle))
+        .with_signals();
     // Signal handlers are installed: now scripts may read the address and signal us.
     println!("listening on {addr}");
     let report = serve.await?;

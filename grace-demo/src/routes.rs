@@ -1,25 +1,116 @@
 //! The demo's HTTP routes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::Path;
-use axum::response::Response;
-use axum::routing::get;
-use axum::{Extension, Router};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
 use futures_util::stream;
 use grace::ShutdownNotice;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::ledger::{Ledger, LedgerError};
 
 /// WebSocket close code 1001: the server is going away.
 const GOING_AWAY: u16 = 1001;
 
-pub fn router() -> Router {
+/// Every route: the demo endpoints, the probes, and the ledger API.
+pub fn router(ledger: Arc<Ledger>, handle: &grace::Handle) -> Router {
+    let api = Router::new()
+        .route("/accounts", post(create_account))
+        .route("/accounts/{id}", get(get_account))
+        .route("/transfers", post(create_transfer))
+        .route("/transfers/{id}", get(get_transfer))
+        .with_state(ledger);
     Router::new()
         .route("/", get(|| async { "hello" }))
-        .route("/healthz", get(|| async { "ok" }))
+        // Liveness: 200 as long as the process runs. Readiness: 503 once a drain is asked
+        // for (before the pre-stop delay), so load balancers stop routing here first.
+        .route_service("/healthz", grace::Liveness)
+        .route_service("/readyz", handle.readiness())
         .route("/sleep/{ms}", get(sleep))
         .route("/stream/{n}", get(stream_chunks))
         .route("/ws", get(ws))
+        .merge(api)
+}
+
+/// A ledger error as an HTTP answer: `{"error": "..."}` with its status.
+impl IntoResponse for LedgerError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            LedgerError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            LedgerError::NotFound(_) => StatusCode::NOT_FOUND,
+            LedgerError::Conflict(_) => StatusCode::CONFLICT,
+            LedgerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            LedgerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        error(status, &self.to_string())
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+/// Any body that is not the expected JSON object is a 400, whatever the content type.
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+    serde_json::from_slice(body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("malformed JSON: {e}")))
+}
+
+#[derive(Deserialize)]
+struct NewAccount {
+    id: String,
+    balance: i64,
+}
+
+#[derive(Deserialize)]
+struct NewTransfer {
+    from: String,
+    to: String,
+    amount: i64,
+}
+
+async fn create_account(State(ledger): State<Arc<Ledger>>, body: Bytes) -> Response {
+    let req: NewAccount = match parse(&body) {
+        Ok(req) => req,
+        Err(response) => return response,
+    };
+    match ledger.create_account(req.id, req.balance).await {
+        Ok(account) => (StatusCode::CREATED, Json(account)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn get_account(State(ledger): State<Arc<Ledger>>, Path(id): Path<String>) -> Response {
+    match ledger.account(&id).await {
+        Ok(account) => Json(account).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn create_transfer(State(ledger): State<Arc<Ledger>>, body: Bytes) -> Response {
+    let req: NewTransfer = match parse(&body) {
+        Ok(req) => req,
+        Err(response) => return response,
+    };
+    match ledger.transfer(req.from, req.to, req.amount).await {
+        Ok(id) => Json(serde_json::json!({ "id": id })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn get_transfer(State(ledger): State<Arc<Ledger>>, Path(id): Path<String>) -> Response {
+    match ledger.transfer_by_id(&id).await {
+        Ok(transfer) => Json(transfer).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn sleep(Path(ms): Path<u64>) -> String {
