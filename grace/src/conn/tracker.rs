@@ -84,7 +84,7 @@ impl Conn {
         }
     }
 
-    /// Resolves once the connection has left `New` (returns at once if it already has).
+    /// Resolves once the connection has left `New` (at once if it already has).
     pub(crate) async fn left_new(&self) {
         if self.state() != ConnState::New {
             return;
@@ -239,10 +239,94 @@ impl Tracker {
         let conns: Vec<Arc<Conn>> = lock(&self.conns).values().cloned().collect();
         let mut forced: Vec<ForcedConn> = conns
             .iter()
-            .filter(|c| c.socket.shutdown())
-            .map(|c| c.forced(now))
+            .filter_map(|c| {
+                // Read what it was doing first: once shut down, it unwinds at once.
+                let forced = c.forced(now);
+                c.socket.shutdown().then_some(forced)
+            })
             .collect();
         forced.sort_by_key(|f| f.id);
         forced
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Step-by-step polling (no runtime, no timing): the drain's wait is an event.
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    use tokio_test::{assert_pending, assert_ready, task};
+
+    fn pair() -> (UnixStream, UnixStream) {
+        UnixStream::pair().expect("socketpair")
+    }
+
+    #[test]
+    fn wait_empty_wakes_on_the_last_close_and_not_before() {
+        let tracker = Arc::new(Tracker::default());
+        let (a, _pa) = pair();
+        let (b, _pb) = pair();
+        let c1 = tracker.register(Addr::Unix(None), &a);
+        let c2 = tracker.register(Addr::Unix(None), &b);
+        let mut wait = task::spawn(tracker.wait_empty());
+        assert_pending!(wait.poll());
+        tracker.unregister(&c1);
+        assert!(!wait.is_woken(), "woken while a connection is still live");
+        assert_pending!(wait.poll());
+        tracker.unregister(&c2);
+        assert!(wait.is_woken(), "the last close must wake the drain");
+        assert_ready!(wait.poll());
+    }
+
+    #[test]
+    fn counts_follow_transitions_and_hijacked_is_left_only_for_closed() {
+        let tracker = Arc::new(Tracker::default());
+        let (a, _pa) = pair();
+        let c = tracker.register(Addr::Unix(None), &a);
+        assert_eq!(tracker.counts().new, 1);
+        c.on_read(b"GET / HTTP/1.1\r\n");
+        assert_eq!(tracker.counts().active, 1);
+        c.set(ConnState::Hijacked);
+        c.set(ConnState::Idle);
+        c.set(ConnState::Active);
+        assert_eq!(c.state(), ConnState::Hijacked);
+        assert_eq!(tracker.counts().hijacked, 1);
+        assert_eq!(tracker.counts().total(), 1);
+        tracker.unregister(&c);
+        assert_eq!(tracker.counts(), StateCounts::default());
+        assert_eq!(c.state(), ConnState::Closed);
+    }
+
+    #[test]
+    fn http2_preface_makes_a_connection_idle_and_control_frames_do_not_wake_it() {
+        let tracker = Arc::new(Tracker::default());
+        let (a, _pa) = pair();
+        let c = tracker.register(Addr::Unix(None), &a);
+        c.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        assert_eq!(c.state(), ConnState::Idle);
+        c.on_read(b"\x00\x00\x08\x06"); // a PING frame while idle
+        assert_eq!(c.state(), ConnState::Idle);
+    }
+
+    #[test]
+    fn force_all_shuts_the_socket_whoever_holds_it() {
+        let tracker = Arc::new(Tracker::default());
+        let (ours, mut peer) = pair();
+        let c = tracker.register(Addr::Unix(None), &ours);
+        c.on_read(b"G");
+        let forced = tracker.force_all();
+        assert_eq!(forced.len(), 1);
+        assert_eq!(forced[0].state, ConnState::Active);
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            peer.read(&mut buf).unwrap(),
+            0,
+            "the peer must see the connection end"
+        );
+        // Once released, a forced shutdown never reaches the (possibly reused) descriptor.
+        tracker.unregister(&c);
+        assert!(tracker.force_all().is_empty());
+        drop(ours);
     }
 }
