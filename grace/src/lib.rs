@@ -58,10 +58,12 @@ mod health;
 mod jobs;
 mod listener;
 mod resources;
+mod restart;
 mod server;
 mod shutdown;
 mod signal;
 mod sys;
+pub mod systemd;
 
 pub use conn::request::TrackedBody;
 pub use conn::{Addr, ConnInfo, ConnState, StateCounts};
@@ -70,6 +72,7 @@ pub use health::{Liveness, Readiness};
 pub use jobs::JobToken;
 pub use listener::Listener;
 pub use resources::Resource;
+pub use restart::{inherited_listeners, write_pid_file, Restart};
 pub use server::{Serve, Server};
 pub use shutdown::report::{
     ActiveRequest, ForcedConn, Outcome, PhaseTiming, ShutdownReport, TaskReport,

@@ -303,12 +303,17 @@ impl<S> Serve<S> {
             grace: config.new_connection_grace,
         });
         let mut accepting = JoinSet::new();
-        for l in listeners {
+        let listeners: Vec<Arc<Listener>> = listeners.into_iter().map(Arc::new).collect();
+        for l in &listeners {
             if let Ok(addr) = l.local_addr() {
                 tracing::info!(%addr, "listening");
             }
-            accepting.spawn(accept_loop(l, Arc::clone(&ctx)));
+            accepting.spawn(accept_loop(Arc::clone(l), Arc::clone(&ctx)));
         }
+        // Kept while serving, so a restart can hand them on (see `restart`).
+        shared.set_listeners(listeners);
+        // Pid file, systemd READY=1, the previous generation's readiness pipe, restarts.
+        let _restarts = crate::restart::serving(&shared)?.map(AbortOnDrop);
 
         let mut requests = shared.requests();
         let trigger = requests
@@ -343,6 +348,7 @@ async fn drain(
     let at_start = tracker.counts();
     let completed_before = tracker.completed();
     tracing::info!(%trigger, ?at_start, "drain started");
+    crate::systemd::drain_started(&trigger);
     let mut requests = shared.requests();
     let mut forced_by: Option<ForceReason> = None;
     let mut phases = Vec::new();
@@ -437,7 +443,7 @@ async fn wait_force(
 }
 
 /// Accepts until the drain starts, then drops (closes) the listener.
-async fn accept_loop<S, B>(listener: Listener, ctx: Arc<ConnCtx<S>>)
+async fn accept_loop<S, B>(listener: Arc<Listener>, ctx: Arc<ConnCtx<S>>)
 where
     S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,

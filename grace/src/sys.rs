@@ -4,7 +4,7 @@
 //! tracked connection's socket from outside its owner, adopting an inherited listening socket,
 //! and laying out descriptors for a child process.
 
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 
 /// The descriptor of a live connection's socket, reachable from outside the task that owns
@@ -42,42 +42,77 @@ impl SocketSlot {
 }
 
 /// Takes ownership of a descriptor this process inherited (systemd's `LISTEN_FDS` protocol,
-/// or a grace restart). Returns `None` if `fd` is not open.
+/// or a grace restart) and marks it close-on-exec, so it does not leak into processes we
+/// spawn later (a restart hands listeners on explicitly, see [`pass_fds`]). Returns `None`
+/// if `fd` is not open.
+///
+/// The caller must adopt each inherited number once: `restart::inherit` reads (and
+/// removes) the environment variables that name them under one lock.
 pub(crate) fn adopt_inherited(fd: RawFd) -> Option<OwnedFd> {
-    // SAFETY: fcntl(F_GETFD) on any integer is harmless; it fails with EBADF if not open.
+    if fd < 3 {
+        // Never stdin, stdout or stderr: the protocols start at 3.
+        return None;
+    }
+    // SAFETY: the borrow lives only for this fcntl(F_GETFD) call, which is harmless on any
+    // integer: it fails with EBADF if the number is not open.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     rustix::io::fcntl_getfd(borrowed).ok()?;
     // SAFETY: the descriptor is open, and the inheritance protocol hands it to this process
-    // alone: the caller adopts each inherited number once (see `restart::inherited`).
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    // alone: nothing else in the process knows the number (it came from the environment),
+    // and the caller adopts each inherited number once (see above).
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC).ok()?;
+    Some(owned)
 }
 
+/// The most descriptors [`pass_fds`] lays out.
+pub(crate) const MAX_PASSED_FDS: usize = 64;
+
 /// Lays out `fds` as descriptors 3, 4, … in a child process, inheritable, before `exec`.
-pub(crate) fn pass_fds(cmd: &mut std::process::Command, fds: Vec<RawFd>) {
+///
+/// The caller keeps every descriptor in `fds` open until `spawn` has returned.
+/// Fails (before any fork) if there are more than [`MAX_PASSED_FDS`].
+///
+/// Caveat: `std` reports a failed `exec` over a close-on-exec pipe that may sit at a number
+/// in 3..3+n and be replaced here; the child then just exits (status 127 semantics are
+/// lost), which a restart sees as a child that exited before it was ready.
+pub(crate) fn pass_fds(cmd: &mut std::process::Command, fds: Vec<RawFd>) -> std::io::Result<()> {
     use std::os::unix::process::CommandExt;
+    if fds.len() > MAX_PASSED_FDS {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("cannot pass more than {MAX_PASSED_FDS} descriptors"),
+        ));
+    }
+    let n = fds.len() as RawFd;
     // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe calls are allowed; dup2/dup/fcntl are such syscalls and it allocates
-    // nothing (the Vec was built before the fork).
+    // async-signal-safe calls are allowed; fcntl(F_DUPFD_CLOEXEC) and dup2 are such
+    // syscalls, and it allocates nothing (the Vec was built before the fork, `moved` is on
+    // the stack, and rustix turns an errno into io::Error without allocating). Every number
+    // it borrows is open in the child: the sources because the parent keeps them open
+    // across spawn (see above) and fork copies them, the copies because F_DUPFD made them.
     unsafe {
         cmd.pre_exec(move || {
             // First move every source out of the target range 3..3+n, so that laying out
-            // one descriptor never overwrites another that is still to be copied.
-            let n = fds.len() as RawFd;
-            let mut moved = [0 as RawFd; 64];
-            for (i, &fd) in fds.iter().enumerate().take(64) {
+            // one descriptor never overwrites another that is still to be copied. The
+            // copies are close-on-exec: they vanish at exec.
+            let mut moved = [0 as RawFd; MAX_PASSED_FDS];
+            for (slot, &fd) in moved.iter_mut().zip(&fds) {
                 let src = BorrowedFd::borrow_raw(fd);
                 let copy = rustix::io::fcntl_dupfd_cloexec(src, 3 + n)?;
-                moved[i] = copy.as_raw_fd();
-                std::mem::forget(copy);
+                *slot = copy.into_raw_fd();
             }
             for (i, &fd) in moved.iter().enumerate().take(fds.len()) {
                 let src = BorrowedFd::borrow_raw(fd);
-                let mut target = OwnedFd::from_raw_fd(3 + i as RawFd);
+                // The target number may not be open yet; dup2 opens it. It is never closed
+                // through this OwnedFd (it is forgotten), so the only use is as dup2's
+                // target, which takes any number.
+                let mut target = std::mem::ManuallyDrop::new(OwnedFd::from_raw_fd(3 + i as RawFd));
                 // dup2 clears FD_CLOEXEC on the target, so it survives exec.
                 rustix::io::dup2(src, &mut target)?;
-                std::mem::forget(target);
             }
             Ok(())
         });
     }
+    Ok(())
 }

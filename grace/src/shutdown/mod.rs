@@ -5,7 +5,7 @@
 //! request, then runs the phases in order (see the crate docs for the picture).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::watch;
 
@@ -13,6 +13,7 @@ use crate::conn::tracker::Tracker;
 use crate::conn::StateCounts;
 use crate::health::Readiness;
 use crate::jobs::{JobToken, Jobs};
+use crate::listener::Listener;
 use crate::resources::{Resource, Resources};
 
 pub(crate) mod report;
@@ -46,6 +47,10 @@ pub(crate) struct Shared {
     ready: AtomicBool,
     pub(crate) jobs: Jobs,
     pub(crate) resources: Resources,
+    /// The listeners while serving, so a restart can hand them on; emptied when the drain
+    /// starts, so they close once the accept loops let go of theirs.
+    listeners: Mutex<Vec<Arc<Listener>>>,
+    pub(crate) restart: OnceLock<crate::restart::Control>,
 }
 
 impl Shared {
@@ -58,6 +63,8 @@ impl Shared {
             ready: AtomicBool::new(true),
             jobs: Jobs::default(),
             resources: Resources::default(),
+            listeners: Mutex::default(),
+            restart: OnceLock::new(),
         })
     }
 
@@ -78,6 +85,7 @@ impl Shared {
         if phase >= Phase::Draining {
             // Before anyone is woken: responses written from now on carry `Connection: close`.
             self.draining.store(true, Ordering::Relaxed);
+            self.set_listeners(Vec::new());
         }
         self.phase.send_if_modified(|p| {
             let moved = *p < phase;
@@ -86,6 +94,21 @@ impl Shared {
             }
             moved
         });
+    }
+
+    pub(crate) fn set_listeners(&self, listeners: Vec<Arc<Listener>>) {
+        let mut guard = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let old = std::mem::replace(&mut *guard, listeners);
+        drop(guard);
+        drop(old);
+    }
+
+    /// The listeners while serving (none once draining).
+    pub(crate) fn listeners(&self) -> Vec<Arc<Listener>> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn phase(&self) -> watch::Receiver<Phase> {

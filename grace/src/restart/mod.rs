@@ -1,0 +1,348 @@
+//! Zero-downtime restart and upgrade: hand the listening sockets to a new process.
+//!
+//! ```text
+//!  old process (serving)                              new process
+//!  ─────────────────────                              ───────────
+//!  SIGHUP or handle.restart()
+//!   │  systemd: RELOADING=1
+//!   │  pipe(ready); spawn same program + args ─────►  inherit fds 3.. (LISTEN_FDS,
+//!   │    fds 3.. = listening sockets (same sockets,     LISTEN_FDNAMES, GRACE_LISTEN_PPID),
+//!   │    never closed), 3+n = ready pipe               GRACE_READY_FD = 3+n
+//!   │                                                  load config, open resources…
+//!   │  (both accept from the one shared socket)        serve(): accept loops running,
+//!   │                                                   pid file rewritten, READY=1,
+//!   │  ◄──────────────────────── "ready <pid>" ─────── write to ready pipe
+//!   │  systemd: MAINPID=<new>, READY=1
+//!   ▼
+//!  drain (Trigger::Restart): close our copy of the
+//!  listeners, finish in-flight requests, close idle
+//!  connections, run jobs and resources, exit
+//!
+//!  on failure (new process exits, crashes, or is not ready within the timeout):
+//!  kill it if it runs, reap it, log why, systemd READY=1 — and keep serving.
+//! ```
+//!
+//! Set it up with [`Serve::with_restart`](crate::Serve::with_restart); the new process
+//! adopts the sockets with [`inherited_listeners`].
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::signal::unix::{Signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Error, Result};
+use crate::server::Serve;
+use crate::shutdown::{Handle, Shared};
+
+mod inherit;
+mod spawn;
+
+pub use inherit::inherited_listeners;
+
+/// The name given to a listener passed on without one (`LISTEN_FDNAMES`).
+pub(crate) const DEFAULT_NAME: &str = "grace";
+
+/// How a server restarts itself: the signal that asks for it, the program to start, how
+/// long to wait for it, and the pid file to keep up to date.
+///
+/// The program and its arguments are resolved when this is created — do it at start-up:
+/// a binary replaced on disk later is what the next upgrade starts (on Linux the running
+/// binary's own path reads "… (deleted)" once it is replaced, so it cannot be found then).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use grace::{Restart, SignalKind};
+///
+/// # async fn doc() -> Result<(), grace::Error> {
+/// let restart = Restart::new() // SIGHUP, this program with its arguments
+///     .signal(SignalKind::user_defined2())
+///     .ready_timeout(Duration::from_secs(10))
+///     .pid_file("/run/my-service.pid");
+/// let server = match grace::inherited_listeners()? {
+///     Some(listeners) => grace::Server::from_listeners(listeners),
+///     None => grace::Server::bind("127.0.0.1:8080").await?,
+/// };
+/// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
+/// let report = server.serve(app).with_signals().with_restart(restart).await?;
+/// # let _ = report; Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Restart {
+    pub(crate) signal: Option<SignalKind>,
+    pub(crate) ready_timeout: Duration,
+    pub(crate) program: PathBuf,
+    pub(crate) args: Vec<OsString>,
+    pub(crate) pid_file: Option<PathBuf>,
+}
+
+impl Default for Restart {
+    fn default() -> Self {
+        Restart::new()
+    }
+}
+
+impl Restart {
+    /// Restart on SIGHUP into this same program (as started: see the type's docs) with the
+    /// same arguments, waiting up to 30 s for the new process to be ready.
+    pub fn new() -> Self {
+        Restart {
+            signal: Some(SignalKind::hangup()),
+            ready_timeout: Duration::from_secs(30),
+            program: spawn::startup_program(),
+            args: std::env::args_os().skip(1).collect(),
+            pid_file: None,
+        }
+    }
+
+    /// The signal that asks for a restart (default SIGHUP). It must not be one of the
+    /// drain signals.
+    pub fn signal(mut self, signal: SignalKind) -> Self {
+        self.signal = Some(signal);
+        self
+    }
+
+    /// Restart only through [`Handle::restart`], on no signal.
+    pub fn no_signal(mut self) -> Self {
+        self.signal = None;
+        self
+    }
+
+    /// How long the new process may take to become ready before it is killed and the
+    /// old one keeps serving. Default 30 s.
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// Start this program instead of the one running.
+    pub fn program(mut self, program: impl Into<PathBuf>) -> Self {
+        self.program = program.into();
+        self
+    }
+
+    /// Start the new process with these arguments instead of ours.
+    pub fn args<I, A>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<OsString>,
+    {
+        self.args = args.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Write our pid to this file (atomically) when serving starts; a new process
+    /// configured the same way rewrites it with its own before it reports ready.
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.pid_file = Some(path.into());
+        self
+    }
+}
+
+/// Someone waiting for the outcome of a restart asked through the handle.
+type Reply = oneshot::Sender<Result<u32>>;
+
+/// The restart machinery of one server, kept in its shared state.
+pub(crate) struct Control {
+    config: Restart,
+    signal: Mutex<Option<std::io::Result<Signal>>>,
+    asks: mpsc::UnboundedSender<Reply>,
+    inbox: Mutex<Option<mpsc::UnboundedReceiver<Reply>>>,
+}
+
+impl<S> Serve<S> {
+    /// Restarts with zero downtime on `restart`'s signal (default SIGHUP) or
+    /// [`Handle::restart`]: starts the new process with the listening sockets, waits until
+    /// it is ready, then drains this one with [`Trigger::Restart`](crate::Trigger::Restart).
+    /// If the new process fails, kills it and keeps serving. One restart at a time: a
+    /// request during one is logged and ignored.
+    ///
+    /// The signal handler is installed now, within the current tokio runtime, so the
+    /// signal cannot kill the process from here on. See [`Restart`] for an example.
+    pub fn with_restart(self, restart: Restart) -> Self {
+        let shared = self.handle().shared;
+        let signal = restart.signal.map(tokio::signal::unix::signal);
+        let (asks, inbox) = mpsc::unbounded_channel();
+        let control = Control {
+            config: restart,
+            signal: Mutex::new(signal),
+            asks,
+            inbox: Mutex::new(Some(inbox)),
+        };
+        if shared.restart.set(control).is_err() {
+            tracing::warn!("with_restart called twice: the first configuration stays");
+        }
+        self
+    }
+}
+
+impl Handle {
+    /// Asks for a zero-downtime restart (see [`Serve::with_restart`]) and waits for the
+    /// outcome: the new process's pid once it is ready (this server is then draining), or
+    /// [`Error::Restart`] saying why it failed (this server keeps serving), was refused
+    /// (another restart is running, or the server is draining) or is not enabled.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: grace::Handle) {
+    /// match handle.restart().await {
+    ///     Ok(pid) => println!("process {pid} took over; draining"),
+    ///     Err(e) => eprintln!("still serving: {e}"),
+    /// }
+    /// # }
+    /// ```
+    pub async fn restart(&self) -> Result<u32> {
+        let Some(control) = self.shared.restart.get() else {
+            return Err(Error::Restart(
+                "restarts are not enabled (see Serve::with_restart)".into(),
+            ));
+        };
+        let (tx, rx) = oneshot::channel();
+        control
+            .asks
+            .send(tx)
+            .map_err(|_| Error::Restart("the server no longer serves".into()))?;
+        rx.await
+            .map_err(|_| Error::Restart("the server stopped before the restart ended".into()))?
+    }
+}
+
+/// Called by `Serve` once its accept loops run: writes the pid file, tells systemd and the
+/// previous generation (if any) that we are ready, and starts watching for restart
+/// requests. The returned task must be aborted when serving ends.
+pub(crate) fn serving(shared: &Arc<Shared>) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    let control = shared.restart.get();
+    let mut signal = None;
+    if let Some(c) = control {
+        let name = c.config.signal.map(crate::signal::name).unwrap_or_default();
+        signal = lock(&c.signal)
+            .take()
+            .transpose()
+            .map_err(|source| Error::Signal {
+                signal: name,
+                source,
+            })?;
+        if let Some(path) = &c.config.pid_file {
+            write_pid_file(path).map_err(|e| {
+                Error::Restart(format!("cannot write the pid file {}: {e}", path.display()))
+            })?;
+        }
+    }
+    crate::systemd::notify_logged("READY=1");
+    inherit::signal_ready();
+    let Some(control) = control else {
+        return Ok(None);
+    };
+    let Some(inbox) = lock(&control.inbox).take() else {
+        return Ok(None);
+    };
+    Ok(Some(tokio::spawn(drive(Arc::clone(shared), signal, inbox))))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn next_signal(signal: &mut Option<Signal>) {
+    if let Some(s) = signal {
+        if s.recv().await.is_some() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+/// Takes restart requests one at a time, for as long as the server serves.
+async fn drive(
+    shared: Arc<Shared>,
+    mut signal: Option<Signal>,
+    mut inbox: mpsc::UnboundedReceiver<Reply>,
+) {
+    let Some(control) = shared.restart.get() else {
+        return;
+    };
+    let config = &control.config;
+    let by_signal = config.signal.map(crate::signal::name).unwrap_or_default();
+    loop {
+        let (reply, by) = tokio::select! {
+            _ = next_signal(&mut signal) => (None, by_signal.as_str()),
+            ask = inbox.recv() => match ask {
+                Some(reply) => (Some(reply), "handle"),
+                None => return,
+            },
+        };
+        if shared.is_draining() || shared.requests().borrow().drain.is_some() {
+            tracing::warn!(by, "restart asked for while draining: ignored");
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(Error::Restart("the server is draining".into())));
+            }
+            continue;
+        }
+        tracing::info!(by, "restart asked for: starting the new process");
+        let attempt = spawn::upgrade(&shared, config);
+        tokio::pin!(attempt);
+        let result = loop {
+            tokio::select! {
+                result = &mut attempt => break result,
+                _ = next_signal(&mut signal) => {
+                    tracing::warn!(by = %by_signal, "a restart is already under way: ignored");
+                }
+                Some(other) = inbox.recv() => {
+                    tracing::warn!(by = "handle", "a restart is already under way: ignored");
+                    let _ = other.send(Err(Error::Restart("a restart is already under way".into())));
+                }
+            }
+        };
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// Writes this process's pid to `path` atomically: a temporary file in the same directory,
+/// then a rename over `path`, so a reader never sees a partial file.
+///
+/// ```no_run
+/// grace::write_pid_file("/run/my-service.pid")?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn write_pid_file(path: impl AsRef<Path>) -> std::io::Result<()> {
+    let path = path.as_ref();
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "pid file path has no name",
+        )
+    })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let pid = std::process::id();
+    let mut tmp_name = OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{pid}.tmp"));
+    let tmp = dir.join(tmp_name);
+    std::fs::write(&tmp, format!("{pid}\n"))?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pid_file_is_replaced_whole() {
+        let dir = std::env::temp_dir().join(format!("grace-pid-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("x.pid");
+        std::fs::write(&path, "garbage that is longer than a pid\n").unwrap();
+        super::write_pid_file(&path).unwrap();
+        let got = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(got, format!("{}\n", std::process::id()));
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
