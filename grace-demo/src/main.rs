@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 
+mod config;
 mod ledger;
 mod routes;
 
@@ -54,6 +55,15 @@ pub struct Args {
     /// How often the settlement job runs.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     settle_interval: Duration,
+    /// TOML configuration (`greeting`, `shutdown_timeout`), read again by every upgrade.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Keep the main process's PID in this file (rewritten by each upgrade).
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// How long an upgrade (SIGHUP) waits for the new process before rolling back.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    ready_timeout: Duration,
 }
 
 impl Args {
@@ -103,12 +113,19 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<bool> {
-    let server = match args.listen.strip_prefix("unix:") {
-        Some(path) => grace::Server::bind_unix(path)?,
-        None => grace::Server::bind(args.listen.as_str()).await?,
+    // First: the program to restart into is resolved now, before anything can replace it.
+    let restart = config::restart(args.pid_file.as_ref(), args.ready_timeout);
+    let settings = config::load(args.config.as_deref())?;
+    // Sockets handed over by the previous generation (or systemd), else bind --listen.
+    let server = match grace::inherited_listeners()? {
+        Some(listeners) => grace::Server::from_listeners(listeners),
+        None => match args.listen.strip_prefix("unix:") {
+            Some(path) => grace::Server::bind_unix(path)?,
+            None => grace::Server::bind(args.listen.as_str()).await?,
+        },
     };
     let server = server
-        .shutdown_timeout(args.shutdown_timeout)
+        .shutdown_timeout(settings.shutdown_timeout.unwrap_or(args.shutdown_timeout))
         .header_read_timeout(args.header_read_timeout)
         .pre_stop_delay(args.pre_stop_delay);
     let addr = server
@@ -122,9 +139,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .context("opening the ledger")?;
     // The settlement job, then the audit file, Redis and the database pool on shutdown.
     ledger.register(&handle, args.settle_interval);
-    let serve = server
-        .serve(routes::router(Arc::clone(&ledger), &handle))
-        .with_signals();
+    let app =
+        routes::router(Arc::clone(&ledger), &handle).layer(axum::Extension(settings.greeting));
+    config::hang_before_ready_if_asked().await;
+    let serve = server.serve(app).with_signals().with_restart(restart);
     // Signal handlers are installed: now scripts may read the address and signal us.
     println!("listening on {addr}");
     let report = serve.await?;

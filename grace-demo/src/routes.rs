@@ -29,7 +29,7 @@ pub fn router(ledger: Arc<Ledger>, handle: &grace::Handle) -> Router {
         .route("/transfers/{id}", get(get_transfer))
         .with_state(ledger);
     Router::new()
-        .route("/", get(|| async { "hello" }))
+        .route("/", get(crate::config::greet))
         // Liveness: 200 as long as the process runs. Readiness: 503 once a drain is asked
         // for (before the pre-stop delay), so load balancers stop routing here first.
         .route_service("/healthz", grace::Liveness)
