@@ -1,0 +1,496 @@
+//! Helpers for the ledger tests: a real `grace-demo` child process on 127.0.0.1:0, a raw
+//! keep-alive HTTP/1.1 client, the store URLs from the environment, and a look at what the
+//! stores hold afterwards.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sqlx::{Connection as _, Row as _};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+/// Loose bound for anything that should be prompt: never flakes on a loaded machine.
+pub const SOON: Duration = Duration::from_secs(10);
+
+/// Tests that touch the shared database servers run one at a time: server-wide counters
+/// (`Aborted_clients`, `sessions_abandoned`) must only move because of the test reading them.
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The URL in `var`, or `None` after printing why the test is skipped.
+pub fn env_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            println!("skipped: {var} not set");
+            None
+        }
+    }
+}
+
+/// A table prefix (and Redis key prefix) no other run uses.
+pub fn unique_prefix() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "gt{}_{}_{:x}_",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        nanos
+    )
+}
+
+/// A scratch directory, removed afterwards.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_prefix());
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `grace-demo`.
+pub struct Demo {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub pid: u32,
+    stderr: Arc<Mutex<String>>,
+    _stdout: tokio::process::ChildStdout,
+}
+
+/// How a demo ended.
+#[derive(Debug)]
+pub struct Exit {
+    pub code: i32,
+    pub report: Value,
+    pub stderr: String,
+    /// From the call to [`Demo::wait_exit`] to the exit.
+    pub took: Duration,
+}
+
+impl Exit {
+    /// The names of the report's resource lines, in closing order, with their outcome.
+    pub fn resources(&self) -> Vec<(String, String)> {
+        task_lines(&self.report["resources"])
+    }
+
+    pub fn jobs(&self) -> Vec<(String, String)> {
+        task_lines(&self.report["jobs"])
+    }
+}
+
+fn task_lines(v: &Value) -> Vec<(String, String)> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|t| {
+                    (
+                        t["name"].as_str().unwrap_or_default().to_owned(),
+                        t["outcome"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Demo {
+    /// Starts `grace-demo --listen 127.0.0.1:0 ARGS…` in `dir` and waits for its address.
+    pub async fn start(dir: &TempDir, args: &[String]) -> Demo {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_grace-demo"))
+            .current_dir(&dir.0)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn grace-demo");
+        let pid = child.id().expect("pid");
+        // Keep reading stderr so a chatty demo never blocks on a full pipe.
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let sink = Arc::clone(&stderr);
+        tokio::spawn(async move {
+            let mut line = String::new();
+            while err.read_line(&mut line).await.unwrap_or(0) > 0 {
+                sink.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(60), stdout.read_line(&mut line)).await;
+        let addr = match line.trim().strip_prefix("listening on ") {
+            Some(addr) if read.is_ok() => addr.parse().unwrap(),
+            _ => {
+                let _ = child.kill().await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                panic!(
+                    "grace-demo did not start: {line:?}\n{}",
+                    stderr.lock().unwrap()
+                );
+            }
+        };
+        Demo {
+            child,
+            addr,
+            pid,
+            stderr,
+            _stdout: stdout.into_inner(),
+        }
+    }
+
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.pid as i32).expect("pid");
+        rustix::process::kill_process(pid, signal).expect("kill");
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for the exit, at most `limit`; returns the exit code and the JSON report.
+    pub async fn wait_exit(mut self, limit: Duration) -> Exit {
+        let t = Instant::now();
+        let status = match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(status) => status.expect("wait"),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                panic!(
+                    "grace-demo did not exit within {limit:?}\n{}",
+                    self.stderr()
+                );
+            }
+        };
+        let took = t.elapsed();
+        // The stderr reader may still be copying the last lines.
+        let mut stderr = String::new();
+        for _ in 0..100 {
+            stderr = self.stderr();
+            if stderr.lines().any(|l| l.starts_with('{')) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let report = stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or(Value::Null);
+        Exit {
+            code: status.code().unwrap_or(-1),
+            report,
+            stderr,
+            took,
+        }
+    }
+}
+
+/// One HTTP/1.1 response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The server will close the connection after this response.
+    pub fn closes(&self) -> bool {
+        self.header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// A raw keep-alive HTTP/1.1 client connection.
+pub struct Http {
+    io: BufReader<TcpStream>,
+}
+
+impl Http {
+    pub async fn connect(addr: SocketAddr) -> std::io::Result<Http> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Http {
+            io: BufReader::new(stream),
+        })
+    }
+
+    /// Sends a request and reads its response; an error means the connection closed (or
+    /// broke) before a whole response came back.
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> std::io::Result<Response> {
+        self.send(method, path, body).await?;
+        self.read().await
+    }
+
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> std::io::Result<()> {
+        let body = body.unwrap_or("");
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: grace\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let io = self.io.get_mut();
+        io.write_all(head.as_bytes()).await?;
+        io.write_all(body.as_bytes()).await?;
+        io.flush().await
+    }
+
+    pub async fn read(&mut self) -> std::io::Result<Response> {
+        tokio::time::timeout(Duration::from_secs(60), self.read_inner())
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response"))?
+    }
+
+    async fn read_inner(&mut self) -> std::io::Result<Response> {
+        let eof = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed");
+        let mut line = String::new();
+        if self.io.read_line(&mut line).await? == 0 {
+            return Err(eof());
+        }
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+        let mut headers = Vec::new();
+        loop {
+            line.clear();
+            if self.io.read_line(&mut line).await? == 0 {
+                return Err(eof());
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((n, v)) = l.split_once(':') {
+                headers.push((n.trim().to_ascii_lowercase(), v.trim().to_owned()));
+            }
+        }
+        let mut resp = Response {
+            status,
+            headers,
+            body: String::new(),
+        };
+        let len: usize = resp
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| std::io::Error::other("no content-length"))?;
+        let mut body = vec![0; len];
+        self.io.read_exact(&mut body).await?;
+        resp.body = String::from_utf8_lossy(&body).into_owned();
+        Ok(resp)
+    }
+}
+
+/// One request on a fresh connection.
+pub async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<Response> {
+    Http::connect(addr).await?.request(method, path, body).await
+}
+
+/// A small deterministic random source for load generators.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// A transfer row as the database holds it.
+#[derive(Debug, Clone)]
+pub struct TransferRow {
+    pub id: String,
+    pub from: String,
+    pub to: String,
+    pub amount: i64,
+    pub settlement: Option<String>,
+}
+
+/// Everything the ledger tables hold.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub accounts: Vec<(String, i64)>,
+    pub transfers: Vec<TransferRow>,
+    /// `(id, transfers, total)`.
+    pub settlements: Vec<(String, i64, i64)>,
+}
+
+/// Reads the ledger tables with `prefix` through one connection, closed cleanly; drops
+/// them afterwards when `drop_tables`.
+pub async fn snapshot(url: &str, prefix: &str, drop_tables: bool) -> Snapshot {
+    sqlx::any::install_default_drivers();
+    let mut db = sqlx::AnyConnection::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    let mut snap = Snapshot::default();
+    for row in sqlx::query(&format!("SELECT id, balance FROM {prefix}accounts"))
+        .fetch_all(&mut db)
+        .await
+        .unwrap()
+    {
+        snap.accounts.push((row.get(0), row.get(1)));
+    }
+    for row in sqlx::query(&format!(
+        "SELECT id, from_id, to_id, amount, settlement_id FROM {prefix}transfers"
+    ))
+    .fetch_all(&mut db)
+    .await
+    .unwrap()
+    {
+        snap.transfers.push(TransferRow {
+            id: row.get(0),
+            from: row.get(1),
+            to: row.get(2),
+            amount: row.get(3),
+            settlement: row.get(4),
+        });
+    }
+    for row in sqlx::query(&format!(
+        "SELECT id, transfers, total FROM {prefix}settlements"
+    ))
+    .fetch_all(&mut db)
+    .await
+    .unwrap()
+    {
+        snap.settlements.push((row.get(0), row.get(1), row.get(2)));
+    }
+    if drop_tables {
+        drop_ledger_tables(&mut db, prefix).await;
+    }
+    db.close().await.unwrap();
+    snap
+}
+
+async fn drop_ledger_tables(db: &mut sqlx::AnyConnection, prefix: &str) {
+    for t in ["transfers", "accounts", "settlements"] {
+        let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {prefix}{t}"))
+            .execute(&mut *db)
+            .await;
+    }
+}
+
+/// Drops the ledger tables with `prefix` (for tests that fail half-way, call it first).
+pub async fn cleanup(url: &str, prefix: &str) {
+    sqlx::any::install_default_drivers();
+    if let Ok(mut db) = sqlx::AnyConnection::connect(url).await {
+        drop_ledger_tables(&mut db, prefix).await;
+        let _ = db.close().await;
+    }
+}
+
+/// The transfer ids in an audit file (one JSON line each).
+pub fn audit_ids(path: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l)
+                .unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l:?}"))["id"]
+                .as_str()
+                .expect("audit line without id")
+                .to_owned()
+        })
+        .collect()
+}
+
+/// The transfer ids in the Redis list `key`, which is deleted afterwards.
+pub async fn redis_ids(url: &str, key: &str) -> Vec<String> {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let events: Vec<String> = redis::cmd("LRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    events
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// `CLIENT LIST` lines of the connections named `name`.
+pub async fn redis_clients(url: &str, name: &str) -> Vec<String> {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let needle = format!(" name={name} ");
+    list.lines()
+        .filter(|l| l.contains(&needle))
+        .map(str::to_owned)
+        .collect()
+}
