@@ -59,9 +59,8 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 /// Any body that is not the expected JSON object is a 400, whatever the content type.
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("malformed JSON: {e}")))
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))
 }
 
 #[derive(Deserialize)]
@@ -80,7 +79,7 @@ struct NewTransfer {
 async fn create_account(State(ledger): State<Arc<Ledger>>, body: Bytes) -> Response {
     let req: NewAccount = match parse(&body) {
         Ok(req) => req,
-        Err(response) => return response,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
     match ledger.create_account(req.id, req.balance).await {
         Ok(account) => (StatusCode::CREATED, Json(account)).into_response(),
@@ -98,7 +97,7 @@ async fn get_account(State(ledger): State<Arc<Ledger>>, Path(id): Path<String>) 
 async fn create_transfer(State(ledger): State<Arc<Ledger>>, body: Bytes) -> Response {
     let req: NewTransfer = match parse(&body) {
         Ok(req) => req,
-        Err(response) => return response,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
     match ledger.transfer(req.from, req.to, req.amount).await {
         Ok(id) => Json(serde_json::json!({ "id": id })).into_response(),

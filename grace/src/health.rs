@@ -30,10 +30,18 @@ pub struct Readiness {
     pub(crate) shared: Arc<Shared>,
 }
 
+impl Readiness {
+    /// False from the moment a drain is asked for: a signal or a `Handle::shutdown` that the
+    /// drain has not picked up yet already counts.
+    fn is_ready(&self) -> bool {
+        self.shared.is_ready() && self.shared.requests().borrow().drain.is_none()
+    }
+}
+
 impl std::fmt::Debug for Readiness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Readiness")
-            .field("ready", &self.shared.is_ready())
+            .field("ready", &self.is_ready())
             .finish()
     }
 }
@@ -58,7 +66,7 @@ impl<B> tower_service::Service<Request<B>> for Readiness {
     }
 
     fn call(&mut self, _: Request<B>) -> Self::Future {
-        ready(Ok(if self.shared.is_ready() {
+        ready(Ok(if self.is_ready() {
             answer(StatusCode::OK, "ready\n")
         } else {
             answer(StatusCode::SERVICE_UNAVAILABLE, "draining\n")

@@ -5,6 +5,9 @@
 //! are done, resources close one at a time: a resource closes only after every resource
 //! that [`depends_on`](Resource::depends_on) it; otherwise the last registered closes
 //! first, like destructors. One that hangs is cut at its timeout and the next still closes.
+//! When the timeouts together do not fit in what is left before the shutdown deadline,
+//! each gets its proportional share, so one hanging resource cannot take the time of those
+//! after it and the deadline still holds.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -110,14 +113,30 @@ impl Resources {
     pub(crate) async fn close_all(&self, deadline: Instant) -> Vec<TaskReport> {
         let all = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
         let mut reports = Vec::with_capacity(all.len());
-        for r in close_order(all) {
+        let order = close_order(all);
+        // The timeouts of the resources not yet closed, this one included.
+        let mut left: Duration = order.iter().map(|r| r.timeout).sum();
+        for r in order {
             let started = Instant::now();
-            let limit = deadline.min(started + r.timeout);
+            let remaining = deadline.saturating_duration_since(started);
+            let limit = (started + share(r.timeout, left, remaining)).min(deadline);
+            left = left.saturating_sub(r.timeout);
             tracing::debug!(name = %r.name, "closing resource");
             let task = tokio::spawn(async move { ((r.close)().await, Instant::now()) });
             reports.push(bounded(r.name, started, limit, task).await);
         }
         reports
+    }
+}
+
+/// How long a resource may take: its own timeout, or, when the timeouts `left` (its own
+/// included) do not fit in the `remaining` time, its proportional share of it. So a resource
+/// that hangs cannot eat the time of those after it, and the deadline still holds.
+fn share(timeout: Duration, left: Duration, remaining: Duration) -> Duration {
+    if left <= remaining {
+        timeout
+    } else {
+        timeout.mul_f64(remaining.as_secs_f64() / left.as_secs_f64())
     }
 }
 
@@ -204,6 +223,18 @@ mod tests {
         assert!(pos("audit") < pos("db"));
         assert!(pos("jobs") < pos("db") && pos("jobs") < pos("redis"));
         assert_eq!(order.len(), 4);
+    }
+
+    #[test]
+    fn timeouts_shrink_in_proportion_when_they_do_not_fit() {
+        let s = Duration::from_secs;
+        // Enough time: each keeps its own.
+        assert_eq!(share(s(5), s(7), s(10)), s(5));
+        // 10 s of timeouts in 5 s: each gets half of its own.
+        assert_eq!(share(s(4), s(10), s(5)), s(2));
+        assert_eq!(share(s(6), s(6), s(3)), s(3));
+        // Nothing left: cut at once.
+        assert_eq!(share(s(5), s(5), Duration::ZERO), Duration::ZERO);
     }
 
     #[test]
