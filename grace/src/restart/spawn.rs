@@ -147,7 +147,7 @@ async fn attempt(
     let pid = child.id().unwrap_or(0);
     tracing::info!(pid, %program, args = ?config.args, "new process started; waiting until it is ready");
 
-    let mut ready = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_rx.into())
+    let mut ready = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_rx)
         .map_err(|e| format!("cannot watch the readiness pipe: {e}"))?;
     let mut phase = shared.phase();
     let timeout = config.ready_timeout;

@@ -1,0 +1,816 @@
+//! Zero-downtime upgrades of real `grace-demo` processes: SIGHUP hands the listening socket
+//! to a new process; nothing is refused or fails meanwhile; failed new processes roll back;
+//! the config file is re-read; systemd's protocols (socket activation, sd_notify).
+//!
+//! This test process makes itself a child subreaper, so generations orphaned when their
+//! parent (the previous generation) exits are re-parented here: it can reap them and read
+//! their exit status, and none is left behind.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal, WaitOptions};
+
+const BIN: &str = env!("CARGO_BIN_EXE_grace-demo");
+
+/// Loose bound for anything that should take milliseconds: never flakes on a loaded
+/// 2-core machine, still catches a hang.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn subreaper() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
+            .expect("PR_SET_CHILD_SUBREAPER");
+    });
+}
+
+fn pid(raw: u32) -> Pid {
+    Pid::from_raw(raw as i32).expect("a pid")
+}
+
+fn signal(raw: u32, sig: Signal) {
+    rustix::process::kill_process(pid(raw), sig)
+        .unwrap_or_else(|e| panic!("kill({raw}, {sig:?}): {e}"));
+}
+
+fn alive(raw: u32) -> bool {
+    rustix::process::test_kill_process(pid(raw)).is_ok()
+}
+
+/// How a process ended, as far as we can tell.
+#[derive(Debug, PartialEq)]
+enum Gone {
+    /// Reaped here: its exit code (`None` if killed by a signal).
+    Exited(Option<i32>),
+    /// Reaped by someone else (its parent).
+    Elsewhere,
+}
+
+/// Waits until process `raw` is gone, reaping it if it is (now) our child.
+fn wait_gone(raw: u32, limit: Duration) -> Gone {
+    let t = Instant::now();
+    loop {
+        match rustix::process::waitpid(Some(pid(raw)), WaitOptions::NOHANG) {
+            Ok(Some((_, status))) => return Gone::Exited(status.exit_status()),
+            Ok(None) => {}
+            // Not our child (yet: its parent may still run), or already reaped.
+            Err(_) if !alive(raw) => return Gone::Elsewhere,
+            Err(_) => {}
+        }
+        assert!(
+            t.elapsed() < limit,
+            "process {raw} still runs after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A scratch directory under cargo's target dir (the same file system as the binary, so
+/// it can be hard-linked), removed afterwards.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("restart-{name}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Replaces `path` atomically (write a temporary file, rename over it).
+fn replace_file(path: &Path, contents: &str, executable: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    if executable {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Points `path` at the real demo binary again (a fresh hard link, renamed over it).
+fn install_real_binary(path: &Path) {
+    let tmp = path.with_extension("link");
+    let _ = std::fs::remove_file(&tmp);
+    if std::fs::hard_link(BIN, &tmp).is_err() {
+        std::fs::copy(BIN, &tmp).unwrap();
+    }
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A `grace-demo` service and every generation it went through.
+struct Service {
+    scratch: Scratch,
+    addr: SocketAddr,
+    pid_file: PathBuf,
+    log: PathBuf,
+    /// Every generation, oldest first.
+    pids: Vec<u32>,
+    /// Generations seen to exit (status 0).
+    retired: HashSet<u32>,
+    _stdout: JoinHandle<()>,
+}
+
+impl Service {
+    /// Starts `program` (the demo, or a link to it) with test-friendly arguments.
+    // Every generation, this first one included, is reaped by pid (`wait_gone`).
+    #[allow(clippy::zombie_processes)]
+    fn start(scratch: Scratch, program: &Path, args: &[&str]) -> Service {
+        subreaper();
+        let pid_file = scratch.path("grace-demo.pid");
+        let log = scratch.path("stderr.log");
+        let db = format!("sqlite://{}?mode=rwc", scratch.path("ledger.db").display());
+        let mut child = Command::new(program)
+            .current_dir(&scratch.0)
+            .args(["--listen", "127.0.0.1:0", "--shutdown-timeout", "10s"])
+            .args(["--db", &db, "--pid-file"])
+            .arg(&pid_file)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn grace-demo");
+        // Every generation writes to this pipe: keep draining it.
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("no `listening on` line; stderr:\n{}", read(&log)));
+        let addr = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        let service = Service {
+            scratch,
+            addr,
+            pid_file,
+            log,
+            pids: vec![child.id()],
+            retired: HashSet::new(),
+            _stdout: reader,
+        };
+        service.wait_pid(|p| p == child.id());
+        service
+    }
+
+    /// The pid in the pid file.
+    fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(&self.pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    fn current(&self) -> u32 {
+        *self.pids.last().unwrap()
+    }
+
+    fn wait_pid(&self, ok: impl Fn(u32) -> bool) -> u32 {
+        let t = Instant::now();
+        loop {
+            if let Some(p) = self.pid().filter(|&p| ok(p)) {
+                return p;
+            }
+            assert!(
+                t.elapsed() < PATIENCE,
+                "pid file not updated within {PATIENCE:?}; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGHUP to the current generation; waits for the next one and returns its pid.
+    fn upgrade(&mut self) -> u32 {
+        let old = self.current();
+        signal(old, Signal::HUP);
+        let new = self.wait_pid(|p| p != old);
+        self.pids.push(new);
+        new
+    }
+
+    /// SIGHUP to the current generation, expecting the upgrade to fail: waits until the
+    /// old process says so (its `n`th failure), and checks it still is the main process.
+    fn failed_upgrade(&self, n: usize) -> String {
+        signal(self.current(), Signal::HUP);
+        let line = self.wait_log("upgrade failed", n);
+        assert_eq!(self.pid(), Some(self.current()), "the pid file changed");
+        assert!(alive(self.current()), "the old process died");
+        line
+    }
+
+    fn stderr(&self) -> String {
+        read(&self.log)
+    }
+
+    /// Waits until the log holds `needle` `n` times; returns the `n`th line.
+    fn wait_log(&self, needle: &str, n: usize) -> String {
+        let t = Instant::now();
+        loop {
+            let log = self.stderr();
+            if let Some(line) = log.lines().filter(|l| l.contains(needle)).nth(n - 1) {
+                return line.to_owned();
+            }
+            assert!(
+                t.elapsed() < PATIENCE,
+                "no {n}th {needle:?} in the log within {PATIENCE:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `GET /` on a fresh connection.
+    fn get(&self) -> String {
+        let mut conn = Conn::connect(self.addr).expect("connect");
+        match conn.get(true) {
+            Exchange::Ok { body, .. } => body,
+            other => panic!("GET / failed: {other:?}"),
+        }
+    }
+
+    /// Waits until every generation before the current one has exited with status 0
+    /// (each is our child by then: its parent exited, we are the subreaper).
+    fn retire_old(&mut self) {
+        let old = self.pids.len() - 1;
+        self.retire(old);
+    }
+
+    fn retire(&mut self, generations: usize) {
+        for (i, &p) in self.pids[..generations].iter().enumerate() {
+            if self.retired.contains(&p) {
+                continue;
+            }
+            match wait_gone(p, PATIENCE) {
+                Gone::Exited(Some(0)) => {}
+                other => panic!(
+                    "generation {i} ({p}) ended with {other:?}; stderr:\n{}",
+                    self.stderr()
+                ),
+            }
+            self.retired.insert(p);
+        }
+    }
+
+    /// SIGTERM to the current generation; checks that it and every older one exited
+    /// cleanly (status 0).
+    fn stop(mut self) {
+        signal(self.current(), Signal::TERM);
+        self.retire(self.pids.len());
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        // Only after a failure: leave nothing running.
+        for &p in &self.pids {
+            if !self.retired.contains(&p) && alive(p) {
+                let _ = rustix::process::kill_process(pid(p), Signal::KILL);
+                let _ = wait_gone(p, PATIENCE);
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "service log ({}):\n{}",
+                self.scratch.0.display(),
+                self.stderr()
+            );
+        }
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The result of one request on a connection.
+#[derive(Debug)]
+enum Exchange {
+    Ok {
+        body: String,
+        close: bool,
+    },
+    /// The connection failed before a single byte of the response arrived: the only case
+    /// an HTTP client may retry (when the connection was a reused idle one).
+    NothingReceived(std::io::Error),
+    Failed(String),
+}
+
+/// A minimal HTTP/1.1 client connection, so the test sees exactly what happened on the wire.
+struct Conn {
+    stream: BufReader<TcpStream>,
+    served: usize,
+}
+
+impl Conn {
+    fn connect(addr: SocketAddr) -> std::io::Result<Conn> {
+        let stream = TcpStream::connect_timeout(&addr, PATIENCE)?;
+        stream.set_read_timeout(Some(PATIENCE))?;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            stream: BufReader::new(stream),
+            served: 0,
+        })
+    }
+
+    fn get(&mut self, close: bool) -> Exchange {
+        self.request("/", close)
+    }
+
+    fn request(&mut self, path: &str, close: bool) -> Exchange {
+        let connection = if close { "Connection: close\r\n" } else { "" };
+        let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{connection}\r\n");
+        if let Err(e) = self.stream.get_mut().write_all(req.as_bytes()) {
+            return Exchange::NothingReceived(e);
+        }
+        match self.stream.fill_buf() {
+            Ok([]) => return Exchange::NothingReceived(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(e) => return Exchange::NothingReceived(e),
+        }
+        // From here on, any trouble is a failed request.
+        match self.read_response() {
+            Ok((200, body, close)) => {
+                self.served += 1;
+                Exchange::Ok { body, close }
+            }
+            Ok((status, body, _)) => Exchange::Failed(format!("status {status}: {body:?}")),
+            Err(e) => Exchange::Failed(format!("after the first byte: {e}")),
+        }
+    }
+
+    fn read_response(&mut self) -> std::io::Result<(u16, String, bool)> {
+        let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+        let mut line = String::new();
+        self.stream.read_line(&mut line)?;
+        let status: u16 = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad(format!("bad status line {line:?}")))?;
+        let (mut length, mut close) = (None, false);
+        loop {
+            line.clear();
+            if self.stream.read_line(&mut line)? == 0 {
+                return Err(bad("end of file in the headers".into()));
+            }
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            let (name, value) = header.split_once(':').unwrap_or((header, ""));
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.parse::<usize>().ok();
+            } else if name.eq_ignore_ascii_case("connection") {
+                close = value.eq_ignore_ascii_case("close");
+            }
+        }
+        let length = length.ok_or_else(|| bad("no content-length".into()))?;
+        let mut body = vec![0; length];
+        self.stream.read_exact(&mut body)?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned(), close))
+    }
+}
+
+/// What the clients saw.
+#[derive(Debug, Default)]
+struct Tally {
+    ok: u64,
+    /// Requests retried because a reused idle connection closed before any response byte.
+    retried: u64,
+    /// Connections opened.
+    connections: u64,
+    refused: u64,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.ok += other.ok;
+        self.retried += other.retried;
+        self.connections += other.connections;
+        self.refused += other.refused;
+        self.failures.extend(other.failures);
+    }
+
+    fn fail(&mut self, what: String) {
+        if self.failures.len() < 20 {
+            self.failures.push(what);
+        } else if self.failures.len() == 20 {
+            self.failures.push("…".into());
+        }
+    }
+}
+
+/// Client threads sending requests until stopped: some over keep-alive connections (every
+/// other one asks for `/sleep/20`, so requests are in flight whenever a drain starts), some
+/// each on a fresh connection.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Tally>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, keep_alive: usize, fresh: usize, bodies: &[&str]) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut bodies: HashSet<String> = bodies.iter().map(|s| s.to_string()).collect();
+        bodies.insert(SLEPT.into());
+        let bodies = Arc::new(bodies);
+        let mut threads = Vec::new();
+        for i in 0..keep_alive + fresh {
+            let (stop, bodies) = (Arc::clone(&stop), Arc::clone(&bodies));
+            let reuse = i < keep_alive;
+            let path = if reuse && i % 2 == 1 {
+                "/sleep/20"
+            } else {
+                "/"
+            };
+            threads.push(std::thread::spawn(move || {
+                client(addr, path, reuse, &stop, &bodies)
+            }));
+        }
+        Load { stop, threads }
+    }
+
+    fn finish(self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = Tally::default();
+        for t in self.threads {
+            total.add(t.join().expect("client thread panicked"));
+        }
+        total
+    }
+}
+
+/// What `/sleep/20` answers.
+const SLEPT: &str = "slept 20 ms\n";
+
+fn client(
+    addr: SocketAddr,
+    path: &str,
+    reuse: bool,
+    stop: &AtomicBool,
+    bodies: &HashSet<String>,
+) -> Tally {
+    let mut tally = Tally::default();
+    let mut conn: Option<Conn> = None;
+    let pause = Duration::from_millis(if reuse { 1 } else { 3 });
+    while !stop.load(Ordering::Relaxed) {
+        let mut c = match conn.take() {
+            Some(c) => c,
+            None => match Conn::connect(addr) {
+                Ok(c) => {
+                    tally.connections += 1;
+                    c
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    tally.refused += 1;
+                    tally.fail(format!("connect: {e}"));
+                    continue;
+                }
+                Err(e) => {
+                    tally.fail(format!("connect: {e}"));
+                    continue;
+                }
+            },
+        };
+        match c.request(path, !reuse) {
+            Exchange::Ok { body, close } => {
+                if bodies.contains(&body) {
+                    tally.ok += 1;
+                } else {
+                    tally.fail(format!("unexpected body {body:?}"));
+                }
+                if reuse && !close {
+                    conn = Some(c);
+                }
+            }
+            // A reused idle connection closed under us: retry on a new one, as HTTP
+            // libraries do. Anywhere else this is a failure.
+            Exchange::NothingReceived(_) if c.served > 0 => tally.retried += 1,
+            Exchange::NothingReceived(e) => {
+                tally.fail(format!("fresh connection, nothing received: {e}"))
+            }
+            Exchange::Failed(e) => tally.fail(e),
+        }
+        std::thread::sleep(pause);
+    }
+    tally
+}
+
+fn assert_clean(tally: &Tally, min_ok: u64) {
+    assert!(
+        tally.failures.is_empty() && tally.refused == 0,
+        "{} refused, failures: {:#?}",
+        tally.refused,
+        tally.failures
+    );
+    assert!(
+        tally.ok >= min_ok,
+        "only {} requests succeeded: the load did not run",
+        tally.ok
+    );
+}
+
+#[test]
+fn twenty_upgrades_under_load_lose_nothing() {
+    let mut service = Service::start(Scratch::new("twenty"), Path::new(BIN), &[]);
+    let load = Load::start(service.addr, 4, 2, &["hello"]);
+    // Some traffic on keep-alive connections first, so the upgrades find idle ones.
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let mut seen = HashSet::from([service.current()]);
+    for _ in 0..20 {
+        let new = service.upgrade();
+        assert!(seen.insert(new), "pid {new} came back");
+        // Let each generation serve a little before the next upgrade.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let upgrades = t.elapsed();
+    std::thread::sleep(Duration::from_millis(200));
+    let tally = load.finish();
+    eprintln!("20 upgrades in {upgrades:?}: {tally:?}");
+    assert_clean(&tally, 200);
+    assert!(
+        tally.connections > 40,
+        "too few fresh connections: {tally:?}"
+    );
+    assert_eq!(service.pids.len(), 21);
+    // Every old generation exited cleanly (0) on its own, before we stop the last.
+    service.retire_old();
+    assert!(alive(service.current()));
+    assert_eq!(service.get(), "hello");
+    service.stop();
+}
+
+#[test]
+fn a_new_process_that_exits_or_never_gets_ready_is_rolled_back() {
+    let scratch = Scratch::new("rollback");
+    // Upgrades start whatever is at this path now, like a binary replaced on disk.
+    let program = scratch.path("grace-demo");
+    install_real_binary(&program);
+    let child_pid = scratch.path("child.pid");
+    let exits = format!("#!/bin/sh\necho $$ > {}\nexit 7\n", child_pid.display());
+    let hangs = format!(
+        "#!/bin/sh\necho $$ > {}\nGRACE_DEMO_HANG_BEFORE_READY=1 exec {BIN} \"$@\"\n",
+        child_pid.display()
+    );
+    let mut service = Service::start(scratch, &program, &["--ready-timeout", "3s"]);
+    let first = service.current();
+    let load = Load::start(service.addr, 2, 1, &["hello"]);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // 1. The new binary exits at start.
+    replace_file(&program, &exits, true);
+    let line = service.failed_upgrade(1);
+    assert!(line.contains("exited with status 7"), "{line}");
+    let failed: u32 = read(&child_pid).trim().parse().unwrap();
+    assert!(
+        !alive(failed),
+        "the failed process {failed} is left (or not reaped)"
+    );
+
+    // 2. The new binary adopts the sockets, then never becomes ready: killed at the
+    //    timeout, while the old one serves from the same socket throughout.
+    replace_file(&program, &hangs, true);
+    let line = service.failed_upgrade(2);
+    assert!(line.contains("not ready within"), "{line}");
+    let hung: u32 = read(&child_pid).trim().parse().unwrap();
+    assert_ne!(hung, failed);
+    assert!(
+        !alive(hung),
+        "the hung process {hung} is left (or not reaped)"
+    );
+    assert!(service
+        .stderr()
+        .contains("GRACE_DEMO_HANG_BEFORE_READY=1: hanging"));
+
+    // 3. A good binary again: the upgrade goes through.
+    install_real_binary(&program);
+    let new = service.upgrade();
+    assert_ne!(new, first);
+    std::thread::sleep(Duration::from_millis(200));
+    let tally = load.finish();
+    eprintln!("{tally:?}");
+    assert_clean(&tally, 50);
+    assert_eq!(service.get(), "hello");
+    service.stop();
+}
+
+#[test]
+fn an_edited_config_shows_in_the_next_generation_and_a_broken_one_rolls_back() {
+    let scratch = Scratch::new("config");
+    let config = scratch.path("grace-demo.toml");
+    replace_file(&config, "greeting = \"one\"\n", false);
+    let config_arg = config.display().to_string();
+    let mut service = Service::start(scratch, Path::new(BIN), &["--config", &config_arg]);
+    assert_eq!(service.get(), "one");
+
+    replace_file(
+        &config,
+        "greeting = \"two\"\nshutdown_timeout = \"5s\"\n",
+        false,
+    );
+    service.upgrade();
+    // Once the old generation is gone, every connection reaches the new one.
+    service.retire_old();
+    assert_eq!(service.get(), "two");
+
+    // Broken: the new process exits before it is ready; the old one keeps serving "two".
+    let two = service.current();
+    replace_file(&config, "greeting = \n", false);
+    let line = service.failed_upgrade(1);
+    assert!(line.contains("exited with status 1"), "{line}");
+    assert!(service.stderr().contains("parsing the config file"));
+    assert_eq!(service.get(), "two");
+    assert_eq!(service.current(), two);
+
+    // Fixed: the next generation reads it.
+    replace_file(&config, "greeting = \"three\"\n", false);
+    service.upgrade();
+    service.retire_old();
+    assert_eq!(service.get(), "three");
+    service.stop();
+}
+
+/// Receives notifications until one satisfies `until`; returns them all.
+fn notifications(
+    socket: &std::os::unix::net::UnixDatagram,
+    until: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let t = Instant::now();
+    loop {
+        match socket.recv(&mut buf) {
+            Ok(n) => {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let done = until(&msg);
+                got.push(msg);
+                if done {
+                    return got;
+                }
+            }
+            Err(e) if t.elapsed() < PATIENCE => {
+                assert!(
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                    "{e}"
+                );
+            }
+            Err(_) => panic!("no expected notification within {PATIENCE:?}; got {got:?}"),
+        }
+    }
+}
+
+#[test]
+fn plays_by_systemds_rules() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+    use std::os::unix::process::CommandExt;
+
+    subreaper();
+    let scratch = Scratch::new("systemd");
+    let log = scratch.path("stderr.log");
+    // systemd's side: a notification socket (abstract name) and a listening socket.
+    let name = format!("grace-test-notify-{}", std::process::id());
+    let notify =
+        UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fd = listener.as_raw_fd();
+
+    let db = format!("sqlite://{}?mode=rwc", scratch.path("ledger.db").display());
+    let mut cmd = Command::new("sh");
+    // `exec` keeps the shell's pid, so LISTEN_PID=$$ is the demo's pid, as systemd sets it.
+    cmd.args(["-c", "export LISTEN_PID=$$; exec \"$0\" \"$@\"", BIN])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            &db,
+            "--shutdown-timeout",
+            "10s",
+        ])
+        .current_dir(&scratch.0)
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "web")
+        .env("NOTIFY_SOCKET", format!("@{name}"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: runs between fork and exec; dup2 is async-signal-safe and nothing allocates.
+    // `fd` is open in the child (the parent keeps `listener` open across spawn); the target
+    // 3 may not be open yet, which dup2 allows, and the OwnedFd is never dropped.
+    unsafe {
+        cmd.pre_exec(move || {
+            let src = std::os::fd::BorrowedFd::borrow_raw(fd);
+            let mut target = std::mem::ManuallyDrop::new(OwnedFd::from_raw_fd(3));
+            rustix::io::dup2(src, &mut target)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let first = child.id();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    // It serves on the socket it was given, not on --listen.
+    assert_eq!(line.trim(), format!("listening on {addr}"));
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let got = notifications(&notify, |m| m == "READY=1");
+    assert_eq!(got, ["READY=1"]);
+    let get = || {
+        let mut c = Conn::connect(addr).unwrap();
+        match c.get(true) {
+            Exchange::Ok { body, .. } => body,
+            other => panic!("{other:?}; log:\n{}", read(&log)),
+        }
+    };
+    assert_eq!(get(), "hello");
+
+    // Upgrade: RELOADING=1, the new process's READY=1, then MAINPID from the old one.
+    signal(first, Signal::HUP);
+    let got = notifications(&notify, |m| m.starts_with("MAINPID="));
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(
+        got[0].starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{got:?}"
+    );
+    assert_eq!(got[1], "READY=1");
+    let second: u32 = got[2]
+        .strip_prefix("MAINPID=")
+        .and_then(|s| s.strip_suffix("\nREADY=1"))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{got:?}"));
+    assert_ne!(second, first);
+    assert_eq!(get(), "hello");
+    // The old one drains and exits cleanly, without claiming the service stops.
+    assert_eq!(wait_gone(first, PATIENCE), Gone::Exited(Some(0)));
+    drop(child);
+    assert_eq!(get(), "hello");
+    let mut buf = [0u8; 256];
+    notify.set_nonblocking(true).unwrap();
+    if let Ok(n) = notify.recv(&mut buf) {
+        panic!(
+            "unexpected notification {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    notify.set_nonblocking(false).unwrap();
+    // Both generations adopted it under the name systemd gave it.
+    assert_eq!(
+        read(&log)
+            .matches("adopted inherited listener fd=3 name=web")
+            .count(),
+        2,
+        "{}",
+        read(&log)
+    );
+
+    // Stop: STOPPING=1 from the new main process.
+    signal(second, Signal::TERM);
+    let got = notifications(&notify, |m| m == "STOPPING=1");
+    assert_eq!(got, ["STOPPING=1"]);
+    assert_eq!(wait_gone(second, PATIENCE), Gone::Exited(Some(0)));
+    drop(listener);
+}
