@@ -1,27 +1,5 @@
 //! Zero-downtime restart and upgrade: hand the listening sockets to a new process.
 //!
-//! ```text
-//!  old process (serving)                              new process
-//!  ─────────────────────                              ───────────
-//!  SIGHUP or handle.restart()
-//!   │  systemd: RELOADING=1
-//!   │  pipe(ready); spawn same program + args ─────►  inherit fds 3.. (LISTEN_FDS,
-//!   │    fds 3.. = listening sockets (same sockets,     LISTEN_FDNAMES, GRACE_LISTEN_PPID),
-//!   │    never closed), 3+n = ready pipe               GRACE_READY_FD = 3+n
-//!   │                                                  load config, open resources…
-//!   │  (both accept from the one shared socket)        serve(): accept loops running,
-//!   │                                                   pid file rewritten, READY=1,
-//!   │  ◄──────────────────────── "ready <pid>" ─────── write to ready pipe
-//!   │  systemd: MAINPID=<new>, READY=1
-//!   ▼
-//!  drain (Trigger::Restart): close our copy of the
-//!  listeners, finish in-flight requests, close idle
-//!  connections, run jobs and resources, exit
-//!
-//!  on failure (new process exits, crashes, or is not ready within the timeout):
-//!  kill it if it runs, reap it, log why, systemd READY=1 — and keep serving.
-//! ```
-//!
 //! Set it up with [`Serve::with_restart`](crate::Serve::with_restart); the new process
 //! adopts the sockets with [`inherited_listeners`].
 
@@ -47,6 +25,36 @@ pub(crate) const DEFAULT_NAME: &str = "grace";
 
 /// How a server restarts itself: the signal that asks for it, the program to start, how
 /// long to wait for it, and the pid file to keep up to date.
+///
+/// ```text
+///  old process (serving)                              new process
+///  ─────────────────────                              ───────────
+///  SIGHUP or handle.restart()
+///   │  systemd: RELOADING=1
+///   │  pipe(ready); spawn same program + args ─────►  inherit fds 3.. (LISTEN_FDS,
+///   │    fds 3.. = listening sockets (same sockets,     LISTEN_FDNAMES, GRACE_LISTEN_PPID),
+///   │    never closed), 3+n = ready pipe               GRACE_READY_FD = 3+n
+///   │                                                  load config, open resources…
+///   │  (both accept from the one shared socket)        serve(): accept loops running,
+///   │                                                   pid file rewritten, READY=1,
+///   │  ◄──────────────────────── "ready <pid>" ─────── write to ready pipe
+///   │  systemd: MAINPID=<new>, READY=1
+///   ▼
+///  drain (Trigger::Restart): close our copy of the
+///  listeners, finish in-flight requests, close idle
+///  connections, run jobs and resources, exit
+///
+///  on failure (new process exits, crashes, or is not ready within the timeout):
+///  kill it if it runs, reap it, log why, systemd READY=1 — and keep serving.
+/// ```
+///
+/// The new process is ready when its [`Serve`] starts serving: do every fallible
+/// initialisation (configuration, resources) before `serve`, and exit on failure, so a bad
+/// release rolls back instead of taking over. It must take the sockets with
+/// [`inherited_listeners`] (binding the address again would fail: the old process still
+/// holds it). The listening sockets themselves are never closed: both processes hold the
+/// same ones while the old drains, and connections waiting in the kernel's accept queue
+/// are accepted by whichever process comes first.
 ///
 /// The program and its arguments are resolved when this is created — do it at start-up:
 /// a binary replaced on disk later is what the next upgrade starts (on Linux the running

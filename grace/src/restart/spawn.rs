@@ -137,7 +137,7 @@ async fn attempt(
         .env(GRACE_READY_FD, (FIRST_FD + n as RawFd).to_string());
     sys::pass_fds(&mut cmd, fds).map_err(|e| e.to_string())?;
     let program = config.program.display().to_string();
-    let spawned = tokio::process::Command::from(cmd).spawn();
+    let spawned = spawn_retrying(tokio::process::Command::from(cmd)).await;
     // The child has its copies now. Ours: the write end goes at once (so the pipe reads
     // end-of-file when the child is gone), the listeners' extra references too (so a
     // drain that starts meanwhile closes them).
@@ -170,6 +170,26 @@ async fn attempt(
         }
     };
     Err(reap(&mut child, pid, failure).await)
+}
+
+/// Spawns, retrying a few times on ETXTBSY: a binary just written (a deployment) may still
+/// be open for writing in a process forked meanwhile, until that process execs.
+async fn spawn_retrying(
+    mut cmd: tokio::process::Command,
+) -> std::io::Result<tokio::process::Child> {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e)
+                if e.raw_os_error() == Some(rustix::io::Errno::TXTBSY.raw_os_error())
+                    && tries < 10 =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Makes sure a failed child is gone and reaped; returns the reason, with its exit status

@@ -1,0 +1,215 @@
+//! `Handle::restart` in-process, with small shell scripts as the "new process": what the
+//! child inherits, the readiness handshake, rollback, one restart at a time.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use grace::{Restart, Server, Trigger};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SOON: Duration = Duration::from_secs(10);
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("grace-restart-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+
+    /// An executable shell script.
+    fn script(&self, name: &str, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.0.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn get(addr: SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(SOON, s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
+}
+
+fn app() -> axum::Router {
+    axum::Router::new().route("/", axum::routing::get(|| async { "old" }))
+}
+
+/// A server on 127.0.0.1:0, and the kernel's name for its listening socket.
+fn listener() -> (grace::Listener, SocketAddr, PathBuf) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let inode = std::fs::read_link(format!("/proc/self/fd/{}", l.as_raw_fd())).unwrap();
+    (l.try_into().unwrap(), addr, inode)
+}
+
+#[tokio::test]
+async fn restart_is_refused_when_not_enabled() {
+    let server = Server::bind("127.0.0.1:0").await.unwrap();
+    let handle = server.handle();
+    let served = tokio::spawn(server.serve(app()).into_future());
+    let err = handle.restart().await.unwrap_err();
+    assert!(matches!(err, grace::Error::Restart(_)), "{err}");
+    handle.shutdown();
+    served.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn the_child_inherits_the_same_socket_and_takes_over_once_ready() {
+    let dir = Dir::new("ok");
+    let (listener, addr, socket) = listener();
+    let seen = dir.0.join("seen");
+    // The "new process": records what it inherited, says it is ready, then lingers a bit.
+    let child = dir.script(
+        "child",
+        &format!(
+            "{{ echo \"ppid=$PPID\"; env | grep -E '^(LISTEN_|GRACE_)' | sort; \
+             echo \"fd3=$(readlink /proc/$$/fd/3)\"; }} > {seen}.tmp && mv {seen}.tmp {seen}\n\
+             echo ready >&$GRACE_READY_FD\nsleep 1",
+            seen = seen.display()
+        ),
+    );
+    std::env::set_var("LISTEN_PID", "1"); // must not leak to the child
+    let server = Server::from_listener(listener);
+    let handle = server.handle();
+    let serve = server
+        .serve(app())
+        .with_restart(Restart::new().no_signal().program(&child).args(["--x"]));
+    let served = tokio::spawn(serve.into_future());
+    assert!(get(addr).await.ends_with("old"));
+
+    let pid = tokio::time::timeout(SOON, handle.restart())
+        .await
+        .unwrap()
+        .unwrap();
+    let report = tokio::time::timeout(SOON, served)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.trigger, Trigger::Restart);
+
+    let seen = std::fs::read_to_string(&seen).unwrap();
+    let me = std::process::id();
+    let expected = format!(
+        "ppid={me}\nGRACE_LISTEN_PPID={me}\nGRACE_READY_FD=4\nLISTEN_FDNAMES=grace\nLISTEN_FDS=1\nfd3={}\n",
+        socket.display()
+    );
+    assert_eq!(seen, expected, "child {pid}");
+}
+
+#[tokio::test]
+async fn a_failed_child_is_rolled_back_and_one_restart_runs_at_a_time() {
+    let dir = Dir::new("fail");
+    let (listener, addr, _) = listener();
+    let pid_file = dir.0.join("pid");
+    let hangs = dir.script("hangs", "exec sleep 30");
+    let server = Server::from_listener(listener);
+    let handle = server.handle();
+    let serve = server.serve(app()).with_restart(
+        Restart::new()
+            .no_signal()
+            .program(&hangs)
+            .ready_timeout(Duration::from_secs(1))
+            .pid_file(&pid_file),
+    );
+    let served = tokio::spawn(serve.into_future());
+    assert!(get(addr).await.ends_with("old"));
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap(),
+        format!("{}\n", std::process::id())
+    );
+
+    // Never ready: killed at the timeout. A second request meanwhile is refused.
+    let first = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.restart().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = handle.restart().await.unwrap_err().to_string();
+    assert!(second.contains("already under way"), "{second}");
+    let first = tokio::time::timeout(SOON, first)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        first.contains("not ready within") && first.contains("killed"),
+        "{first}"
+    );
+    assert!(get(addr).await.ends_with("old"));
+    handle.shutdown();
+    let report = tokio::time::timeout(SOON, served)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.trigger, Trigger::Handle);
+}
+
+#[tokio::test]
+async fn a_program_that_cannot_start_is_an_error() {
+    let (listener, addr, _) = listener();
+    let server = Server::from_listener(listener);
+    let handle = server.handle();
+    let serve = server.serve(app()).with_restart(
+        Restart::new()
+            .no_signal()
+            .program(Path::new("/nonexistent/grace-child")),
+    );
+    let served = tokio::spawn(serve.into_future());
+    let err = tokio::time::timeout(SOON, handle.restart())
+        .await
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/nonexistent/grace-child"), "{err}");
+    assert!(get(addr).await.ends_with("old"));
+    handle.shutdown();
+    served.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_child_that_exits_is_reported_with_its_status() {
+    let dir = Dir::new("exits");
+    let (listener, addr, _) = listener();
+    let exits = dir.script("exits", "exit 5");
+    let server = Server::from_listener(listener);
+    let handle = server.handle();
+    let serve = server
+        .serve(app())
+        .with_restart(Restart::new().no_signal().program(&exits));
+    let served = tokio::spawn(serve.into_future());
+    let err = tokio::time::timeout(SOON, handle.restart())
+        .await
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("exited with status 5"), "{err}");
+    assert!(get(addr).await.ends_with("old"));
+    assert!(!handle.is_draining());
+    handle.shutdown();
+    let report = served.await.unwrap().unwrap();
+    assert_eq!(report.trigger, Trigger::Handle);
+}
