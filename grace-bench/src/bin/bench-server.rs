@@ -7,7 +7,9 @@
 //!   `drained: clean=… conns=… total_us=…` on stdout and exits;
 //! - `axum`: `axum::serve(..).with_graceful_shutdown(sigterm)` drains and exits;
 //! - `hyper`: a bare `hyper_util` auto-builder accept loop; it has no drain, it stops
-//!   accepting and returns from `main`, which drops every connection with the runtime.
+//!   accepting and returns from `main`, which drops every connection with the runtime;
+//! - `hyper-timer`: `hyper` plus the HTTP/1 settings grace's builder uses (a `TokioTimer`
+//!   and a 10 s `header_read_timeout`), to tell grace's own cost from that setting's.
 //!
 //! Every mode uses the same listening socket (`grace::Listener::bind`: `SO_REUSEADDR`,
 //! backlog 4096) and sets `TCP_NODELAY` on accepted connections.
@@ -16,7 +18,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::signal::unix::{signal, SignalKind};
@@ -29,6 +31,8 @@ enum Mode {
     Hyper,
     /// `axum::serve` with graceful shutdown on SIGTERM.
     Axum,
+    /// `hyper` with grace's HTTP/1 timer and 10 s header read timeout.
+    HyperTimer,
 }
 
 #[derive(Parser, Debug)]
@@ -62,11 +66,17 @@ async fn main() -> anyhow::Result<()> {
                 .with_signals();
             println!("listening on {addr}");
             let report = serve.await?;
+            let phases: Vec<String> = report
+                .phases
+                .iter()
+                .map(|p| format!("{}:{}us", p.name, p.took.as_micros()))
+                .collect();
             println!(
-                "drained: clean={} conns={} total_us={}",
+                "drained: clean={} conns={} total_us={} phases={}",
                 report.is_clean(),
                 report.at_start.total(),
-                report.total.as_micros()
+                report.total.as_micros(),
+                phases.join(",")
             );
         }
         Mode::Axum => {
@@ -82,11 +92,17 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .await?;
         }
-        Mode::Hyper => {
+        Mode::Hyper | Mode::HyperTimer => {
             let mut term = signal(SignalKind::terminate())?;
             println!("listening on {addr}");
             let service = TowerToHyperService::new(app);
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            if let Mode::HyperTimer = args.mode {
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10));
+            }
             loop {
                 let accepted = tokio::select! {
                     _ = term.recv() => break,

@@ -55,7 +55,9 @@ struct Args {
     callgrind_requests: u64,
 }
 
-const MODES: [&str; 3] = ["grace", "hyper", "axum"];
+/// Server modes, in round order. `hyper-timer` is a diagnostic: bare hyper with grace's
+/// HTTP/1 timer and header read timeout.
+const MODES: [&str; 4] = ["grace", "hyper", "axum", "hyper-timer"];
 
 /// Where the sibling binaries are, and how processes are pinned.
 struct Env {
@@ -394,14 +396,16 @@ fn main() -> Result<()> {
             );
             med.push((rps, p99));
         }
-        let (g, h, a) = (med[0], med[1], med[2]);
-        println!(
-            "\ngrace / hyper: throughput {:.3}×, p99 {:.2}×; grace / axum: throughput {:.3}×, p99 {:.2}×\n",
-            g.0 / h.0,
-            g.1 / h.1,
-            g.0 / a.0,
-            g.1 / a.1
-        );
+        println!();
+        for (i, other) in MODES.iter().enumerate().skip(1) {
+            let (g, o) = (med[0], med[i]);
+            println!(
+                "- grace / {other}: throughput {:.3}×, p99 {:.2}×",
+                g.0 / o.0,
+                g.1 / o.1
+            );
+        }
+        println!();
     }
 
     if !args.skip_shutdown {
@@ -414,8 +418,14 @@ fn main() -> Result<()> {
                 "hyper",
                 Signal::TERM,
             ),
+            (
+                "hyper-timer, SIGTERM (no drain)",
+                "hyper-timer",
+                Signal::TERM,
+            ),
             ("grace, SIGKILL (floor)", "grace", Signal::KILL),
         ];
+        let floor_run = runs_of.len() - 1;
         let mut runs: Vec<Vec<ShutdownRun>> = vec![Vec::new(); runs_of.len()];
         for round in 1..=args.rounds {
             for (i, (label, mode, sig)) in runs_of.iter().enumerate() {
@@ -425,7 +435,7 @@ fn main() -> Result<()> {
             }
         }
         let ms = |r: &ShutdownRun| r.exit.as_secs_f64() * 1e3;
-        let floor = median(&runs[3].iter().map(ms).collect::<Vec<_>>());
+        let floor = median(&runs[floor_run].iter().map(ms).collect::<Vec<_>>());
         println!(
             "## Shutdown with {} idle keep-alive connections: signal → reaped exit\n",
             args.conns
@@ -493,7 +503,7 @@ fn main() -> Result<()> {
         println!("| mode | Ir / request |");
         println!("|---|---:|");
         let mut per = Vec::new();
-        for mode in ["grace", "hyper"] {
+        for mode in ["grace", "hyper", "hyper-timer"] {
             let small = callgrind_ir(&env, mode, n1)?;
             let big = callgrind_ir(&env, mode, n2)?;
             let ir = (big as f64 - small as f64) / (n2 - n1) as f64;
@@ -501,7 +511,12 @@ fn main() -> Result<()> {
             println!("| {mode} | {ir:.0} |");
             per.push(ir);
         }
-        println!("\ngrace / hyper: {:.3}×\n", per[0] / per[1]);
+        println!(
+            "\ngrace / hyper: {:.3}×; grace / hyper-timer: {:.3}× (hyper-timer = hyper with \
+             grace's HTTP/1 timer and 10 s header read timeout)\n",
+            per[0] / per[1],
+            per[0] / per[2]
+        );
     }
     Ok(())
 }
