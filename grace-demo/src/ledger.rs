@@ -694,13 +694,17 @@ impl Audit {
         })
     }
 
+    /// Appends `line` and a newline in one piece: the buffer only ever writes whole lines,
+    /// so two processes appending during a restart (`O_APPEND`) never split one.
     fn append(&self, line: &str) -> std::io::Result<()> {
+        let mut record = String::with_capacity(line.len() + 1);
+        record.push_str(line);
+        record.push('\n');
         let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let writer = writer
             .as_mut()
             .ok_or_else(|| std::io::Error::other("audit file closed"))?;
-        writer.write_all(line.as_bytes())?;
-        writer.write_all(b"\n")
+        writer.write_all(record.as_bytes())
     }
 
     /// Flushes the buffer and fsyncs the file; later appends fail.
