@@ -1,5 +1,10 @@
 //! `grace-demo`: a small service built on grace, to watch it drain, restart and upgrade.
 //!
+//! SIGTERM/SIGINT drain (a second one forces); SIGHUP upgrades with zero downtime: the
+//! program at the path it was started from starts with the same arguments, takes over the
+//! listening socket, re-reads `--config`, and this process drains once it is ready (see
+//! `docs/restart.md`).
+//!
 //! Exit codes: 0 when everything drained cleanly; 3 when connections (or jobs, or resources)
 //! had to be cut; 1 on a start-up error.
 

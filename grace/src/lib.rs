@@ -49,6 +49,15 @@
 //! eprintln!("{}", report.to_json());
 //! # Ok(()) }
 //! ```
+//!
+//! ## Zero-downtime restarts
+//!
+//! With [`Serve::with_restart`], SIGHUP (or [`Handle::restart`]) starts a new process of the
+//! same program and hands it the listening sockets as inherited descriptors (systemd's
+//! `LISTEN_FDS` protocol, so [`inherited_listeners`] also serves socket activation). Once
+//! the new process serves, this one drains as above; if it fails, it is killed and this one
+//! keeps serving. The sockets are never closed, so nothing is refused meanwhile. See
+//! [`Restart`] for the flow, and [`systemd`] for `Type=notify`.
 
 #![warn(missing_docs)]
 
