@@ -31,10 +31,9 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    /// False from the moment a drain is asked for: a signal or a `Handle::shutdown` that the
-    /// drain has not picked up yet already counts.
+    /// False from the moment a drain is asked for (see `Shared::request_drain`).
     fn is_ready(&self) -> bool {
-        self.shared.is_ready() && self.shared.requests().borrow().drain.is_none()
+        self.shared.is_ready()
     }
 }
 

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::resources::bounded;
 use crate::shutdown::report::TaskReport;
+use crate::shutdown::Shared;
 
 /// Given to every background job: says when the server is stopping.
 ///
@@ -74,7 +75,7 @@ impl Jobs {
     }
 
     /// Tells every job to stop and waits for them, each at most until `deadline`.
-    pub(crate) async fn stop(&self, deadline: Instant) -> Vec<TaskReport> {
+    pub(crate) async fn stop(&self, deadline: Instant, shared: &Shared) -> Vec<TaskReport> {
         self.token.cancel();
         let started = Instant::now();
         let running = std::mem::take(&mut *self.running.lock().unwrap_or_else(|e| e.into_inner()));
@@ -82,7 +83,7 @@ impl Jobs {
         // All were told at once, so waiting in turn costs nothing: each line records when
         // its own job finished.
         for (name, handle) in running {
-            reports.push(bounded(name, started, deadline, handle).await);
+            reports.push(bounded(name, started, deadline, handle, shared).await);
         }
         reports
     }

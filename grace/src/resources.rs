@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use crate::shutdown::report::{Outcome, TaskReport};
+use crate::shutdown::Shared;
 
 type CloseFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
@@ -110,7 +111,7 @@ impl Resources {
     }
 
     /// Closes every resource in order; none later than `deadline`.
-    pub(crate) async fn close_all(&self, deadline: Instant) -> Vec<TaskReport> {
+    pub(crate) async fn close_all(&self, deadline: Instant, shared: &Shared) -> Vec<TaskReport> {
         let all = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
         let mut reports = Vec::with_capacity(all.len());
         let order = close_order(all);
@@ -121,9 +122,19 @@ impl Resources {
             let remaining = deadline.saturating_duration_since(started);
             let limit = (started + share(r.timeout, left, remaining)).min(deadline);
             left = left.saturating_sub(r.timeout);
+            if let Some(reason) = shared.force_requested() {
+                // Stop at once means at once: what has not started closing is left as is.
+                reports.push(TaskReport {
+                    name: r.name,
+                    outcome: Outcome::TimedOut,
+                    took: Duration::ZERO,
+                    error: Some(format!("not closed: forced by {reason}")),
+                });
+                continue;
+            }
             tracing::debug!(name = %r.name, "closing resource");
             let task = tokio::spawn(async move { ((r.close)().await, Instant::now()) });
-            reports.push(bounded(r.name, started, limit, task).await);
+            reports.push(bounded(r.name, started, limit, task, shared).await);
         }
         reports
     }
@@ -159,26 +170,34 @@ fn close_order(mut left: Vec<Resource>) -> Vec<Resource> {
     order
 }
 
-/// Waits for a job or a close until `limit`, aborting it then, and reports how it ended.
+/// Waits for a job or a close until `limit` (or a force request), aborting it then, and
+/// reports how it ended.
 pub(crate) async fn bounded(
     name: String,
     started: Instant,
     limit: Instant,
-    task: JoinHandle<(Result<(), String>, Instant)>,
+    mut task: JoinHandle<(Result<(), String>, Instant)>,
+    shared: &Shared,
 ) -> TaskReport {
-    let abort = task.abort_handle();
-    let (outcome, error, finished) = match tokio::time::timeout_at(limit.into(), task).await {
-        Ok(Ok((Ok(()), at))) => (Outcome::Closed, None, at),
-        Ok(Ok((Err(e), at))) => (Outcome::Failed, Some(e), at),
-        Ok(Err(e)) => (
+    let ended = tokio::select! {
+        biased;
+        ended = &mut task => Some(ended),
+        _ = tokio::time::sleep_until(limit.into()) => None,
+        _ = shared.forced() => None,
+    };
+    let (outcome, error, finished) = match ended {
+        Some(Ok((Ok(()), at))) => (Outcome::Closed, None, at),
+        Some(Ok((Err(e), at))) => (Outcome::Failed, Some(e), at),
+        Some(Err(e)) => (
             Outcome::Failed,
             Some(format!("panicked: {e}")),
             Instant::now(),
         ),
-        Err(_) => {
-            abort.abort();
-            let cut = format!("cut after {:?}", limit.saturating_duration_since(started));
-            (Outcome::TimedOut, Some(cut), Instant::now())
+        None => {
+            task.abort();
+            let now = Instant::now();
+            let cut = format!("cut after {:?}", now.saturating_duration_since(started));
+            (Outcome::TimedOut, Some(cut), now)
         }
     };
     TaskReport {

@@ -349,7 +349,6 @@ async fn drain(
     let completed_before = tracker.completed();
     tracing::info!(%trigger, ?at_start, "drain started");
     crate::systemd::drain_started(&trigger);
-    let mut requests = shared.requests();
     let mut forced_by: Option<ForceReason> = None;
     let mut phases = Vec::new();
     let mut timed = |name, since: Instant| {
@@ -359,13 +358,12 @@ async fn drain(
         })
     };
 
-    // Readiness fails at once; with a pre-stop delay we keep serving meanwhile.
-    shared.set_ready(false);
+    // Readiness already fails (since the request); with a pre-stop delay we keep serving.
     if !config.pre_stop_delay.is_zero() {
         let t = Instant::now();
         tokio::select! {
             _ = tokio::time::sleep(config.pre_stop_delay) => {}
-            reason = wait_force(&mut requests) => forced_by = Some(reason),
+            reason = shared.forced() => forced_by = Some(reason),
         }
         timed("pre_stop", t);
     }
@@ -385,7 +383,7 @@ async fn drain(
         tokio::select! {
             _ = tracker.wait_empty() => {}
             _ = tokio::time::sleep_until(drain_deadline.into()) => forced_by = Some(ForceReason::Deadline),
-            reason = wait_force(&mut requests) => forced_by = Some(reason),
+            reason = shared.forced() => forced_by = Some(reason),
         }
         timed("drain", t);
     }
@@ -406,12 +404,16 @@ async fn drain(
     } else {
         drain_deadline
     };
-    let jobs = shared.jobs.stop(jobs_deadline).await;
+    let jobs = shared.jobs.stop(jobs_deadline, shared).await;
     timed("jobs", t);
 
     let t = Instant::now();
-    let resources = shared.resources.close_all(deadline).await;
+    let resources = shared.resources.close_all(deadline, shared).await;
     timed("resources", t);
+    // A force that came while jobs or resources were closing cut them: say so.
+    if forced_by.is_none() {
+        forced_by = shared.force_requested();
+    }
 
     let report = ShutdownReport {
         trigger,
@@ -426,20 +428,6 @@ async fn drain(
     };
     report.log();
     report
-}
-
-async fn wait_force(
-    requests: &mut tokio::sync::watch::Receiver<crate::shutdown::Requests>,
-) -> ForceReason {
-    let reason = requests
-        .wait_for(|r| r.force.is_some())
-        .await
-        .ok()
-        .and_then(|r| r.force.clone());
-    match reason {
-        Some(reason) => reason,
-        None => std::future::pending().await,
-    }
 }
 
 /// Accepts until the drain starts, then drops (closes) the listener.

@@ -285,3 +285,39 @@ async fn readiness_fails_at_once_while_in_flight_requests_finish() {
     let report = srv.report(Duration::ZERO).await;
     assert!(report.is_clean(), "{}", report.to_json());
 }
+
+#[tokio::test]
+async fn a_force_during_the_resource_phase_cuts_what_is_still_closing() {
+    let mut srv = start(app(), |s| s.shutdown_timeout(Duration::from_secs(60))).await;
+    let log = Log::default();
+    srv.handle.add_resource(logged("db", &log));
+    srv.handle.add_resource(
+        hanging("cache", &log)
+            .timeout(Duration::from_secs(30))
+            .depends_on(["db"]),
+    );
+    let t = Instant::now();
+    srv.handle.shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    srv.handle.force(); // e.g. a second SIGTERM
+    let report = srv.report(Duration::ZERO).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "force did not cut the hanging close"
+    );
+    assert_eq!(report.forced_by, Some(grace::ForceReason::Handle));
+    let outcomes: Vec<_> = report
+        .resources
+        .iter()
+        .map(|r| (r.name.as_str(), r.outcome))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [("cache", Outcome::TimedOut), ("db", Outcome::TimedOut)]
+    );
+    assert_eq!(
+        log.names(),
+        ["hang-cut"],
+        "db must not be closed after a force"
+    );
+}

@@ -120,6 +120,8 @@ impl Shared {
     }
 
     pub(crate) fn request_drain(&self, trigger: Trigger) {
+        // Readiness fails from this moment, before the drain task even wakes.
+        self.set_ready(false);
         self.requests.send_if_modified(|r| {
             let first = r.drain.is_none();
             if first {
@@ -130,6 +132,7 @@ impl Shared {
     }
 
     pub(crate) fn request_force(&self, reason: ForceReason) {
+        self.set_ready(false);
         self.requests.send_if_modified(|r| {
             let first = r.force.is_none();
             if first {
@@ -142,6 +145,26 @@ impl Shared {
 
     pub(crate) fn requests(&self) -> watch::Receiver<Requests> {
         self.requests.subscribe()
+    }
+
+    /// The reason of a force, if one was requested.
+    pub(crate) fn force_requested(&self) -> Option<ForceReason> {
+        self.requests.borrow().force.clone()
+    }
+
+    /// Resolves when a force is requested (at once if one was), with its reason.
+    pub(crate) async fn forced(&self) -> ForceReason {
+        let mut requests = self.requests();
+        let reason = requests
+            .wait_for(|r| r.force.is_some())
+            .await
+            .ok()
+            .and_then(|r| r.force.clone());
+        match reason {
+            Some(reason) => reason,
+            // The sender lives as long as `self`: never reached.
+            None => std::future::pending().await,
+        }
     }
 }
 
