@@ -814,3 +814,45 @@ fn plays_by_systemds_rules() {
     assert_eq!(wait_gone(second, PATIENCE), Gone::Exited(Some(0)));
     drop(listener);
 }
+
+#[test]
+fn a_long_response_on_the_old_process_finishes_while_the_new_one_takes_new_connections() {
+    let scratch = Scratch::new("stream");
+    let config = scratch.path("grace-demo.toml");
+    replace_file(&config, "greeting = \"old\"\n", false);
+    let config_arg = config.display().to_string();
+    let mut service = Service::start(scratch, Path::new(BIN), &["--config", &config_arg]);
+    let old = service.current();
+
+    // A streamed response of 50 chunks, 100 ms apart: ~5 s on the old process.
+    let mut stream = Conn::connect(service.addr).unwrap();
+    stream
+        .stream
+        .get_mut()
+        .write_all(b"GET /stream/50 HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    assert!(!stream.stream.fill_buf().unwrap().is_empty());
+
+    replace_file(&config, "greeting = \"new\"\n", false);
+    service.upgrade();
+    // Once the new process is ready, the old one stops accepting: every new connection
+    // reaches the new process, while the old one still streams.
+    let t = Instant::now();
+    while service.get() != "new" {
+        assert!(
+            t.elapsed() < PATIENCE,
+            "the old process still takes connections"
+        );
+    }
+    for _ in 0..20 {
+        assert_eq!(service.get(), "new");
+    }
+    assert!(alive(old), "the old process did not wait for its response");
+
+    let mut body = String::new();
+    stream.stream.read_to_string(&mut body).unwrap();
+    assert_eq!(body.matches("chunk ").count(), 50, "{body}");
+    assert!(body.ends_with("0\r\n\r\n"), "the stream was cut: {body:?}");
+    service.retire_old();
+    service.stop();
+}
