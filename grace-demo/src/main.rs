@@ -8,6 +8,7 @@
 //! Exit codes: 0 when everything drained cleanly; 3 when connections (or jobs, or resources)
 //! had to be cut; 1 on a start-up error.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,8 +150,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     config::hang_before_ready_if_asked().await;
     let serve = server.serve(app).with_signals().with_restart(restart);
     // Signal handlers are installed: now scripts may read the address and signal us.
-    println!("listening on {addr}");
+    // An upgrade's new process inherits stdout, which may be gone by then (a closed
+    // terminal or pipe): that must not make it fail, so a write error is ignored.
+    let _ = writeln!(std::io::stdout(), "listening on {addr}");
     let report = serve.await?;
-    eprintln!("{}", report.to_json());
+    let _ = writeln!(std::io::stderr(), "{}", report.to_json());
     Ok(report.is_clean())
 }
