@@ -252,6 +252,8 @@ struct ConnCtx<S> {
     builder: auto::Builder<TokioExecutor>,
     shared: Arc<Shared>,
     grace: Duration,
+    /// The first-byte grace when a restart handed the listeners on (see `serve_connection`).
+    restart_grace: Duration,
 }
 
 /// Aborts a background task when the serve future ends or is dropped.
@@ -301,6 +303,10 @@ impl<S> Serve<S> {
             builder: http_builder(&config),
             shared: Arc::clone(&shared),
             grace: config.new_connection_grace,
+            restart_grace: config
+                .header_read_timeout
+                .unwrap_or(config.shutdown_timeout)
+                .max(config.new_connection_grace),
         });
         let mut accepting = JoinSet::new();
         let listeners: Vec<Arc<Listener>> = listeners.into_iter().map(Arc::new).collect();
@@ -502,7 +508,15 @@ where
     }
     if conn.state() == ConnState::New {
         // Its request may be on the wire: give it until `grace` after accept to show up.
-        let until = conn.info.accepted_at + ctx.grace;
+        // After a restart its client has no other process to go to (the new one cannot take
+        // an accepted connection over): it gets as long as for its headers, as when serving.
+        let restart = matches!(ctx.shared.requests().borrow().drain, Some(Trigger::Restart));
+        let grace = if restart {
+            ctx.restart_grace
+        } else {
+            ctx.grace
+        };
+        let until = conn.info.accepted_at + grace;
         tokio::select! {
             result = connection.as_mut() => return log_end(conn.info.id, result),
             _ = tokio::time::sleep_until(until.into()) => {}

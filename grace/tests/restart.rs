@@ -213,3 +213,53 @@ async fn a_child_that_exits_is_reported_with_its_status() {
     let report = served.await.unwrap().unwrap();
     assert_eq!(report.trigger, Trigger::Handle);
 }
+
+#[tokio::test]
+async fn a_silent_connection_accepted_before_the_handover_is_still_served() {
+    let dir = Dir::new("silent");
+    let (listener, addr, _) = listener();
+    let ready = dir.script("ready", "echo ready >&$GRACE_READY_FD\nsleep 1");
+    let server = Server::from_listener(listener).new_connection_grace(Duration::from_millis(50));
+    let handle = server.handle();
+    let serve = server
+        .serve(app())
+        .with_restart(Restart::new().no_signal().program(&ready));
+    let served = tokio::spawn(serve.into_future());
+
+    // Accepted by this process, not a byte sent yet.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::timeout(SOON, async {
+        while handle.counts().new == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::timeout(SOON, handle.restart())
+        .await
+        .unwrap()
+        .unwrap();
+    // Well past the first-byte grace of a plain drain, the client sends its request.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(SOON, slow.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out:?}"
+    );
+    assert!(out.ends_with("old"), "{out:?}");
+    let report = tokio::time::timeout(SOON, served)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.trigger, Trigger::Restart);
+    assert!(report.forced.is_empty());
+}
