@@ -194,7 +194,10 @@ fn a_second_signal_forces_at_once_and_exits_3() {
     assert_eq!(report["forced_by"], "second signal SIGTERM");
     assert_eq!(report["forced"][0]["request"]["path"], "/sleep/60000");
     assert_eq!(report["forced"][0]["state"], "active");
-    assert!(c.head().is_none(), "the forced request must not get an answer");
+    assert!(
+        c.head().is_none(),
+        "the forced request must not get an answer"
+    );
 }
 
 #[test]
@@ -207,11 +210,18 @@ fn the_deadline_forces_a_stream_and_the_report_names_it() {
     let (code, report, took) = demo.wait(Duration::from_secs(1));
     // The whole shutdown fits in the 1 s deadline; connections are cut early enough to leave
     // the resources (database, files) up to half of it to close.
-    assert!(took >= Duration::from_millis(450), "forced too early: {took:?}");
+    assert!(
+        took >= Duration::from_millis(450),
+        "forced too early: {took:?}"
+    );
     assert_eq!(code, 3);
     assert_eq!(report["forced_by"], "deadline");
     let forced = &report["forced"][0];
-    assert_eq!(report["forced"].as_array().map(Vec::len), Some(1), "{report}");
+    assert_eq!(
+        report["forced"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
     assert_eq!(forced["request"]["method"], "GET", "{report}");
     assert_eq!(forced["request"]["path"], "/stream/100");
     assert!(forced["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
@@ -250,10 +260,16 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[test]
 fn running_out_of_descriptors_backs_off_instead_of_spinning_or_exiting() {
     let mut cmd = Command::new("sh");
-    cmd.args(["-c", "ulimit -n 48 && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_grace-demo")]);
+    cmd.args([
+        "-c",
+        "ulimit -n 48 && exec \"$0\" \"$@\"",
+        env!("CARGO_BIN_EXE_grace-demo"),
+    ]);
     let demo = Demo::start_with(cmd, &[]);
     // More connections than descriptors: accept fails with EMFILE for the rest.
-    let held: Vec<TcpStream> = (0..80).map(|_| TcpStream::connect(demo.addr).unwrap()).collect();
+    let held: Vec<TcpStream> = (0..80)
+        .map(|_| TcpStream::connect(demo.addr).unwrap())
+        .collect();
     std::thread::sleep(Duration::from_millis(300));
     let before = cpu_ticks(demo.child.id());
     std::thread::sleep(Duration::from_secs(1));
