@@ -124,6 +124,20 @@ impl Server {
         Pid::from_child(&self.child)
     }
 
+    /// CPU time of all the server's threads so far, in ns (`/proc/PID/task/*/schedstat`).
+    fn cpu_ns(&self) -> Result<u64> {
+        let mut total = 0;
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.child.id()))? {
+            let stat = std::fs::read_to_string(task?.path().join("schedstat"))?;
+            total += stat
+                .split_whitespace()
+                .next()
+                .unwrap_or("0")
+                .parse::<u64>()?;
+        }
+        Ok(total)
+    }
+
     /// Resident set size in bytes, from `/proc/PID/status`.
     fn rss(&self) -> Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
@@ -199,6 +213,11 @@ struct Throughput {
     rps: f64,
     p50_us: f64,
     p99_us: f64,
+    /// Requests wrk completed.
+    requests: f64,
+    /// Server CPU time (all threads) per request, in µs: less sensitive to other load
+    /// on the machine than req/s.
+    cpu_us: f64,
 }
 
 /// Parses wrk's duration format: `123.45us`, `1.20ms`, `2.00s`, `1.00m`.
@@ -236,19 +255,43 @@ fn wrk(env: &Env, addr: SocketAddr, conns: usize, duration: &str) -> Result<Thro
             .map(str::trim)
             .with_context(|| format!("no {prefix:?} in wrk output:\n{text}"))
     };
+    let requests = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .context("no request count in wrk output")?;
     Ok(Throughput {
         rps: field("Requests/sec:")?.parse()?,
         p50_us: wrk_duration_us(field("50%")?)?,
         p99_us: wrk_duration_us(field("99%")?)?,
+        requests: requests.parse()?,
+        cpu_us: f64::NAN,
     })
 }
 
 fn throughput_run(env: &Env, args: &Args, mode: &str) -> Result<Throughput> {
     let server = Server::start(env, mode)?;
     wrk(env, server.addr, args.wrk_conns, "1s")?; // warm-up
-    let t = wrk(env, server.addr, args.wrk_conns, &args.duration)?;
+    let cpu = server.cpu_ns()?;
+    let mut t = wrk(env, server.addr, args.wrk_conns, &args.duration)?;
+    t.cpu_us = (server.cpu_ns()? - cpu) as f64 / 1e3 / t.requests;
     server.stop(Signal::TERM)?;
     Ok(t)
+}
+
+/// Runs `f` up to three times: on a shared machine a run can fail for reasons that are
+/// not the server's (wrk timeouts while another job takes every CPU).
+fn retry<T>(what: &str, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    for attempt in 1.. {
+        match f() {
+            Ok(t) => return Ok(t),
+            Err(e) if attempt < 3 => {
+                eprintln!("  {what}: attempt {attempt} failed, retrying: {e:#}")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!()
 }
 
 /// One shutdown run with idle connections.
@@ -365,12 +408,13 @@ fn main() -> Result<()> {
         "# grace-bench: {} rounds, interleaved, medians ({pinning})\n",
         args.rounds
     );
+    println!("Load average at start: {}\n", loadavg());
 
     if !args.skip_throughput {
         let mut runs: Vec<Vec<Throughput>> = vec![Vec::new(); MODES.len()];
         for round in 1..=args.rounds {
             for (i, mode) in MODES.iter().enumerate() {
-                let t = throughput_run(&env, &args, mode)?;
+                let t = retry(mode, || throughput_run(&env, &args, mode))?;
                 eprintln!("throughput round {round} {mode}: {t:?}");
                 runs[i].push(t);
             }
@@ -383,26 +427,35 @@ fn main() -> Result<()> {
             "## Throughput: `wrk -t1 -c{} -d{} --latency`, keep-alive `GET /`\n",
             args.wrk_conns, args.duration
         );
-        println!("| mode | req/s | p50 (µs) | p99 (µs) | req/s by round |");
-        println!("|---|---:|---:|---:|---|");
+        println!("| mode | req/s | p50 (µs) | p99 (µs) | server CPU µs / req | req/s by round |");
+        println!("|---|---:|---:|---:|---:|---|");
         let mut med = Vec::new();
         for (i, mode) in MODES.iter().enumerate() {
             let (rps, all) = stat(i, |t| t.rps);
             let (p50, _) = stat(i, |t| t.p50_us);
             let (p99, _) = stat(i, |t| t.p99_us);
+            let (cpu, _) = stat(i, |t| t.cpu_us);
             println!(
-                "| {mode} | {rps:.0} | {p50:.0} | {p99:.0} | {} |",
+                "| {mode} | {rps:.0} | {p50:.0} | {p99:.0} | {cpu:.2} | {} |",
                 list(&all, 0)
             );
-            med.push((rps, p99));
+            med.push((rps, p99, cpu));
         }
         println!();
         for (i, other) in MODES.iter().enumerate().skip(1) {
             let (g, o) = (med[0], med[i]);
+            let paired: Vec<f64> = runs[0]
+                .iter()
+                .zip(&runs[i])
+                .map(|(g, o)| g.rps / o.rps)
+                .collect();
             println!(
-                "- grace / {other}: throughput {:.3}×, p99 {:.2}×",
+                "- grace / {other}: throughput {:.3}× (median of per-round ratios {:.3}×), \
+                 p99 {:.2}×, CPU per request {:.3}×",
                 g.0 / o.0,
-                g.1 / o.1
+                median(&paired),
+                g.1 / o.1,
+                g.2 / o.2
             );
         }
         println!();
@@ -429,7 +482,7 @@ fn main() -> Result<()> {
         let mut runs: Vec<Vec<ShutdownRun>> = vec![Vec::new(); runs_of.len()];
         for round in 1..=args.rounds {
             for (i, (label, mode, sig)) in runs_of.iter().enumerate() {
-                let r = shutdown_run(&env, args.conns, mode, *sig)?;
+                let r = retry(label, || shutdown_run(&env, args.conns, mode, *sig))?;
                 eprintln!("shutdown round {round} {label}: {r:?}");
                 runs[i].push(r);
             }
@@ -518,5 +571,11 @@ fn main() -> Result<()> {
             per[0] / per[2]
         );
     }
+    println!("Load average at end: {}", loadavg());
     Ok(())
+}
+
+/// `/proc/loadavg`: how busy the (shared) machine was.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(|e| e.to_string(), |s| s.trim().into())
 }
