@@ -1,8 +1,9 @@
-//! `bench`: the harness. Runs `bench-server` in each mode (grace, bare hyper, axum) in
-//! interleaved rounds (grace, hyper, axum, grace, hyper, axum, …) and prints the medians as
-//! markdown on stdout (progress goes to stderr):
+//! `bench`: the harness. Runs `bench-server` in each mode (grace, bare hyper, axum, and the
+//! diagnostic hyper-timer) in interleaved rounds (grace, hyper, axum, hyper-timer, grace, …)
+//! and prints the medians as markdown on stdout (progress goes to stderr):
 //!
-//! 1. throughput and latency of keep-alive `GET /`, measured by `wrk --latency`;
+//! 1. throughput and latency of keep-alive `GET /`, measured by `wrk --latency`, and the
+//!    server's CPU time per request;
 //! 2. shutdown latency with N idle keep-alive connections held by `hold-conns`: the time
 //!    from SIGTERM to the reaped exit of the server, against the floor, the same grace
 //!    server with the same connections ended by SIGKILL;
