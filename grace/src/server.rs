@@ -141,8 +141,10 @@ impl Server {
         self
     }
 
-    /// How long a client may take to send a request's headers (HTTP/1); `None` turns the
-    /// guard off. Default 10 s.
+    /// How long a client may take to send a request's head (HTTP/1), counted from accept
+    /// or from the first byte of the request; a silent new connection counts too. `None`
+    /// turns the guard off. Default 10 s. Kept by one coarse timer per server (checked four
+    /// times per timeout), not one per request. Idle keep-alive connections are not cut.
     pub fn header_read_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.config.header_read_timeout = timeout.into();
         self
@@ -300,7 +302,7 @@ impl<S> Serve<S> {
 
         let ctx = Arc::new(ConnCtx {
             service,
-            builder: http_builder(&config),
+            builder: http_builder(),
             shared: Arc::clone(&shared),
             grace: config.new_connection_grace,
             restart_grace: config
@@ -308,6 +310,9 @@ impl<S> Serve<S> {
                 .unwrap_or(config.shutdown_timeout)
                 .max(config.new_connection_grace),
         });
+        let _header_timeouts = config
+            .header_read_timeout
+            .map(|t| AbortOnDrop(tokio::spawn(header_timeouts(Arc::clone(&shared), t))));
         let mut accepting = JoinSet::new();
         let listeners: Vec<Arc<Listener>> = listeners.into_iter().map(Arc::new).collect();
         for l in &listeners {
@@ -332,14 +337,25 @@ impl<S> Serve<S> {
     }
 }
 
-fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout);
+    // The header-read timeout is kept by `header_timeouts` (one timer per server) rather
+    // than by hyper (one timer per request).
+    builder.http1().header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
     builder
+}
+
+/// Cuts connections that take longer than `timeout` to send a request head (slow or
+/// silent clients), checking four times per timeout.
+async fn header_timeouts(shared: Arc<Shared>, timeout: Duration) {
+    const TICKS: u32 = 4;
+    let mut every = tokio::time::interval((timeout / TICKS).max(Duration::from_millis(1)));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        shared.tracker.cut_slow_heads(TICKS);
+    }
 }
 
 /// Runs the phases of a shutdown, in order, and says what happened.
@@ -374,11 +390,12 @@ async fn drain(
         timed("pre_stop", t);
     }
 
-    // Close the listeners (new connections are refused) and tell every connection.
+    // Close the listeners first (new connections are refused), then tell every connection.
     let t = Instant::now();
-    shared.enter(Phase::Draining);
+    shared.close_listeners();
     while accepting.join_next().await.is_some() {}
     timed("close_listeners", t);
+    shared.enter(Phase::Draining);
     // Everything ends by `deadline`; connections and jobs leave the resources their time.
     let deadline = t + config.shutdown_timeout;
     let reserve = shared.resources.budget().min(config.shutdown_timeout / 2);
@@ -448,12 +465,11 @@ where
 {
     const MIN_BACKOFF: Duration = Duration::from_millis(5);
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
-    let mut phase = ctx.shared.phase();
     let mut backoff = MIN_BACKOFF;
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = phase.wait_for(|p| *p != Phase::Serving) => break,
+            _ = ctx.shared.accepting_stopped() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -468,7 +484,7 @@ where
                 // EMFILE, ENFILE, ENOBUFS, ENOMEM: wait for resources instead of spinning.
                 tracing::error!(error = %e, ?backoff, "accept failed; backing off");
                 tokio::select! {
-                    _ = phase.wait_for(|p| *p != Phase::Serving) => break,
+                    _ = ctx.shared.accepting_stopped() => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -28,10 +28,15 @@ async fn a_client_slow_with_its_headers_is_cut_by_the_header_timeout() {
     let mut srv = start(app(), |s| s.header_read_timeout(Duration::from_millis(300))).await;
     let mut slow = Client::connect(srv.addr).await;
     slow.write(b"GET / HTTP/1.1\r\nHo").await;
-    let mut other = Client::connect(srv.addr).await;
+    let mut silent = Client::connect(srv.addr).await;
+    let mut busy = Client::connect(srv.addr).await;
+    busy.send("/sleep/1000").await; // its head is complete: a slow handler is not cut
     assert!(slow.closed().await, "slow client was never cut");
+    assert!(silent.closed().await, "silent client was never cut");
+    assert_eq!(busy.read().await.unwrap().status, 200);
+    let mut other = Client::connect(srv.addr).await;
     assert_eq!(other.get("/").await.unwrap().status, 200);
-    srv.wait_counts(|c| c.total() == 1).await;
+    srv.wait_counts(|c| c.total() == 2).await;
     srv.handle.shutdown();
     srv.report(Duration::ZERO).await;
 }

@@ -26,6 +26,10 @@ pub(crate) struct Conn {
     inflight: AtomicU32,
     http2: AtomicBool,
     request: Mutex<Option<(http::Method, http::Uri, Instant)>>,
+    /// The tick of the tracker's coarse clock when the connection started waiting for a
+    /// request head (accepted, or the first byte of the next HTTP/1 request); 0 when not
+    /// waiting. See [`Tracker::cut_slow_heads`].
+    head_since: AtomicU32,
     pub(crate) socket: SocketSlot,
     left_new: Notify,
     tracker: Arc<Tracker>,
@@ -75,11 +79,15 @@ impl Conn {
                 if bytes.starts_with(b"PRI ") {
                     // The HTTP/2 connection preface: no stream open yet.
                     self.http2.store(true, Ordering::Relaxed);
+                    self.head_since.store(0, Ordering::Relaxed);
                     self.set(ConnState::Idle);
                 }
                 self.left_new.notify_one();
             }
-            ConnState::Idle if !self.http2.load(Ordering::Relaxed) => self.set(ConnState::Active),
+            ConnState::Idle if !self.http2.load(Ordering::Relaxed) => {
+                self.head_since.store(self.tracker.now(), Ordering::Relaxed);
+                self.set(ConnState::Active);
+            }
             _ => {}
         }
     }
@@ -93,6 +101,7 @@ impl Conn {
     }
 
     pub(crate) fn request_started<B>(&self, req: &http::Request<B>) {
+        self.head_since.store(0, Ordering::Relaxed);
         self.inflight.fetch_add(1, Ordering::AcqRel);
         if req.version() == http::Version::HTTP_2 {
             self.http2.store(true, Ordering::Relaxed);
@@ -133,13 +142,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Shards of the registry: connections closing at once on several threads rarely meet.
+const SHARDS: usize = 16;
+
 /// Every live connection of a server.
 #[derive(Default)]
 pub(crate) struct Tracker {
-    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    shards: [Mutex<HashMap<u64, Arc<Conn>>>; SHARDS],
+    live: AtomicUsize,
     counts: [AtomicUsize; 4],
     next_id: AtomicU64,
     completed: AtomicU64,
+    /// A coarse clock for the header-read timeout, advanced by `cut_slow_heads`.
+    tick: AtomicU32,
     empty: Notify,
     pub(crate) hook: OnceLock<Hook>,
 }
@@ -162,11 +177,13 @@ impl Tracker {
             inflight: AtomicU32::new(0),
             http2: AtomicBool::new(false),
             request: Mutex::new(None),
+            head_since: AtomicU32::new(self.now()),
             socket: SocketSlot::new(socket),
             left_new: Notify::new(),
             tracker: Arc::clone(self),
         });
-        lock(&self.conns).insert(conn.info.id, Arc::clone(&conn));
+        self.live.fetch_add(1, Ordering::AcqRel);
+        lock(self.shard(conn.info.id)).insert(conn.info.id, Arc::clone(&conn));
         self.counts[ConnState::New as usize].fetch_add(1, Ordering::Relaxed);
         self.call_hook(&conn.info, ConnState::New);
         conn
@@ -176,12 +193,47 @@ impl Tracker {
     pub(crate) fn unregister(&self, conn: &Conn) {
         conn.socket.release();
         conn.set(ConnState::Closed);
-        let mut conns = lock(&self.conns);
-        conns.remove(&conn.info.id);
-        if conns.is_empty() {
-            drop(conns);
+        lock(self.shard(conn.info.id)).remove(&conn.info.id);
+        if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.empty.notify_waiters();
         }
+    }
+
+    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Arc<Conn>>> {
+        &self.shards[id as usize % SHARDS]
+    }
+
+    /// Every live connection (a snapshot).
+    fn all(&self) -> Vec<Arc<Conn>> {
+        let mut all = Vec::with_capacity(self.len());
+        for shard in &self.shards {
+            all.extend(lock(shard).values().cloned());
+        }
+        all
+    }
+
+    /// The coarse clock's current tick (never 0, which means "not waiting").
+    fn now(&self) -> u32 {
+        self.tick.load(Ordering::Relaxed) | 1
+    }
+
+    /// Advances the coarse clock by one tick, then shuts every connection that has been
+    /// waiting for a request head for more than `ticks` ticks. Called every
+    /// `header_read_timeout / ticks` by the server, so a slow or silent client is cut
+    /// between one and `1 + 1/ticks` timeouts after it started: one timer per server,
+    /// none per request.
+    pub(crate) fn cut_slow_heads(&self, ticks: u32) -> usize {
+        let now = self.tick.fetch_add(2, Ordering::Relaxed).wrapping_add(2) | 1;
+        let mut cut = 0;
+        for conn in self.all() {
+            let since = conn.head_since.load(Ordering::Relaxed);
+            if since != 0 && now.wrapping_sub(since) / 2 > ticks && conn.socket.shutdown() {
+                conn.head_since.store(0, Ordering::Relaxed);
+                tracing::debug!(conn = conn.info.id, peer = %conn.info.peer, "header read timeout");
+                cut += 1;
+            }
+        }
+        cut
     }
 
     fn moved(&self, from: ConnState, to: ConnState, info: &ConnInfo) {
@@ -212,7 +264,7 @@ impl Tracker {
     }
 
     pub(crate) fn len(&self) -> usize {
-        lock(&self.conns).len()
+        self.live.load(Ordering::Acquire)
     }
 
     /// Requests whose response was fully written, since the server started.
@@ -236,8 +288,8 @@ impl Tracker {
     /// Shuts down the socket of every live connection, whatever its state, and says which.
     pub(crate) fn force_all(&self) -> Vec<ForcedConn> {
         let now = Instant::now();
-        let conns: Vec<Arc<Conn>> = lock(&self.conns).values().cloned().collect();
-        let mut forced: Vec<ForcedConn> = conns
+        let mut forced: Vec<ForcedConn> = self
+            .all()
             .iter()
             .filter_map(|c| {
                 // Read what it was doing first: once shut down, it unwinds at once.
@@ -328,5 +380,33 @@ mod tests {
         tracker.unregister(&c);
         assert!(tracker.force_all().is_empty());
         drop(ours);
+    }
+
+    #[test]
+    fn slow_heads_are_cut_after_the_timeout_and_complete_heads_never() {
+        let tracker = Arc::new(Tracker::default());
+        let (silent, mut silent_peer) = pair();
+        let (served, _served_peer) = pair();
+        let _s = tracker.register(Addr::Unix(None), &silent);
+        let c = tracker.register(Addr::Unix(None), &served);
+        c.on_read(b"GET / HTTP/1.1\r\n\r\n");
+        c.request_started(&http::Request::new(()));
+        // Four ticks per timeout: not cut within the timeout…
+        for _ in 0..4 {
+            assert_eq!(tracker.cut_slow_heads(4), 0);
+        }
+        // …cut after it; the request whose head was complete is left alone.
+        assert_eq!(tracker.cut_slow_heads(4), 1);
+        let mut buf = [0u8; 1];
+        assert_eq!(silent_peer.read(&mut buf).unwrap(), 0);
+        // The next request's first byte starts its own clock (HTTP/1 keep-alive).
+        c.request_finished();
+        assert_eq!(c.state(), ConnState::Idle);
+        assert_eq!(tracker.cut_slow_heads(4), 0, "idle connections are not cut");
+        c.on_read(b"G");
+        for _ in 0..4 {
+            assert_eq!(tracker.cut_slow_heads(4), 0);
+        }
+        assert_eq!(tracker.cut_slow_heads(4), 1);
     }
 }

@@ -50,6 +50,9 @@ pub(crate) struct Shared {
     /// The listeners while serving, so a restart can hand them on; emptied when the drain
     /// starts, so they close once the accept loops let go of theirs.
     listeners: Mutex<Vec<Arc<Listener>>>,
+    /// Stops the accept loops. Separate from `phase`, so closing the listeners does not
+    /// wake every connection task first.
+    stop_accepting: tokio_util::sync::CancellationToken,
     pub(crate) restart: OnceLock<crate::restart::Control>,
 }
 
@@ -64,6 +67,7 @@ impl Shared {
             jobs: Jobs::default(),
             resources: Resources::default(),
             listeners: Mutex::default(),
+            stop_accepting: tokio_util::sync::CancellationToken::new(),
             restart: OnceLock::new(),
         })
     }
@@ -85,7 +89,6 @@ impl Shared {
         if phase >= Phase::Draining {
             // Before anyone is woken: responses written from now on carry `Connection: close`.
             self.draining.store(true, Ordering::Relaxed);
-            self.set_listeners(Vec::new());
         }
         self.phase.send_if_modified(|p| {
             let moved = *p < phase;
@@ -94,6 +97,18 @@ impl Shared {
             }
             moved
         });
+    }
+
+    /// Stops accepting: the accept loops drop their listeners (which then close, unless a
+    /// restart handed them on).
+    pub(crate) fn close_listeners(&self) {
+        self.set_listeners(Vec::new());
+        self.stop_accepting.cancel();
+    }
+
+    /// Resolves once the listeners are to be closed.
+    pub(crate) async fn accepting_stopped(&self) {
+        self.stop_accepting.cancelled().await
     }
 
     pub(crate) fn set_listeners(&self, listeners: Vec<Arc<Listener>>) {
