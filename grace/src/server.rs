@@ -395,7 +395,9 @@ async fn drain(
     shared.close_listeners();
     while accepting.join_next().await.is_some() {}
     timed("close_listeners", t);
+    let idle = tracker.close_idle();
     shared.enter(Phase::Draining);
+    tracing::debug!(idle, "idle connections closed");
     // Everything ends by `deadline`; connections and jobs leave the resources their time.
     let deadline = t + config.shutdown_timeout;
     let reserve = shared.resources.budget().min(config.shutdown_timeout / 2);

@@ -78,6 +78,9 @@ async fn main() -> anyhow::Result<()> {
                 report.total.as_micros(),
                 phases.join(",")
             );
+            // Drained: exit at once, as a service does (grace-demo too), rather than
+            // dropping the runtime and whatever tasks are still unwinding.
+            std::process::exit(0);
         }
         Mode::Axum => {
             let mut term = signal(SignalKind::terminate())?;
@@ -91,6 +94,8 @@ async fn main() -> anyhow::Result<()> {
                     term.recv().await;
                 })
                 .await?;
+            // The same exit as grace's.
+            std::process::exit(0);
         }
         Mode::Hyper | Mode::HyperTimer => {
             let mut term = signal(SignalKind::terminate())?;

@@ -30,6 +30,12 @@ pub(crate) struct Conn {
     /// request head (accepted, or the first byte of the next HTTP/1 request); 0 when not
     /// waiting. See [`Tracker::cut_slow_heads`].
     head_since: AtomicU32,
+    /// HTTP/1: the response body ended; the connection becomes `Idle` at the next flush of
+    /// the socket, once the response's last bytes are in the kernel's hands.
+    idle_on_flush: AtomicBool,
+    /// The drain no longer waits for this connection: its socket was shut down by the
+    /// drain or a force (its task may still be unwinding), or it unregistered.
+    released: AtomicBool,
     pub(crate) socket: SocketSlot,
     left_new: Notify,
     tracker: Arc<Tracker>,
@@ -114,7 +120,31 @@ impl Conn {
         self.tracker.completed.fetch_add(1, Ordering::Relaxed);
         if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
             *lock(&self.request) = None;
+            if self.http2.load(Ordering::Relaxed) {
+                self.set(ConnState::Idle);
+            } else {
+                self.idle_on_flush.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// The socket was flushed: a finished HTTP/1 response is now fully written.
+    #[inline]
+    pub(crate) fn on_flush(&self) {
+        if self.idle_on_flush.load(Ordering::Relaxed)
+            && self.idle_on_flush.swap(false, Ordering::AcqRel)
+            && self.inflight.load(Ordering::Acquire) == 0
+        {
             self.set(ConnState::Idle);
+        }
+    }
+
+    /// Takes the connection out of what the drain waits for (once).
+    fn release(&self) {
+        if !self.released.swap(true, Ordering::AcqRel)
+            && self.tracker.awaited.fetch_sub(1, Ordering::AcqRel) == 1
+        {
+            self.tracker.empty.notify_waiters();
         }
     }
 
@@ -150,6 +180,8 @@ const SHARDS: usize = 16;
 pub(crate) struct Tracker {
     shards: [Mutex<HashMap<u64, Arc<Conn>>>; SHARDS],
     live: AtomicUsize,
+    /// Live connections the drain still waits for (see `Conn::released`).
+    awaited: AtomicUsize,
     counts: [AtomicUsize; 4],
     next_id: AtomicU64,
     completed: AtomicU64,
@@ -178,11 +210,14 @@ impl Tracker {
             http2: AtomicBool::new(false),
             request: Mutex::new(None),
             head_since: AtomicU32::new(self.now()),
+            idle_on_flush: AtomicBool::new(false),
+            released: AtomicBool::new(false),
             socket: SocketSlot::new(socket),
             left_new: Notify::new(),
             tracker: Arc::clone(self),
         });
         self.live.fetch_add(1, Ordering::AcqRel);
+        self.awaited.fetch_add(1, Ordering::AcqRel);
         lock(self.shard(conn.info.id)).insert(conn.info.id, Arc::clone(&conn));
         self.counts[ConnState::New as usize].fetch_add(1, Ordering::Relaxed);
         self.call_hook(&conn.info, ConnState::New);
@@ -194,9 +229,26 @@ impl Tracker {
         conn.socket.release();
         conn.set(ConnState::Closed);
         lock(self.shard(conn.info.id)).remove(&conn.info.id);
-        if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.empty.notify_waiters();
+        self.live.fetch_sub(1, Ordering::AcqRel);
+        conn.release();
+    }
+
+    /// Closes every idle HTTP/1 connection now, from here: its last response is fully
+    /// written (see `Conn::on_flush`), so shutting its socket down is exactly what its own
+    /// task would do, and the drain need not wait for that task to unwind. The peer sees
+    /// FIN at once, for 10,000 connections in one tight loop.
+    pub(crate) fn close_idle(&self) -> usize {
+        let mut closed = 0;
+        for conn in self.all() {
+            if conn.state() == ConnState::Idle
+                && !conn.http2.load(Ordering::Relaxed)
+                && conn.socket.shutdown()
+            {
+                conn.release();
+                closed += 1;
+            }
         }
+        closed
     }
 
     fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Arc<Conn>>> {
@@ -272,13 +324,14 @@ impl Tracker {
         self.completed.load(Ordering::Relaxed)
     }
 
-    /// Resolves when no connection is live: woken by the last unregister, not by a timer.
+    /// Resolves when the drain waits for no connection any more: woken by the last
+    /// unregister (or release), not by a timer.
     pub(crate) async fn wait_empty(&self) {
         loop {
             let notified = self.empty.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.len() == 0 {
+            if self.awaited.load(Ordering::Acquire) == 0 {
                 return;
             }
             notified.await;
@@ -291,10 +344,13 @@ impl Tracker {
         let mut forced: Vec<ForcedConn> = self
             .all()
             .iter()
+            .filter(|c| !c.released.load(Ordering::Acquire))
             .filter_map(|c| {
                 // Read what it was doing first: once shut down, it unwinds at once.
                 let forced = c.forced(now);
-                c.socket.shutdown().then_some(forced)
+                let shut = c.socket.shutdown();
+                c.release();
+                shut.then_some(forced)
             })
             .collect();
         forced.sort_by_key(|f| f.id);
@@ -401,6 +457,12 @@ mod tests {
         assert_eq!(silent_peer.read(&mut buf).unwrap(), 0);
         // The next request's first byte starts its own clock (HTTP/1 keep-alive).
         c.request_finished();
+        assert_eq!(
+            c.state(),
+            ConnState::Active,
+            "idle only once the response is flushed"
+        );
+        c.on_flush();
         assert_eq!(c.state(), ConnState::Idle);
         assert_eq!(tracker.cut_slow_heads(4), 0, "idle connections are not cut");
         c.on_read(b"G");
