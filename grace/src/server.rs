@@ -518,11 +518,12 @@ where
         .builder
         .serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let mut phase = ctx.shared.phase();
+    let draining = std::future::poll_fn(|cx| conn.poll_draining(cx, ctx.shared.draining_flag()));
 
     tokio::select! {
+        biased;
         result = connection.as_mut() => return log_end(conn.info.id, result),
-        _ = phase.wait_for(|p| *p >= Phase::Draining) => {}
+        _ = draining => {}
     }
     if conn.state() == ConnState::New {
         // Its request may be on the wire: give it until `grace` after accept to show up.

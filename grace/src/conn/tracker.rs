@@ -36,6 +36,9 @@ pub(crate) struct Conn {
     /// The drain no longer waits for this connection: its socket was shut down by the
     /// drain or a force (its task may still be unwinding), or it unregistered.
     released: AtomicBool,
+    /// The connection task's waker, woken when the drain starts (cheaper to poll on every
+    /// wake-up than a channel).
+    drain_waker: atomic_waker::AtomicWaker,
     pub(crate) socket: SocketSlot,
     left_new: Notify,
     tracker: Arc<Tracker>,
@@ -128,6 +131,26 @@ impl Conn {
         }
     }
 
+    /// Ready once `draining` is true; otherwise registers the task to be woken by
+    /// [`Tracker::wake_all`].
+    #[inline]
+    pub(crate) fn poll_draining(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        draining: &AtomicBool,
+    ) -> std::task::Poll<()> {
+        if draining.load(Ordering::Acquire) {
+            return std::task::Poll::Ready(());
+        }
+        self.drain_waker.register(cx.waker());
+        // Checked again: the drain may have started (and woken no one) in between.
+        if draining.load(Ordering::Acquire) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+
     /// The socket was flushed: a finished HTTP/1 response is now fully written.
     #[inline]
     pub(crate) fn on_flush(&self) {
@@ -212,6 +235,7 @@ impl Tracker {
             head_since: AtomicU32::new(self.now()),
             idle_on_flush: AtomicBool::new(false),
             released: AtomicBool::new(false),
+            drain_waker: atomic_waker::AtomicWaker::new(),
             socket: SocketSlot::new(socket),
             left_new: Notify::new(),
             tracker: Arc::clone(self),
@@ -322,6 +346,13 @@ impl Tracker {
     /// Requests whose response was fully written, since the server started.
     pub(crate) fn completed(&self) -> u64 {
         self.completed.load(Ordering::Relaxed)
+    }
+
+    /// Wakes every connection's task (after the draining flag was set).
+    pub(crate) fn wake_all(&self) {
+        for conn in self.all() {
+            conn.drain_waker.wake();
+        }
     }
 
     /// Resolves when the drain waits for no connection any more: woken by the last

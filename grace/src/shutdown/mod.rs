@@ -77,6 +77,11 @@ impl Shared {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// The flag behind [`is_draining`](Self::is_draining), for `Conn::poll_draining`.
+    pub(crate) fn draining_flag(&self) -> &AtomicBool {
+        &self.draining
+    }
+
     pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
@@ -86,9 +91,10 @@ impl Shared {
     }
 
     pub(crate) fn enter(&self, phase: Phase) {
-        if phase >= Phase::Draining {
-            // Before anyone is woken: responses written from now on carry `Connection: close`.
-            self.draining.store(true, Ordering::Relaxed);
+        if phase >= Phase::Draining && !self.draining.swap(true, Ordering::AcqRel) {
+            // Responses written from now on carry `Connection: close`; then every
+            // connection task is woken to close or finish.
+            self.tracker.wake_all();
         }
         self.phase.send_if_modified(|p| {
             let moved = *p < phase;
