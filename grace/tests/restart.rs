@@ -83,7 +83,7 @@ async fn the_child_inherits_the_same_socket_and_takes_over_once_ready() {
     let child = dir.script(
         "child",
         &format!(
-            "{{ echo \"ppid=$PPID\"; env | grep -E '^(LISTEN_|GRACE_)' | sort; \
+            "{{ echo \"ppid=$PPID\"; env | grep -E '^(LISTEN_|GRACE_LISTEN|GRACE_READY)' | sort; \
              echo \"fd3=$(readlink /proc/$$/fd/3)\"; }} > {seen}.tmp && mv {seen}.tmp {seen}\n\
              echo ready >&$GRACE_READY_FD\nsleep 1",
             seen = seen.display()
