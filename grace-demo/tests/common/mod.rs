@@ -1,4 +1,4 @@
-//! Helpers for the ledger tests: a real `grace-demo` child process on 127.0.0.1:0, a raw
+//! Helpers for the process-level tests: a real `grace-demo` child process on 127.0.0.1:0, a raw
 //! keep-alive HTTP/1.1 client, the store URLs from the environment, and a look at what the
 //! stores hold afterwards.
 #![allow(dead_code)]
@@ -118,7 +118,12 @@ fn task_lines(v: &Value) -> Vec<(String, String)> {
 impl Demo {
     /// Starts `grace-demo --listen 127.0.0.1:0 ARGS…` in `dir` and waits for its address.
     pub async fn start(dir: &TempDir, args: &[String]) -> Demo {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_grace-demo"))
+        Demo::start_with(Command::new(env!("CARGO_BIN_EXE_grace-demo")), dir, args).await
+    }
+
+    /// Like [`Demo::start`], through `cmd` (a wrapper such as `sh -c 'ulimit …; exec …'`).
+    pub async fn start_with(mut cmd: Command, dir: &TempDir, args: &[String]) -> Demo {
+        let mut child = cmd
             .current_dir(&dir.0)
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
@@ -289,7 +294,26 @@ impl Http {
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response"))?
     }
 
+    /// Reads a response's status line and headers only (its body may still be streaming).
+    pub async fn read_head(&mut self) -> std::io::Result<Response> {
+        tokio::time::timeout(Duration::from_secs(60), self.read_head_inner())
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response"))?
+    }
+
     async fn read_inner(&mut self) -> std::io::Result<Response> {
+        let mut resp = self.read_head_inner().await?;
+        let len: usize = resp
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| std::io::Error::other("no content-length"))?;
+        let mut body = vec![0; len];
+        self.io.read_exact(&mut body).await?;
+        resp.body = String::from_utf8_lossy(&body).into_owned();
+        Ok(resp)
+    }
+
+    async fn read_head_inner(&mut self) -> std::io::Result<Response> {
         let eof = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed");
         let mut line = String::new();
         if self.io.read_line(&mut line).await? == 0 {
@@ -314,19 +338,11 @@ impl Http {
                 headers.push((n.trim().to_ascii_lowercase(), v.trim().to_owned()));
             }
         }
-        let mut resp = Response {
+        Ok(Response {
             status,
             headers,
             body: String::new(),
-        };
-        let len: usize = resp
-            .header("content-length")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| std::io::Error::other("no content-length"))?;
-        let mut body = vec![0; len];
-        self.io.read_exact(&mut body).await?;
-        resp.body = String::from_utf8_lossy(&body).into_owned();
-        Ok(resp)
+        })
     }
 }
 
