@@ -55,34 +55,43 @@ fn answer(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     response
 }
 
-impl<B> tower_service::Service<Request<B>> for Readiness {
-    type Response = Response<Full<Bytes>>;
-    type Error = Infallible;
-    type Future = Ready<Result<Self::Response, Infallible>>;
+/// A probe answers at once, from a status it computes; both probes share this service shape.
+trait Probe {
+    fn status(&self) -> (StatusCode, &'static str);
+}
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Request<B>) -> Self::Future {
-        ready(Ok(if self.is_ready() {
-            answer(StatusCode::OK, "ready\n")
+impl Probe for Readiness {
+    fn status(&self) -> (StatusCode, &'static str) {
+        if self.is_ready() {
+            (StatusCode::OK, "ready\n")
         } else {
-            answer(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-        }))
+            (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        }
     }
 }
 
-impl<B> tower_service::Service<Request<B>> for Liveness {
-    type Response = Response<Full<Bytes>>;
-    type Error = Infallible;
-    type Future = Ready<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Request<B>) -> Self::Future {
-        ready(Ok(answer(StatusCode::OK, "ok\n")))
+impl Probe for Liveness {
+    fn status(&self) -> (StatusCode, &'static str) {
+        (StatusCode::OK, "ok\n")
     }
 }
+
+macro_rules! probe_service {
+    ($($ty:ty),*) => {$(
+        impl<B> tower_service::Service<Request<B>> for $ty {
+            type Response = Response<Full<Bytes>>;
+            type Error = Infallible;
+            type Future = Ready<Result<Self::Response, Infallible>>;
+
+            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+                Poll::Ready(Ok(()))
+            }
+
+            fn call(&mut self, _: Request<B>) -> Self::Future {
+                let (status, body) = self.status();
+                ready(Ok(answer(status, body)))
+            }
+        }
+    )*};
+}
+probe_service!(Readiness, Liveness);
