@@ -68,17 +68,14 @@ impl Jobs {
             let result = run.await.map_err(|e| e.to_string());
             (result, Instant::now())
         });
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((name, handle));
+        crate::lock(&self.running).push((name, handle));
     }
 
     /// Tells every job to stop and waits for them, each at most until `deadline`.
     pub(crate) async fn stop(&self, deadline: Instant, shared: &Shared) -> Vec<TaskReport> {
         self.token.cancel();
         let started = Instant::now();
-        let running = std::mem::take(&mut *self.running.lock().unwrap_or_else(|e| e.into_inner()));
+        let running = std::mem::take(&mut *crate::lock(&self.running));
         let mut reports = Vec::with_capacity(running.len());
         // All were told at once, so waiting in turn costs nothing: each line records when
         // its own job finished.

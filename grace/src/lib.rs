@@ -89,3 +89,9 @@ pub use shutdown::report::{
 pub use shutdown::{ForceReason, Handle, ShutdownNotice, Trigger};
 pub use signal::DEFAULT_SIGNALS;
 pub use tokio::signal::unix::SignalKind;
+
+/// Locks `m`, whatever a panicking holder left: every value behind these mutexes stays
+/// consistent across a panic (single assignments and collections of whole entries).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

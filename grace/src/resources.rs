@@ -94,25 +94,17 @@ pub(crate) struct Resources(Mutex<Vec<Resource>>);
 
 impl Resources {
     pub(crate) fn add(&self, resource: Resource) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(resource);
+        crate::lock(&self.0).push(resource);
     }
 
     /// The time all closes may take together.
     pub(crate) fn budget(&self) -> Duration {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|r| r.timeout)
-            .sum()
+        crate::lock(&self.0).iter().map(|r| r.timeout).sum()
     }
 
     /// Closes every resource in order; none later than `deadline`.
     pub(crate) async fn close_all(&self, deadline: Instant, shared: &Shared) -> Vec<TaskReport> {
-        let all = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let all = std::mem::take(&mut *crate::lock(&self.0));
         let mut reports = Vec::with_capacity(all.len());
         let order = close_order(all);
         // The timeouts of the resources not yet closed, this one included.

@@ -529,7 +529,7 @@ where
         // Its request may be on the wire: give it until `grace` after accept to show up.
         // After a restart its client has no other process to go to (the new one cannot take
         // an accepted connection over): it gets as long as for its headers, as when serving.
-        let restart = matches!(ctx.shared.requests().borrow().drain, Some(Trigger::Restart));
+        let restart = ctx.shared.drain_requested() == Some(Trigger::Restart);
         let grace = if restart {
             ctx.restart_grace
         } else {

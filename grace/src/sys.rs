@@ -24,14 +24,14 @@ impl SocketSlot {
 
     /// Called by the owner right before the socket is closed.
     pub(crate) fn release(&self) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *crate::lock(&self.0) = None;
     }
 
     /// Shuts the socket down in both directions: the peer sees FIN, and every pending or
     /// future read on our side returns end-of-file, every write fails. Returns false if the
     /// socket was already closed.
     pub(crate) fn shutdown(&self) -> bool {
-        let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = crate::lock(&self.0);
         let Some(fd) = *guard else { return false };
         // SAFETY: `fd` is open: the owner releases the slot (under this lock, which we hold)
         // before it closes the descriptor, so the number cannot have been reused.

@@ -68,6 +68,11 @@ fn hanging(name: &'static str, log: &Log) -> Resource {
     })
 }
 
+/// Each line of a report's jobs or resources: its name and how it ended.
+fn outcomes(lines: &[grace::TaskReport]) -> Vec<(&str, Outcome)> {
+    lines.iter().map(|l| (l.name.as_str(), l.outcome)).collect()
+}
+
 #[tokio::test]
 async fn a_hanging_resource_is_cut_at_its_timeout_and_the_others_still_close() {
     let mut srv = start(app(), |s| s.shutdown_timeout(Duration::from_secs(20))).await;
@@ -88,11 +93,7 @@ async fn a_hanging_resource_is_cut_at_its_timeout_and_the_others_still_close() {
     let report = srv.report(Duration::from_secs(3)).await;
     let took = t.elapsed();
 
-    let lines: Vec<(&str, Outcome)> = report
-        .resources
-        .iter()
-        .map(|r| (r.name.as_str(), r.outcome))
-        .collect();
+    let lines = outcomes(&report.resources);
     assert_eq!(
         lines,
         [
@@ -207,11 +208,7 @@ async fn jobs_stop_after_the_last_request_finish_their_unit_and_stragglers_are_c
     assert_eq!(resp.status, 200);
 
     let report = srv.report(Duration::from_secs(2)).await;
-    let jobs: Vec<(&str, Outcome)> = report
-        .jobs
-        .iter()
-        .map(|j| (j.name.as_str(), j.outcome))
-        .collect();
+    let jobs = outcomes(&report.jobs);
     assert_eq!(
         jobs,
         [
@@ -306,11 +303,7 @@ async fn a_force_during_the_resource_phase_cuts_what_is_still_closing() {
         "force did not cut the hanging close"
     );
     assert_eq!(report.forced_by, Some(grace::ForceReason::Handle));
-    let outcomes: Vec<_> = report
-        .resources
-        .iter()
-        .map(|r| (r.name.as_str(), r.outcome))
-        .collect();
+    let outcomes = outcomes(&report.resources);
     assert_eq!(
         outcomes,
         [("cache", Outcome::TimedOut), ("db", Outcome::TimedOut)]

@@ -12,6 +12,7 @@ use std::time::Instant;
 use tokio::sync::Notify;
 
 use super::{Addr, ConnInfo, ConnState, StateCounts};
+use crate::lock;
 use crate::shutdown::report::{ActiveRequest, ForcedConn};
 use crate::sys::SocketSlot;
 
@@ -191,10 +192,6 @@ impl Conn {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Shards of the registry: connections closing at once on several threads rarely meet.
 const SHARDS: usize = 16;
 
@@ -202,7 +199,6 @@ const SHARDS: usize = 16;
 #[derive(Default)]
 pub(crate) struct Tracker {
     shards: [Mutex<HashMap<u64, Arc<Conn>>>; SHARDS],
-    live: AtomicUsize,
     /// Live connections the drain still waits for (see `Conn::released`).
     awaited: AtomicUsize,
     counts: [AtomicUsize; 4],
@@ -240,7 +236,6 @@ impl Tracker {
             left_new: Notify::new(),
             tracker: Arc::clone(self),
         });
-        self.live.fetch_add(1, Ordering::AcqRel);
         self.awaited.fetch_add(1, Ordering::AcqRel);
         lock(self.shard(conn.info.id)).insert(conn.info.id, Arc::clone(&conn));
         self.counts[ConnState::New as usize].fetch_add(1, Ordering::Relaxed);
@@ -253,7 +248,6 @@ impl Tracker {
         conn.socket.release();
         conn.set(ConnState::Closed);
         lock(self.shard(conn.info.id)).remove(&conn.info.id);
-        self.live.fetch_sub(1, Ordering::AcqRel);
         conn.release();
     }
 
@@ -340,7 +334,7 @@ impl Tracker {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.live.load(Ordering::Acquire)
+        self.counts().total()
     }
 
     /// Requests whose response was fully written, since the server started.

@@ -21,10 +21,11 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 use crate::listener::Listener;
+use crate::lock;
 use crate::sys;
 
 pub(crate) const LISTEN_FDS: &str = "LISTEN_FDS";
@@ -42,10 +43,6 @@ static ENV: Mutex<()> = Mutex::new(());
 static READY: Mutex<Option<OwnedFd>> = Mutex::new(None);
 /// Names of adopted listeners by descriptor, so a restart passes them on unchanged.
 static NAMES: Mutex<Option<HashMap<RawFd, String>>> = Mutex::new(None);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The variables as read from the environment.
 #[derive(Debug, Default, Clone)]

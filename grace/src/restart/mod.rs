@@ -12,6 +12,7 @@ use tokio::signal::unix::{Signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
+use crate::lock;
 use crate::server::Serve;
 use crate::shutdown::{Handle, Shared};
 
@@ -248,10 +249,6 @@ pub(crate) fn serving(shared: &Arc<Shared>) -> Result<Option<tokio::task::JoinHa
     Ok(Some(tokio::spawn(drive(Arc::clone(shared), signal, inbox))))
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 async fn next_signal(signal: &mut Option<Signal>) {
     if let Some(s) = signal {
         if s.recv().await.is_some() {
@@ -280,7 +277,7 @@ async fn drive(
                 None => return,
             },
         };
-        if shared.is_draining() || shared.requests().borrow().drain.is_some() {
+        if shared.drain_requested().is_some() {
             tracing::warn!(by, "restart asked for while draining: ignored");
             if let Some(reply) = reply {
                 let _ = reply.send(Err(Error::Restart("the server is draining".into())));

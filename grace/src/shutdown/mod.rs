@@ -118,7 +118,7 @@ impl Shared {
     }
 
     pub(crate) fn set_listeners(&self, listeners: Vec<Arc<Listener>>) {
-        let mut guard = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = crate::lock(&self.listeners);
         let old = std::mem::replace(&mut *guard, listeners);
         drop(guard);
         drop(old);
@@ -126,10 +126,7 @@ impl Shared {
 
     /// The listeners while serving (none once draining).
     pub(crate) fn listeners(&self) -> Vec<Arc<Listener>> {
-        self.listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        crate::lock(&self.listeners).clone()
     }
 
     pub(crate) fn phase(&self) -> watch::Receiver<Phase> {
@@ -166,6 +163,11 @@ impl Shared {
 
     pub(crate) fn requests(&self) -> watch::Receiver<Requests> {
         self.requests.subscribe()
+    }
+
+    /// The trigger of the drain, if one was requested (it may not have started yet).
+    pub(crate) fn drain_requested(&self) -> Option<Trigger> {
+        self.requests.borrow().drain.clone()
     }
 
     /// The reason of a force, if one was requested.
@@ -284,12 +286,12 @@ impl Handle {
     /// Registers a resource to close after the drain. See [`Resource`].
     ///
     /// ```no_run
-    /// # async fn doc(handle: grace::Handle) {
-    /// let file = std::sync::Arc::new(tokio::sync::Mutex::new(tokio::fs::File::create("audit.log").await.unwrap()));
+    /// # fn doc(handle: grace::Handle) -> std::io::Result<()> {
+    /// let audit = std::fs::File::create("audit.log")?;
     /// handle.add_resource(grace::Resource::new("audit-file", move || async move {
-    ///     file.lock().await.sync_all().await
+    ///     audit.sync_all() // flushed to disk before the process exits
     /// }));
-    /// # }
+    /// # Ok(()) }
     /// ```
     pub fn add_resource(&self, resource: Resource) {
         self.shared.resources.add(resource);
