@@ -27,7 +27,11 @@ use sqlx::AnyPool;
 use sqlx::Row as _;
 use tokio_util::task::TaskTracker;
 
-/// Largest balance or amount accepted, so that sums stay far from `i64::MAX`.
+/// Largest amount accepted, and largest balance an account may ever hold: an account is
+/// opened with at most this, and a credit that would take it past this is refused (checked
+/// in the same statement that applies it). So no balance the database computes comes near
+/// `i64::MAX` (SQLite would silently turn it into a REAL; the servers would fail the
+/// statement), and settlement totals, which can exceed it, are summed with checks.
 pub const MAX_AMOUNT: i64 = 1_000_000_000_000_000;
 /// Longest account id.
 const MAX_ID_LEN: usize = 64;
@@ -111,6 +115,7 @@ struct Sql {
     get_transfer: String,
     settle_mark: String,
     settle_amounts: String,
+    settle_split: String,
     insert_settlement: String,
 }
 
@@ -139,7 +144,10 @@ impl Sql {
             get_account: s("SELECT balance FROM {p}accounts WHERE id = ?"),
             // Conditional: two concurrent debits can never both pass the check.
             debit: s("UPDATE {p}accounts SET balance = balance - ? WHERE id = ? AND balance >= ?"),
-            credit: s("UPDATE {p}accounts SET balance = balance + ? WHERE id = ?"),
+            // Conditional too: the bound is `MAX_AMOUNT - amount`, so a credit that would
+            // take the balance past MAX_AMOUNT changes no row, and concurrent credits cannot
+            // both pass the check (the row is locked, and the condition re-read, by each).
+            credit: s("UPDATE {p}accounts SET balance = balance + ? WHERE id = ? AND balance <= ?"),
             insert_transfer: s(
                 "INSERT INTO {p}transfers (id, from_id, to_id, amount, created_ms) \
                  VALUES (?, ?, ?, ?, ?)",
@@ -149,7 +157,13 @@ impl Sql {
             ),
             // Write first (portable, and SQLite takes its write lock at once).
             settle_mark: s("UPDATE {p}transfers SET settlement_id = ? WHERE settlement_id IS NULL"),
-            settle_amounts: s("SELECT amount FROM {p}transfers WHERE settlement_id = ?"),
+            settle_amounts: s(
+                "SELECT id, amount FROM {p}transfers WHERE settlement_id = ? ORDER BY id",
+            ),
+            // Moves the tail of a batch (in the database's own id order) to a new batch.
+            settle_split: s(
+                "UPDATE {p}transfers SET settlement_id = ? WHERE settlement_id = ? AND id >= ?",
+            ),
             insert_settlement: s(
                 "INSERT INTO {p}settlements (id, transfers, total, created_ms) \
                  VALUES (?, ?, ?, ?)",
@@ -161,7 +175,8 @@ impl Sql {
 /// Why a ledger operation did not happen (or did not finish).
 #[derive(Debug)]
 pub enum LedgerError {
-    /// Input that can never succeed: 422.
+    /// Input the ledger's rules refuse (a bad amount or id, a credit that would take an
+    /// account past [`MAX_AMOUNT`]): 422.
     Invalid(String),
     /// No such account or transfer: 404.
     NotFound(String),
@@ -234,13 +249,7 @@ impl Ledger {
         );
         sqlx::any::install_default_drivers();
         let backend = Backend::from_url(&config.db_url)?;
-        let mut url = config.db_url.clone();
-        if backend == Backend::Postgres && !url.contains("application_name=") {
-            // So the server (and the tests) can tell our connections apart.
-            url.push(if url.contains('?') { '&' } else { '?' });
-            url.push_str("application_name=");
-            url.push_str(&config.client_name);
-        }
+        let url = connect_url(backend, &config.db_url, &config.client_name);
         let pool = AnyPoolOptions::new()
             .max_connections(config.max_connections.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -514,13 +523,30 @@ impl Ledger {
                     })
                 }
             } else {
+                // 0 < amount <= MAX_AMOUNT (checked by the caller): no overflow here.
                 let done = sqlx::query(&self.sql.credit)
                     .bind(amount)
                     .bind(to.to_owned())
+                    .bind(MAX_AMOUNT - amount)
                     .execute(&mut *tx)
                     .await?;
-                (done.rows_affected() != 1)
-                    .then(|| LedgerError::NotFound(format!("no account {to:?}")))
+                if done.rows_affected() == 1 {
+                    None
+                } else {
+                    let exists = sqlx::query(&self.sql.get_account)
+                        .bind(to.to_owned())
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .is_some();
+                    Some(if exists {
+                        LedgerError::Invalid(format!(
+                            "a credit of {amount} would exceed the maximum balance \
+                             ({MAX_AMOUNT}) of {to:?}"
+                        ))
+                    } else {
+                        LedgerError::NotFound(format!("no account {to:?}"))
+                    })
+                }
             };
             if let Some(refused) = refused {
                 tx.rollback().await?;
@@ -541,12 +567,15 @@ impl Ledger {
 
     /// One unit of the settlement job: every unsettled transfer goes into a new settlement
     /// batch, in one transaction. Returns how many transfers it settled.
+    ///
+    /// A batch's total must fit in a BIGINT: when the transfers' sum does not, they are
+    /// split (in id order) into as many batches as needed, each with its own row.
     pub async fn settle(&self) -> Result<u64, LedgerError> {
-        let id = self.ids.next('s');
+        let first = self.ids.next('s');
         let run = async {
             let mut tx = self.pool.begin().await?;
             let marked = sqlx::query(&self.sql.settle_mark)
-                .bind(id.clone())
+                .bind(first.clone())
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
@@ -554,21 +583,47 @@ impl Ledger {
                 tx.rollback().await?;
                 return Ok(0);
             }
-            let amounts: Vec<i64> = sqlx::query_scalar(&self.sql.settle_amounts)
-                .bind(id.clone())
+            let rows: Vec<(String, i64)> = sqlx::query_as(&self.sql.settle_amounts)
+                .bind(first.clone())
                 .fetch_all(&mut *tx)
                 .await?;
-            sqlx::query(&self.sql.insert_settlement)
-                .bind(id.clone())
-                .bind(amounts.len() as i64)
-                .bind(amounts.iter().sum::<i64>())
-                .bind(now_ms())
-                .execute(&mut *tx)
-                .await?;
+            let batches = batches(rows.iter().map(|(_, amount)| *amount));
+            let mut id = first.clone();
+            for (n, batch) in batches.iter().enumerate() {
+                if n > 0 {
+                    // Everything from this batch's first transfer on leaves the previous one.
+                    let next = self.ids.next('s');
+                    let moved = sqlx::query(&self.sql.settle_split)
+                        .bind(next.clone())
+                        .bind(id.clone())
+                        .bind(rows[batch.first].0.clone())
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if moved != (rows.len() - batch.first) as u64 {
+                        // Dropping the transaction rolls it back.
+                        return Err(Failure::Refused(LedgerError::Internal(format!(
+                            "settlement split moved {moved} transfers, expected {}",
+                            rows.len() - batch.first
+                        ))));
+                    }
+                    id = next;
+                }
+                sqlx::query(&self.sql.insert_settlement)
+                    .bind(id.clone())
+                    .bind(batch.len as i64)
+                    .bind(batch.total)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(amounts.len() as u64)
+            Ok::<_, Failure>(rows.len() as u64)
         };
-        run.await.map_err(|e| self.classify(e))
+        run.await.map_err(|e| match e {
+            Failure::Db(e) => self.classify(e),
+            Failure::Refused(e) => e,
+        })
     }
 
     /// A deadlock, a lock timeout or a busy SQLite file: worth trying again.
@@ -617,7 +672,8 @@ impl Ledger {
     }
 }
 
-/// A transfer attempt that failed: the database, or the ledger's own rules.
+/// A transaction (a transfer attempt, a settlement pass) that failed: the database, or the
+/// ledger's own rules.
 enum Failure {
     Db(sqlx::Error),
     Refused(LedgerError),
@@ -629,6 +685,36 @@ impl From<sqlx::Error> for Failure {
     }
 }
 
+/// Consecutive transfers settled together, with their total.
+#[derive(Debug, PartialEq, Eq)]
+struct Batch {
+    /// Index of the first transfer.
+    first: usize,
+    len: usize,
+    total: i64,
+}
+
+/// Splits `amounts` (in order) into batches whose totals fit in an `i64`: a new batch starts
+/// where the running total would overflow. One batch unless the sum is past `i64::MAX`.
+fn batches(amounts: impl IntoIterator<Item = i64>) -> Vec<Batch> {
+    let mut out: Vec<Batch> = Vec::new();
+    for (i, amount) in amounts.into_iter().enumerate() {
+        let last = out.last_mut();
+        match last.and_then(|b| Some((b.total.checked_add(amount)?, b))) {
+            Some((total, b)) => {
+                b.len += 1;
+                b.total = total;
+            }
+            None => out.push(Batch {
+                first: i,
+                len: 1,
+                total: amount,
+            }),
+        }
+    }
+    out
+}
+
 fn check_id(field: &str, id: &str) -> Result<(), LedgerError> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(LedgerError::Invalid(format!(
@@ -636,6 +722,32 @@ fn check_id(field: &str, id: &str) -> Result<(), LedgerError> {
         )));
     }
     Ok(())
+}
+
+/// The URL the pool connects with: `url` plus what the ledger needs unless it says
+/// otherwise. SQLite gets `mode=rwc`, so a missing file is created (as `sqlite3` does; sqlx
+/// would fail with "unable to open database file"); PostgreSQL gets `application_name`, so
+/// the server (and the tests) can tell our connections apart.
+fn connect_url(backend: Backend, url: &str, client_name: &str) -> String {
+    let (key, value) = match backend {
+        Backend::Sqlite => ("mode", "rwc"),
+        Backend::Postgres => ("application_name", client_name),
+        Backend::MySql => return url.to_owned(),
+    };
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    let given = query
+        .split('&')
+        .any(|pair| pair.split_once('=').map_or(pair, |(k, _)| k) == key);
+    if given {
+        return url.to_owned();
+    }
+    let separator = match query {
+        "" if url.ends_with('?') => "",
+        "" => "?",
+        _ if url.ends_with('&') => "",
+        _ => "&",
+    };
+    format!("{url}{separator}{key}={value}")
 }
 
 fn now_ms() -> i64 {
@@ -827,6 +939,78 @@ mod tests {
             Backend::Postgres
         );
         assert!(Backend::from_url("redis://h").is_err());
+    }
+
+    #[test]
+    fn sqlite_files_are_created_unless_the_url_says_otherwise() {
+        let url = |u: &str| connect_url(Backend::Sqlite, u, "n");
+        assert_eq!(url("sqlite://a.db"), "sqlite://a.db?mode=rwc");
+        assert_eq!(url("sqlite:///tmp/a.db"), "sqlite:///tmp/a.db?mode=rwc");
+        assert_eq!(url("sqlite://a.db?"), "sqlite://a.db?mode=rwc");
+        assert_eq!(
+            url("sqlite://a.db?cache=shared"),
+            "sqlite://a.db?cache=shared&mode=rwc"
+        );
+        for given in [
+            "sqlite://a.db?mode=rwc",
+            "sqlite://a.db?mode=ro",
+            "sqlite://a.db?cache=shared&mode=rw",
+        ] {
+            assert_eq!(url(given), given);
+        }
+    }
+
+    #[test]
+    fn postgres_connections_carry_the_client_name() {
+        let url = |u: &str| connect_url(Backend::Postgres, u, "grace-demo-7");
+        assert_eq!(
+            url("postgres://h/db"),
+            "postgres://h/db?application_name=grace-demo-7"
+        );
+        assert_eq!(
+            url("postgres://h/db?sslmode=disable"),
+            "postgres://h/db?sslmode=disable&application_name=grace-demo-7"
+        );
+        assert_eq!(
+            url("postgres://h/db?application_name=x"),
+            "postgres://h/db?application_name=x"
+        );
+        assert_eq!(
+            connect_url(Backend::MySql, "mysql://h/db", "n"),
+            "mysql://h/db"
+        );
+    }
+
+    #[test]
+    fn settlement_batches_never_overflow() {
+        assert!(batches([]).is_empty());
+        assert_eq!(
+            batches([1, 2, 3]),
+            [Batch {
+                first: 0,
+                len: 3,
+                total: 6
+            }]
+        );
+        // i64::MAX ≈ 9223.4 × MAX_AMOUNT: 9223 of them fit in one batch, not 9224.
+        let b = batches(vec![MAX_AMOUNT; 9_230]);
+        assert_eq!(
+            b,
+            [
+                Batch {
+                    first: 0,
+                    len: 9_223,
+                    total: 9_223 * MAX_AMOUNT
+                },
+                Batch {
+                    first: 9_223,
+                    len: 7,
+                    total: 7 * MAX_AMOUNT
+                }
+            ]
+        );
+        assert_eq!(batches([i64::MAX, 1, i64::MAX]).len(), 3);
+        assert_eq!(batches([i64::MAX - 1, 1]).len(), 1);
     }
 
     #[test]

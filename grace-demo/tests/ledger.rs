@@ -1,6 +1,6 @@
 //! The ledger under SIGTERM, against the real stores: nothing answered is lost, nothing is
 //! half applied, the servers see clean disconnects, and a database outage gives 503s and
-//! heals.
+//! heals. And at the limits: no balance past the maximum, no settlement total that wraps.
 //!
 //! SQLite always runs. MariaDB, PostgreSQL and Redis run when `GRACE_TEST_MYSQL_URL`,
 //! `GRACE_TEST_POSTGRES_URL` and `GRACE_TEST_REDIS_URL` are set, for example:
@@ -787,6 +787,368 @@ async fn bad_input_gets_clear_answers_and_changes_nothing() {
             .unwrap();
         assert_eq!(r.json()["balance"], want, "{acct}");
     }
+    demo.signal(Signal::TERM);
+    let exit = demo.wait_exit(SOON).await;
+    assert_eq!(exit.code, 0, "{}", exit.stderr);
+    let snap = snapshot(&db, &prefix, true).await;
+    assert_eq!(snap.transfers.len(), 1);
+}
+
+/// The ledger's `MAX_AMOUNT`: the largest amount, and the largest balance an account may
+/// hold. (The binary's constant cannot be imported; `create_account` checks they agree.)
+const MAX: i64 = 1_000_000_000_000_000;
+
+async fn open_account(c: &mut Http, id: &str, balance: i64) -> Response {
+    let body = format!(r#"{{"id":"{id}","balance":{balance}}}"#);
+    c.request("POST", "/accounts", Some(&body)).await.unwrap()
+}
+
+async fn send(c: &mut Http, from: &str, to: &str, amount: i64) -> Response {
+    let body = format!(r#"{{"from":"{from}","to":"{to}","amount":{amount}}}"#);
+    c.request("POST", "/transfers", Some(&body)).await.unwrap()
+}
+
+/// The balance `GET /accounts/{id}` answers, which must be a 200.
+async fn balance_of(c: &mut Http, id: &str) -> i64 {
+    let r = c
+        .request("GET", &format!("/accounts/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "GET /accounts/{id}: {}", r.body);
+    r.json()["balance"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("balance of {id} is not an integer: {}", r.body))
+}
+
+/// A transfer refused because the credit would take its account past the maximum balance.
+#[track_caller]
+fn assert_refused_over_max(r: &Response, what: &str) {
+    assert_eq!(r.status, 422, "{what}: {}", r.body);
+    let error = r.json()["error"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        error.contains("exceed the maximum balance"),
+        "{what}: unclear error {error:?}"
+    );
+}
+
+/// Starts a demo whose settlement job only runs its final pass (at shutdown), so every
+/// transfer of the test lands in that one pass.
+async fn start_unsettled(db: &str, prefix: &str, dir: &TempDir) -> Demo {
+    Demo::start(
+        dir,
+        &args(&[
+            "--db",
+            db,
+            "--table-prefix",
+            prefix,
+            "--shutdown-timeout",
+            "10s",
+            "--settle-interval",
+            "1h",
+        ]),
+    )
+    .await
+}
+
+/// SIGTERM, a clean exit with the settlement job closed, then what the tables hold (the
+/// tables are dropped).
+async fn stop_and_snapshot(demo: Demo, db: &str, prefix: &str) -> Snapshot {
+    demo.signal(Signal::TERM);
+    let exit = demo.wait_exit(SOON).await;
+    assert_eq!(exit.code, 0, "not a clean shutdown:\n{}", exit.stderr);
+    assert_eq!(
+        exit.jobs(),
+        [("settlement".into(), "closed".into())],
+        "{}",
+        exit.stderr
+    );
+    snapshot(db, prefix, true).await
+}
+
+/// Balances agree with the opening balances plus the transfer rows, no balance is outside
+/// 0..=MAX, no money was created; every transfer is settled, and each settlement row's count
+/// and total are exactly those of its transfers (summed without overflow: never wrapped,
+/// never negative). Returns the balances.
+fn check_books(snap: &Snapshot, opening: &[(&str, i64)]) -> HashMap<String, i64> {
+    let mut expected: HashMap<String, i128> = opening
+        .iter()
+        .map(|(id, b)| (id.to_string(), i128::from(*b)))
+        .collect();
+    for t in &snap.transfers {
+        assert!((1..=MAX).contains(&t.amount), "transfer {t:?}");
+        *expected.get_mut(&t.from).expect("unknown from") -= i128::from(t.amount);
+        *expected.get_mut(&t.to).expect("unknown to") += i128::from(t.amount);
+    }
+    let balances: HashMap<String, i64> = snap.accounts.iter().cloned().collect();
+    assert_eq!(balances.len(), opening.len(), "{balances:?}");
+    for (id, want) in &expected {
+        let got = balances[id];
+        assert_eq!(
+            i128::from(got),
+            *want,
+            "account {id}: balance vs its transfers"
+        );
+        assert!(
+            (0..=MAX).contains(&got),
+            "account {id} out of bounds: {got}"
+        );
+    }
+    let opened: i128 = opening.iter().map(|(_, b)| i128::from(*b)).sum();
+    let held: i128 = balances.values().map(|b| i128::from(*b)).sum();
+    assert_eq!(held, opened, "money was created or lost");
+
+    let mut batches: HashMap<&str, (i64, i128)> = HashMap::new();
+    for t in &snap.transfers {
+        let s = t
+            .settlement
+            .as_deref()
+            .unwrap_or_else(|| panic!("transfer {} left unsettled", t.id));
+        let b = batches.entry(s).or_default();
+        b.0 += 1;
+        b.1 += i128::from(t.amount);
+    }
+    assert_eq!(
+        batches.len(),
+        snap.settlements.len(),
+        "settlement rows vs batches: {:?}",
+        snap.settlements
+    );
+    let mut settled: i128 = 0;
+    for (id, count, total) in &snap.settlements {
+        assert!(*total >= 0, "settlement {id}: negative total {total}");
+        assert_eq!(
+            batches.get(id.as_str()),
+            Some(&(*count, i128::from(*total))),
+            "settlement {id} does not add up"
+        );
+        settled += i128::from(*total);
+    }
+    let moved: i128 = snap.transfers.iter().map(|t| i128::from(t.amount)).sum();
+    assert_eq!(settled, moved, "settlement totals vs transfers");
+    balances
+}
+
+/// An account driven to the maximum balance: the next credit is refused with a clear 422,
+/// whichever of the two rows the transaction locks first, and changes nothing; the account
+/// still reads; once it is debited, credits fit again up to the maximum and not one unit
+/// past it, also under concurrent transfers; the settlement adds up.
+async fn credit_past_the_maximum(db: &str, dir: &TempDir) {
+    let prefix = unique_prefix();
+    let demo = start_unsettled(db, &prefix, dir).await;
+    let mut c = Http::connect(demo.addr).await.unwrap();
+    // "a" is locked before "b", "d" after it (rows are locked in id order).
+    let opening = [("a", MAX), ("b", 0), ("c", MAX), ("d", MAX)];
+    for (id, balance) in opening {
+        let r = open_account(&mut c, id, balance).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let r = open_account(&mut c, "over", MAX + 1).await;
+    assert_eq!(r.status, 422, "MAX is not the ledger's maximum: {}", r.body);
+
+    // Drive "b" to the maximum exactly: the boundary itself is allowed.
+    let r = send(&mut c, "c", "b", MAX - 1).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = send(&mut c, "c", "b", 1).await;
+    assert_eq!(r.status, 200, "up to the maximum exactly: {}", r.body);
+    let at_max = [("a", MAX), ("b", MAX), ("c", 0), ("d", MAX)];
+    for (id, want) in at_max {
+        assert_eq!(balance_of(&mut c, id).await, want, "{id}");
+    }
+
+    // One unit more, or the largest amount, from either side: refused, nothing changes.
+    for (from, amount) in [("a", 1), ("d", 1), ("a", MAX), ("d", MAX)] {
+        let r = send(&mut c, from, "b", amount).await;
+        assert_refused_over_max(&r, &format!("{from} -> b, {amount}, b at the maximum"));
+        for (id, want) in at_max {
+            assert_eq!(balance_of(&mut c, id).await, want, "{id} after a refusal");
+        }
+    }
+
+    // The rule is about the balance, not the account's history.
+    let r = send(&mut c, "b", "c", 1).await;
+    assert_eq!(r.status, 200, "a debit at the maximum: {}", r.body);
+    let r = send(&mut c, "a", "b", 1).await;
+    assert_eq!(r.status, 200, "back to the maximum: {}", r.body);
+    let r = send(&mut c, "d", "b", 1).await;
+    assert_refused_over_max(&r, "d -> b, 1, b at the maximum again");
+
+    // Room for exactly 6 units, 24 concurrent credits of 1: 6 pass, 18 are refused.
+    let r = send(&mut c, "b", "c", 6).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let statuses = Arc::new(Mutex::new(BTreeMap::<u16, u64>::new()));
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let (addr, statuses) = (demo.addr, statuses.clone());
+            tokio::spawn(async move {
+                let mut c = Http::connect(addr).await.unwrap();
+                let from = if i % 2 == 0 { "a" } else { "d" };
+                for _ in 0..3 {
+                    let r = send(&mut c, from, "b", 1).await;
+                    if r.status == 422 {
+                        assert_refused_over_max(&r, "concurrent credit");
+                    }
+                    *statuses.lock().unwrap().entry(r.status).or_default() += 1;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let statuses = statuses.lock().unwrap().clone();
+    assert_eq!(
+        statuses,
+        BTreeMap::from([(200, 6), (422, 18)]),
+        "concurrent credits against the maximum"
+    );
+    assert_eq!(balance_of(&mut c, "b").await, MAX);
+    let total = balance_of(&mut c, "a").await as i128
+        + balance_of(&mut c, "b").await as i128
+        + balance_of(&mut c, "c").await as i128
+        + balance_of(&mut c, "d").await as i128;
+    assert_eq!(total, 3 * MAX as i128, "money was created or lost");
+    drop(c);
+
+    let snap = stop_and_snapshot(demo, db, &prefix).await;
+    // 2 + 2 + 1 + 6 transfers answered 200.
+    assert_eq!(snap.transfers.len(), 11, "{:?}", snap.transfers);
+    let balances = check_books(&snap, &opening);
+    assert_eq!(balances["b"], MAX);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_past_the_maximum_balance_is_refused_sqlite() {
+    let dir = TempDir::new();
+    credit_past_the_maximum(&sqlite_url(&dir), &dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_past_the_maximum_balance_is_refused_mariadb() {
+    let Some(db) = env_url("GRACE_TEST_MYSQL_URL") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    credit_past_the_maximum(&db, &TempDir::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_past_the_maximum_balance_is_refused_postgres() {
+    let Some(db) = env_url("GRACE_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    credit_past_the_maximum(&db, &TempDir::new()).await;
+}
+
+/// Pairs of accounts the settlement test moves money between, one connection each.
+const PAIRS: usize = 8;
+/// Transfers of the largest amount per pair: 8 × 1154 = 9232 of them, more than the 9223
+/// whose sum fits in a BIGINT (`i64::MAX` ≈ 9223.4 × MAX).
+const PER_PAIR: usize = 1154;
+
+/// More transfers of the largest amount than one BIGINT can total, settled in one pass
+/// (the job's last): the pass splits them into batches whose totals fit, and no total
+/// wraps (or panics).
+async fn settlement_past_i64_max(db: &str, dir: &TempDir) {
+    let prefix = unique_prefix();
+    let demo = start_unsettled(db, &prefix, dir).await;
+    let names: Vec<(String, String)> = (0..PAIRS)
+        .map(|p| (format!("p{p}a"), format!("p{p}b")))
+        .collect();
+    let mut opening: Vec<(&str, i64)> = Vec::new();
+    for (a, b) in &names {
+        opening.extend([(a.as_str(), MAX), (b.as_str(), 0)]);
+    }
+    let mut c = Http::connect(demo.addr).await.unwrap();
+    for (id, balance) in &opening {
+        let r = open_account(&mut c, id, *balance).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let t = Instant::now();
+    let pairs: Vec<_> = names
+        .iter()
+        .cloned()
+        .map(|(a, b)| {
+            let addr = demo.addr;
+            tokio::spawn(async move {
+                let mut c = Http::connect(addr).await.unwrap();
+                for i in 0..PER_PAIR {
+                    let (from, to) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+                    let r = send(&mut c, from, to, MAX).await;
+                    assert_eq!(r.status, 200, "{from} -> {to}, transfer {i}: {}", r.body);
+                }
+            })
+        })
+        .collect();
+    for p in pairs {
+        p.await.unwrap();
+    }
+    println!(
+        "{} transfers of {MAX} in {:?}",
+        PAIRS * PER_PAIR,
+        t.elapsed()
+    );
+    for (a, b) in &names {
+        assert_eq!(balance_of(&mut c, a).await, MAX, "{a}");
+        assert_eq!(balance_of(&mut c, b).await, 0, "{b}");
+    }
+    drop(c);
+
+    let snap = stop_and_snapshot(demo, db, &prefix).await;
+    assert_eq!(snap.transfers.len(), PAIRS * PER_PAIR);
+    println!("settlements (id, transfers, total): {:?}", snap.settlements);
+    assert!(
+        snap.settlements.len() >= 2,
+        "one BIGINT cannot hold the total of one pass: {:?}",
+        snap.settlements
+    );
+    check_books(&snap, &opening);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlement_past_i64_max_is_split_never_wrapped_sqlite() {
+    let dir = TempDir::new();
+    settlement_past_i64_max(&sqlite_url(&dir), &dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlement_past_i64_max_is_split_never_wrapped_mariadb() {
+    let Some(db) = env_url("GRACE_TEST_MYSQL_URL") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    settlement_past_i64_max(&db, &TempDir::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlement_past_i64_max_is_split_never_wrapped_postgres() {
+    let Some(db) = env_url("GRACE_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    settlement_past_i64_max(&db, &TempDir::new()).await;
+}
+
+/// `--db sqlite://FILE` without `?mode=rwc` creates the file, as sqlite3 does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_file_is_created_when_missing() {
+    let dir = TempDir::new();
+    let file = dir.path("new.db");
+    assert!(!file.exists());
+    let db = format!("sqlite://{}", file.display());
+    let prefix = unique_prefix();
+    let demo = Demo::start(&dir, &args(&["--db", &db, "--table-prefix", &prefix])).await;
+    assert!(file.exists(), "{} was not created", file.display());
+    let mut c = Http::connect(demo.addr).await.unwrap();
+    for (id, balance) in [("a", 100), ("b", 0)] {
+        let r = open_account(&mut c, id, balance).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let r = send(&mut c, "a", "b", 40).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(balance_of(&mut c, "a").await, 60);
+    assert_eq!(balance_of(&mut c, "b").await, 40);
+    drop(c);
     demo.signal(Signal::TERM);
     let exit = demo.wait_exit(SOON).await;
     assert_eq!(exit.code, 0, "{}", exit.stderr);
