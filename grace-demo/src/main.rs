@@ -32,12 +32,23 @@ pub struct Args {
     /// Address to listen on (`HOST:PORT`, or `unix:PATH`).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
+    /// Permissions of the `unix:` socket file, in octal (e.g. `660`), set before it accepts
+    /// connections; by default what the umask leaves.
+    #[arg(long, value_parser = parse_socket_mode)]
+    socket_mode: Option<u32>,
     /// How long a drain may wait before forcing connections closed (e.g. `30s`, `500ms`).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     shutdown_timeout: Duration,
-    /// How long a client may take to send request headers.
+    /// How long a client may take to send request headers (`0` turns the guard off).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     header_read_timeout: Duration,
+    /// A request body must arrive within this time of its head, plus 1 s per 500 bytes
+    /// received (`0` turns the guard off).
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    request_body_timeout: Duration,
+    /// How long a keep-alive connection may stay idle before it is closed (`0`: forever).
+    #[arg(long, default_value = "75s", value_parser = parse_duration)]
+    idle_timeout: Duration,
     /// After SIGTERM, keep accepting and serving this long with readiness already failing,
     /// so load balancers stop routing here before the listener closes.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
@@ -46,8 +57,8 @@ pub struct Args {
     /// `postgres://…`.
     #[arg(long, default_value = "sqlite://grace-demo.db?mode=rwc")]
     db: String,
-    /// Size of the database connection pool.
-    #[arg(long, default_value_t = 8)]
+    /// Size of the database connection pool (1 to 1000).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
     db_max_connections: u32,
     /// Redis to push transfer events to (`redis://HOST:PORT`); none by default.
     #[arg(long)]
@@ -58,8 +69,8 @@ pub struct Args {
     /// Prefix of the table names and of the Redis list key.
     #[arg(long, default_value = "grace_")]
     table_prefix: String,
-    /// How often the settlement job runs.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// How often the settlement job runs (at least 100ms).
+    #[arg(long, default_value = "1s", value_parser = parse_settle_interval)]
     settle_interval: Duration,
     /// TOML configuration (`greeting`, `shutdown_timeout`), read again by every upgrade.
     #[arg(long)]
@@ -102,6 +113,24 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
 }
 
+/// The settlement interval: a pass is a database transaction, so not more often than
+/// ten times a second (`0` would be a busy loop).
+fn parse_settle_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(100) {
+        return Err(format!("{s:?} is too short: at least 100ms"));
+    }
+    Ok(d)
+}
+
+/// A socket file's permissions in octal: `660`, `0600`.
+fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal permission mode like 660 (at most 777)"))
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -110,7 +139,11 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = Args::parse();
+    // Bad flags are a start-up error like any other: exit 1 (clap's own choice is 2).
+    let args = Args::try_parse().unwrap_or_else(|e| {
+        let _ = e.print();
+        std::process::exit(if e.use_stderr() { 1 } else { 0 })
+    });
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let clean = runtime.block_on(run(args))?;
     // Connections cut at the deadline may still have tasks; do not wait for them.
@@ -124,15 +157,33 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let settings = config::load(args.config.as_deref())?;
     // Sockets handed over by the previous generation (or systemd), else bind --listen.
     let server = match grace::inherited_listeners()? {
-        Some(listeners) => grace::Server::from_listeners(listeners),
-        None => match args.listen.strip_prefix("unix:") {
-            Some(path) => grace::Server::bind_unix(path)?,
-            None => grace::Server::bind(args.listen.as_str()).await?,
-        },
+        Some(inherited) => grace::Server::from_inherited(inherited),
+        None => {
+            // The first generation: a pid file we cannot write is a start-up error, said
+            // now (an upgrade's new process writes it when ready, and rolls back if it
+            // cannot).
+            if let Some(path) = &args.pid_file {
+                grace::write_pid_file(path)
+                    .with_context(|| format!("writing the pid file {}", path.display()))?;
+            }
+            match (args.listen.strip_prefix("unix:"), args.socket_mode) {
+                (Some(path), None) => grace::Server::bind_unix(path)?,
+                (Some(path), Some(mode)) => grace::Server::bind_unix_with_mode(path, mode)?,
+                (None, Some(_)) => anyhow::bail!("--socket-mode is for unix: listeners only"),
+                (None, None) => grace::Server::bind(args.listen.as_str()).await?,
+            }
+        }
     };
+    let header_read_timeout = Some(args.header_read_timeout).filter(|t| !t.is_zero());
+    let idle_timeout = Some(args.idle_timeout).filter(|t| !t.is_zero());
     let server = server
         .shutdown_timeout(settings.shutdown_timeout.unwrap_or(args.shutdown_timeout))
-        .header_read_timeout(args.header_read_timeout)
+        .header_read_timeout(header_read_timeout)
+        .idle_timeout(idle_timeout)
+        .request_body_timeout(
+            Some(args.request_body_timeout).filter(|t| !t.is_zero()),
+            500,
+        )
         .pre_stop_delay(args.pre_stop_delay);
     let addr = server
         .local_addrs()

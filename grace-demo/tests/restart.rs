@@ -856,3 +856,223 @@ fn a_long_response_on_the_old_process_finishes_while_the_new_one_takes_new_conne
     service.retire_old();
     service.stop();
 }
+
+/// Live processes (not zombies) whose command line mentions `dir`: every generation of a
+/// service started in it (their `--db` and `--pid-file` are under it), and anything they
+/// started with the same arguments.
+fn processes_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if cmdline.windows(needle.len()).any(|w| w == needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Whether anything accepts on `addr`.
+fn listening(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok()
+}
+
+/// Issue 9, item 1: `kill -HUP $P; kill -TERM $P` (an upgrade racing a stop), many rounds,
+/// with and without a pre-stop delay. After each: no process of the service is left,
+/// nothing listens on its port, and the pid file is gone or names a live process. When the
+/// upgrade won the race (the new process was ready before the stop arrived), the stop
+/// reached a process that was already leaving: the new generation serves, and stopping
+/// it must end the service the same way.
+#[test]
+fn a_stop_racing_an_upgrade_never_leaves_a_generation_behind() {
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let (mut stopped_with_it, mut upgrade_won) = (0, 0);
+    for round in 0..40 {
+        let pre_stop = if round % 2 == 0 { "0s" } else { "300ms" };
+        let service = Service::start(
+            Scratch::new("race"),
+            Path::new(BIN),
+            &["--pre-stop-delay", pre_stop, "--ready-timeout", "20s"],
+        );
+        let dir = service.scratch.0.clone();
+        let (addr, old) = (service.addr, service.current());
+        // Between the two signals: nothing, or a few milliseconds (the new process starts).
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let gap = Duration::from_millis(rng % 4 * 5);
+        signal(old, Signal::HUP);
+        std::thread::sleep(gap);
+        signal(old, Signal::TERM);
+        let gone = wait_gone(old, PATIENCE);
+        assert_eq!(
+            gone,
+            Gone::Exited(Some(0)),
+            "round {round}: {}",
+            service.stderr()
+        );
+        // Whatever is left must be one live generation named by the pid file, or nothing.
+        let left = processes_under(&dir);
+        let log = service.stderr();
+        match service.pid() {
+            Some(p) if p != old => {
+                // Only an upgrade that completed before the stop may leave a generation.
+                assert!(
+                    log.contains("\"trigger\":\"restart\""),
+                    "round {round}: {log}"
+                );
+                assert!(
+                    alive(p),
+                    "round {round}: the pid file names {p}, which is gone"
+                );
+                assert_eq!(
+                    left,
+                    [p],
+                    "round {round}: more than the new generation left"
+                );
+                assert!(
+                    listening(addr),
+                    "round {round}: the new generation does not serve"
+                );
+                upgrade_won += 1;
+                signal(p, Signal::TERM);
+                assert_eq!(
+                    wait_gone(p, PATIENCE),
+                    Gone::Exited(Some(0)),
+                    "round {round}"
+                );
+            }
+            Some(p) => panic!("round {round}: the pid file names the exited process {p}"),
+            None => {
+                assert!(
+                    log.contains("\"trigger\":\"SIGTERM\""),
+                    "round {round}: {log}"
+                );
+                stopped_with_it += 1;
+            }
+        }
+        for p in processes_under(&dir) {
+            let _ = wait_gone(p, PATIENCE);
+        }
+        assert!(
+            processes_under(&dir).is_empty(),
+            "round {round}: processes left: {:?}\n{}",
+            processes_under(&dir),
+            service.stderr()
+        );
+        assert!(
+            !listening(addr),
+            "round {round}: something still listens on {addr}"
+        );
+        assert_eq!(
+            service.pid(),
+            None,
+            "round {round}: the pid file outlived the service"
+        );
+        let mut service = service;
+        service.retired.insert(old);
+    }
+    eprintln!("stop won {stopped_with_it} rounds, the upgrade {upgrade_won}");
+    assert!(stopped_with_it > 0, "the race was never run");
+}
+
+/// Issue 9, item 7: a new binary that starts a background process (which inherits the
+/// listening socket) and exits is rolled back with its whole process group, so once the
+/// service stops, clients are refused instead of hanging on a socket nobody serves.
+#[test]
+fn a_rollback_ends_what_the_failed_process_started() {
+    let scratch = Scratch::new("group");
+    let program = scratch.path("grace-demo");
+    install_real_binary(&program);
+    let bg_pid = scratch.path("bg.pid");
+    let forks = format!(
+        "#!/bin/sh\nsleep 60 &\necho $! > {}\nexit 1\n",
+        bg_pid.display()
+    );
+    let mut service = Service::start(scratch, &program, &["--ready-timeout", "10s"]);
+    replace_file(&program, &forks, true);
+    let line = service.failed_upgrade(1);
+    assert!(line.contains("exited with status 1"), "{line}");
+    let bg: u32 = read(&bg_pid).trim().parse().unwrap();
+    // The background process was in the failed process's group: it is gone too (it is
+    // our child now, as a subreaper, so reap it).
+    let t = Instant::now();
+    while alive(bg) {
+        let _ = rustix::process::waitpid(Some(pid(bg)), WaitOptions::NOHANG);
+        assert!(
+            t.elapsed() < PATIENCE,
+            "background process {bg} survived the rollback"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let addr = service.addr;
+    assert_eq!(service.get(), "hello");
+    let old = service.current();
+    signal(old, Signal::TERM);
+    service.retire(1);
+    let refused = TcpStream::connect_timeout(&addr, PATIENCE);
+    assert!(
+        refused.is_err(),
+        "a connection was accepted after the service stopped"
+    );
+}
+
+/// Runs the demo as if an upgrade had started it: the listening socket at fd 3, the
+/// readiness pipe at fd 4, `GRACE_LISTEN_PPID` naming `parent`. Returns its exit code and
+/// what it printed on stderr.
+fn run_as_new_generation(parent: u32, read_end_open: bool) -> (Option<i32>, String) {
+    let scratch = Scratch::new("newgen");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (read_end, write_end) = rustix::pipe::pipe().unwrap();
+    let reader = read_end_open.then_some(read_end);
+    let db = format!("sqlite://{}?mode=rwc", scratch.path("ledger.db").display());
+    // The shell lays the descriptors out (dup'ing stdin and stdout to 3 and 4), then execs.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "exec 3<&0 4>&1 0</dev/null 1>/dev/null; exec {BIN} --listen 127.0.0.1:0 --db '{db}'"
+        ))
+        .current_dir(&scratch.0)
+        .env("LISTEN_FDS", "1")
+        .env("GRACE_LISTEN_PPID", parent.to_string())
+        .env("GRACE_READY_FD", "4")
+        .env("RUST_LOG", "info")
+        .stdin(std::os::fd::OwnedFd::from(listener))
+        .stdout(write_end)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    drop(reader);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Issue 9, item 1: a new process that cannot report ready (its starter gave up on it and
+/// closed the pipe) exits instead of serving.
+#[test]
+fn a_new_generation_that_cannot_report_ready_exits() {
+    let (code, stderr) = run_as_new_generation(std::process::id(), false);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("gave up on us"), "{stderr}");
+}
+
+/// Issue 9, item 1: a new process whose starter died before it adopted the sockets exits,
+/// instead of binding `--listen` elsewhere and holding the inherited socket unserved.
+#[test]
+fn a_new_generation_whose_starter_is_gone_exits() {
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let (code, stderr) = run_as_new_generation(dead, true);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("which is gone"), "{stderr}");
+}

@@ -179,3 +179,156 @@ async fn running_out_of_descriptors_backs_off_instead_of_spinning_or_exiting() {
     let exit = demo.wait_exit(SOON).await;
     assert!(exit.code == 0 || exit.code == 3, "{}", exit.stderr);
 }
+
+/// Runs the built demo to completion with `args` (it must fail at start-up).
+fn run_demo(dir: &TempDir, a: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_grace-demo"))
+        .current_dir(&dir.0)
+        .args(a)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run grace-demo")
+}
+
+/// Issue 9, item 4: a shutdown timeout too large to add to a clock (from the flag or from
+/// the config file) means "no deadline": SIGTERM drains, reports and exits 0, instead of
+/// panicking with the audit buffer unflushed.
+#[tokio::test]
+async fn an_absurd_shutdown_timeout_still_drains_and_reports() {
+    let huge = "10000000000000000000s";
+    for from_config in [false, true] {
+        let dir = TempDir::new();
+        let a = if from_config {
+            let config = format!("shutdown_timeout = \"{huge}\"\n");
+            std::fs::write(dir.path("c.toml"), config).unwrap();
+            args(&["--config", "c.toml"])
+        } else {
+            args(&["--shutdown-timeout", huge])
+        };
+        let demo = Demo::start(&dir, &a).await;
+        let mut c = Http::connect(demo.addr).await.unwrap();
+        c.send("GET", "/sleep/300", None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        demo.signal(Signal::TERM);
+        let resp = c.read().await.expect("the in-flight request was cut");
+        assert_eq!(resp.status, 200);
+        let exit = demo.wait_exit(SOON).await;
+        assert_eq!(exit.code, 0, "{}", exit.stderr);
+        assert_eq!(exit.report["trigger"], "SIGTERM", "{}", exit.stderr);
+        assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
+        // The resources were closed (the audit file flushed), as in any clean stop.
+        assert!(
+            exit.stderr
+                .contains("\"name\":\"audit-file\",\"outcome\":\"closed\""),
+            "{}",
+            exit.stderr
+        );
+    }
+}
+
+/// Issue 9, item 8: start-up errors exit 1, bad flags included (clap's own code is 2), and
+/// absurd values are refused with a reason.
+#[test]
+fn bad_flags_and_an_unwritable_pid_file_are_start_up_errors() {
+    let dir = TempDir::new();
+    for bad in [
+        &["--shutdown-timeout", "soon"][..],
+        &["--no-such-flag"],
+        &["--settle-interval", "0"],
+        &["--db-max-connections", "0"],
+    ] {
+        let out = run_demo(&dir, bad);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}: {stderr}");
+        assert!(!stderr.is_empty(), "{bad:?} gave no reason");
+    }
+    let out = run_demo(
+        &dir,
+        &[
+            "--pid-file",
+            "/nonexistent-dir/grace.pid",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        !stdout.contains("listening on"),
+        "said it was listening: {stdout}"
+    );
+    assert!(stderr.contains("pid file"), "{stderr}");
+    assert!(!stderr.contains("restart failed"), "{stderr}");
+    // --help is not an error.
+    assert_eq!(run_demo(&dir, &["--help"]).status.code(), Some(0));
+}
+
+/// Issue 9, item 8: `--header-read-timeout 0` turns the guard off (it meant about 4 ms, which
+/// cut a request head sent in two parts 50 ms apart).
+#[tokio::test]
+async fn a_zero_header_read_timeout_turns_the_guard_off() {
+    let dir = TempDir::new();
+    let demo = Demo::start(&dir, &args(&["--header-read-timeout", "0"])).await;
+    let mut s = tokio::net::TcpStream::connect(demo.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(b"Connection: close\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(SOON, s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+    demo.signal(Signal::TERM);
+    assert_eq!(demo.wait_exit(SOON).await.code, 0);
+}
+
+/// Issue 9, item 2: idle keep-alive connections cannot starve new clients of descriptors.
+/// With more idle connections than the process has descriptors, a new client (a health
+/// check) is still answered: running out of descriptors closes the connections idle longest.
+#[tokio::test]
+async fn idle_connections_give_way_when_descriptors_run_out() {
+    let dir = TempDir::new();
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.args([
+        "-c",
+        "ulimit -n 64 && exec \"$0\" \"$@\"",
+        env!("CARGO_BIN_EXE_grace-demo"),
+    ]);
+    let demo = Demo::start_with(cmd, &dir, &[]).await;
+    // Idle keep-alive connections (one request each) until the server runs out.
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        let Ok(mut c) = Http::connect(demo.addr).await else {
+            break;
+        };
+        match tokio::time::timeout(Duration::from_secs(2), c.request("GET", "/", None)).await {
+            Ok(Ok(resp)) if resp.status == 200 => idle.push(c),
+            _ => break,
+        }
+    }
+    assert!(
+        idle.len() > 20,
+        "only {} connections were served",
+        idle.len()
+    );
+    // A health check on a fresh connection is answered, while every idle one is held open.
+    let t = Instant::now();
+    loop {
+        let mut c = Http::connect(demo.addr).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(3), c.request("GET", "/healthz", None)).await
+        {
+            Ok(Ok(resp)) => break assert_eq!(resp.status, 200),
+            _ if t.elapsed() < SOON => {}
+            other => panic!("the health check was never answered: {other:?}"),
+        }
+    }
+    drop(idle);
+    demo.signal(Signal::TERM);
+    let exit = demo.wait_exit(SOON).await;
+    assert!(exit.code == 0 || exit.code == 3, "{}", exit.stderr);
+}

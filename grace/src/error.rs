@@ -27,9 +27,19 @@ pub enum Error {
     /// An inherited listener (systemd socket activation or a restart) could not be adopted.
     #[error("cannot adopt inherited listener: {0}")]
     Inherit(String),
-    /// A zero-downtime restart could not be carried out; the old process keeps serving.
+    /// A zero-downtime restart could not be carried out; the old process keeps serving
+    /// (unless it was asked to stop, see [`RestartError::Stopped`]).
     #[error("restart failed: {0}")]
-    Restart(String),
+    Restart(#[from] RestartError),
+    /// The pid file could not be written.
+    #[error("cannot write the pid file {path}: {source}")]
+    PidFile {
+        /// The pid file's path.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
     /// Any other I/O error.
     #[error(transparent)]
     Io(#[from] io::Error),
@@ -37,3 +47,64 @@ pub enum Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a zero-downtime restart did not hand over, from [`Handle::restart`](crate::Handle::restart).
+///
+/// Every variant but [`Spawn`](Self::Spawn) and the refusals means a new process was
+/// started and is now gone: killed (with everything it started, its process group) and
+/// reaped before the error is returned.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RestartError {
+    /// [`Serve::with_restart`](crate::Serve::with_restart) was not called.
+    #[error("restarts are not enabled (see Serve::with_restart)")]
+    NotEnabled,
+    /// Another restart is under way; this one was not started.
+    #[error("a restart is already under way")]
+    AlreadyRunning,
+    /// The server is draining (or no longer serves): there is nothing to hand over.
+    #[error("the server is draining")]
+    Draining,
+    /// The new process could not be started (program missing, not executable…).
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        /// The program that was to start.
+        program: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The new process ended before it was ready: a crash, or a configuration it rejected.
+    #[error("process {pid} {status} before it was ready")]
+    Exited {
+        /// Its pid.
+        pid: u32,
+        /// How it ended: `exited with status 1`, `was killed by signal 9`.
+        status: String,
+    },
+    /// The new process was not ready in time; it was killed.
+    #[error("process {pid} was not ready within {timeout:?} (killed)")]
+    NotReady {
+        /// Its pid.
+        pid: u32,
+        /// [`Restart::ready_timeout`](crate::Restart::ready_timeout).
+        timeout: std::time::Duration,
+    },
+    /// The new process closed its readiness pipe without saying it was ready.
+    #[error("process {pid} closed the readiness pipe without being ready")]
+    NotReported {
+        /// Its pid.
+        pid: u32,
+    },
+    /// A stop (a drain signal, `Handle::shutdown`) came while the new process was starting:
+    /// it was told to stop too (SIGTERM, then SIGKILL to its process group after the
+    /// shutdown timeout) and reaped, so no generation outlives the stop.
+    #[error("a stop came during the upgrade: process {pid} was stopped too")]
+    Stopped {
+        /// The new process's pid.
+        pid: u32,
+    },
+    /// Any other I/O failure while handing over (the readiness pipe, waiting).
+    #[error("restart: {0}")]
+    Io(#[from] io::Error),
+}

@@ -74,15 +74,16 @@ mod signal;
 mod sys;
 pub mod systemd;
 
+pub use conn::body::{BodyTimeout, RequestBody};
 pub use conn::request::TrackedBody;
 pub use conn::{Addr, ConnInfo, ConnState, StateCounts};
-pub use error::{Error, Result};
+pub use error::{Error, RestartError, Result};
 pub use health::{Liveness, Readiness};
 pub use jobs::JobToken;
 pub use listener::Listener;
 pub use resources::Resource;
-pub use restart::{inherited_listeners, write_pid_file, Restart};
-pub use server::{Serve, Server};
+pub use restart::{inherited_listeners, write_pid_file, Inherited, Restart};
+pub use server::{Serve, Server, DEFAULT_IDLE_TIMEOUT};
 pub use shutdown::report::{
     ActiveRequest, ForcedConn, Outcome, PhaseTiming, ShutdownReport, TaskReport,
 };

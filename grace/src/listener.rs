@@ -4,18 +4,15 @@
 //! connections are refused), or hands their descriptors to a new process on a restart.
 //!
 //! A Unix-domain listener also has a file, which outlives the socket unless someone removes
-//! it. The files this process is responsible for are kept here (see [`stopped`]): a file it
-//! bound itself goes when its server stops for good, or when the process gives up before
-//! serving; a file handed over by an upgrade goes when the last generation stops; a file
-//! handed to a new generation stays.
+//! it: a [`SocketFile`] is the server's claim on it (see [`Listener`]'s docs for the rules).
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -41,17 +38,17 @@ const BACKLOG: i32 = 4096;
 ///
 /// [`bind_unix`](Self::bind_unix) takes the place of a *stale* socket file (one nobody
 /// accepts on: its process died), but fails, leaving the file alone, if another process
-/// accepts on it or if the path is not a socket. The file it creates is removed when the
-/// server serving on it stops for good, or, if the process never got to serve (a failed
-/// start), when the tokio runtime it was bound in shuts down. It is kept when the server
-/// hands it to a new generation ([`Serve::with_restart`](crate::Serve::with_restart)); that
-/// generation, adopting it with [`inherited_listeners`](crate::inherited_listeners), removes
-/// it when it stops for good, but not if it fails to start (the old one still serves). A
-/// file systemd's socket activation passed is systemd's and is never removed, nor is the
-/// file of a listener made elsewhere (`From`/`TryFrom`). Before removing a file, grace checks
-/// that it is still the one it bound (same device, inode and change time): a socket someone
-/// else put at the path meanwhile stays (so does ours if its mode or owner was changed after
-/// the start; the next start then replaces it as stale).
+/// accepts on it or if the path is not a socket. A server that bound the file itself
+/// ([`Server::bind_unix`](crate::Server::bind_unix)) removes it when it stops for good, or
+/// when it is dropped without serving (a failed start); it keeps it when it hands the
+/// socket to a new generation ([`Serve::with_restart`](crate::Serve::with_restart)), which
+/// removes it in turn when it stops for good (not if it fails to start: the old one still
+/// serves). Files of sockets passed by systemd's socket activation are systemd's, and a
+/// listener bound with `Listener::bind_unix` and handed to [`Server::from_listener`](crate::Server::from_listener)
+/// is the caller's: neither is removed. Before removing a file, grace checks that it is still
+/// the one it bound (same device, inode and change time): a socket someone else put at the
+/// path meanwhile stays (so does ours if its mode or owner was changed after the start; the
+/// next start then replaces it as stale).
 #[derive(Debug)]
 pub enum Listener {
     /// A TCP listener.
@@ -81,7 +78,9 @@ impl Listener {
     /// [`AddrInUse`](io::ErrorKind::AddrInUse) error (see the type's docs for when the file
     /// is removed). Must be called within a tokio runtime.
     pub fn bind_unix(path: impl AsRef<Path>) -> io::Result<Listener> {
-        bind_unix(path.as_ref(), None)
+        let (listener, file) = bind_unix(path.as_ref(), None)?;
+        file.disarm();
+        Ok(listener)
     }
 
     /// Like [`bind_unix`](Self::bind_unix), with the socket file's permissions set to `mode`
@@ -97,15 +96,13 @@ impl Listener {
     /// # let _ = server; Ok(()) }
     /// ```
     pub fn bind_unix_with_mode(path: impl AsRef<Path>, mode: u32) -> io::Result<Listener> {
-        bind_unix(path.as_ref(), Some(mode))
+        let (listener, file) = bind_unix(path.as_ref(), Some(mode))?;
+        file.disarm();
+        Ok(listener)
     }
 
     /// Adopts a listening socket from its descriptor (inherited from systemd or a previous
     /// generation of this process). Fails if it is not a listening stream socket.
-    ///
-    /// The file of a Unix-domain socket that a grace upgrade handed over is removed when this
-    /// process's server stops for good (not if it fails to start); any other adopted
-    /// socket's file is left alone (see the type's docs).
     pub fn from_fd(fd: OwnedFd) -> io::Result<Listener> {
         use rustix::net::sockopt;
         if !sockopt::socket_acceptconn(&fd)? {
@@ -116,14 +113,9 @@ impl Listener {
         }
         rustix::io::ioctl_fionbio(&fd, true)?;
         match sockopt::socket_domain(&fd)? {
-            rustix::net::AddressFamily::UNIX => {
-                let handed_over = handed_over_by_grace(fd.as_raw_fd());
-                let listener = UnixListener::from_std(std::os::unix::net::UnixListener::from(fd))?;
-                if handed_over {
-                    adopt_file(&listener);
-                }
-                Ok(Listener::Unix(listener))
-            }
+            rustix::net::AddressFamily::UNIX => Ok(Listener::Unix(UnixListener::from_std(
+                std::os::unix::net::UnixListener::from(fd),
+            )?)),
             _ => Ok(Listener::Tcp(TcpListener::from_std(
                 std::net::TcpListener::from(fd),
             )?)),
@@ -194,8 +186,9 @@ impl TryFrom<std::os::unix::net::UnixListener> for Listener {
     }
 }
 
-/// Binds a Unix-domain listener at `path` (see [`Listener::bind_unix`]).
-fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<Listener> {
+/// Binds a Unix-domain listener at `path` (see [`Listener::bind_unix`]), with the claim on
+/// its file (armed: dropping it removes the file).
+pub(crate) fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<(Listener, SocketFile)> {
     if let Some(mode) = mode.filter(|m| m & !0o777 != 0) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -217,16 +210,12 @@ fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<Listener> {
     })?;
     // The file exists from here: if anything below fails, it goes again. Nobody can connect
     // before `listen`, so the mode is in place before the first connection.
-    let file = claim_file(path, mode)?;
-    if let Err(e) = socket.listen(BACKLOG) {
-        remove_if_ours(path, file, "the socket could not listen");
-        return Err(e);
-    }
+    let file = SocketFile::new(absolute(path), claim_file(path, mode)?, true);
+    socket.listen(BACKLOG)?;
     let listener = UnixListener::from_std(std::os::unix::net::UnixListener::from(OwnedFd::from(
         socket,
     )))?;
-    register(&listener, absolute(path), file, true);
-    Ok(Listener::Unix(listener))
+    Ok((Listener::Unix(listener), file))
 }
 
 fn in_use(path: &Path) -> io::Error {
@@ -325,43 +314,6 @@ fn claim_file(path: &Path, mode: Option<u32>) -> io::Result<FileId> {
     }
 }
 
-/// Whether the inherited socket at descriptor `fd` was handed over by a grace upgrade, from
-/// a generation that bound it (or was handed it the same way): then its file is ours to
-/// remove once we stop for good. A socket systemd passed (`LISTEN_PID`) is systemd's, and
-/// keeps systemd's name (`LISTEN_FDNAMES`) through later upgrades, whereas one grace bound
-/// travels under grace's default name. The variables are read as the process was started
-/// with them.
-fn handed_over_by_grace(fd: RawFd) -> bool {
-    let var = |k: &str| std::env::var(k).ok();
-    if var("LISTEN_PID").is_some() {
-        return false;
-    }
-    let parent = rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32);
-    let from = var("GRACE_LISTEN_PPID").and_then(|p| p.trim().parse::<u32>().ok());
-    if from.is_none() || from != parent {
-        return false;
-    }
-    let Ok(index) = usize::try_from(fd - 3) else {
-        return false;
-    };
-    var("LISTEN_FDNAMES")
-        .is_some_and(|names| names.split(':').nth(index) == Some(crate::restart::DEFAULT_NAME))
-}
-
-/// Takes on the file of a socket a previous generation handed over.
-fn adopt_file(listener: &UnixListener) {
-    let Some(path) = listener
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_pathname().map(absolute))
-    else {
-        return;
-    };
-    if let Some(file) = FileId::socket_at(&path) {
-        register(listener, path, file, false);
-    }
-}
-
 fn absolute(path: &Path) -> PathBuf {
     match std::env::current_dir() {
         Ok(dir) if path.is_relative() => dir.join(path),
@@ -394,77 +346,65 @@ impl FileId {
             .filter(|m| m.file_type().is_socket())
             .map(|m| FileId::of(&m))
     }
-
-    /// What this process's descriptor `fd` is open on (a socket's own inode).
-    fn of_fd(fd: RawFd) -> io::Result<FileId> {
-        std::fs::metadata(format!("/proc/self/fd/{fd}")).map(|m| FileId::of(&m))
-    }
 }
 
-/// A socket file this process removes once the socket is closed for good.
-struct SocketFile {
+/// A server's claim on the file of a Unix-domain socket: while armed, dropping it removes
+/// the file, if the path still leads to the very file that was bound.
+#[derive(Debug)]
+pub(crate) struct SocketFile {
     path: PathBuf,
-    /// The file as bound or adopted: removed only while the path still leads to it.
     file: FileId,
-    /// The listening socket (descriptor and identity), to tell when it has been closed.
-    fd: RawFd,
-    socket: FileId,
-    /// For a file this process bound: dropping it ends the task that removes the file after
-    /// a failed start (see [`FailedStart`]).
-    _failed_start: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Acquire/Release would add nothing: it is read only by `Drop`, after every writer.
+    armed: AtomicBool,
 }
 
 impl SocketFile {
-    /// Whether the socket is closed in this process; `None` if that cannot be told.
-    fn is_closed(&self) -> Option<bool> {
-        match FileId::of_fd(self.fd) {
-            Ok(now) => Some(now != self.socket),
-            Err(_) if Path::new("/proc/self/fd").is_dir() => Some(true),
-            Err(_) => None,
+    fn new(path: PathBuf, file: FileId, armed: bool) -> SocketFile {
+        SocketFile {
+            path,
+            file,
+            armed: AtomicBool::new(armed),
         }
+    }
+
+    /// The claim on the file of a socket that a previous generation handed over, as the
+    /// path is now (unarmed: the server arms it once it serves).
+    pub(crate) fn handed_over(listener: &Listener) -> Option<SocketFile> {
+        let Listener::Unix(l) = listener else {
+            return None;
+        };
+        let path = absolute(l.local_addr().ok()?.as_pathname()?);
+        let file = FileId::socket_at(&path)?;
+        Some(SocketFile::new(path, file, false))
+    }
+
+    /// True if `listener` is the socket this file belongs to.
+    pub(crate) fn is_of(&self, listener: &Listener) -> bool {
+        let Listener::Unix(l) = listener else {
+            return false;
+        };
+        let path = l.local_addr().ok();
+        path.as_ref()
+            .and_then(|a| a.as_pathname())
+            .is_some_and(|p| absolute(p) == self.path)
+    }
+
+    pub(crate) fn arm(&self) {
+        self.armed.store(true, Ordering::Relaxed);
+    }
+
+    /// Keeps the file (it was handed on, or is someone else's to remove).
+    pub(crate) fn disarm(&self) {
+        self.armed.store(false, Ordering::Relaxed);
     }
 }
 
-/// The socket files this process is responsible for.
-static FILES: Mutex<Vec<SocketFile>> = Mutex::new(Vec::new());
-
-fn register(listener: &UnixListener, path: PathBuf, file: FileId, bound_here: bool) {
-    let fd = listener.as_fd().as_raw_fd();
-    let Ok(socket) = FileId::of_fd(fd) else {
-        tracing::debug!(path = %path.display(), "no /proc: the socket file will not be removed");
-        return;
-    };
-    let failed_start = if bound_here {
-        FailedStart::watch(socket)
-    } else {
-        None
-    };
-    crate::lock(&FILES).push(SocketFile {
-        path,
-        file,
-        fd,
-        socket,
-        _failed_start: failed_start,
-    });
-}
-
-/// Called when a server's `serve` has finished its drain, its listeners closed. On a hand
-/// over (`Trigger::Restart`) the new generation serves on the sockets and will remove their
-/// files: this process forgets them all (it is on its way out). Otherwise the files of
-/// every socket this process has closed are removed, if they are still ours.
-pub(crate) fn stopped(handed_over: bool) {
-    let mut files = crate::lock(&FILES);
-    if handed_over {
-        files.clear();
-        return;
-    }
-    files.retain(|f| {
-        if f.is_closed() != Some(true) {
-            return true;
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if self.armed.load(Ordering::Relaxed) {
+            remove_if_ours(&self.path, self.file, "its server stopped");
         }
-        remove_if_ours(&f.path, f.file, "its server stopped");
-        false
-    });
+    }
 }
 
 /// Removes the socket file at `path` if it is still `file`.
@@ -478,37 +418,6 @@ fn remove_if_ours(path: &Path, file: FileId, why: &str) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => {
             tracing::warn!(path = %path.display(), why, error = %e, "cannot remove the socket file")
-        }
-    }
-}
-
-/// Removes the file of a socket this process bound if the process gives up before its
-/// server stops: the server dropped without serving, or `serve` failing to start. It lives
-/// in a task that ends when [`stopped`] takes the file off the list, or else is dropped
-/// when the runtime shuts down: then, if the socket has been closed, the file goes.
-struct FailedStart(FileId);
-
-impl FailedStart {
-    fn watch(socket: FileId) -> Option<tokio::sync::oneshot::Sender<()>> {
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        runtime.spawn(async move {
-            let _guard = FailedStart(socket);
-            let _ = rx.await;
-        });
-        Some(tx)
-    }
-}
-
-impl Drop for FailedStart {
-    fn drop(&mut self) {
-        let mut files = crate::lock(&FILES);
-        let closed = files
-            .iter()
-            .position(|f| f.socket == self.0 && f.is_closed() == Some(true));
-        if let Some(i) = closed {
-            let f = files.swap_remove(i);
-            remove_if_ours(&f.path, f.file, "the process did not get to serve on it");
         }
     }
 }

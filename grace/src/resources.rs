@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use crate::shutdown::report::{Outcome, TaskReport};
-use crate::shutdown::Shared;
+use crate::shutdown::{after, Shared};
 
 type CloseFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
@@ -99,20 +99,30 @@ impl Resources {
 
     /// The time all closes may take together.
     pub(crate) fn budget(&self) -> Duration {
-        crate::lock(&self.0).iter().map(|r| r.timeout).sum()
+        total(crate::lock(&self.0).iter())
     }
 
-    /// Closes every resource in order; none later than `deadline`.
-    pub(crate) async fn close_all(&self, deadline: Instant, shared: &Shared) -> Vec<TaskReport> {
+    /// Closes every resource in order, each within its own timeout, and none later than
+    /// `deadline` if there is one (their timeouts shrink in proportion to fit).
+    pub(crate) async fn close_all(
+        &self,
+        deadline: Option<Instant>,
+        shared: &Shared,
+    ) -> Vec<TaskReport> {
         let all = std::mem::take(&mut *crate::lock(&self.0));
         let mut reports = Vec::with_capacity(all.len());
         let order = close_order(all);
         // The timeouts of the resources not yet closed, this one included.
-        let mut left: Duration = order.iter().map(|r| r.timeout).sum();
+        let mut left = total(order.iter());
         for r in order {
             let started = Instant::now();
-            let remaining = deadline.saturating_duration_since(started);
-            let limit = (started + share(r.timeout, left, remaining)).min(deadline);
+            let limit = match deadline {
+                None => after(started, r.timeout),
+                Some(deadline) => {
+                    let remaining = deadline.saturating_duration_since(started);
+                    after(started, share(r.timeout, left, remaining)).min(deadline)
+                }
+            };
             left = left.saturating_sub(r.timeout);
             if let Some(reason) = shared.force_requested() {
                 // Stop at once means at once: what has not started closing is left as is.
@@ -130,6 +140,11 @@ impl Resources {
         }
         reports
     }
+}
+
+/// The timeouts added up, saturating (a timeout may be `Duration::MAX`).
+fn total<'a>(resources: impl Iterator<Item = &'a Resource>) -> Duration {
+    resources.fold(Duration::ZERO, |sum, r| sum.saturating_add(r.timeout))
 }
 
 /// How long a resource may take: its own timeout, or, when the timeouts `left` (its own

@@ -4,34 +4,49 @@
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use http_body::Body;
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::ToSocketAddrs;
 use tokio::signal::unix::SignalKind;
 use tokio::task::JoinSet;
 
+use crate::conn::body::{BodyLimit, RequestBody};
 use crate::conn::io::TrackedIo;
 use crate::conn::request::ConnService;
 use crate::conn::tracker::Hook;
 use crate::conn::{Addr, ConnInfo, ConnState};
 use crate::error::{Error, Result};
-use crate::listener::{self, Listener, Stream};
-use crate::shutdown::report::{PhaseTiming, ShutdownReport};
-use crate::shutdown::{ForceReason, Handle, Phase, Shared, Trigger};
+use crate::listener::{self, Listener, SocketFile, Stream};
+use crate::shutdown::report::{Outcome, PhaseTiming, ShutdownReport};
+use crate::shutdown::{after, far_future};
+use crate::shutdown::{ForceReason, Handle, Named, Phase, Shared, Trigger};
 use crate::signal::{Signals, DEFAULT_SIGNALS};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long a keep-alive connection may stay idle by default: nginx's 75 s, longer than the
+/// 60 s that load balancers commonly keep their own idle backend connections, so that the
+/// balancer closes first and never sends a request on a connection we are closing.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+
+/// How long a draining HTTP/2 connection with no open stream waits for the peer to answer
+/// the drain's PING (which tells which streams it opened meanwhile) before it is closed
+/// anyway, as Go's HTTP/2 server waits one second after its GOAWAY.
+const H2_GOAWAY_ACK_WAIT: Duration = Duration::from_secs(1);
 
 /// Settings of a server. Each has a builder method on [`Server`].
 #[derive(Clone, Debug)]
 pub(crate) struct Config {
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) stop_deadline: Option<Duration>,
     pub(crate) header_read_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) body_limit: Option<BodyLimit>,
     pub(crate) new_connection_grace: Duration,
     pub(crate) pre_stop_delay: Duration,
 }
@@ -40,7 +55,10 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             shutdown_timeout: Duration::from_secs(30),
+            stop_deadline: None,
             header_read_timeout: Some(Duration::from_secs(10)),
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            body_limit: Some(BodyLimit::DEFAULT),
             new_connection_grace: Duration::from_millis(200),
             pre_stop_delay: Duration::ZERO,
         }
@@ -66,7 +84,12 @@ impl Default for Config {
 /// # Ok(()) }
 /// ```
 pub struct Server {
-    listeners: Vec<Listener>,
+    /// Each with the name a restart passes it on under.
+    listeners: Vec<(Listener, String)>,
+    /// The previous generation's readiness pipe (see [`Server::from_inherited`]).
+    ready_pipe: Option<std::os::fd::OwnedFd>,
+    /// The Unix-domain socket files this server removes when it stops for good.
+    files: Vec<SocketFile>,
     shared: Arc<Shared>,
     hook: Option<Hook>,
     config: Config,
@@ -100,15 +123,30 @@ impl Server {
         })))
     }
 
-    /// Binds a Unix-domain listener at `path`.
+    /// Binds a Unix-domain listener at `path`, replacing a stale socket file but never a
+    /// live one or another kind of file; the file is removed once the server stops for good
+    /// (see [`Listener::bind_unix`]).
     pub fn bind_unix(path: impl AsRef<std::path::Path>) -> Result<Server> {
-        let path = path.as_ref();
-        Listener::bind_unix(path)
-            .map(Server::from_listener)
+        Server::bind_unix_file(path.as_ref(), None)
+    }
+
+    fn bind_unix_file(path: &std::path::Path, mode: Option<u32>) -> Result<Server> {
+        crate::listener::bind_unix(path, mode)
+            .map(|(listener, file)| {
+                let mut server = Server::from_listener(listener);
+                server.files.push(file);
+                server
+            })
             .map_err(|source| Error::Bind {
                 addr: path.display().to_string(),
                 source,
             })
+    }
+
+    /// Like [`bind_unix`](Self::bind_unix), with the socket file's permissions set to `mode`
+    /// (for example `0o660`) whatever the umask (see [`Listener::bind_unix_with_mode`]).
+    pub fn bind_unix_with_mode(path: impl AsRef<std::path::Path>, mode: u32) -> Result<Server> {
+        Server::bind_unix_file(path.as_ref(), Some(mode))
     }
 
     /// Serves on a listener made elsewhere (a `tokio` listener converts with `.into()`).
@@ -118,26 +156,73 @@ impl Server {
 
     /// Serves on several listeners at once (for example every socket systemd passed).
     pub fn from_listeners(listeners: impl IntoIterator<Item = Listener>) -> Server {
+        let named = listeners
+            .into_iter()
+            .map(|l| (l, crate::restart::DEFAULT_NAME.to_owned()));
         Server {
-            listeners: listeners.into_iter().collect(),
+            listeners: named.collect(),
+            ready_pipe: None,
+            files: Vec::new(),
             shared: Shared::new(),
             hook: None,
             config: Config::default(),
         }
     }
 
+    /// Serves on what this process inherited (see [`inherited_listeners`](crate::inherited_listeners)):
+    /// the listeners keep their names, and when an upgrade started this process, the
+    /// previous generation is told it is ready once serving starts.
+    pub fn from_inherited(inherited: crate::Inherited) -> Server {
+        let mut server = Server::from_listeners([]);
+        let upgrade = inherited.is_upgrade();
+        for (listener, name, owned) in inherited.listeners {
+            // A previous generation of ours bound it: its file is ours to remove in turn.
+            if upgrade && owned {
+                server.files.extend(SocketFile::handed_over(&listener));
+            }
+            server.listeners.push((listener, name));
+        }
+        server.ready_pipe = inherited.ready;
+        server
+    }
+
     /// The addresses the server listens on.
     pub fn local_addrs(&self) -> Vec<Addr> {
         self.listeners
             .iter()
-            .filter_map(|l| l.local_addr().ok())
+            .filter_map(|(l, _)| l.local_addr().ok())
             .collect()
     }
 
-    /// How long a drain may wait for connections and jobs before forcing them closed.
-    /// Default 30 s.
+    /// How long in-flight work may take once the listeners are closed: requests and
+    /// upgraded connections, then background jobs. What is still running then is forced
+    /// closed. Default 30 s. As with Go's `Shutdown(ctx)`, axum-server and actix, the whole
+    /// of it goes to the work: a 20 s request finishes under a 30 s timeout. Resources
+    /// close afterwards, each within its own [`Resource::timeout`](crate::Resource::timeout).
+    /// Any value is accepted: one too large to add to a clock means "no deadline".
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// An overall bound on the whole stop, counted from the moment a drain is asked for:
+    /// pre-stop delay, in-flight work, jobs and resources together. For orchestrators that
+    /// kill at a fixed time (Kubernetes' `terminationGracePeriodSeconds`, systemd's
+    /// `TimeoutStopSec`). Only with it is time held back for the resources: in-flight work
+    /// is forced early enough to leave them the timeouts they declared (or what is left,
+    /// shared in proportion). Default: none.
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), grace::Error> {
+    /// use std::time::Duration;
+    /// let server = grace::Server::bind("127.0.0.1:8080").await?
+    ///     .pre_stop_delay(Duration::from_secs(5))
+    ///     .shutdown_timeout(Duration::from_secs(20))
+    ///     .stop_deadline(Duration::from_secs(30)); // terminationGracePeriodSeconds: 30
+    /// # let _ = server; Ok(()) }
+    /// ```
+    pub fn stop_deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
+        self.config.stop_deadline = deadline.into();
         self
     }
 
@@ -147,6 +232,35 @@ impl Server {
     /// times per timeout), not one per request. Idle keep-alive connections are not cut.
     pub fn header_read_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.config.header_read_timeout = timeout.into();
+        self
+    }
+
+    /// How long a keep-alive connection (HTTP/1 between requests, HTTP/2 with no open
+    /// stream) may stay idle before it is closed. `None` keeps idle connections for as long
+    /// as clients like (a client could then hold every descriptor). Default
+    /// [`DEFAULT_IDLE_TIMEOUT`] (75 s). Kept by the same coarse clock as the header-read
+    /// timeout, so a connection is closed between one and `1 + 1/4` timeouts after it went
+    /// idle.
+    pub fn idle_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.config.idle_timeout = timeout.into();
+        self
+    }
+
+    /// How slowly a request body may arrive: it must come within `timeout` of the request's
+    /// head, plus one second for every `min_rate` bytes received, else reading it fails with
+    /// a [`BodyTimeout`](crate::BodyTimeout) error (axum's extractors answer 400) and the
+    /// connection closes after the response. So a client that sends headers and then
+    /// dribbles its body cannot hold a connection forever, while an upload at any reasonable
+    /// speed is never cut. `None` turns it off. Default 20 s and 500 bytes/s (Apache's
+    /// `mod_reqtimeout`). A handler that does not read the body is not affected.
+    pub fn request_body_timeout(
+        mut self,
+        timeout: impl Into<Option<Duration>>,
+        min_rate: u64,
+    ) -> Self {
+        self.config.body_limit = timeout
+            .into()
+            .map(|initial| BodyLimit { initial, min_rate });
         self
     }
 
@@ -185,11 +299,11 @@ impl Server {
     /// Serves `service` until a drain completes. Await the returned [`Serve`], optionally
     /// after [`Serve::with_signals`].
     ///
-    /// Any `tower::Service<Request<Incoming>>` that can be cloned works, an
+    /// Any `tower::Service<Request<RequestBody>>` that can be cloned works, an
     /// `axum::Router` included.
     pub fn serve<S, B>(self, service: S) -> Serve<S>
     where
-        S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
         B: Body + Send + 'static,
@@ -233,7 +347,7 @@ impl<S> Serve<S> {
 
 impl<S, B> IntoFuture for Serve<S>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body + Send + 'static,
@@ -254,12 +368,20 @@ struct ConnCtx<S> {
     builder: auto::Builder<TokioExecutor>,
     shared: Arc<Shared>,
     grace: Duration,
+    body_limit: Option<BodyLimit>,
     /// The first-byte grace when a restart handed the listeners on (see `serve_connection`).
     restart_grace: Duration,
 }
 
 /// Aborts a background task when the serve future ends or is dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    /// Waits for the task to end by itself.
+    async fn finish(mut self) {
+        let _ = (&mut self.0).await;
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -270,7 +392,7 @@ impl Drop for AbortOnDrop {
 impl<S> Serve<S> {
     async fn run<B>(self) -> Result<ShutdownReport>
     where
-        S: tower::Service<Request<Incoming>, Response = Response<B>>
+        S: tower::Service<Request<RequestBody>, Response = Response<B>>
             + Clone
             + Send
             + Sync
@@ -288,6 +410,8 @@ impl<S> Serve<S> {
         } = self;
         let Server {
             listeners,
+            ready_pipe,
+            files,
             shared,
             hook,
             config,
@@ -305,26 +429,39 @@ impl<S> Serve<S> {
             builder: http_builder(),
             shared: Arc::clone(&shared),
             grace: config.new_connection_grace,
+            body_limit: config.body_limit,
             restart_grace: config
                 .header_read_timeout
                 .unwrap_or(config.shutdown_timeout)
                 .max(config.new_connection_grace),
         });
-        let _header_timeouts = config
-            .header_read_timeout
-            .map(|t| AbortOnDrop(tokio::spawn(header_timeouts(Arc::clone(&shared), t))));
+        let _clock = clock(&shared, &config).map(|c| AbortOnDrop(tokio::spawn(c)));
+        let listeners: Vec<_> = listeners
+            .into_iter()
+            .map(|(l, name)| (Arc::new(l), name))
+            .collect();
+        // Kept while serving, so a restart can hand them on (see `restart`).
+        let owned = |l: &Listener| files.iter().any(|f| f.is_of(l));
+        let named = listeners.iter().map(|(l, name)| Named {
+            listener: Arc::clone(l),
+            name: name.clone(),
+            owns_file: owned(l),
+        });
+        shared.set_listeners(named.collect());
+        // Ready before the first accept (connections wait in the kernel's queue meanwhile):
+        // pid file, the previous generation's readiness pipe, systemd READY=1. A new
+        // generation that cannot report ready fails here, having accepted nothing.
+        let restarts =
+            crate::restart::serving(&shared, ready_pipe, config.shutdown_timeout)?.map(AbortOnDrop);
+        // Serving: the files are ours to remove when we stop, whoever bound them.
+        files.iter().for_each(SocketFile::arm);
         let mut accepting = JoinSet::new();
-        let listeners: Vec<Arc<Listener>> = listeners.into_iter().map(Arc::new).collect();
-        for l in &listeners {
+        for (l, _) in listeners {
             if let Ok(addr) = l.local_addr() {
                 tracing::info!(%addr, "listening");
             }
-            accepting.spawn(accept_loop(Arc::clone(l), Arc::clone(&ctx)));
+            accepting.spawn(accept_loop(l, Arc::clone(&ctx)));
         }
-        // Kept while serving, so a restart can hand them on (see `restart`).
-        shared.set_listeners(listeners);
-        // Pid file, systemd READY=1, the previous generation's readiness pipe, restarts.
-        let _restarts = crate::restart::serving(&shared)?.map(AbortOnDrop);
 
         let mut requests = shared.requests();
         let trigger = requests
@@ -333,7 +470,19 @@ impl<S> Serve<S> {
             .ok()
             .and_then(|r| r.drain.clone())
             .unwrap_or(Trigger::Handle);
-        Ok(drain(&shared, &config, trigger, accepting).await)
+        let report = drain(&shared, &config, trigger, accepting).await;
+        // An upgrade under way when the drain was asked for ends first: the new process
+        // is stopped and reaped (see `restart::spawn`), so none outlives this one.
+        if let Some(restarts) = restarts {
+            restarts.finish().await;
+        }
+        crate::restart::finished(&shared, report.trigger == Trigger::Restart);
+        if report.trigger == Trigger::Restart {
+            // The new generation serves on them, and removes them when it stops.
+            files.iter().for_each(SocketFile::disarm);
+        }
+        drop(files);
+        Ok(report)
     }
 }
 
@@ -346,16 +495,27 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Cuts connections that take longer than `timeout` to send a request head (slow or
-/// silent clients), checking four times per timeout.
-async fn header_timeouts(shared: Arc<Shared>, timeout: Duration) {
+/// The coarse clock behind the header-read and idle timeouts: one timer per server, ticking
+/// four times per shortest timeout, that cuts connections past either (see `Tracker::tick`).
+fn clock(shared: &Arc<Shared>, config: &Config) -> Option<impl Future<Output = ()>> {
     const TICKS: u32 = 4;
-    let mut every = tokio::time::interval((timeout / TICKS).max(Duration::from_millis(1)));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        shared.tracker.cut_slow_heads(TICKS);
-    }
+    let (head, idle) = (config.header_read_timeout, config.idle_timeout);
+    let period = (head.into_iter().chain(idle).min()? / TICKS).max(Duration::from_millis(1));
+    // In ticks of `period`, rounded up; saturating for absurdly long timeouts.
+    let ticks = |t: Duration| {
+        let n = t.as_nanos().div_ceil(period.as_nanos());
+        u32::try_from(n).unwrap_or(u32::MAX / 4)
+    };
+    let (head, idle) = (head.map(ticks), idle.map(ticks));
+    let shared = Arc::clone(shared);
+    Some(async move {
+        let mut every = tokio::time::interval(period);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            shared.tracker.tick(head, idle);
+        }
+    })
 }
 
 /// Runs the phases of a shutdown, in order, and says what happened.
@@ -380,11 +540,17 @@ async fn drain(
         })
     };
 
+    // The overall bound, if any, and what it must leave the resources.
+    let stop_by = config.stop_deadline.map(|d| after(started, d));
+    let reserve = shared.resources.budget();
+    let work_stop_by = stop_by.map(|s| s.checked_sub(reserve).unwrap_or(started).max(started));
+
     // Readiness already fails (since the request); with a pre-stop delay we keep serving.
     if !config.pre_stop_delay.is_zero() {
         let t = Instant::now();
+        let until = after(t, config.pre_stop_delay).min(work_stop_by.unwrap_or(far_future(t)));
         tokio::select! {
-            _ = tokio::time::sleep(config.pre_stop_delay) => {}
+            _ = tokio::time::sleep_until(until.into()) => {}
             reason = shared.forced() => forced_by = Some(reason),
         }
         timed("pre_stop", t);
@@ -398,16 +564,18 @@ async fn drain(
     let idle = tracker.close_idle();
     shared.enter(Phase::Draining);
     tracing::debug!(idle, "idle connections closed");
-    // Everything ends by `deadline`; connections and jobs leave the resources their time.
-    let deadline = t + config.shutdown_timeout;
-    let reserve = shared.resources.budget().min(config.shutdown_timeout / 2);
-    let drain_deadline = deadline - reserve;
+    // In-flight work (connections, then jobs) gets the shutdown timeout from here, unless
+    // the overall stop deadline, less the resources' time, comes first.
+    let (drain_deadline, cut_by) = match work_stop_by {
+        Some(s) if s < after(t, config.shutdown_timeout) => (s, ForceReason::StopDeadline),
+        _ => (after(t, config.shutdown_timeout), ForceReason::Deadline),
+    };
 
     if forced_by.is_none() {
         let t = Instant::now();
         tokio::select! {
             _ = tracker.wait_empty() => {}
-            _ = tokio::time::sleep_until(drain_deadline.into()) => forced_by = Some(ForceReason::Deadline),
+            _ = tokio::time::sleep_until(drain_deadline.into()) => forced_by = Some(cut_by.clone()),
             reason = shared.forced() => forced_by = Some(reason),
         }
         timed("drain", t);
@@ -431,9 +599,12 @@ async fn drain(
     };
     let jobs = shared.jobs.stop(jobs_deadline, shared).await;
     timed("jobs", t);
+    if forced_by.is_none() && jobs.iter().any(|j| j.outcome == Outcome::TimedOut) {
+        forced_by = Some(cut_by);
+    }
 
     let t = Instant::now();
-    let resources = shared.resources.close_all(deadline, shared).await;
+    let resources = shared.resources.close_all(stop_by, shared).await;
     timed("resources", t);
     // A force that came while jobs or resources were closing cut them: say so.
     if forced_by.is_none() {
@@ -458,7 +629,7 @@ async fn drain(
 /// Accepts until the drain starts, then drops (closes) the listener.
 async fn accept_loop<S, B>(listener: Arc<Listener>, ctx: Arc<ConnCtx<S>>)
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body + Send + 'static,
@@ -467,6 +638,8 @@ where
 {
     const MIN_BACKOFF: Duration = Duration::from_millis(5);
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
+    // Idle connections closed per failed accept: enough for the next few clients.
+    const SHED_ON_EXHAUSTION: usize = 16;
     let mut backoff = MIN_BACKOFF;
     loop {
         let accepted = tokio::select! {
@@ -483,8 +656,10 @@ where
                 tracing::debug!(error = %e, "accept: connection failed before it was accepted");
             }
             Err(e) => {
-                // EMFILE, ENFILE, ENOBUFS, ENOMEM: wait for resources instead of spinning.
-                tracing::error!(error = %e, ?backoff, "accept failed; backing off");
+                // EMFILE, ENFILE, ENOBUFS, ENOMEM: make room by closing the connections that
+                // have been idle longest, and wait for resources instead of spinning.
+                let shed = ctx.shared.tracker.shed_idle(SHED_ON_EXHAUSTION);
+                tracing::error!(error = %e, ?backoff, shed, "accept failed; closed idle connections, backing off");
                 tokio::select! {
                     _ = ctx.shared.accepting_stopped() => break,
                     _ = tokio::time::sleep(backoff) => {}
@@ -500,7 +675,7 @@ where
 /// socket itself (see `Tracker::force_all`), so nothing here has to cooperate.
 async fn serve_connection<S, B>(stream: Stream, peer: Addr, ctx: Arc<ConnCtx<S>>)
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body + Send + 'static,
@@ -513,12 +688,13 @@ where
         ctx.service.clone(),
         Arc::clone(&conn),
         Arc::clone(&ctx.shared),
+        ctx.body_limit,
     );
     let connection = ctx
         .builder
         .serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let draining = std::future::poll_fn(|cx| conn.poll_draining(cx, ctx.shared.draining_flag()));
+    let draining = std::future::poll_fn(|cx| conn.poll_draining(cx));
 
     tokio::select! {
         biased;
@@ -535,7 +711,7 @@ where
         } else {
             ctx.grace
         };
-        let until = conn.info.accepted_at + grace;
+        let until = after(conn.info.accepted_at, grace);
         tokio::select! {
             result = connection.as_mut() => return log_end(conn.info.id, result),
             _ = tokio::time::sleep_until(until.into()) => {}
@@ -545,7 +721,33 @@ where
     // Idle (and still silent New) connections close now; HTTP/1 requests in flight finish
     // with `Connection: close`; HTTP/2 sends GOAWAY and lets open streams finish.
     connection.as_mut().graceful_shutdown();
+    if conn.is_http2() {
+        // GOAWAY and PING are out; a peer that answers lets hyper finish at once. One that
+        // does not (gone, or behind a dropped NAT entry) must not hold the drain: past a
+        // round trip's worth of waiting, the connection closes once it has no open stream.
+        let wait = tokio::time::sleep(H2_GOAWAY_ACK_WAIT);
+        tokio::select! {
+            result = connection.as_mut() => return log_end(conn.info.id, result),
+            _ = wait => {}
+        }
+        // Biased: the connection is polled first on every wake-up, so the frames of a stream
+        // that just ended are written to the socket before it is shut.
+        tokio::select! {
+            biased;
+            result = connection.as_mut() => return log_end(conn.info.id, result),
+            _ = std::future::poll_fn(|cx| conn.poll_idle(cx)) => {}
+        }
+        if let Poll::Ready(result) = futures_poll_once(connection.as_mut()).await {
+            return log_end(conn.info.id, result);
+        }
+        conn.close_now();
+    }
     log_end(conn.info.id, connection.await);
+}
+
+/// Polls `fut` once, to let it write what it has ready.
+async fn futures_poll_once<F: Future + Unpin>(mut fut: F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await
 }
 
 fn log_end(id: u64, result: std::result::Result<(), BoxError>) {

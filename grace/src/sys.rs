@@ -46,23 +46,29 @@ impl SocketSlot {
 /// spawn later (a restart hands listeners on explicitly, see [`pass_fds`]). Returns `None`
 /// if `fd` is not open.
 ///
-/// The caller must adopt each inherited number once: `restart::inherit` reads (and
-/// removes) the environment variables that name them under one lock.
+/// The caller must adopt each inherited number once: `restart::inherit` adopts them behind
+/// a process-wide flag.
 pub(crate) fn adopt_inherited(fd: RawFd) -> Option<OwnedFd> {
     if fd < 3 {
         // Never stdin, stdout or stderr: the protocols start at 3.
         return None;
     }
-    // SAFETY: the borrow lives only for this fcntl(F_GETFD) call, which is harmless on any
-    // integer: it fails with EBADF if the number is not open.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    rustix::io::fcntl_getfd(borrowed).ok()?;
+    if !is_open(fd) {
+        return None;
+    }
     // SAFETY: the descriptor is open, and the inheritance protocol hands it to this process
     // alone: nothing else in the process knows the number (it came from the environment),
     // and the caller adopts each inherited number once (see above).
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC).ok()?;
     Some(owned)
+}
+
+/// True if `fd` is an open descriptor of this process.
+pub(crate) fn is_open(fd: RawFd) -> bool {
+    // SAFETY: the borrow lives only for this fcntl(F_GETFD) call, which is harmless on any
+    // integer: it fails with EBADF if the number is not open.
+    fd >= 0 && rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(fd) }).is_ok()
 }
 
 /// The most descriptors [`pass_fds`] lays out.

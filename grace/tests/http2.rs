@@ -90,3 +90,133 @@ async fn goaway_twice_then_the_open_stream_finishes() {
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(report.requests_completed, 1);
 }
+
+/// Reads frames until the server closes the connection; false if it is still open after
+/// `SOON`. Answers nothing (a peer that never acknowledges SETTINGS or PING).
+async fn closed_by_server(s: &mut TcpStream) -> bool {
+    tokio::time::timeout(SOON, async { while read_frame(s).await.is_some() {} })
+        .await
+        .is_ok()
+}
+
+async fn preface(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    s.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+    s
+}
+
+/// Issue 9, item 2: an HTTP/2 connection that sends only the preface is cut by the
+/// header-read timeout, as a silent HTTP/1 connection is (it was exempt once the preface
+/// arrived).
+#[tokio::test]
+async fn a_preface_alone_does_not_hold_a_connection() {
+    let srv = start(app(), |s| {
+        s.header_read_timeout(Duration::from_millis(300))
+            .idle_timeout(None)
+    })
+    .await;
+    let mut s = preface(srv.addr).await;
+    assert!(
+        closed_by_server(&mut s).await,
+        "a preface-only connection stayed open"
+    );
+    srv.wait_counts(|c| c.total() == 0).await;
+}
+
+/// Issue 9, item 2: HEADERS without END_HEADERS (a CONTINUATION that never comes) is cut by
+/// the header-read timeout.
+#[tokio::test]
+async fn headers_without_end_headers_do_not_hold_a_connection() {
+    let srv = start(app(), |s| {
+        s.header_read_timeout(Duration::from_millis(300))
+            .idle_timeout(None)
+    })
+    .await;
+    let mut s = preface(srv.addr).await;
+    // END_STREAM, no END_HEADERS.
+    s.write_all(&frame(HEADERS, 0x1, 1, &get_headers("/")))
+        .await
+        .unwrap();
+    assert!(
+        closed_by_server(&mut s).await,
+        "a half-sent header block held the connection"
+    );
+}
+
+/// Issue 9, item 2: an idle HTTP/2 connection (requests done, no stream open) is closed by
+/// the idle timeout, as an idle HTTP/1 one is.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_by_the_idle_timeout() {
+    let srv = start(app(), |s| s.idle_timeout(Duration::from_millis(300))).await;
+    let mut s = preface(srv.addr).await;
+    s.write_all(&frame(HEADERS, 0x5, 1, &get_headers("/")))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let served = tokio::time::timeout(SOON, async {
+        while let Some((kind, flags, stream, payload)) = read_frame(&mut s).await {
+            if kind == DATA && stream == 1 {
+                got.extend_from_slice(&payload);
+                if flags & 1 == 1 {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(served.is_ok());
+    assert_eq!(got, b"hello");
+    assert!(
+        closed_by_server(&mut s).await,
+        "an idle HTTP/2 connection stayed open"
+    );
+}
+
+/// Issue 9, item 3: an idle HTTP/2 peer that never acknowledges the drain's PING (gone, or
+/// behind a dropped NAT entry) does not hold the drain to its deadline: it is closed about
+/// a second later, and nothing is reported as forced.
+#[tokio::test]
+async fn a_peer_that_never_answers_the_drain_ping_does_not_hold_the_drain() {
+    let mut srv = start(app(), |s| s.shutdown_timeout(Duration::from_secs(60))).await;
+    let mut s = preface(srv.addr).await;
+    s.write_all(&frame(HEADERS, 0x5, 1, &get_headers("/")))
+        .await
+        .unwrap();
+    srv.wait_counts(|c| c.idle == 1 && c.active == 0).await;
+    let t = std::time::Instant::now();
+    srv.handle.shutdown();
+    // The peer reads (so the server's writes do not block) but answers nothing.
+    assert!(closed_by_server(&mut s).await, "the connection stayed open");
+    let report = srv.report(Duration::ZERO).await;
+    assert!(report.is_clean(), "{}", report.to_json());
+    assert!(t.elapsed() < SOON, "the drain took {:?}", t.elapsed());
+}
+
+/// Issue 9, item 3: the bound on that wait never cuts an open stream: a stream still running
+/// after it finishes, then the connection closes.
+#[tokio::test]
+async fn the_ping_bound_lets_an_open_stream_finish() {
+    let mut srv = start(app(), |s| s.shutdown_timeout(Duration::from_secs(60))).await;
+    let mut s = preface(srv.addr).await;
+    s.write_all(&frame(HEADERS, 0x5, 1, &get_headers("/sleep/1800")))
+        .await
+        .unwrap();
+    srv.wait_counts(|c| c.active == 1).await;
+    srv.handle.shutdown();
+    let mut data = Vec::new();
+    let read = tokio::time::timeout(SOON, async {
+        while let Some((kind, _, stream, payload)) = read_frame(&mut s).await {
+            if kind == DATA && stream == 1 {
+                data.extend_from_slice(&payload);
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the connection stayed open");
+    assert_eq!(String::from_utf8_lossy(&data), "slept 1800");
+    let report = srv.report(Duration::ZERO).await;
+    assert!(report.is_clean(), "{}", report.to_json());
+}

@@ -123,8 +123,8 @@ async fn a_hanging_resource_is_cut_at_its_timeout_and_the_others_still_close() {
 }
 
 #[tokio::test]
-async fn the_deadline_holds_over_resource_timeouts_and_later_resources_still_close() {
-    let mut srv = start(app(), |s| s.shutdown_timeout(Duration::from_secs(2))).await;
+async fn the_stop_deadline_holds_over_resource_timeouts_and_later_resources_still_close() {
+    let mut srv = start(app(), |s| s.stop_deadline(Duration::from_secs(2))).await;
     let log = Log::default();
     srv.handle
         .add_resource(logged("after", &log).timeout(Duration::from_secs(10)));
@@ -138,7 +138,7 @@ async fn the_deadline_holds_over_resource_timeouts_and_later_resources_still_clo
     let took = t.elapsed();
     assert!(
         took < Duration::from_millis(2_500),
-        "deadline 2 s, shutdown took {took:?}"
+        "stop deadline 2 s, shutdown took {took:?}"
     );
     let hang = &report.resources[0];
     assert_eq!(
@@ -312,5 +312,65 @@ async fn a_force_during_the_resource_phase_cuts_what_is_still_closing() {
         log.names(),
         ["hang-cut"],
         "db must not be closed after a force"
+    );
+}
+
+/// Issue 10: the shutdown timeout is the time in-flight work gets, all of it, as in Go's
+/// `Shutdown(ctx)`: registered resources no longer take half of it.
+#[tokio::test]
+async fn a_request_shorter_than_the_shutdown_timeout_completes_though_resources_are_registered() {
+    let mut srv = start(app(), |s| s.shutdown_timeout(Duration::from_secs(2))).await;
+    let log = Log::default();
+    srv.handle
+        .add_resource(logged("db", &log).timeout(Duration::from_secs(5)));
+    let mut client = Client::connect(srv.addr).await;
+    client.send("/sleep/1500").await;
+    srv.wait_counts(|c| c.active == 1).await;
+    srv.handle.shutdown();
+    let resp = tokio::time::timeout(SOON, client.read()).await.unwrap();
+    let resp = resp.expect("the request was cut");
+    assert_eq!((resp.status, resp.body.as_str()), (200, "slept 1500"));
+    let report = srv.report(Duration::from_secs(2)).await;
+    assert!(report.is_clean(), "{}", report.to_json());
+    assert_eq!(log.names(), ["db"]);
+}
+
+/// Issue 10: with an overall stop deadline, in-flight work is cut early enough that the
+/// resources still close inside it, and the report says which budget cut.
+#[tokio::test]
+async fn with_a_stop_deadline_resources_still_close_inside_it() {
+    let mut srv = start(app(), |s| {
+        s.shutdown_timeout(Duration::from_secs(30))
+            .stop_deadline(Duration::from_millis(1_500))
+    })
+    .await;
+    let log = Log::default();
+    srv.handle.add_resource(
+        Resource::new("slow-db", {
+            let log = log.clone();
+            move || async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                log.push("slow-db");
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .timeout(Duration::from_millis(700)),
+    );
+    let mut client = Client::connect(srv.addr).await;
+    client.send("/sleep/60000").await;
+    srv.wait_counts(|c| c.active == 1).await;
+    let t = Instant::now();
+    srv.handle.shutdown();
+    let report = srv.report(Duration::from_millis(1_500)).await;
+    let took = t.elapsed();
+    assert_eq!(report.forced_by, Some(grace::ForceReason::StopDeadline));
+    assert_eq!(report.forced.len(), 1, "{}", report.to_json());
+    assert_eq!(outcomes(&report.resources), [("slow-db", Outcome::Closed)]);
+    // The request was cut 700 ms before the deadline, which left the resource its time.
+    let cut = log.at("slow-db");
+    assert!(cut.duration_since(t) < Duration::from_millis(1_500) + Duration::from_millis(300));
+    assert!(
+        took < Duration::from_secs(3),
+        "stop deadline 1.5 s, took {took:?}"
     );
 }

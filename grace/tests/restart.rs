@@ -69,7 +69,7 @@ async fn restart_is_refused_when_not_enabled() {
     let handle = server.handle();
     let served = tokio::spawn(server.serve(app()).into_future());
     let err = handle.restart().await.unwrap_err();
-    assert!(matches!(err, grace::Error::Restart(_)), "{err}");
+    assert!(matches!(err, grace::RestartError::NotEnabled), "{err}");
     handle.shutdown();
     served.await.unwrap().unwrap();
 }

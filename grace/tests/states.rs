@@ -137,3 +137,80 @@ async fn an_upgraded_connection_that_ignores_the_notice_is_forced_at_the_deadlin
     let end = tokio::time::timeout(SOON, ws.next()).await.unwrap();
     assert!(!matches!(end, Some(Ok(Message::Text(_)))));
 }
+
+/// Issue 9, item 2: an idle keep-alive connection is closed after the idle timeout, so idle
+/// clients cannot hold descriptors forever; one in use is not.
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let srv = start(app(), |s| s.idle_timeout(Duration::from_millis(300))).await;
+    let mut idle = Client::connect(srv.addr).await;
+    assert_eq!(idle.get("/").await.map(|r| r.status), Some(200));
+    // A request that outlives the idle timeout is not cut: only idle time counts.
+    let mut busy = Client::connect(srv.addr).await;
+    assert_eq!(busy.get("/sleep/900").await.map(|r| r.status), Some(200));
+    assert!(idle.closed().await, "the idle connection stayed open");
+    srv.wait_counts(|c| c.total() <= 1).await;
+}
+
+/// A server built with no settings closes idle connections (after 75 s, nginx's default,
+/// longer than the 60 s load balancers keep theirs): clients cannot hold them forever.
+#[tokio::test]
+async fn idle_connections_time_out_by_default() {
+    let server = grace::Server::bind("127.0.0.1:0").await.unwrap();
+    let config = format!("{server:?}");
+    assert!(config.contains("idle_timeout: Some(75s)"), "{config}");
+    assert_eq!(grace::DEFAULT_IDLE_TIMEOUT, Duration::from_secs(75));
+}
+
+/// Issue 9, item 2: a client that sends its headers and then dribbles its body (a byte every
+/// 100 ms, below the minimum rate) is cut once the body timeout passes; a body sent at a
+/// normal pace, even in pieces, is served.
+#[tokio::test]
+async fn a_dribbled_body_is_cut_and_a_normal_one_is_not() {
+    let srv = start(app(), |s| {
+        s.request_body_timeout(Duration::from_millis(400), 500)
+    })
+    .await;
+    let mut ok = Client::connect(srv.addr).await;
+    ok.write(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nhello")
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    ok.write(b"world").await;
+    let resp = ok.read().await.expect("a normal body was cut");
+    assert_eq!((resp.status, resp.body.as_str()), (200, "helloworld"));
+
+    let mut slow = Client::connect(srv.addr).await;
+    slow.write(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n")
+        .await;
+    let t = std::time::Instant::now();
+    let answer = tokio::time::timeout(SOON, async {
+        loop {
+            // One byte at a time, as long as the server lets us.
+            if tokio::io::AsyncWriteExt::write_all(slow.io.get_mut(), b"x")
+                .await
+                .is_err()
+            {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut probe = [0u8; 1];
+            let peek = slow.io.get_ref().peek(&mut probe);
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(1), peek).await {
+                return slow.read().await;
+            }
+        }
+    })
+    .await
+    .expect("the dribbled body held the connection");
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "cut before the timeout"
+    );
+    if let Some(resp) = answer {
+        assert_eq!(resp.status, 400, "{resp:?}");
+        assert!(
+            slow.closed().await,
+            "the connection stayed open after a cut body"
+        );
+    }
+}

@@ -71,7 +71,7 @@ fn serve(args: Args) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let server = match grace::inherited_listeners()? {
-            Some(l) => grace::Server::from_listeners(l),
+            Some(l) => grace::Server::from_inherited(l),
             None => grace::Server::bind("127.0.0.1:0").await?,
         };
         let addr = server.local_addrs()[0].to_string();

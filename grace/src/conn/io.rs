@@ -48,8 +48,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = res {
             let read = &buf.filled()[before..];
-            if !read.is_empty() {
-                self.conn.on_read(read);
+            if !read.is_empty() && !self.conn.on_read(read) {
+                // A request began as the connection was closed while idle: it is not read,
+                // and hyper sees the end of the connection instead (see `Conn::on_read`).
+                buf.set_filled(before);
             }
         }
         res

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Instant;
 
+pub(crate) mod body;
 pub(crate) mod io;
 pub(crate) mod request;
 pub(crate) mod tracker;

@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use tower::util::Oneshot;
 use tower::ServiceExt;
 
+use super::body::{BodyLimit, RequestBody};
 use super::tracker::Conn;
 use super::ConnState;
 use crate::shutdown::Shared;
@@ -27,21 +28,28 @@ pub(crate) struct ConnService<S> {
     inner: S,
     conn: Arc<Conn>,
     shared: Arc<Shared>,
+    body_limit: Option<BodyLimit>,
 }
 
 impl<S> ConnService<S> {
-    pub(crate) fn new(inner: S, conn: Arc<Conn>, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        conn: Arc<Conn>,
+        shared: Arc<Shared>,
+        body_limit: Option<BodyLimit>,
+    ) -> Self {
         ConnService {
             inner,
             conn,
             shared,
+            body_limit,
         }
     }
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone,
+    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone,
 {
     type Response = Response<TrackedBody<B>>;
     type Error = S::Error;
@@ -53,6 +61,8 @@ where
             req.extensions_mut().insert(self.shared.notice());
         }
         let http1 = req.version() < http::Version::HTTP_2;
+        let limit = self.body_limit;
+        let req = req.map(|body| RequestBody::new(body, limit));
         ResponseFuture {
             inner: self.inner.clone().oneshot(req),
             guard: Some(RequestGuard {
@@ -76,9 +86,9 @@ impl Drop for RequestGuard {
 }
 
 pin_project_lite::pin_project! {
-    pub(crate) struct ResponseFuture<S: tower::Service<Request<Incoming>>> {
+    pub(crate) struct ResponseFuture<S: tower::Service<Request<RequestBody>>> {
         #[pin]
-        inner: Oneshot<S, Request<Incoming>>,
+        inner: Oneshot<S, Request<RequestBody>>,
         guard: Option<RequestGuard>,
         shared: Arc<Shared>,
         http1: bool,
@@ -87,7 +97,7 @@ pin_project_lite::pin_project! {
 
 impl<S, B> Future for ResponseFuture<S>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>>,
+    S: tower::Service<Request<RequestBody>, Response = Response<B>>,
 {
     type Output = Result<Response<TrackedBody<B>>, S::Error>;
 

@@ -29,11 +29,18 @@ pub(crate) struct Conn {
     request: Mutex<Option<(http::Method, http::Uri, Instant)>>,
     /// The tick of the tracker's coarse clock when the connection started waiting for a
     /// request head (accepted, or the first byte of the next HTTP/1 request); 0 when not
-    /// waiting. See [`Tracker::cut_slow_heads`].
+    /// waiting. See [`Tracker::tick`].
     head_since: AtomicU32,
+    /// The tick of the coarse clock when the connection last became `Idle` (see
+    /// [`Tracker::tick`]).
+    idle_since: AtomicU32,
     /// HTTP/1: the response body ended; the connection becomes `Idle` at the next flush of
     /// the socket, once the response's last bytes are in the kernel's hands.
     idle_on_flush: AtomicBool,
+    /// An HTTP/1 connection closed while idle (by the drain or the idle timeout): the bytes of
+    /// a request read after that are dropped, so no request is ever served on a connection
+    /// whose socket is being shut (see [`Conn::close_if_idle`]).
+    closing: AtomicBool,
     /// The drain no longer waits for this connection: its socket was shut down by the
     /// drain or a force (its task may still be unwinding), or it unregistered.
     released: AtomicBool,
@@ -65,31 +72,40 @@ impl Conn {
             {
                 return;
             }
+            // SeqCst on success: the Idle → Active move pairs with `close_if_idle`.
             match self.state.compare_exchange_weak(
                 cur,
                 to as u8,
-                Ordering::AcqRel,
+                Ordering::SeqCst,
                 Ordering::Acquire,
             ) {
                 Ok(_) => break from,
                 Err(actual) => cur = actual,
             }
         };
+        if to == ConnState::Idle {
+            // Relaxed: read only by the clock's scan, where a tick's error is tolerated.
+            self.idle_since.store(self.tracker.now(), Ordering::Relaxed);
+        }
         self.tracker.moved(from, to, &self.info);
     }
 
     /// The socket delivered bytes. The first byte makes a `New` connection `Active`; on
     /// HTTP/1, the first byte of the next request makes an `Idle` connection `Active`.
     /// (HTTP/2 reads control frames while idle; its streams drive its state instead.)
+    /// Returns false when the bytes must be dropped: they begin a request on an idle
+    /// connection that is being closed.
     #[inline]
-    pub(crate) fn on_read(&self, bytes: &[u8]) {
+    pub(crate) fn on_read(&self, bytes: &[u8]) -> bool {
         match ConnState::from_u8(self.state.load(Ordering::Relaxed)) {
             ConnState::New => {
                 self.set(ConnState::Active);
                 if bytes.starts_with(b"PRI ") {
-                    // The HTTP/2 connection preface: no stream open yet.
+                    // The HTTP/2 connection preface: no stream open yet. The header-read
+                    // clock (started at accept) keeps running until the first request's
+                    // HEADERS are complete: a preface alone, or HEADERS without
+                    // END_HEADERS, must not hold the connection.
                     self.http2.store(true, Ordering::Relaxed);
-                    self.head_since.store(0, Ordering::Relaxed);
                     self.set(ConnState::Idle);
                 }
                 self.left_new.notify_one();
@@ -97,9 +113,26 @@ impl Conn {
             ConnState::Idle if !self.http2.load(Ordering::Relaxed) => {
                 self.head_since.store(self.tracker.now(), Ordering::Relaxed);
                 self.set(ConnState::Active);
+                // SeqCst, paired with `close_if_idle`: either it sees us `Active` and keeps
+                // the socket, or we see `closing` and drop the request unread.
+                return !self.closing.load(Ordering::SeqCst);
             }
             _ => {}
         }
+        true
+    }
+
+    /// Shuts an idle HTTP/1 connection, unless a request has begun on it meanwhile. A
+    /// request whose first bytes race with this is either served in full (we back off) or
+    /// never read at all (its bytes are dropped, see `on_read`): never processed without
+    /// a way to answer it.
+    pub(crate) fn close_if_idle(&self) -> bool {
+        self.closing.store(true, Ordering::SeqCst);
+        if ConnState::from_u8(self.state.load(Ordering::SeqCst)) == ConnState::Idle {
+            return self.socket.shutdown();
+        }
+        self.closing.store(false, Ordering::SeqCst);
+        false
     }
 
     /// Resolves once the connection has left `New` (at once if it already has).
@@ -126,30 +159,55 @@ impl Conn {
             *lock(&self.request) = None;
             if self.http2.load(Ordering::Relaxed) {
                 self.set(ConnState::Idle);
+                // A draining HTTP/2 connection may be waiting to close once idle.
+                if self.tracker.is_draining() {
+                    self.drain_waker.wake();
+                }
             } else {
                 self.idle_on_flush.store(true, Ordering::Release);
             }
         }
     }
 
-    /// Ready once `draining` is true; otherwise registers the task to be woken by
-    /// [`Tracker::wake_all`].
+    /// Ready once the tracker is draining; otherwise registers the task to be woken by
+    /// [`Tracker::start_draining`].
     #[inline]
-    pub(crate) fn poll_draining(
+    pub(crate) fn poll_draining(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.poll_until(cx, || self.tracker.is_draining())
+    }
+
+    /// Ready once the connection is `Idle` (an HTTP/2 connection with no open stream, during
+    /// a drain: see `Conn::request_finished`).
+    pub(crate) fn poll_idle(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.poll_until(cx, || self.state() == ConnState::Idle)
+    }
+
+    #[inline]
+    fn poll_until(
         &self,
         cx: &mut std::task::Context<'_>,
-        draining: &AtomicBool,
+        done: impl Fn() -> bool,
     ) -> std::task::Poll<()> {
-        if draining.load(Ordering::Acquire) {
+        if done() {
             return std::task::Poll::Ready(());
         }
         self.drain_waker.register(cx.waker());
-        // Checked again: the drain may have started (and woken no one) in between.
-        if draining.load(Ordering::Acquire) {
+        // Checked again: the event may have come (and woken no one) in between.
+        if done() {
             std::task::Poll::Ready(())
         } else {
             std::task::Poll::Pending
         }
+    }
+
+    pub(crate) fn is_http2(&self) -> bool {
+        self.http2.load(Ordering::Relaxed)
+    }
+
+    /// Shuts the socket down now and stops the drain from waiting for it.
+    pub(crate) fn close_now(&self) {
+        self.socket.shutdown();
+        self.release();
     }
 
     /// The socket was flushed: a finished HTTP/1 response is now fully written.
@@ -204,8 +262,12 @@ pub(crate) struct Tracker {
     counts: [AtomicUsize; 4],
     next_id: AtomicU64,
     completed: AtomicU64,
-    /// A coarse clock for the header-read timeout, advanced by `cut_slow_heads`.
+    /// A coarse clock for the header-read and idle timeouts, advanced by [`Tracker::tick`].
     tick: AtomicU32,
+    /// Set once, when the drain starts: responses carry `Connection: close` from then on,
+    /// and every connection task is woken. Read with Acquire by the tasks, so that they see
+    /// what the drain did before setting it (the listeners closed).
+    draining: AtomicBool,
     empty: Notify,
     pub(crate) hook: OnceLock<Hook>,
 }
@@ -229,6 +291,8 @@ impl Tracker {
             http2: AtomicBool::new(false),
             request: Mutex::new(None),
             head_since: AtomicU32::new(self.now()),
+            idle_since: AtomicU32::new(0),
+            closing: AtomicBool::new(false),
             idle_on_flush: AtomicBool::new(false),
             released: AtomicBool::new(false),
             drain_waker: atomic_waker::AtomicWaker::new(),
@@ -260,7 +324,7 @@ impl Tracker {
         for conn in self.all() {
             if conn.state() == ConnState::Idle
                 && !conn.http2.load(Ordering::Relaxed)
-                && conn.socket.shutdown()
+                && conn.close_if_idle()
             {
                 conn.release();
                 closed += 1;
@@ -287,23 +351,77 @@ impl Tracker {
         self.tick.load(Ordering::Relaxed) | 1
     }
 
-    /// Advances the coarse clock by one tick, then shuts every connection that has been
-    /// waiting for a request head for more than `ticks` ticks. Called every
-    /// `header_read_timeout / ticks` by the server, so a slow or silent client is cut
-    /// between one and `1 + 1/ticks` timeouts after it started: one timer per server,
-    /// none per request.
-    pub(crate) fn cut_slow_heads(&self, ticks: u32) -> usize {
+    /// Advances the coarse clock by one tick, then shuts every connection that has waited
+    /// for a request head longer than `head` ticks (a slow or silent client; on HTTP/2, until
+    /// its first request's HEADERS are complete), or has been idle longer than `idle` ticks.
+    /// Called every tick by the server, so a timeout of `n` ticks cuts between `n` and
+    /// `n + 1` ticks late: one timer per server, none per request. Returns how many it cut.
+    pub(crate) fn tick(&self, head: Option<u32>, idle: Option<u32>) -> usize {
         let now = self.tick.fetch_add(2, Ordering::Relaxed).wrapping_add(2) | 1;
+        let past = |since: u32, limit: Option<u32>| {
+            since != 0 && limit.is_some_and(|l| now.wrapping_sub(since) / 2 > l)
+        };
         let mut cut = 0;
         for conn in self.all() {
-            let since = conn.head_since.load(Ordering::Relaxed);
-            if since != 0 && now.wrapping_sub(since) / 2 > ticks && conn.socket.shutdown() {
+            let slow_head = past(conn.head_since.load(Ordering::Relaxed), head);
+            let idle_long = conn.state() == ConnState::Idle
+                && past(conn.idle_since.load(Ordering::Relaxed), idle);
+            let shut = if idle_long && !conn.is_http2() {
+                conn.close_if_idle()
+            } else {
+                (slow_head || idle_long) && conn.socket.shutdown()
+            };
+            if shut {
                 conn.head_since.store(0, Ordering::Relaxed);
-                tracing::debug!(conn = conn.info.id, peer = %conn.info.peer, "header read timeout");
+                let why = if slow_head {
+                    "header read timeout"
+                } else {
+                    "idle timeout"
+                };
+                tracing::debug!(conn = conn.info.id, peer = %conn.info.peer, why);
                 cut += 1;
             }
         }
         cut
+    }
+
+    /// Closes up to `n` idle connections, the longest idle first: when the process runs out
+    /// of descriptors, keep-alive connections that nobody uses give way to new ones.
+    pub(crate) fn shed_idle(&self, n: usize) -> usize {
+        let now = self.now();
+        let mut idle: Vec<_> = self
+            .all()
+            .into_iter()
+            .filter(|c| c.state() == ConnState::Idle)
+            .collect();
+        idle.sort_by_key(|c| {
+            std::cmp::Reverse(now.wrapping_sub(c.idle_since.load(Ordering::Relaxed)))
+        });
+        idle.iter()
+            .take(n)
+            .filter(|c| match c.is_http2() {
+                true => c.socket.shutdown(),
+                false => c.close_if_idle(),
+            })
+            .count()
+    }
+
+    /// True once the drain has started.
+    #[inline]
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Starts draining (once): sets the flag, then wakes every connection's task. Release:
+    /// a task that sees the flag sees everything done before it (see `draining`).
+    pub(crate) fn start_draining(&self) -> bool {
+        let first = !self.draining.swap(true, Ordering::AcqRel);
+        if first {
+            for conn in self.all() {
+                conn.drain_waker.wake();
+            }
+        }
+        first
     }
 
     fn moved(&self, from: ConnState, to: ConnState, info: &ConnInfo) {
@@ -340,13 +458,6 @@ impl Tracker {
     /// Requests whose response was fully written, since the server started.
     pub(crate) fn completed(&self) -> u64 {
         self.completed.load(Ordering::Relaxed)
-    }
-
-    /// Wakes every connection's task (after the draining flag was set).
-    pub(crate) fn wake_all(&self) {
-        for conn in self.all() {
-            conn.drain_waker.wake();
-        }
     }
 
     /// Resolves when the drain waits for no connection any more: woken by the last
@@ -418,7 +529,7 @@ mod tests {
         let (a, _pa) = pair();
         let c = tracker.register(Addr::Unix(None), &a);
         assert_eq!(tracker.counts().new, 1);
-        c.on_read(b"GET / HTTP/1.1\r\n");
+        assert!(c.on_read(b"GET / HTTP/1.1\r\n"));
         assert_eq!(tracker.counts().active, 1);
         c.set(ConnState::Hijacked);
         c.set(ConnState::Idle);
@@ -463,6 +574,43 @@ mod tests {
         drop(ours);
     }
 
+    /// A connection that went idle, served one request and flushed its response.
+    fn idle_conn(tracker: &Arc<Tracker>, socket: &UnixStream) -> Arc<Conn> {
+        let c = tracker.register(Addr::Unix(None), socket);
+        assert!(c.on_read(b"GET / HTTP/1.1\r\n\r\n"));
+        c.request_started(&http::Request::new(()));
+        c.request_finished();
+        c.on_flush();
+        assert_eq!(c.state(), ConnState::Idle);
+        c
+    }
+
+    #[test]
+    fn a_request_racing_an_idle_close_is_either_served_or_never_read() {
+        let tracker = Arc::new(Tracker::default());
+        // The close comes first: the request's bytes are dropped, nothing is served.
+        let (a, _pa) = pair();
+        let c = idle_conn(&tracker, &a);
+        assert!(c.close_if_idle());
+        assert!(
+            !c.on_read(b"POST /transfers"),
+            "a request was read on a closed connection"
+        );
+        // The request comes first: the close backs off, the request is served.
+        let (b, _pb) = pair();
+        let c = idle_conn(&tracker, &b);
+        assert!(c.on_read(b"POST /transfers"));
+        assert!(
+            !c.close_if_idle(),
+            "an active connection was closed as idle"
+        );
+        assert_eq!(c.state(), ConnState::Active);
+        assert!(
+            c.on_read(b" HTTP/1.1\r\n"),
+            "the rest of the request must be read"
+        );
+    }
+
     #[test]
     fn slow_heads_are_cut_after_the_timeout_and_complete_heads_never() {
         let tracker = Arc::new(Tracker::default());
@@ -474,10 +622,10 @@ mod tests {
         c.request_started(&http::Request::new(()));
         // Four ticks per timeout: not cut within the timeout…
         for _ in 0..4 {
-            assert_eq!(tracker.cut_slow_heads(4), 0);
+            assert_eq!(tracker.tick(Some(4), None), 0);
         }
         // …cut after it; the request whose head was complete is left alone.
-        assert_eq!(tracker.cut_slow_heads(4), 1);
+        assert_eq!(tracker.tick(Some(4), None), 1);
         let mut buf = [0u8; 1];
         assert_eq!(silent_peer.read(&mut buf).unwrap(), 0);
         // The next request's first byte starts its own clock (HTTP/1 keep-alive).
@@ -489,11 +637,15 @@ mod tests {
         );
         c.on_flush();
         assert_eq!(c.state(), ConnState::Idle);
-        assert_eq!(tracker.cut_slow_heads(4), 0, "idle connections are not cut");
+        assert_eq!(
+            tracker.tick(Some(4), None),
+            0,
+            "idle connections are not cut"
+        );
         c.on_read(b"G");
         for _ in 0..4 {
-            assert_eq!(tracker.cut_slow_heads(4), 0);
+            assert_eq!(tracker.tick(Some(4), None), 0);
         }
-        assert_eq!(tracker.cut_slow_heads(4), 1);
+        assert_eq!(tracker.tick(Some(4), None), 1);
     }
 }

@@ -18,14 +18,12 @@
 //! only a process whose parent has that pid accepts the descriptors. That is exactly as
 //! strict, since a grandchild's parent is not the old process.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
 use crate::listener::Listener;
-use crate::lock;
 use crate::sys;
 
 pub(crate) const LISTEN_FDS: &str = "LISTEN_FDS";
@@ -33,16 +31,19 @@ pub(crate) const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
 pub(crate) const LISTEN_PID: &str = "LISTEN_PID";
 pub(crate) const GRACE_LISTEN_PPID: &str = "GRACE_LISTEN_PPID";
 pub(crate) const GRACE_READY_FD: &str = "GRACE_READY_FD";
+/// The listeners (by index, comma-separated) whose socket files go with them: the receiving
+/// generation removes them when it stops for good.
+pub(crate) const GRACE_SOCKET_FILES: &str = "GRACE_SOCKET_FILES";
 
 /// The first inherited descriptor, as in `SD_LISTEN_FDS_START`.
 pub(crate) const FIRST_FD: RawFd = 3;
 
-/// Reading, adopting and removing the variables happens under this lock, once.
-static ENV: Mutex<()> = Mutex::new(());
-/// The readiness pipe, once adopted; written to (and closed) when serving starts.
-static READY: Mutex<Option<OwnedFd>> = Mutex::new(None);
-/// Names of adopted listeners by descriptor, so a restart passes them on unchanged.
-static NAMES: Mutex<Option<HashMap<RawFd, String>>> = Mutex::new(None);
+/// Set by the first call that adopts the inherited descriptors. They are a fact of the
+/// whole process (numbers named in its environment), so this one flag is process-wide: a
+/// second adoption would make two owners of one descriptor. The environment itself is never
+/// changed (that is not sound once threads run); processes we start are given their own
+/// variables on their `Command`, and a grandchild is told apart by its pid or parent.
+static ADOPTED: AtomicBool = AtomicBool::new(false);
 
 /// The variables as read from the environment.
 #[derive(Debug, Default, Clone)]
@@ -52,6 +53,7 @@ pub(crate) struct Vars {
     pub(crate) listen_pid: Option<String>,
     pub(crate) listen_ppid: Option<String>,
     pub(crate) ready_fd: Option<String>,
+    pub(crate) socket_files: Option<String>,
 }
 
 /// What the variables say this process inherited.
@@ -62,6 +64,8 @@ pub(crate) struct Plan {
     /// One name per socket.
     pub(crate) names: Vec<String>,
     pub(crate) ready_fd: Option<RawFd>,
+    /// Per socket: its file goes with it (see [`GRACE_SOCKET_FILES`]).
+    pub(crate) owns_file: Vec<bool>,
 }
 
 impl Vars {
@@ -73,24 +77,12 @@ impl Vars {
             listen_pid: var(LISTEN_PID),
             listen_ppid: var(GRACE_LISTEN_PPID),
             ready_fd: var(GRACE_READY_FD),
+            socket_files: var(GRACE_SOCKET_FILES),
         }
     }
 
     fn is_empty(&self) -> bool {
         self.listen_fds.is_none() && self.ready_fd.is_none()
-    }
-
-    /// Removes the variables, so processes we start do not take them as theirs.
-    fn remove() {
-        for k in [
-            LISTEN_FDS,
-            LISTEN_FDNAMES,
-            LISTEN_PID,
-            GRACE_LISTEN_PPID,
-            GRACE_READY_FD,
-        ] {
-            std::env::remove_var(k);
-        }
     }
 
     /// Decides, without touching any descriptor. `None`: nothing is meant for `pid`.
@@ -150,10 +142,22 @@ impl Vars {
                 }
             },
         };
+        let mut owns_file = vec![false; count];
+        for i in self.socket_files.iter().flat_map(|s| s.split(',')) {
+            if let Some(owned) = i
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| owns_file.get_mut(i))
+            {
+                *owned = true;
+            }
+        }
         Ok(Some(Plan {
             count,
             names,
             ready_fd,
+            owns_file,
         }))
     }
 }
@@ -162,104 +166,119 @@ fn ppid() -> Option<u32> {
     rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32)
 }
 
-/// Reads and removes the variables (once), adopts the readiness pipe, and returns the
-/// listening descriptors with their names when `listeners` is true.
-fn take(listeners: bool) -> Result<Option<Vec<(OwnedFd, String)>>> {
-    let _env = lock(&ENV);
-    let vars = Vars::read();
-    if vars.is_empty() {
-        return Ok(None);
+fn alive(pid: u32) -> bool {
+    rustix::process::Pid::from_raw(pid as i32)
+        .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+}
+
+/// What this process inherited: listening sockets, each with its name (`LISTEN_FDNAMES`),
+/// and, when a grace upgrade started it, the pipe on which the previous generation waits
+/// to hear that this one is ready. Hand it whole to [`Server::from_inherited`](crate::Server::from_inherited):
+/// the server reports ready on the pipe when it starts serving, and passes the names on at
+/// the next upgrade.
+#[derive(Debug)]
+pub struct Inherited {
+    pub(crate) listeners: Vec<(Listener, String, bool)>,
+    pub(crate) ready: Option<OwnedFd>,
+}
+
+impl Inherited {
+    /// The listeners and their names.
+    pub fn listeners(&self) -> impl Iterator<Item = (&Listener, &str)> {
+        self.listeners.iter().map(|(l, n, _)| (l, n.as_str()))
     }
-    let plan = vars.plan(std::process::id(), ppid());
-    if listeners {
-        Vars::remove();
-    } else {
-        // Serving starts: only the readiness pipe is taken here; listening descriptors are
-        // left to whoever adopts them.
-        if vars.ready_fd.is_none() {
-            return Ok(None);
-        }
-        std::env::remove_var(GRACE_READY_FD);
+
+    /// True when a grace upgrade started this process (the previous generation waits for
+    /// it to be ready), false under systemd's socket activation.
+    pub fn is_upgrade(&self) -> bool {
+        self.ready.is_some()
     }
-    let Some(plan) = plan? else { return Ok(None) };
-    if let Some(fd) = plan.ready_fd {
-        match sys::adopt_inherited(fd) {
-            Some(fd) => *lock(&READY) = Some(fd),
-            None => tracing::warn!(fd, "{GRACE_READY_FD} names a descriptor that is not open"),
-        }
-    }
-    if !listeners {
-        return Ok(None);
-    }
-    let mut out = Vec::with_capacity(plan.count);
-    for (i, name) in plan.names.into_iter().enumerate() {
-        let fd = FIRST_FD + i as RawFd;
-        let owned = sys::adopt_inherited(fd)
-            .ok_or_else(|| Error::Inherit(format!("descriptor {fd} ({name}) is not open")))?;
-        out.push((owned, name));
-    }
-    Ok(Some(out))
 }
 
 /// Adopts the listening sockets this process inherited, from systemd's socket activation
 /// or from the previous generation of this program during a zero-downtime upgrade.
 ///
 /// Returns `Ok(None)` when nothing was passed to this process (`LISTEN_FDS` unset, or meant
-/// for another process: `LISTEN_PID` is not ours). The variables are removed from the
-/// environment, so processes started later do not take them as theirs, and the adopted
-/// descriptors are made close-on-exec. Names from `LISTEN_FDNAMES` are kept and passed on
-/// by the next upgrade. Call it once, early (it changes the environment), within a tokio
-/// runtime.
+/// for another process: `LISTEN_PID` is not ours), or when an earlier call adopted them.
+/// The adopted descriptors are made close-on-exec; the environment is left as it is (the
+/// variables name this process, so processes it starts do not take them as theirs). Fails
+/// when the variables are malformed, or when this process was started by an upgrade whose
+/// old process is gone (it would otherwise serve on a socket nobody waits for).
 ///
 /// ```no_run
 /// # async fn doc() -> Result<(), grace::Error> {
 /// let server = match grace::inherited_listeners()? {
-///     Some(listeners) => grace::Server::from_listeners(listeners),
+///     Some(inherited) => grace::Server::from_inherited(inherited),
 ///     None => grace::Server::bind("127.0.0.1:8080").await?,
 /// };
 /// # let _ = server; Ok(()) }
 /// ```
-pub fn inherited_listeners() -> Result<Option<Vec<Listener>>> {
-    let Some(fds) = take(true)? else {
+pub fn inherited_listeners() -> Result<Option<Inherited>> {
+    let vars = Vars::read();
+    if vars.is_empty() {
+        return Ok(None);
+    }
+    let Some(plan) = vars.plan(std::process::id(), ppid())? else {
+        // Meant for the child of `old`, which we are not. A grandchild (started by a later
+        // generation) does not have the readiness pipe open: it was close-on-exec there.
+        // An orphan whose starting process died before it got here does: it must not serve.
+        let old = vars
+            .listen_ppid
+            .as_deref()
+            .and_then(|p| p.trim().parse().ok());
+        let pipe = vars.ready_fd.as_deref().and_then(|p| p.trim().parse().ok());
+        if let (Some(old), Some(pipe), None) = (old, pipe, &vars.listen_pid) {
+            if !alive(old) && sys::is_open(pipe) {
+                return Err(Error::Inherit(format!(
+                    "started by an upgrade of process {old}, which is gone: not serving"
+                )));
+            }
+        }
         return Ok(None);
     };
-    let mut listeners = Vec::with_capacity(fds.len());
-    let mut names = lock(&NAMES);
-    let names = names.get_or_insert_with(HashMap::new);
-    for (fd, name) in fds {
-        let raw = fd.as_raw_fd();
-        let listener = Listener::from_fd(fd)
-            .map_err(|e| Error::Inherit(format!("descriptor {raw} ({name}): {e}")))?;
-        match listener.local_addr() {
-            Ok(addr) => tracing::info!(fd = raw, %name, %addr, "adopted inherited listener"),
-            Err(_) => tracing::info!(fd = raw, %name, "adopted inherited listener"),
-        }
-        names.insert(raw, name);
-        listeners.push(listener);
+    // Acquire/Release would add nothing: the flag guards ownership of numbers, not data.
+    if ADOPTED.swap(true, Ordering::Relaxed) {
+        return Ok(None);
     }
-    Ok(Some(listeners))
-}
-
-/// The name a listener was inherited under, if it was.
-pub(crate) fn name_of(fd: RawFd) -> Option<String> {
-    lock(&NAMES).as_ref().and_then(|m| m.get(&fd).cloned())
-}
-
-/// Tells the process that started us (if one waits) that we are ready, and closes the pipe.
-pub(crate) fn signal_ready() {
-    if let Err(e) = take(false) {
-        tracing::warn!(error = %e, "cannot adopt the readiness pipe");
-    }
-    let Some(fd) = lock(&READY).take() else {
-        return;
+    let ready = match plan.ready_fd {
+        Some(fd) => Some(sys::adopt_inherited(fd).ok_or_else(|| {
+            Error::Inherit(format!(
+                "{GRACE_READY_FD} names descriptor {fd}, which is not open"
+            ))
+        })?),
+        None => None,
     };
-    let mut pipe = std::fs::File::from(fd);
-    let msg = format!("ready {}\n", std::process::id());
-    match pipe.write_all(msg.as_bytes()) {
-        Ok(()) => tracing::debug!("told the previous generation we are ready"),
-        // The old process gave up on us (timeout) and will kill us; nothing to do.
-        Err(e) => tracing::warn!(error = %e, "cannot write to the readiness pipe"),
+    let mut listeners = Vec::with_capacity(plan.count);
+    for ((i, name), owns_file) in plan.names.into_iter().enumerate().zip(plan.owns_file) {
+        let fd = FIRST_FD + i as RawFd;
+        let owned = sys::adopt_inherited(fd)
+            .ok_or_else(|| Error::Inherit(format!("descriptor {fd} ({name}) is not open")))?;
+        let listener = Listener::from_fd(owned)
+            .map_err(|e| Error::Inherit(format!("descriptor {fd} ({name}): {e}")))?;
+        match listener.local_addr() {
+            Ok(addr) => tracing::info!(fd, %name, %addr, "adopted inherited listener"),
+            Err(_) => tracing::info!(fd, %name, "adopted inherited listener"),
+        }
+        listeners.push((listener, name, owns_file));
     }
+    Ok(Some(Inherited { listeners, ready }))
+}
+
+/// Tells the process that started us that we are ready, and closes the pipe. An error
+/// means it no longer listens (it gave up on us and is killing us): we must not serve.
+pub(crate) fn signal_ready(pipe: OwnedFd) -> Result<()> {
+    let mut pipe = std::fs::File::from(pipe);
+    let msg = format!("ready {}\n", std::process::id());
+    pipe.write_all(msg.as_bytes()).map_err(|e| {
+        Error::Inherit(format!(
+            "cannot tell the previous generation that we are ready ({e}): it gave up on us"
+        ))
+    })?;
+    tracing::debug!(
+        fd = pipe.as_raw_fd(),
+        "told the previous generation we are ready"
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -273,6 +292,7 @@ mod tests {
             listen_pid: pid.map(Into::into),
             listen_ppid: ppid.map(Into::into),
             ready_fd: None,
+            socket_files: None,
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::signal::unix::{Signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, RestartError, Result};
 use crate::lock;
 use crate::server::Serve;
 use crate::shutdown::{Handle, Shared};
@@ -19,7 +19,7 @@ use crate::shutdown::{Handle, Shared};
 mod inherit;
 mod spawn;
 
-pub use inherit::inherited_listeners;
+pub use inherit::{inherited_listeners, Inherited};
 
 /// The name given to a listener passed on without one (`LISTEN_FDNAMES`).
 pub(crate) const DEFAULT_NAME: &str = "grace";
@@ -151,7 +151,7 @@ impl Restart {
 }
 
 /// Someone waiting for the outcome of a restart asked through the handle.
-type Reply = oneshot::Sender<Result<u32>>;
+type Reply = oneshot::Sender<Result<u32, RestartError>>;
 
 /// The restart machinery of one server, kept in its shared state.
 pub(crate) struct Control {
@@ -165,8 +165,14 @@ impl<S> Serve<S> {
     /// Restarts with zero downtime on `restart`'s signal (default SIGHUP) or
     /// [`Handle::restart`]: starts the new process with the listening sockets, waits until
     /// it is ready, then drains this one with [`Trigger::Restart`](crate::Trigger::Restart).
-    /// If the new process fails, kills it and keeps serving. One restart at a time: a
-    /// request during one is logged and ignored.
+    /// If the new process fails, kills it (with its process group) and keeps serving. One
+    /// restart at a time: a request during one is logged and refused.
+    ///
+    /// A stop (a drain signal, [`Handle::shutdown`]) that comes while a new process is
+    /// starting wins: the new process is told to stop as well (SIGTERM, so it drains what
+    /// it may have accepted; SIGKILL to its group after the shutdown timeout) and reaped
+    /// before `serve` returns, so a stop never leaves a generation behind, and the pid file
+    /// names a live process or is gone.
     ///
     /// The signal handler is installed now, within the current tokio runtime, so the
     /// signal cannot kill the process from here on. See [`Restart`] for an example.
@@ -190,37 +196,38 @@ impl<S> Serve<S> {
 impl Handle {
     /// Asks for a zero-downtime restart (see [`Serve::with_restart`]) and waits for the
     /// outcome: the new process's pid once it is ready (this server is then draining), or
-    /// [`Error::Restart`] saying why it failed (this server keeps serving), was refused
+    /// a [`RestartError`] saying why it failed (this server keeps serving), was refused
     /// (another restart is running, or the server is draining) or is not enabled.
     ///
     /// ```no_run
     /// # async fn doc(handle: grace::Handle) {
     /// match handle.restart().await {
     ///     Ok(pid) => println!("process {pid} took over; draining"),
+    ///     Err(grace::RestartError::Exited { status, .. }) => eprintln!("new binary {status}"),
     ///     Err(e) => eprintln!("still serving: {e}"),
     /// }
     /// # }
     /// ```
-    pub async fn restart(&self) -> Result<u32> {
+    pub async fn restart(&self) -> Result<u32, RestartError> {
         let Some(control) = self.shared.restart.get() else {
-            return Err(Error::Restart(
-                "restarts are not enabled (see Serve::with_restart)".into(),
-            ));
+            return Err(RestartError::NotEnabled);
         };
         let (tx, rx) = oneshot::channel();
-        control
-            .asks
-            .send(tx)
-            .map_err(|_| Error::Restart("the server no longer serves".into()))?;
-        rx.await
-            .map_err(|_| Error::Restart("the server stopped before the restart ended".into()))?
+        control.asks.send(tx).map_err(|_| RestartError::Draining)?;
+        rx.await.map_err(|_| RestartError::Draining)?
     }
 }
 
-/// Called by `Serve` once its accept loops run: writes the pid file, tells systemd and the
-/// previous generation (if any) that we are ready, and starts watching for restart
-/// requests. The returned task must be aborted when serving ends.
-pub(crate) fn serving(shared: &Arc<Shared>) -> Result<Option<tokio::task::JoinHandle<()>>> {
+/// Called by `Serve` right before its accept loops start: writes the pid file, tells
+/// systemd and the previous generation (if any) that we are ready, and starts watching for
+/// restart requests. A new generation that cannot tell the previous one (it gave up on us)
+/// fails here, before it has accepted a connection. The returned task ends once a drain is
+/// asked for and any upgrade under way is settled: await it before exiting.
+pub(crate) fn serving(
+    shared: &Arc<Shared>,
+    ready_pipe: Option<std::os::fd::OwnedFd>,
+    stop_timeout: Duration,
+) -> Result<Option<tokio::task::JoinHandle<()>>> {
     let control = shared.restart.get();
     let mut signal = None;
     if let Some(c) = control {
@@ -233,20 +240,51 @@ pub(crate) fn serving(shared: &Arc<Shared>) -> Result<Option<tokio::task::JoinHa
                 source,
             })?;
         if let Some(path) = &c.config.pid_file {
-            write_pid_file(path).map_err(|e| {
-                Error::Restart(format!("cannot write the pid file {}: {e}", path.display()))
+            write_pid_file(path).map_err(|source| Error::PidFile {
+                path: path.clone(),
+                source,
             })?;
         }
     }
+    // systemd first, so that it hears our READY=1 before the old process's MAINPID=.
     crate::systemd::notify_logged("READY=1");
-    inherit::signal_ready();
+    if let Some(pipe) = ready_pipe {
+        inherit::signal_ready(pipe)?;
+    }
     let Some(control) = control else {
         return Ok(None);
     };
     let Some(inbox) = lock(&control.inbox).take() else {
         return Ok(None);
     };
-    Ok(Some(tokio::spawn(drive(Arc::clone(shared), signal, inbox))))
+    Ok(Some(tokio::spawn(drive(
+        Arc::clone(shared),
+        signal,
+        inbox,
+        stop_timeout,
+    ))))
+}
+
+/// Called when `Serve` ends: the last generation (not one that handed over) removes the
+/// pid file, if it still names this process.
+pub(crate) fn finished(shared: &Shared, handed_over: bool) {
+    let Some(path) = shared
+        .restart
+        .get()
+        .and_then(|c| c.config.pid_file.as_ref())
+    else {
+        return;
+    };
+    if handed_over {
+        return;
+    }
+    let ours = std::fs::read_to_string(path)
+        .is_ok_and(|s| s.trim().parse::<u32>().ok() == Some(std::process::id()));
+    if ours {
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove the pid file");
+        }
+    }
 }
 
 async fn next_signal(signal: &mut Option<Signal>) {
@@ -258,11 +296,12 @@ async fn next_signal(signal: &mut Option<Signal>) {
     std::future::pending().await
 }
 
-/// Takes restart requests one at a time, for as long as the server serves.
+/// Takes restart requests one at a time, until a drain is asked for.
 async fn drive(
     shared: Arc<Shared>,
     mut signal: Option<Signal>,
     mut inbox: mpsc::UnboundedReceiver<Reply>,
+    stop_timeout: Duration,
 ) {
     let Some(control) = shared.restart.get() else {
         return;
@@ -271,21 +310,16 @@ async fn drive(
     let by_signal = config.signal.map(crate::signal::name).unwrap_or_default();
     loop {
         let (reply, by) = tokio::select! {
+            biased;
+            _ = shared.drain_asked() => return,
             _ = next_signal(&mut signal) => (None, by_signal.as_str()),
             ask = inbox.recv() => match ask {
                 Some(reply) => (Some(reply), "handle"),
                 None => return,
             },
         };
-        if shared.drain_requested().is_some() {
-            tracing::warn!(by, "restart asked for while draining: ignored");
-            if let Some(reply) = reply {
-                let _ = reply.send(Err(Error::Restart("the server is draining".into())));
-            }
-            continue;
-        }
         tracing::info!(by, "restart asked for: starting the new process");
-        let attempt = spawn::upgrade(&shared, config);
+        let attempt = spawn::upgrade(&shared, config, stop_timeout);
         tokio::pin!(attempt);
         let result = loop {
             tokio::select! {
@@ -295,7 +329,7 @@ async fn drive(
                 }
                 Some(other) = inbox.recv() => {
                     tracing::warn!(by = "handle", "a restart is already under way: ignored");
-                    let _ = other.send(Err(Error::Restart("a restart is already under way".into())));
+                    let _ = other.send(Err(RestartError::AlreadyRunning));
                 }
             }
         };

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
 use super::inherit::{
-    name_of, FIRST_FD, GRACE_LISTEN_PPID, GRACE_READY_FD, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID,
+    FIRST_FD, GRACE_LISTEN_PPID, GRACE_READY_FD, GRACE_SOCKET_FILES, LISTEN_FDNAMES, LISTEN_FDS,
+    LISTEN_PID,
 };
-use super::{Restart, DEFAULT_NAME};
-use crate::error::{Error, Result};
-use crate::listener::Listener;
-use crate::shutdown::{Phase, Shared, Trigger};
+use super::Restart;
+use crate::error::RestartError;
+use crate::shutdown::{Named, Shared, Trigger};
 use crate::{sys, systemd};
 
 /// The program to start on a restart, resolved now (at start-up).
@@ -74,17 +74,25 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// One upgrade: on success the new process's pid, and this server has been asked to drain.
-pub(crate) async fn upgrade(shared: &Arc<Shared>, config: &Restart) -> Result<u32> {
+/// One upgrade: on success the new process's pid, and this server has been asked to drain
+/// (with [`Trigger::Restart`]). On failure the new process and its process group are gone
+/// and reaped, and the pid file names this process again.
+///
+/// `stop_timeout` bounds how long a new process that is told to stop (because a stop came
+/// during the upgrade) may take to drain before its group is killed.
+pub(crate) async fn upgrade(
+    shared: &Arc<Shared>,
+    config: &Restart,
+    stop_timeout: Duration,
+) -> Result<u32, RestartError> {
     let started = Instant::now();
     let listeners = shared.listeners();
-    if listeners.is_empty() {
-        return Err(Error::Restart(
-            "no listener to hand over (not serving yet, or draining)".into(),
-        ));
+    if listeners.is_empty() || shared.drain_requested().is_some() {
+        return Err(RestartError::Draining);
     }
     systemd::reloading();
-    match attempt(shared, config, listeners).await {
+    let result = attempt(shared, config, listeners, stop_timeout).await;
+    match &result {
         Ok(pid) => {
             systemd::notify_logged(&format!("MAINPID={pid}\nREADY=1"));
             tracing::info!(
@@ -92,32 +100,44 @@ pub(crate) async fn upgrade(shared: &Arc<Shared>, config: &Restart) -> Result<u3
                 took_ms = started.elapsed().as_millis() as u64,
                 "new process is ready: it serves now; draining this one"
             );
-            shared.request_drain(Trigger::Restart);
-            Ok(pid)
         }
         Err(reason) => {
-            let status = format!("STATUS=upgrade failed: {reason}");
-            systemd::notify_logged(&format!("READY=1\n{}", status.replace('\n', " ")));
-            tracing::warn!(%reason, "upgrade failed: rolled back, still serving");
-            Err(Error::Restart(reason))
+            // The new process may have written its pid before it failed: ours again.
+            if let Some(path) = &config.pid_file {
+                if let Err(e) = super::write_pid_file(path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot rewrite the pid file");
+                }
+            }
+            let status = format!("STATUS=upgrade failed: {reason}").replace('\n', " ");
+            if matches!(reason, RestartError::Stopped { .. }) {
+                systemd::notify_logged(&status);
+                tracing::warn!(%reason, "upgrade abandoned: stopping");
+            } else {
+                systemd::notify_logged(&format!("READY=1\n{status}"));
+                tracing::warn!(%reason, "upgrade failed: rolled back, still serving");
+            }
         }
     }
+    result
 }
 
-/// Starts the new process and waits for it; on failure, makes sure it is gone.
+/// Starts the new process and waits for it; on failure, makes sure it and everything it
+/// started are gone.
 async fn attempt(
     shared: &Arc<Shared>,
     config: &Restart,
-    listeners: Vec<Arc<Listener>>,
-) -> std::result::Result<u32, String> {
-    let (ready_rx, ready_tx) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-        .map_err(|e| format!("cannot create the readiness pipe: {e}"))?;
+    listeners: Vec<Named>,
+    stop_timeout: Duration,
+) -> Result<u32, RestartError> {
+    let (ready_rx, ready_tx) =
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(std::io::Error::from)?;
     let n = listeners.len();
-    let names: Vec<String> = listeners
-        .iter()
-        .map(|l| name_of(l.as_raw_fd()).unwrap_or_else(|| DEFAULT_NAME.to_owned()))
+    let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+    let files: Vec<String> = (0..n)
+        .filter(|&i| listeners[i].owns_file)
+        .map(|i| i.to_string())
         .collect();
-    let mut fds: Vec<RawFd> = listeners.iter().map(|l| l.as_raw_fd()).collect();
+    let mut fds: Vec<RawFd> = listeners.iter().map(|l| l.listener.as_raw_fd()).collect();
     fds.push(ready_tx.as_raw_fd());
 
     let mut cmd = std::process::Command::new(&config.program);
@@ -128,48 +148,65 @@ async fn attempt(
         LISTEN_FDNAMES,
         GRACE_LISTEN_PPID,
         GRACE_READY_FD,
+        GRACE_SOCKET_FILES,
     ] {
         cmd.env_remove(k);
+    }
+    if !files.is_empty() {
+        cmd.env(GRACE_SOCKET_FILES, files.join(","));
     }
     cmd.env(LISTEN_FDS, n.to_string())
         .env(LISTEN_FDNAMES, names.join(":"))
         .env(GRACE_LISTEN_PPID, std::process::id().to_string())
         .env(GRACE_READY_FD, (FIRST_FD + n as RawFd).to_string());
-    sys::pass_fds(&mut cmd, fds).map_err(|e| e.to_string())?;
+    // Its own process group: a rollback ends whatever it started too (a helper process
+    // that inherited the listening socket would otherwise keep it open).
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    sys::pass_fds(&mut cmd, fds)?;
     let program = config.program.display().to_string();
     let spawned = spawn_retrying(tokio::process::Command::from(cmd)).await;
     // The child has its copies now. Ours: the write end goes at once (so the pipe reads
     // end-of-file when the child is gone), the listeners' extra references too (so a
     // drain that starts meanwhile closes them).
     drop(ready_tx);
+    drop(names);
     drop(listeners);
-    let mut child = spawned.map_err(|e| format!("cannot start {program}: {e}"))?;
+    let mut child = spawned.map_err(|source| RestartError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
     let pid = child.id().unwrap_or(0);
     tracing::info!(pid, %program, args = ?config.args, "new process started; waiting until it is ready");
 
-    let mut ready = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_rx)
-        .map_err(|e| format!("cannot watch the readiness pipe: {e}"))?;
-    let mut phase = shared.phase();
+    let mut ready = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_rx)?;
     let timeout = config.ready_timeout;
     let mut buf = [0u8; 64];
     let failure = tokio::select! {
+        biased;
+        // A stop (drain signal, handle) wins over everything, even a ready child.
+        _ = shared.drain_asked() => RestartError::Stopped { pid },
         read = ready.read(&mut buf) => match read {
-            Ok(n) if n > 0 => return Ok(pid),
-            Ok(_) => format!("process {pid} closed the readiness pipe without being ready"),
-            Err(e) => format!("cannot read the readiness pipe of process {pid}: {e}"),
+            // Taking over and a stop that came meanwhile are decided in one step: if the
+            // stop won, the new process is stopped too.
+            Ok(n) if n > 0 => match shared.request_drain(Trigger::Restart) {
+                true => return Ok(pid),
+                false => RestartError::Stopped { pid },
+            },
+            // Closed without a word: usually it is exiting; say how, if it does soon.
+            Ok(_) => match tokio::time::timeout(Duration::from_millis(200), child.wait()).await {
+                Ok(Ok(status)) => RestartError::Exited { pid, status: describe(status) },
+                _ => RestartError::NotReported { pid },
+            },
+            Err(e) => RestartError::Io(e),
         },
         status = child.wait() => match status {
-            Ok(status) => format!("process {pid} {} before it was ready", describe(status)),
-            Err(e) => format!("cannot wait for process {pid}: {e}"),
+            Ok(status) => RestartError::Exited { pid, status: describe(status) },
+            Err(e) => RestartError::Io(e),
         },
-        _ = tokio::time::sleep(timeout) => {
-            format!("process {pid} was not ready within {timeout:?}")
-        }
-        _ = phase.wait_for(|p| *p != Phase::Serving) => {
-            format!("a drain started while process {pid} was starting")
-        }
+        _ = tokio::time::sleep(timeout) => RestartError::NotReady { pid, timeout },
     };
-    Err(reap(&mut child, pid, failure).await)
+    end(&mut child, pid, &failure, stop_timeout).await;
+    Err(failure)
 }
 
 /// Spawns, retrying a few times on ETXTBSY: a binary just written (a deployment) may still
@@ -192,32 +229,41 @@ async fn spawn_retrying(
     }
 }
 
-/// Makes sure a failed child is gone and reaped; returns the reason, with its exit status
-/// when that is news.
-async fn reap(child: &mut tokio::process::Child, pid: u32, mut reason: String) -> String {
-    // A child that closed the pipe is usually exiting: give it a moment to say how.
-    let exited = match child.try_wait() {
-        Ok(Some(status)) => Some(status),
-        _ => tokio::time::timeout(Duration::from_millis(200), child.wait())
-            .await
-            .ok()
-            .and_then(|r| r.ok()),
+/// Ends a new process that will not take over, with its whole process group, and reaps it.
+///
+/// Told to stop (a stop came during the upgrade), it gets SIGTERM and drains whatever it
+/// accepted, for up to `stop_timeout`; in every other case there is nothing worth waiting
+/// for. Either way the group then gets SIGKILL, which also ends anything the process
+/// started that outlived it.
+async fn end(
+    child: &mut tokio::process::Child,
+    pid: u32,
+    why: &RestartError,
+    stop_timeout: Duration,
+) {
+    let group = rustix::process::Pid::from_raw(pid as i32);
+    let signal_group = |sig| {
+        if let Some(group) = group {
+            // ESRCH: the group is empty already.
+            let _ = rustix::process::kill_process_group(group, sig);
+        }
     };
-    match exited {
-        Some(status) => {
-            if !reason.contains("before it was ready") {
-                reason.push_str(&format!(" ({})", describe(status)));
-            }
+    let grace = match why {
+        RestartError::Stopped { .. } => {
+            signal_group(rustix::process::Signal::TERM);
+            stop_timeout
         }
-        None => {
-            let _ = child.start_kill();
-            match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-                Ok(Ok(_)) => reason.push_str(" (killed)"),
-                _ => reason.push_str(&format!(" (sent SIGKILL to {pid}, but it has not exited)")),
-            }
-        }
+        _ => Duration::ZERO,
+    };
+    let exited = tokio::time::timeout(grace, child.wait()).await.is_ok();
+    signal_group(rustix::process::Signal::KILL);
+    if !exited
+        && tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .is_err()
+    {
+        tracing::error!(pid, "sent SIGKILL, but the process has not exited");
     }
-    reason
 }
 
 fn describe(status: std::process::ExitStatus) -> String {

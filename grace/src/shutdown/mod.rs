@@ -6,6 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -31,6 +32,26 @@ pub(crate) enum Phase {
     Forcing,
 }
 
+/// `t + d`, or a time thirty years on when `d` is too large to add (a timeout of
+/// `u64::MAX` seconds means "no deadline", never a panic).
+pub(crate) fn after(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d).unwrap_or_else(|| far_future(t))
+}
+
+/// Thirty years after `t`: later than any process lives, early enough to add to any clock.
+pub(crate) fn far_future(t: Instant) -> Instant {
+    t + Duration::from_secs(30 * 365 * 86_400)
+}
+
+/// A listener as a restart passes it on: its name (`LISTEN_FDNAMES`), and whether its
+/// socket file goes with it (the new generation removes it when it stops for good).
+#[derive(Clone)]
+pub(crate) struct Named {
+    pub(crate) listener: Arc<Listener>,
+    pub(crate) name: String,
+    pub(crate) owns_file: bool,
+}
+
 /// What has been asked of the server, by signals or through the handle.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Requests {
@@ -43,13 +64,12 @@ pub(crate) struct Shared {
     pub(crate) tracker: Arc<Tracker>,
     phase: watch::Sender<Phase>,
     requests: watch::Sender<Requests>,
-    draining: AtomicBool,
     ready: AtomicBool,
     pub(crate) jobs: Jobs,
     pub(crate) resources: Resources,
     /// The listeners while serving, so a restart can hand them on; emptied when the drain
     /// starts, so they close once the accept loops let go of theirs.
-    listeners: Mutex<Vec<Arc<Listener>>>,
+    listeners: Mutex<Vec<Named>>,
     /// Stops the accept loops. Separate from `phase`, so closing the listeners does not
     /// wake every connection task first.
     stop_accepting: tokio_util::sync::CancellationToken,
@@ -62,7 +82,6 @@ impl Shared {
             tracker: Arc::new(Tracker::default()),
             phase: watch::Sender::new(Phase::Serving),
             requests: watch::Sender::new(Requests::default()),
-            draining: AtomicBool::new(false),
             ready: AtomicBool::new(true),
             jobs: Jobs::default(),
             resources: Resources::default(),
@@ -74,12 +93,7 @@ impl Shared {
 
     #[inline]
     pub(crate) fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    /// The flag behind [`is_draining`](Self::is_draining), for `Conn::poll_draining`.
-    pub(crate) fn draining_flag(&self) -> &AtomicBool {
-        &self.draining
+        self.tracker.is_draining()
     }
 
     pub(crate) fn is_ready(&self) -> bool {
@@ -91,10 +105,10 @@ impl Shared {
     }
 
     pub(crate) fn enter(&self, phase: Phase) {
-        if phase >= Phase::Draining && !self.draining.swap(true, Ordering::AcqRel) {
+        if phase >= Phase::Draining {
             // Responses written from now on carry `Connection: close`; then every
             // connection task is woken to close or finish.
-            self.tracker.wake_all();
+            self.tracker.start_draining();
         }
         self.phase.send_if_modified(|p| {
             let moved = *p < phase;
@@ -117,7 +131,7 @@ impl Shared {
         self.stop_accepting.cancelled().await
     }
 
-    pub(crate) fn set_listeners(&self, listeners: Vec<Arc<Listener>>) {
+    pub(crate) fn set_listeners(&self, listeners: Vec<Named>) {
         let mut guard = crate::lock(&self.listeners);
         let old = std::mem::replace(&mut *guard, listeners);
         drop(guard);
@@ -125,19 +139,16 @@ impl Shared {
     }
 
     /// The listeners while serving (none once draining).
-    pub(crate) fn listeners(&self) -> Vec<Arc<Listener>> {
+    pub(crate) fn listeners(&self) -> Vec<Named> {
         crate::lock(&self.listeners).clone()
-    }
-
-    pub(crate) fn phase(&self) -> watch::Receiver<Phase> {
-        self.phase.subscribe()
     }
 
     pub(crate) fn notice(&self) -> ShutdownNotice {
         ShutdownNotice(self.phase.subscribe())
     }
 
-    pub(crate) fn request_drain(&self, trigger: Trigger) {
+    /// Asks for a drain; true if this call was the first to (its trigger is the drain's).
+    pub(crate) fn request_drain(&self, trigger: Trigger) -> bool {
         // Readiness fails from this moment, before the drain task even wakes.
         self.set_ready(false);
         self.requests.send_if_modified(|r| {
@@ -146,7 +157,7 @@ impl Shared {
                 r.drain = Some(trigger);
             }
             first
-        });
+        })
     }
 
     pub(crate) fn request_force(&self, reason: ForceReason) {
@@ -163,6 +174,12 @@ impl Shared {
 
     pub(crate) fn requests(&self) -> watch::Receiver<Requests> {
         self.requests.subscribe()
+    }
+
+    /// Resolves once a drain has been asked for (at once if it has).
+    pub(crate) async fn drain_asked(&self) {
+        let mut requests = self.requests();
+        let _ = requests.wait_for(|r| r.drain.is_some()).await;
     }
 
     /// The trigger of the drain, if one was requested (it may not have started yet).

@@ -23,8 +23,12 @@ pub enum Trigger {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ForceReason {
-    /// The shutdown deadline passed.
+    /// The shutdown timeout ([`Server::shutdown_timeout`](crate::Server::shutdown_timeout))
+    /// passed with work still in flight.
     Deadline,
+    /// The overall stop deadline ([`Server::stop_deadline`](crate::Server::stop_deadline))
+    /// came first: what was left was cut to leave the resources their close time.
+    StopDeadline,
     /// A second signal arrived during the drain.
     Signal(String),
     /// [`Handle::force`](crate::Handle::force) was called.
@@ -56,6 +60,7 @@ impl fmt::Display for ForceReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ForceReason::Deadline => f.write_str("deadline"),
+            ForceReason::StopDeadline => f.write_str("stop deadline"),
             ForceReason::Signal(name) => write!(f, "second signal {name}"),
             ForceReason::Handle => f.write_str("handle"),
         }

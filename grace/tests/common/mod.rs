@@ -90,6 +90,10 @@ pub fn app() -> axum::Router {
             ),
         )
         .route(
+            "/echo",
+            axum::routing::post(|body: String| async move { body }),
+        )
+        .route(
             "/panic",
             get(|| async {
                 if true {

@@ -1,0 +1,148 @@
+//! The request body a service receives: hyper's body, with a guard against clients that send
+//! their body too slowly (a dribbled body would otherwise hold its connection forever).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::shutdown::after;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How slowly a request body may arrive: within `initial` of the request's head, plus one
+/// second for every `min_rate` bytes received (Apache's `mod_reqtimeout` rule, whose
+/// defaults are 20 s and 500 bytes/s). A large upload at any reasonable speed is never cut;
+/// a body dribbled a byte at a time is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct BodyLimit {
+    pub(crate) initial: Duration,
+    pub(crate) min_rate: u64,
+}
+
+impl BodyLimit {
+    pub(crate) const DEFAULT: BodyLimit = BodyLimit {
+        initial: Duration::from_secs(20),
+        min_rate: 500,
+    };
+
+    fn deadline(&self, started: Instant, received: u64) -> Instant {
+        let earned = Duration::from_secs(received / self.min_rate.max(1));
+        after(started, self.initial.saturating_add(earned))
+    }
+}
+
+/// The body was not received in time (see [`Server::request_body_timeout`](crate::Server::request_body_timeout)).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body was not received in time ({received} bytes after {elapsed:?})")]
+pub struct BodyTimeout {
+    received: u64,
+    elapsed: Duration,
+}
+
+pin_project_lite::pin_project! {
+    /// The body of a request served by grace: hyper's [`Incoming`], cut with a
+    /// [`BodyTimeout`] error when the client sends it too slowly. Any `axum::Router` takes
+    /// it as it is.
+    pub struct RequestBody {
+        #[pin]
+        inner: Incoming,
+        limit: Option<BodyLimit>,
+        started: Instant,
+        received: u64,
+        // Made only when the body makes the reader wait (most bodies never do).
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl RequestBody {
+    pub(crate) fn new(inner: Incoming, limit: Option<BodyLimit>) -> RequestBody {
+        RequestBody {
+            inner,
+            limit,
+            started: Instant::now(),
+            received: 0,
+            timer: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestBody")
+            .field("received", &self.received)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.received += data.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let Some(limit) = this.limit else {
+                    return Poll::Pending;
+                };
+                let deadline = limit.deadline(*this.started, *this.received);
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+                if timer.deadline() != deadline.into() {
+                    timer.as_mut().reset(deadline.into());
+                }
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout {
+                        received: *this.received,
+                        elapsed: this.started.elapsed(),
+                    })))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deadline_grows_with_what_was_received_and_saturates() {
+        let t = Instant::now();
+        let l = BodyLimit::DEFAULT;
+        assert_eq!(l.deadline(t, 0), t + Duration::from_secs(20));
+        assert_eq!(l.deadline(t, 499), t + Duration::from_secs(20));
+        assert_eq!(l.deadline(t, 5_000), t + Duration::from_secs(30));
+        let absurd = BodyLimit {
+            initial: Duration::MAX,
+            min_rate: 0,
+        };
+        assert!(absurd.deadline(t, u64::MAX) > t);
+    }
+}
