@@ -298,12 +298,12 @@ impl Ledger {
 
     /// Registers with grace what has to stop and close on shutdown: the settlement job,
     /// then the audit file, the Redis connection and the database pool.
-    pub fn register(self: &Arc<Self>, handle: &grace::Handle, settle_every: Duration) {
+    pub fn register(self: &Arc<Self>, handle: &grace_http::Handle, settle_every: Duration) {
         // The database closes last: "audit-file" and "redis" record what it committed, and
         // depending on it keeps that order whatever the registration order.
         let ledger = Arc::clone(self);
         handle.add_resource(
-            grace::Resource::new("db", move || async move {
+            grace_http::Resource::new("db", move || async move {
                 // Closes idle connections, waits for the others to come back, and says
                 // goodbye to the server on each (COM_QUIT, Terminate, sqlite3_close).
                 ledger.pool.close().await;
@@ -314,7 +314,7 @@ impl Ledger {
         if self.events.is_some() {
             let ledger = Arc::clone(self);
             handle.add_resource(
-                grace::Resource::new("redis", move || async move {
+                grace_http::Resource::new("redis", move || async move {
                     match &ledger.events {
                         Some(events) => events.close().await,
                         None => Ok(()),
@@ -326,7 +326,7 @@ impl Ledger {
         }
         let ledger = Arc::clone(self);
         handle.add_resource(
-            grace::Resource::new(
+            grace_http::Resource::new(
                 "audit-file",
                 move || async move { ledger.audit.close().await },
             )
@@ -335,27 +335,30 @@ impl Ledger {
         );
 
         let ledger = Arc::clone(self);
-        handle.spawn_job("settlement", move |token: grace::JobToken| async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(settle_every) => {}
-                    _ = token.stopping() => break,
+        handle.spawn_job(
+            "settlement",
+            move |token: grace_http::JobToken| async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(settle_every) => {}
+                        _ = token.stopping() => break,
+                    }
+                    // A unit of work is never cut half-way by the token: it is one transaction.
+                    match ledger.settle().await {
+                        Ok(n) if n > 0 => tracing::debug!(transfers = n, "settled"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "settlement failed; will retry"),
+                    }
                 }
-                // A unit of work is never cut half-way by the token: it is one transaction.
-                match ledger.settle().await {
-                    Ok(n) if n > 0 => tracing::debug!(transfers = n, "settled"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "settlement failed; will retry"),
-                }
-            }
-            // The HTTP drain is over. Transfers whose clients went away may still be running:
-            // let them finish, then settle what the last requests recorded.
-            ledger.in_flight.close();
-            ledger.in_flight.wait().await;
-            let n = ledger.settle().await?;
-            tracing::info!(transfers = n, "final settlement");
-            Ok::<_, LedgerError>(())
-        });
+                // The HTTP drain is over. Transfers whose clients went away may still be running:
+                // let them finish, then settle what the last requests recorded.
+                ledger.in_flight.close();
+                ledger.in_flight.wait().await;
+                let n = ledger.settle().await?;
+                tracing::info!(transfers = n, "final settlement");
+                Ok::<_, LedgerError>(())
+            },
+        );
     }
 
     pub async fn create_account(&self, id: String, balance: i64) -> Result<Account, LedgerError> {

@@ -156,21 +156,21 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let restart = config::restart(args.pid_file.as_ref(), args.ready_timeout);
     let settings = config::load(args.config.as_deref())?;
     // Sockets handed over by the previous generation (or systemd), else bind --listen.
-    let server = match grace::inherited_listeners()? {
-        Some(inherited) => grace::Server::from_inherited(inherited),
+    let server = match grace_http::inherited_listeners()? {
+        Some(inherited) => grace_http::Server::from_inherited(inherited),
         None => {
             // The first generation: a pid file we cannot write is a start-up error, said
             // now (an upgrade's new process writes it when ready, and rolls back if it
             // cannot).
             if let Some(path) = &args.pid_file {
-                grace::write_pid_file(path)
+                grace_http::write_pid_file(path)
                     .with_context(|| format!("writing the pid file {}", path.display()))?;
             }
             match (args.listen.strip_prefix("unix:"), args.socket_mode) {
-                (Some(path), None) => grace::Server::bind_unix(path)?,
-                (Some(path), Some(mode)) => grace::Server::bind_unix_with_mode(path, mode)?,
+                (Some(path), None) => grace_http::Server::bind_unix(path)?,
+                (Some(path), Some(mode)) => grace_http::Server::bind_unix_with_mode(path, mode)?,
                 (None, Some(_)) => anyhow::bail!("--socket-mode is for unix: listeners only"),
-                (None, None) => grace::Server::bind(args.listen.as_str()).await?,
+                (None, None) => grace_http::Server::bind(args.listen.as_str()).await?,
             }
         }
     };

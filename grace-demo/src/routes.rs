@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use futures_util::stream;
-use grace::ShutdownNotice;
+use grace_http::ShutdownNotice;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -21,7 +21,7 @@ use crate::ledger::{Ledger, LedgerError};
 const GOING_AWAY: u16 = 1001;
 
 /// Every route: the demo endpoints, the probes, and the ledger API.
-pub fn router(ledger: Arc<Ledger>, handle: &grace::Handle) -> Router {
+pub fn router(ledger: Arc<Ledger>, handle: &grace_http::Handle) -> Router {
     let api = Router::new()
         .route("/accounts", post(create_account))
         .route("/accounts/{id}", get(get_account))
@@ -32,7 +32,7 @@ pub fn router(ledger: Arc<Ledger>, handle: &grace::Handle) -> Router {
         .route("/", get(crate::config::greet))
         // Liveness: 200 as long as the process runs. Readiness: 503 once a drain is asked
         // for (before the pre-stop delay), so load balancers stop routing here first.
-        .route_service("/healthz", grace::Liveness)
+        .route_service("/healthz", grace_http::Liveness)
         .route_service("/readyz", handle.readiness())
         .route("/sleep/{ms}", get(sleep))
         .route("/stream/{n}", get(stream_chunks))

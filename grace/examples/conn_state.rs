@@ -1,7 +1,7 @@
 //! Observe every connection's state, like Go's `Server.ConnState`, and read live counts.
 //!
 //! ```sh
-//! cargo run -p grace --example conn_state
+//! cargo run -p grace-http --example conn_state
 //! curl localhost:3000/slow & curl localhost:3000/   # watch New → Active → Idle → Closed
 //! curl localhost:3000/counts
 //! ```
@@ -9,10 +9,10 @@
 use std::time::Duration;
 
 use axum::routing::get;
-use grace::{ConnInfo, ConnState, Server};
+use grace_http::{ConnInfo, ConnState, Server};
 
 #[tokio::main]
-async fn main() -> Result<(), grace::Error> {
+async fn main() -> Result<(), grace_http::Error> {
     let server =
         Server::bind("127.0.0.1:3000")
             .await?

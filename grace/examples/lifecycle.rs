@@ -2,17 +2,17 @@
 //! and a pre-stop delay.
 //!
 //! ```sh
-//! cargo run -p grace --example lifecycle
+//! cargo run -p grace-http --example lifecycle
 //! curl -i localhost:3000/readyz       # 200; after Ctrl-C: 503 for the 2 s pre-stop delay
 //! ```
 
 use std::time::Duration;
 
 use axum::routing::get;
-use grace::{JobToken, Liveness, Resource, Server};
+use grace_http::{JobToken, Liveness, Resource, Server};
 
 #[tokio::main]
-async fn main() -> Result<(), grace::Error> {
+async fn main() -> Result<(), grace_http::Error> {
     let server = Server::bind("127.0.0.1:3000")
         .await?
         .pre_stop_delay(Duration::from_secs(2))

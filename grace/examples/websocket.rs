@@ -2,17 +2,17 @@
 //! instead of being cut at the deadline.
 //!
 //! ```sh
-//! cargo run -p grace --example websocket
+//! cargo run -p grace-http --example websocket
 //! websocat ws://127.0.0.1:3000/ws     # then Ctrl-C the server: the client sees 1001
 //! ```
 
 use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::routing::get;
 use axum::Extension;
-use grace::ShutdownNotice;
+use grace_http::ShutdownNotice;
 
 #[tokio::main]
-async fn main() -> Result<(), grace::Error> {
+async fn main() -> Result<(), grace_http::Error> {
     let app = axum::Router::new().route(
         "/ws",
         get(
@@ -38,7 +38,7 @@ async fn main() -> Result<(), grace::Error> {
             },
         ),
     );
-    let report = grace::Server::bind("127.0.0.1:3000")
+    let report = grace_http::Server::bind("127.0.0.1:3000")
         .await?
         .serve(app)
         .with_signals()

@@ -18,11 +18,11 @@ use crate::shutdown::Shared;
 /// A tower service answering readiness probes: `200 ready` or `503 draining`.
 ///
 /// ```
-/// # async fn doc() -> Result<(), grace::Error> {
-/// let server = grace::Server::bind("127.0.0.1:0").await?;
+/// # async fn doc() -> Result<(), grace_http::Error> {
+/// let server = grace_http::Server::bind("127.0.0.1:0").await?;
 /// let app: axum::Router = axum::Router::new()
 ///     .route_service("/readyz", server.handle().readiness())
-///     .route_service("/healthz", grace::Liveness);
+///     .route_service("/healthz", grace_http::Liveness);
 /// # let _ = app; Ok(()) }
 /// ```
 #[derive(Clone)]

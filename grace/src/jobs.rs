@@ -19,8 +19,8 @@ use crate::shutdown::Shared;
 /// Given to every background job: says when the server is stopping.
 ///
 /// ```no_run
-/// # async fn doc(handle: grace::Handle) {
-/// handle.spawn_job("settlement", |token: grace::JobToken| async move {
+/// # async fn doc(handle: grace_http::Handle) {
+/// handle.spawn_job("settlement", |token: grace_http::JobToken| async move {
 ///     while !token.is_stopping() {
 ///         // one unit of work, always finished once started…
 ///         tokio::select! {

@@ -38,9 +38,9 @@
 //! resources their close timeouts (at most half of the total).
 //!
 //! ```no_run
-//! # async fn doc() -> Result<(), grace::Error> {
+//! # async fn doc() -> Result<(), grace_http::Error> {
 //! let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
-//! let report = grace::Server::bind("127.0.0.1:8080")
+//! let report = grace_http::Server::bind("127.0.0.1:8080")
 //!     .await?
 //!     .shutdown_timeout(std::time::Duration::from_secs(30))
 //!     .serve(app)

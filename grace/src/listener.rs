@@ -27,10 +27,10 @@ const BACKLOG: i32 = 4096;
 ///
 /// ```no_run
 /// # async fn doc() -> std::io::Result<()> {
-/// let tcp = grace::Listener::bind("127.0.0.1:8080".parse().unwrap())?;
-/// let unix = grace::Listener::bind_unix("/tmp/grace.sock")?;
-/// let private = grace::Listener::bind_unix_with_mode("/run/app/app.sock", 0o660)?;
-/// let adopted: grace::Listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?.into();
+/// let tcp = grace_http::Listener::bind("127.0.0.1:8080".parse().unwrap())?;
+/// let unix = grace_http::Listener::bind_unix("/tmp/grace.sock")?;
+/// let private = grace_http::Listener::bind_unix_with_mode("/run/app/app.sock", 0o660)?;
+/// let adopted: grace_http::Listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?.into();
 /// # Ok(()) }
 /// ```
 ///
@@ -91,8 +91,8 @@ impl Listener {
     ///
     /// ```no_run
     /// # async fn doc() -> std::io::Result<()> {
-    /// let listener = grace::Listener::bind_unix_with_mode("/run/app/app.sock", 0o660)?;
-    /// let server = grace::Server::from_listener(listener);
+    /// let listener = grace_http::Listener::bind_unix_with_mode("/run/app/app.sock", 0o660)?;
+    /// let server = grace_http::Server::from_listener(listener);
     /// # let _ = server; Ok(()) }
     /// ```
     pub fn bind_unix_with_mode(path: impl AsRef<Path>, mode: u32) -> io::Result<Listener> {

@@ -25,7 +25,7 @@ type CloseFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 ///
 /// ```
 /// use std::time::Duration;
-/// use grace::Resource;
+/// use grace_http::Resource;
 ///
 /// let pool = Resource::new("db", || async { /* pool.close().await */ Ok::<_, std::io::Error>(()) })
 ///     .timeout(Duration::from_secs(5));

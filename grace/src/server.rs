@@ -69,9 +69,9 @@ impl Default for Config {
 ///
 /// ```no_run
 /// use std::time::Duration;
-/// use grace::{ConnInfo, ConnState, Server};
+/// use grace_http::{ConnInfo, ConnState, Server};
 ///
-/// # async fn doc() -> Result<(), grace::Error> {
+/// # async fn doc() -> Result<(), grace_http::Error> {
 /// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
 /// let server = Server::bind("127.0.0.1:8080").await?
 ///     .shutdown_timeout(Duration::from_secs(30))
@@ -213,9 +213,9 @@ impl Server {
     /// shared in proportion). Default: none.
     ///
     /// ```no_run
-    /// # async fn doc() -> Result<(), grace::Error> {
+    /// # async fn doc() -> Result<(), grace_http::Error> {
     /// use std::time::Duration;
-    /// let server = grace::Server::bind("127.0.0.1:8080").await?
+    /// let server = grace_http::Server::bind("127.0.0.1:8080").await?
     ///     .pre_stop_delay(Duration::from_secs(5))
     ///     .shutdown_timeout(Duration::from_secs(20))
     ///     .stop_deadline(Duration::from_secs(30)); // terminationGracePeriodSeconds: 30

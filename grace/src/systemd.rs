@@ -34,7 +34,7 @@ pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 /// ```
 /// // Outside systemd this does nothing.
 /// # std::env::remove_var("NOTIFY_SOCKET");
-/// assert!(!grace::systemd::notify("STATUS=warming up caches").unwrap());
+/// assert!(!grace_http::systemd::notify("STATUS=warming up caches").unwrap());
 /// ```
 pub fn notify(state: &str) -> io::Result<bool> {
     let Some(target) = std::env::var_os(NOTIFY_SOCKET) else {

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{app, start, Client, SOON};
-use grace::{ConnState, ForceReason, Trigger};
+use grace_http::{ConnState, ForceReason, Trigger};
 use tokio::net::TcpStream;
 
 #[tokio::test]

@@ -53,7 +53,10 @@ async fn a_panicking_handler_answers_500_and_counts_stay_right() {
     assert_eq!(resp.header("connection"), Some("close"));
     assert!(c.closed().await);
     srv.wait_counts(|c| c.total() == 0).await;
-    assert_eq!(srv.states_of(0).last(), Some(&grace::ConnState::Closed));
+    assert_eq!(
+        srv.states_of(0).last(),
+        Some(&grace_http::ConnState::Closed)
+    );
     let mut after = Client::connect(srv.addr).await;
     assert_eq!(after.get("/").await.unwrap().status, 200);
     srv.handle.shutdown();

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{app, start, Client, SOON};
-use grace::{JobToken, Outcome, Resource};
+use grace_http::{JobToken, Outcome, Resource};
 use tower::ServiceExt as _;
 
 /// Who closed, in order, and when.
@@ -69,7 +69,7 @@ fn hanging(name: &'static str, log: &Log) -> Resource {
 }
 
 /// Each line of a report's jobs or resources: its name and how it ended.
-fn outcomes(lines: &[grace::TaskReport]) -> Vec<(&str, Outcome)> {
+fn outcomes(lines: &[grace_http::TaskReport]) -> Vec<(&str, Outcome)> {
     lines.iter().map(|l| (l.name.as_str(), l.outcome)).collect()
 }
 
@@ -244,12 +244,12 @@ async fn jobs_stop_after_the_last_request_finish_their_unit_and_stragglers_are_c
 async fn readiness_fails_at_once_while_in_flight_requests_finish() {
     let mut srv = start(app(), |s| s).await;
     let ready = srv.handle.readiness();
-    let probe = |r: grace::Readiness| async move {
+    let probe = |r: grace_http::Readiness| async move {
         r.oneshot(http::Request::new(())).await.unwrap().status()
     };
     assert_eq!(probe(ready.clone()).await, 200);
     assert_eq!(
-        grace::Liveness
+        grace_http::Liveness
             .oneshot(http::Request::new(()))
             .await
             .unwrap()
@@ -265,7 +265,7 @@ async fn readiness_fails_at_once_while_in_flight_requests_finish() {
     // moment the drain is asked for, not from when the drain task gets to it.
     assert_eq!(probe(ready.clone()).await, 503);
     assert_eq!(
-        grace::Liveness
+        grace_http::Liveness
             .oneshot(http::Request::new(()))
             .await
             .unwrap()
@@ -302,7 +302,7 @@ async fn a_force_during_the_resource_phase_cuts_what_is_still_closing() {
         t.elapsed() < Duration::from_secs(10),
         "force did not cut the hanging close"
     );
-    assert_eq!(report.forced_by, Some(grace::ForceReason::Handle));
+    assert_eq!(report.forced_by, Some(grace_http::ForceReason::Handle));
     let outcomes = outcomes(&report.resources);
     assert_eq!(
         outcomes,
@@ -363,7 +363,10 @@ async fn with_a_stop_deadline_resources_still_close_inside_it() {
     srv.handle.shutdown();
     let report = srv.report(Duration::from_millis(1_500)).await;
     let took = t.elapsed();
-    assert_eq!(report.forced_by, Some(grace::ForceReason::StopDeadline));
+    assert_eq!(
+        report.forced_by,
+        Some(grace_http::ForceReason::StopDeadline)
+    );
     assert_eq!(report.forced.len(), 1, "{}", report.to_json());
     assert_eq!(outcomes(&report.resources), [("slow-db", Outcome::Closed)]);
     // The request was cut 700 ms before the deadline, which left the resource its time.

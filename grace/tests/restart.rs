@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use grace::{Restart, Server, Trigger};
+use grace_http::{Restart, Server, Trigger};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SOON: Duration = Duration::from_secs(10);
@@ -56,7 +56,7 @@ fn app() -> axum::Router {
 }
 
 /// A server on 127.0.0.1:0, and the kernel's name for its listening socket.
-fn listener() -> (grace::Listener, SocketAddr, PathBuf) {
+fn listener() -> (grace_http::Listener, SocketAddr, PathBuf) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let inode = std::fs::read_link(format!("/proc/self/fd/{}", l.as_raw_fd())).unwrap();
@@ -69,7 +69,7 @@ async fn restart_is_refused_when_not_enabled() {
     let handle = server.handle();
     let served = tokio::spawn(server.serve(app()).into_future());
     let err = handle.restart().await.unwrap_err();
-    assert!(matches!(err, grace::RestartError::NotEnabled), "{err}");
+    assert!(matches!(err, grace_http::RestartError::NotEnabled), "{err}");
     handle.shutdown();
     served.await.unwrap().unwrap();
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::{app, start, Client, SOON};
 use futures_util::{SinkExt, StreamExt};
-use grace::{ConnState::*, ShutdownNotice};
+use grace_http::{ConnState::*, ShutdownNotice};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
@@ -156,10 +156,10 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 /// longer than the 60 s load balancers keep theirs): clients cannot hold them forever.
 #[tokio::test]
 async fn idle_connections_time_out_by_default() {
-    let server = grace::Server::bind("127.0.0.1:0").await.unwrap();
+    let server = grace_http::Server::bind("127.0.0.1:0").await.unwrap();
     let config = format!("{server:?}");
     assert!(config.contains("idle_timeout: Some(75s)"), "{config}");
-    assert_eq!(grace::DEFAULT_IDLE_TIMEOUT, Duration::from_secs(75));
+    assert_eq!(grace_http::DEFAULT_IDLE_TIMEOUT, Duration::from_secs(75));
 }
 
 /// Issue 9, item 2: a client that sends its headers and then dribbles its body (a byte every

@@ -41,10 +41,10 @@ fn inode(path: &Path) -> u64 {
 #[tokio::test]
 async fn serves_and_drains_over_a_unix_socket() {
     let path = sock_path("drain");
-    let server = grace::Server::bind_unix(&path).unwrap();
+    let server = grace_http::Server::bind_unix(&path).unwrap();
     assert!(matches!(
         server.local_addrs()[0],
-        grace::Addr::Unix(Some(_))
+        grace_http::Addr::Unix(Some(_))
     ));
     let handle = server.handle();
     let app = axum::Router::new().route(
@@ -88,7 +88,8 @@ async fn a_stale_socket_file_is_replaced() {
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     assert!(path.exists());
 
-    let server = grace::Server::bind_unix(&path).expect("a stale socket file must be replaced");
+    let server =
+        grace_http::Server::bind_unix(&path).expect("a stale socket file must be replaced");
     let handle = server.handle();
     let served = tokio::spawn(server.serve(app()).into_future());
     assert!(get(&path).await.ends_with("over unix"));
@@ -103,11 +104,11 @@ async fn a_live_socket_is_neither_replaced_nor_touched() {
     let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
     let before = inode(&path);
 
-    let err = grace::Listener::bind_unix(&path).expect_err("bound over a live socket");
+    let err = grace_http::Listener::bind_unix(&path).expect_err("bound over a live socket");
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
     assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
-    let err =
-        grace::Server::bind_unix_with_mode(&path, 0o600).expect_err("bound over a live socket");
+    let err = grace_http::Server::bind_unix_with_mode(&path, 0o600)
+        .expect_err("bound over a live socket");
     assert!(err.to_string().contains("in use"), "{err}");
 
     // Still the same file, still served by its owner.
@@ -123,7 +124,7 @@ async fn a_live_socket_is_neither_replaced_nor_touched() {
 async fn a_file_that_is_not_a_socket_is_left_alone() {
     let path = sock_path("regular");
     std::fs::write(&path, "precious").unwrap();
-    let err = grace::Listener::bind_unix(&path).expect_err("bound over a regular file");
+    let err = grace_http::Listener::bind_unix(&path).expect_err("bound over a regular file");
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
     assert!(err.to_string().contains("not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
@@ -133,7 +134,7 @@ async fn a_file_that_is_not_a_socket_is_left_alone() {
     let target = sock_path("regular-target");
     drop(std::os::unix::net::UnixListener::bind(&target).unwrap());
     std::os::unix::fs::symlink(&target, &path).unwrap();
-    let err = grace::Listener::bind_unix(&path).expect_err("bound over a symlink");
+    let err = grace_http::Listener::bind_unix(&path).expect_err("bound over a symlink");
     assert!(err.to_string().contains("not a socket"), "{err}");
     assert!(std::fs::symlink_metadata(&path).unwrap().is_symlink());
     assert!(target.exists());
@@ -145,7 +146,7 @@ async fn a_file_that_is_not_a_socket_is_left_alone() {
 async fn the_mode_is_set_whatever_the_umask() {
     for (name, mode) in [("mode600", 0o600), ("mode666", 0o666)] {
         let path = sock_path(name);
-        let server = grace::Server::bind_unix_with_mode(&path, mode).unwrap();
+        let server = grace_http::Server::bind_unix_with_mode(&path, mode).unwrap();
         let got = std::fs::symlink_metadata(&path)
             .unwrap()
             .permissions()
@@ -161,7 +162,7 @@ async fn the_mode_is_set_whatever_the_umask() {
     }
 
     let path = sock_path("badmode");
-    let err = grace::Listener::bind_unix_with_mode(&path, 0o4755).expect_err("setuid mode");
+    let err = grace_http::Listener::bind_unix_with_mode(&path, 0o4755).expect_err("setuid mode");
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
     assert!(!path.exists());
 }
@@ -175,7 +176,7 @@ fn a_server_that_never_served_removes_its_file_when_the_runtime_ends() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let server = grace::Server::bind_unix(&path).unwrap();
+        let server = grace_http::Server::bind_unix(&path).unwrap();
         assert!(path.exists());
         // A start-up step fails: the server is dropped without serving.
         drop(server);
@@ -190,8 +191,8 @@ async fn an_adopted_socket_file_is_not_ours_to_remove() {
     // belongs to whoever made it.
     let path = sock_path("adopted");
     let std_listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let listener = grace::Listener::from_fd(std::os::fd::OwnedFd::from(std_listener)).unwrap();
-    let server = grace::Server::from_listener(listener);
+    let listener = grace_http::Listener::from_fd(std::os::fd::OwnedFd::from(std_listener)).unwrap();
+    let server = grace_http::Server::from_listener(listener);
     let handle = server.handle();
     let served = tokio::spawn(server.serve(app()).into_future());
     assert!(get(&path).await.ends_with("over unix"));
@@ -204,7 +205,7 @@ async fn an_adopted_socket_file_is_not_ours_to_remove() {
 #[tokio::test]
 async fn a_file_replaced_meanwhile_is_not_removed() {
     let path = sock_path("replaced");
-    let server = grace::Server::bind_unix(&path).unwrap();
+    let server = grace_http::Server::bind_unix(&path).unwrap();
     let handle = server.handle();
     let served = tokio::spawn(server.serve(app()).into_future());
     // Someone else takes the path over while we serve.

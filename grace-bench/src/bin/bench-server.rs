@@ -3,7 +3,7 @@
 //! Serves `GET /` → `200 hello` (the same axum router in every mode) and prints
 //! `listening on ADDR` on stdout once bound and ready for signals. On SIGTERM:
 //!
-//! - `grace`: `grace::Server` with `.with_signals()` drains, then prints
+//! - `grace`: `grace_http::Server` with `.with_signals()` drains, then prints
 //!   `drained: clean=… conns=… total_us=…` on stdout and exits;
 //! - `axum`: `axum::serve(..).with_graceful_shutdown(sigterm)` drains and exits;
 //! - `hyper`: a bare `hyper_util` auto-builder accept loop; it has no drain, it stops
@@ -11,7 +11,7 @@
 //! - `hyper-timer`: `hyper` plus the HTTP/1 settings grace's builder uses (a `TokioTimer`
 //!   and a 10 s `header_read_timeout`), to tell grace's own cost from that setting's.
 //!
-//! Every mode uses the same listening socket (`grace::Listener::bind`: `SO_REUSEADDR`,
+//! Every mode uses the same listening socket (`grace_http::Listener::bind`: `SO_REUSEADDR`,
 //! backlog 4096) and sets `TCP_NODELAY` on accepted connections.
 
 use std::net::SocketAddr;
@@ -25,7 +25,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Mode {
-    /// `grace::Server` with `.with_signals()`.
+    /// `grace_http::Server` with `.with_signals()`.
     Grace,
     /// Bare `hyper_util::server::conn::auto::Builder` accept loop, no drain.
     Hyper,
@@ -52,7 +52,7 @@ async fn main() -> anyhow::Result<()> {
     if let Err(e) = grace_bench::raise_nofile() {
         eprintln!("bench-server: cannot raise RLIMIT_NOFILE: {e}");
     }
-    let grace::Listener::Tcp(listener) = grace::Listener::bind(args.listen)? else {
+    let grace_http::Listener::Tcp(listener) = grace_http::Listener::bind(args.listen)? else {
         unreachable!("Listener::bind makes a TCP listener");
     };
     let addr = listener.local_addr()?;
@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
 
     match args.mode {
         Mode::Grace => {
-            let serve = grace::Server::from_listener(listener)
+            let serve = grace_http::Server::from_listener(listener)
                 .shutdown_timeout(Duration::from_secs(30))
                 .serve(app)
                 .with_signals();

@@ -63,16 +63,16 @@ fn main() -> Result<()> {
 // --- the server --------------------------------------------------------------------------
 
 fn serve(args: Args) -> Result<()> {
-    let restart = grace::Restart::new().ready_timeout(Duration::from_secs(30));
+    let restart = grace_http::Restart::new().ready_timeout(Duration::from_secs(30));
     let restart = match &args.pid_file {
         Some(p) => restart.pid_file(p),
         None => restart,
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let server = match grace::inherited_listeners()? {
-            Some(l) => grace::Server::from_inherited(l),
-            None => grace::Server::bind("127.0.0.1:0").await?,
+        let server = match grace_http::inherited_listeners()? {
+            Some(l) => grace_http::Server::from_inherited(l),
+            None => grace_http::Server::bind("127.0.0.1:0").await?,
         };
         let addr = server.local_addrs()[0].to_string();
         let pid = std::process::id().to_string();

@@ -206,10 +206,10 @@ impl Inherited {
 /// old process is gone (it would otherwise serve on a socket nobody waits for).
 ///
 /// ```no_run
-/// # async fn doc() -> Result<(), grace::Error> {
-/// let server = match grace::inherited_listeners()? {
-///     Some(inherited) => grace::Server::from_inherited(inherited),
-///     None => grace::Server::bind("127.0.0.1:8080").await?,
+/// # async fn doc() -> Result<(), grace_http::Error> {
+/// let server = match grace_http::inherited_listeners()? {
+///     Some(inherited) => grace_http::Server::from_inherited(inherited),
+///     None => grace_http::Server::bind("127.0.0.1:8080").await?,
 /// };
 /// # let _ = server; Ok(()) }
 /// ```

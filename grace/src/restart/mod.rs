@@ -63,16 +63,16 @@ pub(crate) const DEFAULT_NAME: &str = "grace";
 ///
 /// ```no_run
 /// use std::time::Duration;
-/// use grace::{Restart, SignalKind};
+/// use grace_http::{Restart, SignalKind};
 ///
-/// # async fn doc() -> Result<(), grace::Error> {
+/// # async fn doc() -> Result<(), grace_http::Error> {
 /// let restart = Restart::new() // SIGHUP, this program with its arguments
 ///     .signal(SignalKind::user_defined2())
 ///     .ready_timeout(Duration::from_secs(10))
 ///     .pid_file("/run/my-service.pid");
-/// let server = match grace::inherited_listeners()? {
-///     Some(listeners) => grace::Server::from_listeners(listeners),
-///     None => grace::Server::bind("127.0.0.1:8080").await?,
+/// let server = match grace_http::inherited_listeners()? {
+///     Some(inherited) => grace_http::Server::from_inherited(inherited),
+///     None => grace_http::Server::bind("127.0.0.1:8080").await?,
 /// };
 /// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
 /// let report = server.serve(app).with_signals().with_restart(restart).await?;
@@ -200,10 +200,10 @@ impl Handle {
     /// (another restart is running, or the server is draining) or is not enabled.
     ///
     /// ```no_run
-    /// # async fn doc(handle: grace::Handle) {
+    /// # async fn doc(handle: grace_http::Handle) {
     /// match handle.restart().await {
     ///     Ok(pid) => println!("process {pid} took over; draining"),
-    ///     Err(grace::RestartError::Exited { status, .. }) => eprintln!("new binary {status}"),
+    ///     Err(grace_http::RestartError::Exited { status, .. }) => eprintln!("new binary {status}"),
     ///     Err(e) => eprintln!("still serving: {e}"),
     /// }
     /// # }
@@ -343,7 +343,7 @@ async fn drive(
 /// then a rename over `path`, so a reader never sees a partial file.
 ///
 /// ```no_run
-/// grace::write_pid_file("/run/my-service.pid")?;
+/// grace_http::write_pid_file("/run/my-service.pid")?;
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub fn write_pid_file(path: impl AsRef<Path>) -> std::io::Result<()> {

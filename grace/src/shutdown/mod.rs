@@ -213,8 +213,8 @@ impl Shared {
 /// Cheap to clone. Get one from [`Server::handle`](crate::Server::handle) before serving.
 ///
 /// ```no_run
-/// # async fn doc() -> Result<(), grace::Error> {
-/// let server = grace::Server::bind("127.0.0.1:0").await?;
+/// # async fn doc() -> Result<(), grace_http::Error> {
+/// let server = grace_http::Server::bind("127.0.0.1:0").await?;
 /// let handle = server.handle();
 /// tokio::spawn(async move {
 ///     tokio::time::sleep(std::time::Duration::from_secs(60)).await;
@@ -303,9 +303,9 @@ impl Handle {
     /// Registers a resource to close after the drain. See [`Resource`].
     ///
     /// ```no_run
-    /// # fn doc(handle: grace::Handle) -> std::io::Result<()> {
+    /// # fn doc(handle: grace_http::Handle) -> std::io::Result<()> {
     /// let audit = std::fs::File::create("audit.log")?;
-    /// handle.add_resource(grace::Resource::new("audit-file", move || async move {
+    /// handle.add_resource(grace_http::Resource::new("audit-file", move || async move {
     ///     audit.sync_all() // flushed to disk before the process exits
     /// }));
     /// # Ok(()) }
@@ -324,7 +324,7 @@ impl Handle {
 ///
 /// ```
 /// # async fn doc(req: http::Request<()>) {
-/// if let Some(notice) = req.extensions().get::<grace::ShutdownNotice>() {
+/// if let Some(notice) = req.extensions().get::<grace_http::ShutdownNotice>() {
 ///     notice.wait().await; // say goodbye to the client here
 /// }
 /// # }

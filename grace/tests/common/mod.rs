@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use grace::{ConnState, Handle, Server, ShutdownReport};
+use grace_http::{ConnState, Handle, Server, ShutdownReport};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -18,7 +18,7 @@ pub const SOON: Duration = Duration::from_secs(5);
 pub struct Running {
     pub addr: SocketAddr,
     pub handle: Handle,
-    pub served: JoinHandle<grace::Result<ShutdownReport>>,
+    pub served: JoinHandle<grace_http::Result<ShutdownReport>>,
     pub states: Arc<Mutex<Vec<(u64, ConnState)>>>,
 }
 
@@ -44,7 +44,7 @@ impl Running {
     }
 
     /// Waits until the live counts satisfy `f`.
-    pub async fn wait_counts(&self, f: impl Fn(grace::StateCounts) -> bool) {
+    pub async fn wait_counts(&self, f: impl Fn(grace_http::StateCounts) -> bool) {
         let h = self.handle.clone();
         tokio::time::timeout(SOON, async move {
             while !f(h.counts()) {
