@@ -13,7 +13,8 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::shutdown::Shared;
+use crate::latch::Latch;
+use crate::shutdown::Trigger;
 
 /// A tower service answering readiness probes: `200 ready` or `503 draining`.
 ///
@@ -27,13 +28,14 @@ use crate::shutdown::Shared;
 /// ```
 #[derive(Clone)]
 pub struct Readiness {
-    pub(crate) shared: Arc<Shared>,
+    /// The server's drain request: ready until it is set.
+    pub(crate) drain: Arc<Latch<Trigger>>,
 }
 
 impl Readiness {
     /// False from the moment a drain is asked for (see `Shared::request_drain`).
     fn is_ready(&self) -> bool {
-        self.shared.is_ready()
+        !self.drain.is_set()
     }
 }
 

@@ -12,9 +12,10 @@ use std::time::Instant;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::latch::Latch;
 use crate::resources::bounded;
 use crate::shutdown::report::TaskReport;
-use crate::shutdown::Shared;
+use crate::shutdown::ForceReason;
 
 /// Given to every background job: says when the server is stopping.
 ///
@@ -71,8 +72,12 @@ impl Jobs {
         crate::lock(&self.running).push((name, handle));
     }
 
-    /// Tells every job to stop and waits for them, each at most until `deadline`.
-    pub(crate) async fn stop(&self, deadline: Instant, shared: &Shared) -> Vec<TaskReport> {
+    /// Tells every job to stop and waits for them, each at most until `deadline` or a force.
+    pub(crate) async fn stop(
+        &self,
+        deadline: Instant,
+        force: &Latch<ForceReason>,
+    ) -> Vec<TaskReport> {
         self.token.cancel();
         let started = Instant::now();
         let running = std::mem::take(&mut *crate::lock(&self.running));
@@ -80,7 +85,7 @@ impl Jobs {
         // All were told at once, so waiting in turn costs nothing: each line records when
         // its own job finished.
         for (name, handle) in running {
-            reports.push(bounded(name, started, deadline, handle, shared).await);
+            reports.push(bounded(name, started, deadline, handle, force).await);
         }
         reports
     }

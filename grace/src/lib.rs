@@ -65,6 +65,7 @@ mod conn;
 mod error;
 mod health;
 mod jobs;
+mod latch;
 mod listener;
 mod resources;
 mod restart;
@@ -85,7 +86,7 @@ pub use resources::Resource;
 pub use restart::{inherited_listeners, write_pid_file, Inherited, Restart};
 pub use server::{Serve, Server, DEFAULT_IDLE_TIMEOUT};
 pub use shutdown::report::{
-    ActiveRequest, ForcedConn, Outcome, PhaseTiming, ShutdownReport, TaskReport,
+    ActiveRequest, ForcedConn, Outcome, Phase, PhaseTiming, ShutdownReport, TaskReport,
 };
 pub use shutdown::{ForceReason, Handle, ShutdownNotice, Trigger};
 pub use signal::DEFAULT_SIGNALS;

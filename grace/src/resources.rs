@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
+use crate::latch::Latch;
+use crate::shutdown::budget::after;
 use crate::shutdown::report::{Outcome, TaskReport};
-use crate::shutdown::{after, Shared};
+use crate::shutdown::ForceReason;
 
 type CloseFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
@@ -107,7 +109,7 @@ impl Resources {
     pub(crate) async fn close_all(
         &self,
         deadline: Option<Instant>,
-        shared: &Shared,
+        force: &Latch<ForceReason>,
     ) -> Vec<TaskReport> {
         let all = std::mem::take(&mut *crate::lock(&self.0));
         let mut reports = Vec::with_capacity(all.len());
@@ -124,7 +126,7 @@ impl Resources {
                 }
             };
             left = left.saturating_sub(r.timeout);
-            if let Some(reason) = shared.force_requested() {
+            if let Some(reason) = force.get() {
                 // Stop at once means at once: what has not started closing is left as is.
                 reports.push(TaskReport {
                     name: r.name,
@@ -136,7 +138,7 @@ impl Resources {
             }
             tracing::debug!(name = %r.name, "closing resource");
             let task = tokio::spawn(async move { ((r.close)().await, Instant::now()) });
-            reports.push(bounded(r.name, started, limit, task, shared).await);
+            reports.push(bounded(r.name, started, limit, task, force).await);
         }
         reports
     }
@@ -184,13 +186,13 @@ pub(crate) async fn bounded(
     started: Instant,
     limit: Instant,
     mut task: JoinHandle<(Result<(), String>, Instant)>,
-    shared: &Shared,
+    force: &Latch<ForceReason>,
 ) -> TaskReport {
     let ended = tokio::select! {
         biased;
         ended = &mut task => Some(ended),
         _ = tokio::time::sleep_until(limit.into()) => None,
-        _ = shared.forced() => None,
+        _ = force.wait() => None,
     };
     let (outcome, error, finished) = match ended {
         Some(Ok((Ok(()), at))) => (Outcome::Closed, None, at),

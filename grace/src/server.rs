@@ -4,63 +4,52 @@
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::ToSocketAddrs;
 use tokio::signal::unix::SignalKind;
 use tokio::task::JoinSet;
 
 use crate::conn::body::{BodyLimit, RequestBody};
-use crate::conn::io::TrackedIo;
-use crate::conn::request::ConnService;
+use crate::conn::task::{self, BoxError, ConnCtx};
 use crate::conn::tracker::Hook;
-use crate::conn::{Addr, ConnInfo, ConnState};
+use crate::conn::{clock, Addr, ConnInfo, ConnState};
 use crate::error::{Error, Result};
-use crate::listener::{self, Listener, SocketFile, Stream};
-use crate::shutdown::report::{Outcome, PhaseTiming, ShutdownReport};
-use crate::shutdown::{after, far_future};
-use crate::shutdown::{ForceReason, Handle, Named, Phase, Shared, Trigger};
+use crate::listener::{self, Listener, SocketFile};
+use crate::shutdown::budget::Budget;
+use crate::shutdown::report::ShutdownReport;
+use crate::shutdown::{drain, Handle, Named, Shared, Trigger};
 use crate::signal::{Signals, DEFAULT_SIGNALS};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long a keep-alive connection may stay idle by default: nginx's 75 s, longer than the
 /// 60 s that load balancers commonly keep their own idle backend connections, so that the
 /// balancer closes first and never sends a request on a connection we are closing.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 
-/// How long a draining HTTP/2 connection with no open stream waits for the peer to answer
-/// the drain's PING (which tells which streams it opened meanwhile) before it is closed
-/// anyway, as Go's HTTP/2 server waits one second after its GOAWAY.
-const H2_GOAWAY_ACK_WAIT: Duration = Duration::from_secs(1);
-
 /// Settings of a server. Each has a builder method on [`Server`].
 #[derive(Clone, Debug)]
 pub(crate) struct Config {
-    pub(crate) shutdown_timeout: Duration,
-    pub(crate) stop_deadline: Option<Duration>,
+    pub(crate) budget: Budget,
     pub(crate) header_read_timeout: Option<Duration>,
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) body_limit: Option<BodyLimit>,
     pub(crate) new_connection_grace: Duration,
-    pub(crate) pre_stop_delay: Duration,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
-            shutdown_timeout: Duration::from_secs(30),
-            stop_deadline: None,
+            budget: Budget {
+                shutdown_timeout: Duration::from_secs(30),
+                stop_deadline: None,
+                pre_stop_delay: Duration::ZERO,
+            },
             header_read_timeout: Some(Duration::from_secs(10)),
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             body_limit: Some(BodyLimit::DEFAULT),
             new_connection_grace: Duration::from_millis(200),
-            pre_stop_delay: Duration::ZERO,
         }
     }
 }
@@ -201,7 +190,7 @@ impl Server {
     /// close afterwards, each within its own [`Resource::timeout`](crate::Resource::timeout).
     /// Any value is accepted: one too large to add to a clock means "no deadline".
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
-        self.config.shutdown_timeout = timeout;
+        self.config.budget.shutdown_timeout = timeout;
         self
     }
 
@@ -222,7 +211,7 @@ impl Server {
     /// # let _ = server; Ok(()) }
     /// ```
     pub fn stop_deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
-        self.config.stop_deadline = deadline.into();
+        self.config.budget.stop_deadline = deadline.into();
         self
     }
 
@@ -275,7 +264,7 @@ impl Server {
     /// Keep accepting and serving this long after a drain is asked for, with readiness
     /// already failing, so load balancers stop routing here first. Default zero.
     pub fn pre_stop_delay(mut self, delay: Duration) -> Self {
-        self.config.pre_stop_delay = delay;
+        self.config.budget.pre_stop_delay = delay;
         self
     }
 
@@ -362,17 +351,6 @@ where
     }
 }
 
-/// What every connection task needs.
-struct ConnCtx<S> {
-    service: S,
-    builder: auto::Builder<TokioExecutor>,
-    shared: Arc<Shared>,
-    grace: Duration,
-    body_limit: Option<BodyLimit>,
-    /// The first-byte grace when a restart handed the listeners on (see `serve_connection`).
-    restart_grace: Duration,
-}
-
 /// Aborts a background task when the serve future ends or is dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -426,16 +404,22 @@ impl<S> Serve<S> {
 
         let ctx = Arc::new(ConnCtx {
             service,
-            builder: http_builder(),
-            shared: Arc::clone(&shared),
+            builder: task::http_builder(),
+            tracker: Arc::clone(&shared.tracker),
+            drain: Arc::clone(&shared.drain),
             grace: config.new_connection_grace,
-            body_limit: config.body_limit,
             restart_grace: config
                 .header_read_timeout
-                .unwrap_or(config.shutdown_timeout)
+                .unwrap_or(config.budget.shutdown_timeout)
                 .max(config.new_connection_grace),
+            body_limit: config.body_limit,
         });
-        let _clock = clock(&shared, &config).map(|c| AbortOnDrop(tokio::spawn(c)));
+        let clock = clock::run(
+            &shared.tracker,
+            config.header_read_timeout,
+            config.idle_timeout,
+        );
+        let _clock = clock.map(|c| AbortOnDrop(tokio::spawn(c)));
         let listeners: Vec<_> = listeners
             .into_iter()
             .map(|(l, name)| (Arc::new(l), name))
@@ -452,7 +436,8 @@ impl<S> Serve<S> {
         // pid file, the previous generation's readiness pipe, systemd READY=1. A new
         // generation that cannot report ready fails here, having accepted nothing.
         let restarts =
-            crate::restart::serving(&shared, ready_pipe, config.shutdown_timeout)?.map(AbortOnDrop);
+            crate::restart::serving(&shared, ready_pipe, config.budget.shutdown_timeout)?
+                .map(AbortOnDrop);
         // Serving: the files are ours to remove when we stop, whoever bound them.
         files.iter().for_each(SocketFile::arm);
         let mut accepting = JoinSet::new();
@@ -460,17 +445,11 @@ impl<S> Serve<S> {
             if let Ok(addr) = l.local_addr() {
                 tracing::info!(%addr, "listening");
             }
-            accepting.spawn(accept_loop(l, Arc::clone(&ctx)));
+            accepting.spawn(accept_loop(l, Arc::clone(&shared), Arc::clone(&ctx)));
         }
 
-        let mut requests = shared.requests();
-        let trigger = requests
-            .wait_for(|r| r.drain.is_some())
-            .await
-            .ok()
-            .and_then(|r| r.drain.clone())
-            .unwrap_or(Trigger::Handle);
-        let report = drain(&shared, &config, trigger, accepting).await;
+        let trigger = shared.drain_asked().await;
+        let report = drain::run(&shared, config.budget, trigger, accepting).await;
         // An upgrade under way when the drain was asked for ends first: the new process
         // is stopped and reaped (see `restart::spawn`), so none outlives this one.
         if let Some(restarts) = restarts {
@@ -486,148 +465,8 @@ impl<S> Serve<S> {
     }
 }
 
-fn http_builder() -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // The header-read timeout is kept by `header_timeouts` (one timer per server) rather
-    // than by hyper (one timer per request).
-    builder.http1().header_read_timeout(None);
-    builder.http2().timer(TokioTimer::new());
-    builder
-}
-
-/// The coarse clock behind the header-read and idle timeouts: one timer per server, ticking
-/// four times per shortest timeout, that cuts connections past either (see `Tracker::tick`).
-fn clock(shared: &Arc<Shared>, config: &Config) -> Option<impl Future<Output = ()>> {
-    const TICKS: u32 = 4;
-    let (head, idle) = (config.header_read_timeout, config.idle_timeout);
-    let period = (head.into_iter().chain(idle).min()? / TICKS).max(Duration::from_millis(1));
-    // In ticks of `period`, rounded up; saturating for absurdly long timeouts.
-    let ticks = |t: Duration| {
-        let n = t.as_nanos().div_ceil(period.as_nanos());
-        u32::try_from(n).unwrap_or(u32::MAX / 4)
-    };
-    let (head, idle) = (head.map(ticks), idle.map(ticks));
-    let shared = Arc::clone(shared);
-    Some(async move {
-        let mut every = tokio::time::interval(period);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            every.tick().await;
-            shared.tracker.tick(head, idle);
-        }
-    })
-}
-
-/// Runs the phases of a shutdown, in order, and says what happened.
-async fn drain(
-    shared: &Arc<Shared>,
-    config: &Config,
-    trigger: Trigger,
-    mut accepting: JoinSet<()>,
-) -> ShutdownReport {
-    let started = Instant::now();
-    let tracker = &shared.tracker;
-    let at_start = tracker.counts();
-    let completed_before = tracker.completed();
-    tracing::info!(%trigger, ?at_start, "drain started");
-    crate::systemd::drain_started(&trigger);
-    let mut forced_by: Option<ForceReason> = None;
-    let mut phases = Vec::new();
-    let mut timed = |name, since: Instant| {
-        phases.push(PhaseTiming {
-            name,
-            took: since.elapsed(),
-        })
-    };
-
-    // The overall bound, if any, and what it must leave the resources.
-    let stop_by = config.stop_deadline.map(|d| after(started, d));
-    let reserve = shared.resources.budget();
-    let work_stop_by = stop_by.map(|s| s.checked_sub(reserve).unwrap_or(started).max(started));
-
-    // Readiness already fails (since the request); with a pre-stop delay we keep serving.
-    if !config.pre_stop_delay.is_zero() {
-        let t = Instant::now();
-        let until = after(t, config.pre_stop_delay).min(work_stop_by.unwrap_or(far_future(t)));
-        tokio::select! {
-            _ = tokio::time::sleep_until(until.into()) => {}
-            reason = shared.forced() => forced_by = Some(reason),
-        }
-        timed("pre_stop", t);
-    }
-
-    // Close the listeners first (new connections are refused), then tell every connection.
-    let t = Instant::now();
-    shared.close_listeners();
-    while accepting.join_next().await.is_some() {}
-    timed("close_listeners", t);
-    let idle = tracker.close_idle();
-    shared.enter(Phase::Draining);
-    tracing::debug!(idle, "idle connections closed");
-    // In-flight work (connections, then jobs) gets the shutdown timeout from here, unless
-    // the overall stop deadline, less the resources' time, comes first.
-    let (drain_deadline, cut_by) = match work_stop_by {
-        Some(s) if s < after(t, config.shutdown_timeout) => (s, ForceReason::StopDeadline),
-        _ => (after(t, config.shutdown_timeout), ForceReason::Deadline),
-    };
-
-    if forced_by.is_none() {
-        let t = Instant::now();
-        tokio::select! {
-            _ = tracker.wait_empty() => {}
-            _ = tokio::time::sleep_until(drain_deadline.into()) => forced_by = Some(cut_by.clone()),
-            reason = shared.forced() => forced_by = Some(reason),
-        }
-        timed("drain", t);
-    }
-
-    let mut forced = Vec::new();
-    if let Some(reason) = &forced_by {
-        let t = Instant::now();
-        shared.enter(Phase::Forcing);
-        forced = tracker.force_all();
-        tracing::warn!(%reason, count = forced.len(), "forcing connections closed");
-        timed("force", t);
-    }
-
-    // Jobs next: handlers may have handed them work. A force cuts them at once.
-    let t = Instant::now();
-    let jobs_deadline = if forced_by.is_some() {
-        Instant::now()
-    } else {
-        drain_deadline
-    };
-    let jobs = shared.jobs.stop(jobs_deadline, shared).await;
-    timed("jobs", t);
-    if forced_by.is_none() && jobs.iter().any(|j| j.outcome == Outcome::TimedOut) {
-        forced_by = Some(cut_by);
-    }
-
-    let t = Instant::now();
-    let resources = shared.resources.close_all(stop_by, shared).await;
-    timed("resources", t);
-    // A force that came while jobs or resources were closing cut them: say so.
-    if forced_by.is_none() {
-        forced_by = shared.force_requested();
-    }
-
-    let report = ShutdownReport {
-        trigger,
-        at_start,
-        requests_completed: tracker.completed() - completed_before,
-        forced_by,
-        forced,
-        jobs,
-        resources,
-        phases,
-        total: started.elapsed(),
-    };
-    report.log();
-    report
-}
-
 /// Accepts until the drain starts, then drops (closes) the listener.
-async fn accept_loop<S, B>(listener: Arc<Listener>, ctx: Arc<ConnCtx<S>>)
+async fn accept_loop<S, B>(listener: Arc<Listener>, shared: Arc<Shared>, ctx: Arc<ConnCtx<S>>)
 where
     S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
@@ -644,13 +483,13 @@ where
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = ctx.shared.accepting_stopped() => break,
+            _ = shared.accepting_stopped() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
                 backoff = MIN_BACKOFF;
-                tokio::spawn(serve_connection(stream, peer, Arc::clone(&ctx)));
+                tokio::spawn(task::serve(stream, peer, Arc::clone(&ctx)));
             }
             Err(e) if listener::is_connection_error(&e) => {
                 tracing::debug!(error = %e, "accept: connection failed before it was accepted");
@@ -658,10 +497,10 @@ where
             Err(e) => {
                 // EMFILE, ENFILE, ENOBUFS, ENOMEM: make room by closing the connections that
                 // have been idle longest, and wait for resources instead of spinning.
-                let shed = ctx.shared.tracker.shed_idle(SHED_ON_EXHAUSTION);
+                let shed = shared.tracker.shed_idle(SHED_ON_EXHAUSTION);
                 tracing::error!(error = %e, ?backoff, shed, "accept failed; closed idle connections, backing off");
                 tokio::select! {
-                    _ = ctx.shared.accepting_stopped() => break,
+                    _ = shared.accepting_stopped() => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -669,89 +508,4 @@ where
         }
     }
     drop(listener);
-}
-
-/// Serves one connection; on drain, asks it to close gracefully. Forcing happens on the
-/// socket itself (see `Tracker::force_all`), so nothing here has to cooperate.
-async fn serve_connection<S, B>(stream: Stream, peer: Addr, ctx: Arc<ConnCtx<S>>)
-where
-    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let io = TrackedIo::new(stream, peer, &ctx.shared.tracker);
-    let conn = Arc::clone(io.conn());
-    let service = ConnService::new(
-        ctx.service.clone(),
-        Arc::clone(&conn),
-        Arc::clone(&ctx.shared),
-        ctx.body_limit,
-    );
-    let connection = ctx
-        .builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(connection);
-    let draining = std::future::poll_fn(|cx| conn.poll_draining(cx));
-
-    tokio::select! {
-        biased;
-        result = connection.as_mut() => return log_end(conn.info.id, result),
-        _ = draining => {}
-    }
-    if conn.state() == ConnState::New {
-        // Its request may be on the wire: give it until `grace` after accept to show up.
-        // After a restart its client has no other process to go to (the new one cannot take
-        // an accepted connection over): it gets as long as for its headers, as when serving.
-        let restart = ctx.shared.drain_requested() == Some(Trigger::Restart);
-        let grace = if restart {
-            ctx.restart_grace
-        } else {
-            ctx.grace
-        };
-        let until = after(conn.info.accepted_at, grace);
-        tokio::select! {
-            result = connection.as_mut() => return log_end(conn.info.id, result),
-            _ = tokio::time::sleep_until(until.into()) => {}
-            _ = conn.left_new() => {}
-        }
-    }
-    // Idle (and still silent New) connections close now; HTTP/1 requests in flight finish
-    // with `Connection: close`; HTTP/2 sends GOAWAY and lets open streams finish.
-    connection.as_mut().graceful_shutdown();
-    if conn.is_http2() {
-        // GOAWAY and PING are out; a peer that answers lets hyper finish at once. One that
-        // does not (gone, or behind a dropped NAT entry) must not hold the drain: past a
-        // round trip's worth of waiting, the connection closes once it has no open stream.
-        let wait = tokio::time::sleep(H2_GOAWAY_ACK_WAIT);
-        tokio::select! {
-            result = connection.as_mut() => return log_end(conn.info.id, result),
-            _ = wait => {}
-        }
-        // Biased: the connection is polled first on every wake-up, so the frames of a stream
-        // that just ended are written to the socket before it is shut.
-        tokio::select! {
-            biased;
-            result = connection.as_mut() => return log_end(conn.info.id, result),
-            _ = std::future::poll_fn(|cx| conn.poll_idle(cx)) => {}
-        }
-        if let Poll::Ready(result) = futures_poll_once(connection.as_mut()).await {
-            return log_end(conn.info.id, result);
-        }
-        conn.close_now();
-    }
-    log_end(conn.info.id, connection.await);
-}
-
-/// Polls `fut` once, to let it write what it has ready.
-async fn futures_poll_once<F: Future + Unpin>(mut fut: F) -> Poll<F::Output> {
-    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await
-}
-
-fn log_end(id: u64, result: std::result::Result<(), BoxError>) {
-    if let Err(e) = result {
-        tracing::debug!(conn = id, error = %e, "connection ended with an error");
-    }
 }

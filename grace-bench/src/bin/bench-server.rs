@@ -69,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
             let phases: Vec<String> = report
                 .phases
                 .iter()
-                .map(|p| format!("{}:{}us", p.name, p.took.as_micros()))
+                .map(|p| format!("{:?}:{}us", p.phase, p.took.as_micros()))
                 .collect();
             println!(
                 "drained: clean={} conns={} total_us={} phases={}",

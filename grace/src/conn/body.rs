@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::shutdown::after;
+use crate::shutdown::budget::after;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -11,8 +11,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 pub(crate) mod body;
+pub(crate) mod clock;
 pub(crate) mod io;
 pub(crate) mod request;
+pub(crate) mod task;
 pub(crate) mod tracker;
 
 /// The state of a connection, with the meaning of Go's `http.ConnState`.

@@ -21,27 +21,19 @@ use tower::ServiceExt;
 use super::body::{BodyLimit, RequestBody};
 use super::tracker::Conn;
 use super::ConnState;
-use crate::shutdown::Shared;
 
 /// hyper's service for one connection, around the user's tower service.
 pub(crate) struct ConnService<S> {
     inner: S,
     conn: Arc<Conn>,
-    shared: Arc<Shared>,
     body_limit: Option<BodyLimit>,
 }
 
 impl<S> ConnService<S> {
-    pub(crate) fn new(
-        inner: S,
-        conn: Arc<Conn>,
-        shared: Arc<Shared>,
-        body_limit: Option<BodyLimit>,
-    ) -> Self {
+    pub(crate) fn new(inner: S, conn: Arc<Conn>, body_limit: Option<BodyLimit>) -> Self {
         ConnService {
             inner,
             conn,
-            shared,
             body_limit,
         }
     }
@@ -58,7 +50,7 @@ where
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         self.conn.request_started(&req);
         if req.headers().contains_key(header::UPGRADE) || req.method() == http::Method::CONNECT {
-            req.extensions_mut().insert(self.shared.notice());
+            req.extensions_mut().insert(self.conn.notice());
         }
         let http1 = req.version() < http::Version::HTTP_2;
         let limit = self.body_limit;
@@ -68,7 +60,6 @@ where
             guard: Some(RequestGuard {
                 conn: Arc::clone(&self.conn),
             }),
-            shared: Arc::clone(&self.shared),
             http1,
         }
     }
@@ -90,7 +81,6 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Oneshot<S, Request<RequestBody>>,
         guard: Option<RequestGuard>,
-        shared: Arc<Shared>,
         http1: bool,
     }
 }
@@ -134,7 +124,7 @@ where
         };
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             guard.conn.set(ConnState::Hijacked);
-        } else if *this.http1 && this.shared.is_draining() {
+        } else if *this.http1 && guard.conn.tracker().is_draining() {
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -12,6 +12,7 @@ use std::time::Instant;
 use tokio::sync::Notify;
 
 use super::{Addr, ConnInfo, ConnState, StateCounts};
+use crate::latch::Latch;
 use crate::lock;
 use crate::shutdown::report::{ActiveRequest, ForcedConn};
 use crate::sys::SocketSlot;
@@ -55,6 +56,11 @@ pub(crate) struct Conn {
 impl Conn {
     pub(crate) fn tracker(&self) -> &Tracker {
         &self.tracker
+    }
+
+    /// A notice of the drain, for a handler that takes the connection over.
+    pub(crate) fn notice(&self) -> crate::ShutdownNotice {
+        crate::shutdown::ShutdownNotice(Arc::clone(&self.tracker))
     }
 
     pub(crate) fn state(&self) -> ConnState {
@@ -264,10 +270,10 @@ pub(crate) struct Tracker {
     completed: AtomicU64,
     /// A coarse clock for the header-read and idle timeouts, advanced by [`Tracker::tick`].
     tick: AtomicU32,
-    /// Set once, when the drain starts: responses carry `Connection: close` from then on,
-    /// and every connection task is woken. Read with Acquire by the tasks, so that they see
-    /// what the drain did before setting it (the listeners closed).
-    draining: AtomicBool,
+    /// The drain started: responses carry `Connection: close` from then on, and every
+    /// connection task is woken. (A latch reads with Acquire: a task that sees it set sees
+    /// what the drain did before, the listeners closed.)
+    pub(crate) draining: Latch<()>,
     empty: Notify,
     pub(crate) hook: OnceLock<Hook>,
 }
@@ -409,13 +415,13 @@ impl Tracker {
     /// True once the drain has started.
     #[inline]
     pub(crate) fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.draining.is_set()
     }
 
-    /// Starts draining (once): sets the flag, then wakes every connection's task. Release:
-    /// a task that sees the flag sees everything done before it (see `draining`).
+    /// Starts draining (once), then wakes every connection's task (each waits on its own
+    /// waker rather than on the latch: thousands of them are woken by this one loop).
     pub(crate) fn start_draining(&self) -> bool {
-        let first = !self.draining.swap(true, Ordering::AcqRel);
+        let first = self.draining.set(());
         if first {
             for conn in self.all() {
                 conn.drain_waker.wake();

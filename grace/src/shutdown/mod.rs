@@ -1,47 +1,33 @@
-//! Shutdown coordination: the [`Handle`], the phases of a drain, the notice handlers get,
-//! and the [`ShutdownReport`](report::ShutdownReport).
+//! Shutdown coordination: the state a server shares with its connections and handles, the
+//! [`Handle`], the notice handlers get, the drain itself ([`drain`]), its time budget
+//! ([`budget`]) and the [`ShutdownReport`](report::ShutdownReport).
 //!
-//! The coordinator itself is the tail of [`Serve`](crate::Serve): it waits for a drain
-//! request, then runs the phases in order (see the crate docs for the picture).
+//! Each fact of a server's life is one [`Latch`](crate::latch::Latch), set once:
+//!
+//! | fact | latch | set by | read by |
+//! |---|---|---|---|
+//! | a drain was asked for, and by what | `Shared::drain` | signals, [`Handle`], a restart | the drain, readiness, restarts |
+//! | a force was asked for, and why | `Shared::force` | a second signal, [`Handle::force`] | the drain, jobs, resources |
+//! | the listeners are closed | `Shared::listeners_closed` | the drain | the accept loops |
+//! | the drain started | `Tracker::draining` | the drain | connections, [`ShutdownNotice`] |
+//!
+//! Readiness is not a fact of its own: a server is ready until a drain is asked for.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
-
-use tokio::sync::watch;
 
 use crate::conn::tracker::Tracker;
 use crate::conn::StateCounts;
 use crate::health::Readiness;
 use crate::jobs::{JobToken, Jobs};
+use crate::latch::Latch;
 use crate::listener::Listener;
 use crate::resources::{Resource, Resources};
 
+pub(crate) mod budget;
+pub(crate) mod drain;
 pub(crate) mod report;
 
 pub use report::{ForceReason, Trigger};
-
-/// Where the server is in its life. Only ever moves forward.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Phase {
-    /// Accepting and serving.
-    Serving,
-    /// Listeners closed; connections, then jobs, are being drained.
-    Draining,
-    /// Everything still open is being cut.
-    Forcing,
-}
-
-/// `t + d`, or a time thirty years on when `d` is too large to add (a timeout of
-/// `u64::MAX` seconds means "no deadline", never a panic).
-pub(crate) fn after(t: Instant, d: Duration) -> Instant {
-    t.checked_add(d).unwrap_or_else(|| far_future(t))
-}
-
-/// Thirty years after `t`: later than any process lives, early enough to add to any clock.
-pub(crate) fn far_future(t: Instant) -> Instant {
-    t + Duration::from_secs(30 * 365 * 86_400)
-}
 
 /// A listener as a restart passes it on: its name (`LISTEN_FDNAMES`), and whether its
 /// socket file goes with it (the new generation removes it when it stops for good).
@@ -52,27 +38,21 @@ pub(crate) struct Named {
     pub(crate) owns_file: bool,
 }
 
-/// What has been asked of the server, by signals or through the handle.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Requests {
-    pub(crate) drain: Option<Trigger>,
-    pub(crate) force: Option<ForceReason>,
-}
-
 /// State shared by the server, its connections and every [`Handle`].
 pub(crate) struct Shared {
     pub(crate) tracker: Arc<Tracker>,
-    phase: watch::Sender<Phase>,
-    requests: watch::Sender<Requests>,
-    ready: AtomicBool,
+    /// A drain was asked for, and by what. Shared with every [`Readiness`] service.
+    pub(crate) drain: Arc<Latch<Trigger>>,
+    /// A force was asked for, and why.
+    pub(crate) force: Latch<ForceReason>,
+    /// The accept loops are to stop. A fact apart from the drain's start, so closing the
+    /// listeners does not wake every connection task first.
+    listeners_closed: Latch<()>,
     pub(crate) jobs: Jobs,
     pub(crate) resources: Resources,
     /// The listeners while serving, so a restart can hand them on; emptied when the drain
     /// starts, so they close once the accept loops let go of theirs.
     listeners: Mutex<Vec<Named>>,
-    /// Stops the accept loops. Separate from `phase`, so closing the listeners does not
-    /// wake every connection task first.
-    stop_accepting: tokio_util::sync::CancellationToken,
     pub(crate) restart: OnceLock<crate::restart::Control>,
 }
 
@@ -80,55 +60,26 @@ impl Shared {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Shared {
             tracker: Arc::new(Tracker::default()),
-            phase: watch::Sender::new(Phase::Serving),
-            requests: watch::Sender::new(Requests::default()),
-            ready: AtomicBool::new(true),
+            drain: Arc::new(Latch::new()),
+            force: Latch::new(),
+            listeners_closed: Latch::new(),
             jobs: Jobs::default(),
             resources: Resources::default(),
             listeners: Mutex::default(),
-            stop_accepting: tokio_util::sync::CancellationToken::new(),
             restart: OnceLock::new(),
         })
-    }
-
-    #[inline]
-    pub(crate) fn is_draining(&self) -> bool {
-        self.tracker.is_draining()
-    }
-
-    pub(crate) fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
-    }
-
-    pub(crate) fn enter(&self, phase: Phase) {
-        if phase >= Phase::Draining {
-            // Responses written from now on carry `Connection: close`; then every
-            // connection task is woken to close or finish.
-            self.tracker.start_draining();
-        }
-        self.phase.send_if_modified(|p| {
-            let moved = *p < phase;
-            if moved {
-                *p = phase;
-            }
-            moved
-        });
     }
 
     /// Stops accepting: the accept loops drop their listeners (which then close, unless a
     /// restart handed them on).
     pub(crate) fn close_listeners(&self) {
         self.set_listeners(Vec::new());
-        self.stop_accepting.cancel();
+        self.listeners_closed.set(());
     }
 
     /// Resolves once the listeners are to be closed.
     pub(crate) async fn accepting_stopped(&self) {
-        self.stop_accepting.cancelled().await
+        self.listeners_closed.wait().await;
     }
 
     pub(crate) fn set_listeners(&self, listeners: Vec<Named>) {
@@ -144,67 +95,29 @@ impl Shared {
     }
 
     pub(crate) fn notice(&self) -> ShutdownNotice {
-        ShutdownNotice(self.phase.subscribe())
+        ShutdownNotice(Arc::clone(&self.tracker))
     }
 
     /// Asks for a drain; true if this call was the first to (its trigger is the drain's).
+    /// Readiness fails from this moment, before the drain task even wakes.
     pub(crate) fn request_drain(&self, trigger: Trigger) -> bool {
-        // Readiness fails from this moment, before the drain task even wakes.
-        self.set_ready(false);
-        self.requests.send_if_modified(|r| {
-            let first = r.drain.is_none();
-            if first {
-                r.drain = Some(trigger);
-            }
-            first
-        })
+        self.drain.set(trigger)
     }
 
+    /// Asks for a force (and for a drain, if none was asked for yet).
     pub(crate) fn request_force(&self, reason: ForceReason) {
-        self.set_ready(false);
-        self.requests.send_if_modified(|r| {
-            let first = r.force.is_none();
-            if first {
-                r.drain.get_or_insert(Trigger::Handle);
-                r.force = Some(reason);
-            }
-            first
-        });
-    }
-
-    pub(crate) fn requests(&self) -> watch::Receiver<Requests> {
-        self.requests.subscribe()
+        self.drain.set(Trigger::Handle);
+        self.force.set(reason);
     }
 
     /// Resolves once a drain has been asked for (at once if it has).
-    pub(crate) async fn drain_asked(&self) {
-        let mut requests = self.requests();
-        let _ = requests.wait_for(|r| r.drain.is_some()).await;
+    pub(crate) async fn drain_asked(&self) -> Trigger {
+        self.drain.wait().await.clone()
     }
 
-    /// The trigger of the drain, if one was requested (it may not have started yet).
+    /// The trigger of the drain, if one was asked for (it may not have started yet).
     pub(crate) fn drain_requested(&self) -> Option<Trigger> {
-        self.requests.borrow().drain.clone()
-    }
-
-    /// The reason of a force, if one was requested.
-    pub(crate) fn force_requested(&self) -> Option<ForceReason> {
-        self.requests.borrow().force.clone()
-    }
-
-    /// Resolves when a force is requested (at once if one was), with its reason.
-    pub(crate) async fn forced(&self) -> ForceReason {
-        let mut requests = self.requests();
-        let reason = requests
-            .wait_for(|r| r.force.is_some())
-            .await
-            .ok()
-            .and_then(|r| r.force.clone());
-        match reason {
-            Some(reason) => reason,
-            // The sender lives as long as `self`: never reached.
-            None => std::future::pending().await,
-        }
+        self.drain.get().cloned()
     }
 }
 
@@ -263,7 +176,7 @@ impl Handle {
 
     /// True once a drain has started.
     pub fn is_draining(&self) -> bool {
-        self.shared.is_draining()
+        self.shared.tracker.is_draining()
     }
 
     /// A notice that resolves when the drain starts, for long-running handlers and jobs.
@@ -278,13 +191,13 @@ impl Handle {
 
     /// False from the moment a drain is asked for (before any pre-stop delay).
     pub fn is_ready(&self) -> bool {
-        self.shared.is_ready()
+        !self.shared.drain.is_set()
     }
 
     /// A tower service for a readiness probe: `200` while serving, `503` once draining.
     pub fn readiness(&self) -> Readiness {
         Readiness {
-            shared: Arc::clone(&self.shared),
+            drain: Arc::clone(&self.shared.drain),
         }
     }
 
@@ -329,19 +242,25 @@ impl Handle {
 /// }
 /// # }
 /// ```
-#[derive(Clone, Debug)]
-pub struct ShutdownNotice(watch::Receiver<Phase>);
+#[derive(Clone)]
+pub struct ShutdownNotice(pub(crate) Arc<Tracker>);
+
+impl std::fmt::Debug for ShutdownNotice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShutdownNotice")
+            .field("draining", &self.is_draining())
+            .finish()
+    }
+}
 
 impl ShutdownNotice {
     /// True once the drain has started.
     pub fn is_draining(&self) -> bool {
-        *self.0.borrow() >= Phase::Draining
+        self.0.is_draining()
     }
 
     /// Resolves when the drain starts (at once if it has).
     pub async fn wait(&self) {
-        let mut rx = self.0.clone();
-        // An error means the server is gone, which is a drain too.
-        let _ = rx.wait_for(|p| *p >= Phase::Draining).await;
+        self.0.draining.wait().await;
     }
 }

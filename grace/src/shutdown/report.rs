@@ -69,6 +69,7 @@ impl fmt::Display for ForceReason {
 
 /// A request that was still running on a connection that had to be forced closed.
 #[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
 pub struct ActiveRequest {
     /// The request method.
     pub method: String,
@@ -81,6 +82,7 @@ pub struct ActiveRequest {
 
 /// A connection the drain had to close by force.
 #[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
 pub struct ForcedConn {
     /// The connection's id (as in [`ConnInfo::id`](crate::ConnInfo::id)).
     pub id: u64,
@@ -96,11 +98,32 @@ pub struct ForcedConn {
     pub request: Option<ActiveRequest>,
 }
 
+/// A step of the shutdown, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Phase {
+    /// Still serving, readiness failing, so load balancers move away.
+    PreStop,
+    /// Listeners closed; new connections refused.
+    CloseListeners,
+    /// Waiting for in-flight work on connections.
+    Drain,
+    /// Cutting what was left.
+    Force,
+    /// Stopping background jobs.
+    Jobs,
+    /// Closing resources.
+    Resources,
+}
+
 /// One step of the shutdown and how long it took.
 #[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
 pub struct PhaseTiming {
-    /// `pre_stop`, `close_listeners`, `drain`, `force`, `jobs`, `resources`.
-    pub name: &'static str,
+    /// Which step.
+    #[serde(rename = "name")]
+    pub phase: Phase,
     /// How long it took.
     #[serde(rename = "ms", serialize_with = "ms")]
     pub took: Duration,
@@ -120,6 +143,7 @@ pub enum Outcome {
 
 /// A line of the report for one background job or one resource.
 #[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
 pub struct TaskReport {
     /// The name it was registered with.
     pub name: String,
@@ -135,6 +159,7 @@ pub struct TaskReport {
 
 /// What a shutdown did: returned by [`Serve`](crate::Serve) and logged through `tracing`.
 #[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
 pub struct ShutdownReport {
     /// What started the drain.
     pub trigger: Trigger,
@@ -168,6 +193,14 @@ impl ShutdownReport {
                 .iter()
                 .chain(&self.resources)
                 .all(|t| t.outcome == Outcome::Closed)
+    }
+
+    /// How long `phase` took, if it ran.
+    pub fn phase(&self, phase: Phase) -> Option<Duration> {
+        self.phases
+            .iter()
+            .find(|p| p.phase == phase)
+            .map(|p| p.took)
     }
 
     /// The report as one JSON line.

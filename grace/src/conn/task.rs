@@ -1,0 +1,132 @@
+//! The task of one connection: serve it with hyper, and when the drain starts, close it the
+//! way its state and protocol call for. Forcing is not done here: it acts on the socket
+//! itself (see `Tracker::force_all`), so nothing in this task has to cooperate.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::Body;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+
+use super::body::{BodyLimit, RequestBody};
+use super::io::TrackedIo;
+use super::request::ConnService;
+use super::tracker::Tracker;
+use super::{Addr, ConnState};
+use crate::latch::Latch;
+use crate::listener::Stream;
+use crate::shutdown::budget::after;
+use crate::shutdown::Trigger;
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long a draining HTTP/2 connection with no open stream waits for the peer to answer
+/// the drain's PING (which tells which streams it opened meanwhile) before it is closed
+/// anyway, as Go's HTTP/2 server waits one second after its GOAWAY.
+const H2_GOAWAY_ACK_WAIT: Duration = Duration::from_secs(1);
+
+/// What every connection task of a server needs.
+pub(crate) struct ConnCtx<S> {
+    pub(crate) service: S,
+    pub(crate) builder: auto::Builder<TokioExecutor>,
+    pub(crate) tracker: Arc<Tracker>,
+    /// The server's drain request: a restart gives silent connections a longer grace.
+    pub(crate) drain: Arc<Latch<Trigger>>,
+    /// How long a silent new connection may take to send its first byte at a drain.
+    pub(crate) grace: Duration,
+    /// The same after a restart handed the listeners on (see `serve`).
+    pub(crate) restart_grace: Duration,
+    pub(crate) body_limit: Option<BodyLimit>,
+}
+
+/// hyper's builder as grace uses it.
+pub(crate) fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The header-read timeout is kept by the server's coarse clock (one timer per server)
+    // rather than by hyper (one timer per request).
+    builder.http1().header_read_timeout(None);
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// Serves one connection; on drain, asks it to close gracefully.
+pub(crate) async fn serve<S, B>(stream: Stream, peer: Addr, ctx: Arc<ConnCtx<S>>)
+where
+    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let io = TrackedIo::new(stream, peer, &ctx.tracker);
+    let conn = Arc::clone(io.conn());
+    let service = ConnService::new(ctx.service.clone(), Arc::clone(&conn), ctx.body_limit);
+    let connection = ctx
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let draining = std::future::poll_fn(|cx| conn.poll_draining(cx));
+
+    tokio::select! {
+        biased;
+        result = connection.as_mut() => return log_end(conn.info.id, result),
+        _ = draining => {}
+    }
+    if conn.state() == ConnState::New {
+        // Its request may be on the wire: give it until `grace` after accept to show up.
+        // After a restart its client has no other process to go to (the new one cannot take
+        // an accepted connection over): it gets as long as for its headers, as when serving.
+        let grace = match ctx.drain.get() {
+            Some(Trigger::Restart) => ctx.restart_grace,
+            _ => ctx.grace,
+        };
+        let until = after(conn.info.accepted_at, grace);
+        tokio::select! {
+            result = connection.as_mut() => return log_end(conn.info.id, result),
+            _ = tokio::time::sleep_until(until.into()) => {}
+            _ = conn.left_new() => {}
+        }
+    }
+    // Idle (and still silent New) connections close now; HTTP/1 requests in flight finish
+    // with `Connection: close`; HTTP/2 sends GOAWAY and lets open streams finish.
+    connection.as_mut().graceful_shutdown();
+    if conn.is_http2() {
+        // GOAWAY and PING are out; a peer that answers lets hyper finish at once. One that
+        // does not (gone, or behind a dropped NAT entry) must not hold the drain: past a
+        // round trip's worth of waiting, the connection closes once it has no open stream.
+        let wait = tokio::time::sleep(H2_GOAWAY_ACK_WAIT);
+        tokio::select! {
+            result = connection.as_mut() => return log_end(conn.info.id, result),
+            _ = wait => {}
+        }
+        // Biased: the connection is polled first on every wake-up, so the frames of a stream
+        // that just ended are written to the socket before it is shut.
+        tokio::select! {
+            biased;
+            result = connection.as_mut() => return log_end(conn.info.id, result),
+            _ = std::future::poll_fn(|cx| conn.poll_idle(cx)) => {}
+        }
+        if let Poll::Ready(result) = poll_once(connection.as_mut()).await {
+            return log_end(conn.info.id, result);
+        }
+        conn.close_now();
+    }
+    log_end(conn.info.id, connection.await);
+}
+
+/// Polls `fut` once, to let it write what it has ready.
+async fn poll_once<F: Future + Unpin>(mut fut: F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await
+}
+
+fn log_end(id: u64, result: Result<(), BoxError>) {
+    if let Err(e) = result {
+        tracing::debug!(conn = id, error = %e, "connection ended with an error");
+    }
+}

@@ -1,0 +1,123 @@
+//! The drain: what [`Serve`](crate::Serve) runs once a drain is asked for, phase by phase,
+//! and the [`ShutdownReport`] it ends with.
+//!
+//! ```text
+//! pre-stop delay (still serving, readiness failing)
+//!  → close the listeners, wait for the accept loops to let go of them
+//!  → close idle HTTP/1 connections from here; mark the drain started (every connection
+//!    task wakes: HTTP/1 finishes with `Connection: close`, HTTP/2 sends GOAWAY, upgraded
+//!    connections get their notice)
+//!  → wait until no connection is left (an event), or the work deadline, or a force
+//!  → force what is left (shutdown(2) on each socket)
+//!  → stop the jobs (same deadline), close the resources (their own timeouts)
+//! ```
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::task::JoinSet;
+
+use super::budget::Budget;
+use super::report::{ForceReason, Outcome, Phase, PhaseTiming, ShutdownReport};
+use super::{Shared, Trigger};
+
+/// Runs the phases of a shutdown, in order, and says what happened.
+pub(crate) async fn run(
+    shared: &Arc<Shared>,
+    budget: Budget,
+    trigger: Trigger,
+    mut accepting: JoinSet<()>,
+) -> ShutdownReport {
+    let asked = Instant::now();
+    let tracker = &shared.tracker;
+    let at_start = tracker.counts();
+    let completed_before = tracker.completed();
+    tracing::info!(%trigger, ?at_start, "drain started");
+    crate::systemd::drain_started(&trigger);
+    let mut forced_by: Option<ForceReason> = None;
+    let mut phases = Vec::new();
+    let mut timed = |phase, since: Instant| {
+        phases.push(PhaseTiming {
+            phase,
+            took: since.elapsed(),
+        })
+    };
+    // What the resources declared: held back from the work only under a stop deadline.
+    let reserve = shared.resources.budget();
+
+    // Readiness already fails (since the request); with a pre-stop delay we keep serving.
+    if !budget.pre_stop_delay.is_zero() {
+        let t = Instant::now();
+        tokio::select! {
+            _ = tokio::time::sleep_until(budget.pre_stop_end(asked, reserve).into()) => {}
+            reason = shared.force.wait() => forced_by = Some(reason.clone()),
+        }
+        timed(Phase::PreStop, t);
+    }
+
+    // Close the listeners first (new connections are refused), then tell every connection.
+    let closed = Instant::now();
+    shared.close_listeners();
+    while accepting.join_next().await.is_some() {}
+    timed(Phase::CloseListeners, closed);
+    let idle = tracker.close_idle();
+    tracker.start_draining();
+    tracing::debug!(idle, "idle connections closed");
+    let (work_deadline, cut_by) = budget.work_deadline(asked, closed, reserve);
+
+    if forced_by.is_none() {
+        let t = Instant::now();
+        tokio::select! {
+            _ = tracker.wait_empty() => {}
+            _ = tokio::time::sleep_until(work_deadline.into()) => forced_by = Some(cut_by.clone()),
+            reason = shared.force.wait() => forced_by = Some(reason.clone()),
+        }
+        timed(Phase::Drain, t);
+    }
+
+    let mut forced = Vec::new();
+    if let Some(reason) = &forced_by {
+        let t = Instant::now();
+        forced = tracker.force_all();
+        tracing::warn!(%reason, count = forced.len(), "forcing connections closed");
+        timed(Phase::Force, t);
+    }
+
+    // Jobs next: handlers may have handed them work. A force cuts them at once.
+    let t = Instant::now();
+    let jobs_deadline = match forced_by {
+        Some(_) => Instant::now(),
+        None => work_deadline,
+    };
+    let jobs = shared.jobs.stop(jobs_deadline, &shared.force).await;
+    timed(Phase::Jobs, t);
+    if forced_by.is_none() && jobs.iter().any(|j| j.outcome == Outcome::TimedOut) {
+        forced_by = Some(cut_by);
+    }
+
+    let t = Instant::now();
+    let resources_deadline = budget.resources_deadline(asked);
+    let resources = shared
+        .resources
+        .close_all(resources_deadline, &shared.force)
+        .await;
+    timed(Phase::Resources, t);
+    // A force that came while jobs or resources were closing cut them: say so.
+    if forced_by.is_none() {
+        forced_by = shared.force.get().cloned();
+    }
+
+    let report = ShutdownReport {
+        trigger,
+        at_start,
+        requests_completed: tracker.completed() - completed_before,
+        forced_by,
+        forced,
+        jobs,
+        resources,
+        phases,
+        total: asked.elapsed(),
+    };
+    report.log();
+    report
+}
