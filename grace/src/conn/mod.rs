@@ -1,9 +1,13 @@
 //! Connection states and the tracking of live connections.
 //!
 //! - [`ConnState`] and [`ConnInfo`]: what a user sees through [`Server::on_conn_state`](crate::Server::on_conn_state).
+//! - `state`: the state machine, one pure function from a state and an event to the next.
 //! - `tracker`: the one owner of every live connection and of the counts per state.
-//! - `io`: the socket wrapper that sees a connection's first byte and can be shut from outside.
+//! - `io`: the socket wrapper that sees a connection's bytes and can be shut from outside.
 //! - `request`: the per-request service and body wrappers (Active ↔ Idle, Hijacked, panics).
+//! - `body`: the request body, with its timeout against dribbling clients.
+//! - `task`: the task of one connection, and how it closes at a drain.
+//! - `clock`: the coarse clock behind the header-read and idle timeouts.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -14,6 +18,7 @@ pub(crate) mod body;
 pub(crate) mod clock;
 pub(crate) mod io;
 pub(crate) mod request;
+pub(crate) mod state;
 pub(crate) mod task;
 pub(crate) mod tracker;
 

@@ -19,8 +19,8 @@ use tower::util::Oneshot;
 use tower::ServiceExt;
 
 use super::body::{BodyLimit, RequestBody};
+use super::state::Event;
 use super::tracker::Conn;
-use super::ConnState;
 
 /// hyper's service for one connection, around the user's tower service.
 pub(crate) struct ConnService<S> {
@@ -123,7 +123,7 @@ where
             }
         };
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-            guard.conn.set(ConnState::Hijacked);
+            guard.conn.apply(Event::Upgraded);
         } else if *this.http1 && guard.conn.tracker().is_draining() {
             parts
                 .headers

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
+use super::state::{transition, Event};
 use super::{Addr, ConnInfo, ConnState, StateCounts};
 use crate::latch::Latch;
 use crate::lock;
@@ -67,25 +68,23 @@ impl Conn {
         ConnState::from_u8(self.state.load(Ordering::Acquire))
     }
 
-    /// Moves to `to`. `Hijacked` is left only for `Closed`, and `Closed` is final.
-    pub(crate) fn set(&self, to: ConnState) {
+    /// Applies `event` (see [`transition`]): moves the state, the counts, and tells the hook.
+    pub(crate) fn apply(&self, event: Event) {
         let mut cur = self.state.load(Ordering::Acquire);
-        let from = loop {
+        let (from, to) = loop {
             let from = ConnState::from_u8(cur);
-            if from == to
-                || from == ConnState::Closed
-                || (from == ConnState::Hijacked && to != ConnState::Closed)
-            {
+            let Some(to) = transition(from, event) else {
                 return;
-            }
+            };
             // SeqCst on success: the Idle → Active move pairs with `close_if_idle`.
+            // Acquire on failure: the state read is re-examined, nothing else.
             match self.state.compare_exchange_weak(
                 cur,
                 to as u8,
                 Ordering::SeqCst,
                 Ordering::Acquire,
             ) {
-                Ok(_) => break from,
+                Ok(_) => break (from, to),
                 Err(actual) => cur = actual,
             }
         };
@@ -105,20 +104,20 @@ impl Conn {
     pub(crate) fn on_read(&self, bytes: &[u8]) -> bool {
         match ConnState::from_u8(self.state.load(Ordering::Relaxed)) {
             ConnState::New => {
-                self.set(ConnState::Active);
+                self.apply(Event::Bytes);
                 if bytes.starts_with(b"PRI ") {
                     // The HTTP/2 connection preface: no stream open yet. The header-read
                     // clock (started at accept) keeps running until the first request's
                     // HEADERS are complete: a preface alone, or HEADERS without
                     // END_HEADERS, must not hold the connection.
                     self.http2.store(true, Ordering::Relaxed);
-                    self.set(ConnState::Idle);
+                    self.apply(Event::Preface);
                 }
                 self.left_new.notify_one();
             }
             ConnState::Idle if !self.http2.load(Ordering::Relaxed) => {
                 self.head_since.store(self.tracker.now(), Ordering::Relaxed);
-                self.set(ConnState::Active);
+                self.apply(Event::Bytes);
                 // SeqCst, paired with `close_if_idle`: either it sees us `Active` and keeps
                 // the socket, or we see `closing` and drop the request unread.
                 return !self.closing.load(Ordering::SeqCst);
@@ -156,7 +155,7 @@ impl Conn {
             self.http2.store(true, Ordering::Relaxed);
         }
         *lock(&self.request) = Some((req.method().clone(), req.uri().clone(), Instant::now()));
-        self.set(ConnState::Active);
+        self.apply(Event::RequestStarted);
     }
 
     pub(crate) fn request_finished(&self) {
@@ -164,7 +163,7 @@ impl Conn {
         if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
             *lock(&self.request) = None;
             if self.http2.load(Ordering::Relaxed) {
-                self.set(ConnState::Idle);
+                self.apply(Event::ResponseDone);
                 // A draining HTTP/2 connection may be waiting to close once idle.
                 if self.tracker.is_draining() {
                     self.drain_waker.wake();
@@ -223,7 +222,7 @@ impl Conn {
             && self.idle_on_flush.swap(false, Ordering::AcqRel)
             && self.inflight.load(Ordering::Acquire) == 0
         {
-            self.set(ConnState::Idle);
+            self.apply(Event::ResponseDone);
         }
     }
 
@@ -316,7 +315,7 @@ impl Tracker {
     /// Called by the socket's owner right before the socket closes.
     pub(crate) fn unregister(&self, conn: &Conn) {
         conn.socket.release();
-        conn.set(ConnState::Closed);
+        conn.apply(Event::Close);
         lock(self.shard(conn.info.id)).remove(&conn.info.id);
         conn.release();
     }
@@ -537,9 +536,9 @@ mod tests {
         assert_eq!(tracker.counts().new, 1);
         assert!(c.on_read(b"GET / HTTP/1.1\r\n"));
         assert_eq!(tracker.counts().active, 1);
-        c.set(ConnState::Hijacked);
-        c.set(ConnState::Idle);
-        c.set(ConnState::Active);
+        c.apply(Event::Upgraded);
+        c.apply(Event::ResponseDone);
+        c.apply(Event::Bytes);
         assert_eq!(c.state(), ConnState::Hijacked);
         assert_eq!(tracker.counts().hijacked, 1);
         assert_eq!(tracker.counts().total(), 1);
