@@ -8,7 +8,7 @@ pub fn router() -> axum::Router {
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the new soft limit.
 pub fn raise_nofile() -> anyhow::Result<u64> {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     setrlimit(
         Resource::Nofile,

@@ -22,9 +22,9 @@ use anyhow::Context as _;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands as _, AsyncConnectionConfig};
 use serde::Serialize;
-use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 use sqlx::Row as _;
+use sqlx::any::AnyPoolOptions;
 use tokio_util::task::TaskTracker;
 
 /// Largest amount accepted, and largest balance an account may ever hold: an account is

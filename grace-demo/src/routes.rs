@@ -12,8 +12,8 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use futures_util::stream;
 use grace_http::ShutdownNotice;
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use crate::ledger::{Ledger, LedgerError};
 

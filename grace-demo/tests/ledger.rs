@@ -501,9 +501,10 @@ async fn redis_holds_no_demo_connection_afterwards() {
         1,
         "no client named {app} while serving"
     );
-    assert!(exit
-        .resources()
-        .contains(&("redis".into(), "closed".into())));
+    assert!(
+        exit.resources()
+            .contains(&("redis".into(), "closed".into()))
+    );
     let t = Instant::now();
     let mut left = redis_clients(&redis, &app).await;
     while !left.is_empty() && t.elapsed() < SOON {

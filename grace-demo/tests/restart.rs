@@ -614,9 +614,11 @@ fn a_new_process_that_exits_or_never_gets_ready_is_rolled_back() {
         !alive(hung),
         "the hung process {hung} is left (or not reaped)"
     );
-    assert!(service
-        .stderr()
-        .contains("GRACE_DEMO_HANG_BEFORE_READY=1: hanging"));
+    assert!(
+        service
+            .stderr()
+            .contains("GRACE_DEMO_HANG_BEFORE_READY=1: hanging")
+    );
 
     // 3. A good binary again: the upgrade goes through.
     install_real_binary(&program);
@@ -783,6 +785,15 @@ fn plays_by_systemds_rules() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("{got:?}"));
     assert_ne!(second, first);
+    // systemd's LISTEN_PID (set for the first generation) does not leak to the second: the
+    // upgrade sets the child's variables on its Command, from scratch.
+    let environ = std::fs::read(format!("/proc/{second}/environ")).unwrap();
+    let vars: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
+    assert!(
+        !vars.iter().any(|v| v.starts_with(b"LISTEN_PID=")),
+        "LISTEN_PID leaked"
+    );
+    assert!(vars.iter().any(|v| v.starts_with(b"GRACE_LISTEN_PPID=")));
     assert_eq!(get(), "hello");
     // The old one drains and exits cleanly, without claiming the service stops.
     assert_eq!(wait_gone(first, PATIENCE), Gone::Exited(Some(0)));

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Demo, Http, TempDir, SOON};
+use common::{Demo, Http, SOON, TempDir};
 use rustix::process::Signal;
 
 fn args(a: &[&str]) -> Vec<String> {
@@ -112,7 +112,7 @@ async fn the_deadline_forces_a_stream_and_the_report_names_it() {
 #[tokio::test]
 async fn websocket_clients_get_a_1001_close_frame() {
     use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::{protocol::frame::coding::CloseCode, Message};
+    use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode};
     let dir = TempDir::new();
     let demo = Demo::start(&dir, &[]).await;
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", demo.addr))

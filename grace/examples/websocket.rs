@@ -6,9 +6,9 @@
 //! websocat ws://127.0.0.1:3000/ws     # then Ctrl-C the server: the client sees 1001
 //! ```
 
+use axum::Extension;
 use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::routing::get;
-use axum::Extension;
 use grace_http::ShutdownNotice;
 
 #[tokio::main]

@@ -5,7 +5,7 @@
 //! requests still finish. Liveness answers `200` as long as the process runs.
 
 use std::convert::Infallible;
-use std::future::{ready, Ready};
+use std::future::{Ready, ready};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::latch::Latch;
 use crate::resources::bounded;
-use crate::shutdown::report::TaskReport;
 use crate::shutdown::ForceReason;
+use crate::shutdown::report::TaskReport;
 
 /// Given to every background job: says when the server is stopping.
 ///

@@ -83,8 +83,8 @@ pub use health::{Liveness, Readiness};
 pub use jobs::JobToken;
 pub use listener::Listener;
 pub use resources::Resource;
-pub use restart::{inherited_listeners, write_pid_file, Inherited, Restart};
-pub use server::{Serve, Server, DEFAULT_IDLE_TIMEOUT};
+pub use restart::{Inherited, Restart, inherited_listeners, write_pid_file};
+pub use server::{DEFAULT_IDLE_TIMEOUT, Serve, Server};
 pub use shutdown::report::{
     ActiveRequest, ForcedConn, Outcome, Phase, PhaseTiming, ShutdownReport, TaskReport,
 };

@@ -258,7 +258,7 @@ fn make_way(path: &Path) -> io::Result<()> {
                     "{} exists and cannot be checked for a listener ({e}): not removed",
                     path.display()
                 ),
-            ))
+            ));
         }
     }
     drop(probe);

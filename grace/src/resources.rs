@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use crate::latch::Latch;
+use crate::shutdown::ForceReason;
 use crate::shutdown::budget::after;
 use crate::shutdown::report::{Outcome, TaskReport};
-use crate::shutdown::ForceReason;
 
 type CloseFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 

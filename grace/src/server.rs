@@ -15,13 +15,13 @@ use tokio::task::JoinSet;
 use crate::conn::body::{BodyLimit, RequestBody};
 use crate::conn::task::{self, BoxError, ConnCtx};
 use crate::conn::tracker::Hook;
-use crate::conn::{clock, Addr, ConnInfo, ConnState};
+use crate::conn::{Addr, ConnInfo, ConnState, clock};
 use crate::error::{Error, Result};
 use crate::listener::{self, Listener, SocketFile};
 use crate::shutdown::budget::Budget;
 use crate::shutdown::report::ShutdownReport;
-use crate::shutdown::{drain, Handle, Named, Shared, Trigger};
-use crate::signal::{Signals, DEFAULT_SIGNALS};
+use crate::shutdown::{Handle, Named, Shared, Trigger, drain};
+use crate::signal::{DEFAULT_SIGNALS, Signals};
 
 /// How long a keep-alive connection may stay idle by default: nginx's 75 s, longer than the
 /// 60 s that load balancers commonly keep their own idle backend connections, so that the

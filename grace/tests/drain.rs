@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{app, start, Client, SOON};
+use common::{Client, SOON, app, start};
 use grace_http::{ConnState, ForceReason, Trigger};
 use tokio::net::TcpStream;
 
@@ -140,19 +140,23 @@ async fn deadline_forces_every_state_and_the_report_says_what_was_cut() {
         ),
         ("GET", "/sleep/60000")
     );
-    assert!(report
-        .forced
-        .iter()
-        .all(|f| f.peer.as_tcp().is_some() && f.age >= deadline));
+    assert!(
+        report
+            .forced
+            .iter()
+            .all(|f| f.peer.as_tcp().is_some() && f.age >= deadline)
+    );
     assert!(!report.is_clean());
     let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
     assert_eq!(json["forced_by"], "deadline");
     assert_eq!(json["forced"][0]["state"], "active");
-    assert!(json["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|p| p["name"] == "force"));
+    assert!(
+        json["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "force")
+    );
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{app, start, Client};
+use common::{Client, app, start};
 
 #[tokio::test]
 async fn a_malformed_request_gets_400_and_disturbs_no_other_connection() {

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{app, start, SOON};
+use common::{SOON, app, start};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -8,7 +8,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{app, start, Client, SOON};
+use common::{Client, SOON, app, start};
 use grace_http::{JobToken, Outcome, Resource};
 use tower::ServiceExt as _;
 
@@ -115,9 +115,11 @@ async fn a_hanging_resource_is_cut_at_its_timeout_and_the_others_still_close() {
     assert_eq!(log.names(), ["audit", "hang-cut", "db"]);
     assert!(log.at("db") >= log.at("hang-cut"));
     assert!(!report.is_clean(), "a cut resource is not a clean shutdown");
-    assert!(report
-        .to_json()
-        .contains(r#""name":"cache","outcome":"timed_out""#));
+    assert!(
+        report
+            .to_json()
+            .contains(r#""name":"cache","outcome":"timed_out""#)
+    );
     // Far from the 20 s deadline: it waited 300 ms for the hanging one, not more.
     assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
 }

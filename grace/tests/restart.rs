@@ -89,7 +89,6 @@ async fn the_child_inherits_the_same_socket_and_takes_over_once_ready() {
             seen = seen.display()
         ),
     );
-    std::env::set_var("LISTEN_PID", "1"); // must not leak to the child
     let server = Server::from_listener(listener);
     let handle = server.handle();
     let serve = server

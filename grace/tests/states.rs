@@ -4,13 +4,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{app, start, Client, SOON};
+use common::{Client, SOON, app, start};
 use futures_util::{SinkExt, StreamExt};
 use grace_http::{ConnState::*, ShutdownNotice};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::{protocol::frame::coding::CloseCode, Message};
+use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode};
 
 #[tokio::test]
 async fn http1_keep_alive_goes_new_active_idle_and_closed() {
@@ -63,8 +63,8 @@ async fn http2_streams_drive_active_and_idle() {
 
 /// A WebSocket echo that says goodbye (1001) when the drain starts, unless told to ignore it.
 fn ws_app(polite: bool) -> axum::Router {
-    use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
     use axum::Extension;
+    use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
     axum::Router::new().route(
         "/ws",
         axum::routing::get(move |ws: WebSocketUpgrade, Extension(notice): Extension<ShutdownNotice>| async move {

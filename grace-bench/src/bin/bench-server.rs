@@ -21,7 +21,7 @@ use clap::{Parser, ValueEnum};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Mode {

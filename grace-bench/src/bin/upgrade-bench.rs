@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
 use rustix::process::{Pid, Signal, WaitOptions};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -437,7 +437,9 @@ fn report(args: &Args, r: &Record, steady: Duration, burst: Duration, ups: &[Upg
         "{} keep-alive + {} fresh-connection clients, {} upgrades ({} ms apart once ready)\n",
         args.connections, args.fresh, args.upgrades, args.pause_ms
     );
-    println!("| window | duration (s) | requests | req/s | p50 (µs) | p99 (µs) | max (µs) | failed | refused | retried (idle conn closed) |");
+    println!(
+        "| window | duration (s) | requests | req/s | p50 (µs) | p99 (µs) | max (µs) | failed | refused | retried (idle conn closed) |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for (name, w, d) in [
         ("steady", &r.steady, steady),

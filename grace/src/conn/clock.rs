@@ -17,7 +17,7 @@ pub(crate) fn run(
     tracker: &Arc<Tracker>,
     header_read: Option<Duration>,
     idle: Option<Duration>,
-) -> Option<impl Future<Output = ()>> {
+) -> Option<impl Future<Output = ()> + use<>> {
     let period = (header_read.into_iter().chain(idle).min()? / TICKS).max(Duration::from_millis(1));
     let (head, idle) = (
         header_read.map(|t| ticks(t, period)),

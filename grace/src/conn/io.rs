@@ -12,8 +12,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::tracker::{Conn, Tracker};
 use super::Addr;
+use super::tracker::{Conn, Tracker};
 
 pub(crate) struct TrackedIo<S> {
     inner: S,

@@ -7,16 +7,16 @@
 //! closes; the counts stay right because the guard below is dropped either way.
 
 use std::future::Future;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll, ready};
 
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tower::util::Oneshot;
 use tower::ServiceExt;
+use tower::util::Oneshot;
 
 use super::body::{BodyLimit, RequestBody};
 use super::state::Event;

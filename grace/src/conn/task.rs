@@ -20,8 +20,8 @@ use super::tracker::Tracker;
 use super::{Addr, ConnState};
 use crate::latch::Latch;
 use crate::listener::Stream;
-use crate::shutdown::budget::after;
 use crate::shutdown::Trigger;
+use crate::shutdown::budget::after;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

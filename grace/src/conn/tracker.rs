@@ -5,13 +5,13 @@
 //! the tracker to empty is an event ([`Tracker::wait_empty`]), never a poll.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use tokio::sync::Notify;
 
-use super::state::{transition, Event};
+use super::state::{Event, transition};
 use super::{Addr, ConnInfo, ConnState, StateCounts};
 use crate::latch::Latch;
 use crate::lock;

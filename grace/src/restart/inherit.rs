@@ -138,7 +138,7 @@ impl Vars {
                 _ => {
                     return Err(Error::Inherit(format!(
                         "{GRACE_READY_FD} is not a descriptor after the listeners: {s:?}"
-                    )))
+                    )));
                 }
             },
         };

@@ -19,7 +19,7 @@ use crate::shutdown::{Handle, Shared};
 mod inherit;
 mod spawn;
 
-pub use inherit::{inherited_listeners, Inherited};
+pub use inherit::{Inherited, inherited_listeners};
 
 /// The name given to a listener passed on without one (`LISTEN_FDNAMES`).
 pub(crate) const DEFAULT_NAME: &str = "grace";

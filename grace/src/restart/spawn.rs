@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 
+use super::Restart;
 use super::inherit::{
     FIRST_FD, GRACE_LISTEN_PPID, GRACE_READY_FD, GRACE_SOCKET_FILES, LISTEN_FDNAMES, LISTEN_FDS,
     LISTEN_PID,
 };
-use super::Restart;
 use crate::error::RestartError;
 use crate::shutdown::{Named, Shared, Trigger};
 use crate::{sys, systemd};

@@ -15,8 +15,8 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::conn::tracker::Tracker;
 use crate::conn::StateCounts;
+use crate::conn::tracker::Tracker;
 use crate::health::Readiness;
 use crate::jobs::{JobToken, Jobs};
 use crate::latch::Latch;
