@@ -8,10 +8,6 @@
 //! The file is read once, at start-up. An upgrade (SIGHUP) starts a new process that reads
 //! it again; a file that does not parse (or has an unknown key) makes that new process exit
 //! with status 1 before it is ready, so the old one rolls back and keeps serving.
-//!
-//! Test hook: with `GRACE_DEMO_HANG_BEFORE_READY=1` in its environment the process adopts
-//! its listeners, loads everything, and then hangs instead of serving — a new generation
-//! that never becomes ready, to exercise the upgrade's timeout and rollback.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,9 +16,6 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Extension;
 use serde::Deserialize;
-
-/// The environment variable of the never-ready test hook (see the module docs).
-pub const HANG_BEFORE_READY: &str = "GRACE_DEMO_HANG_BEFORE_READY";
 
 /// The file as written.
 #[derive(Debug, Default, Deserialize)]
@@ -95,14 +88,6 @@ pub async fn greet(greeting: Option<Extension<Greeting>>) -> String {
         .unwrap_or_default()
         .0
         .to_string()
-}
-
-/// The never-ready test hook (see the module docs): never returns when it is set.
-pub async fn hang_before_ready_if_asked() {
-    if std::env::var_os(HANG_BEFORE_READY).is_some_and(|v| v == "1") {
-        tracing::warn!("{HANG_BEFORE_READY}=1: hanging before serving (test hook)");
-        std::future::pending::<()>().await;
-    }
 }
 
 #[cfg(test)]

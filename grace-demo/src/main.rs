@@ -49,6 +49,11 @@ pub struct Args {
     /// How long a keep-alive connection may stay idle before it is closed (`0`: forever).
     #[arg(long, default_value = "75s", value_parser = parse_duration)]
     idle_timeout: Duration,
+    /// An overall bound on a stop, from the signal to exit (Kubernetes'
+    /// `terminationGracePeriodSeconds`, systemd's `TimeoutStopSec`); `0`: none. In-flight
+    /// work is then cut early enough to leave the resources their close timeouts.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    stop_deadline: Duration,
     /// After SIGTERM, keep accepting and serving this long with readiness already failing,
     /// so load balancers stop routing here before the listener closes.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
@@ -184,7 +189,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             Some(args.request_body_timeout).filter(|t| !t.is_zero()),
             500,
         )
-        .pre_stop_delay(args.pre_stop_delay);
+        .pre_stop_delay(args.pre_stop_delay)
+        .stop_deadline(Some(args.stop_deadline).filter(|d| !d.is_zero()));
     let addr = server
         .local_addrs()
         .first()
@@ -198,7 +204,6 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     ledger.register(&handle, args.settle_interval);
     let app =
         routes::router(Arc::clone(&ledger), &handle).layer(axum::Extension(settings.greeting));
-    config::hang_before_ready_if_asked().await;
     let serve = server.serve(app).with_signals().with_restart(restart);
     // Signal handlers are installed: now scripts may read the address and signal us.
     // An upgrade's new process inherits stdout, which may be gone by then (a closed

@@ -584,8 +584,10 @@ fn a_new_process_that_exits_or_never_gets_ready_is_rolled_back() {
     install_real_binary(&program);
     let child_pid = scratch.path("child.pid");
     let exits = format!("#!/bin/sh\necho $$ > {}\nexit 7\n", child_pid.display());
+    // Holds the inherited sockets and the readiness pipe (they survive the exec), never
+    // accepts, never says it is ready.
     let hangs = format!(
-        "#!/bin/sh\necho $$ > {}\nGRACE_DEMO_HANG_BEFORE_READY=1 exec {BIN} \"$@\"\n",
+        "#!/bin/sh\necho $$ > {}\nexec sleep 60\n",
         child_pid.display()
     );
     let mut service = Service::start(scratch, &program, &["--ready-timeout", "3s"]);
@@ -613,11 +615,6 @@ fn a_new_process_that_exits_or_never_gets_ready_is_rolled_back() {
     assert!(
         !alive(hung),
         "the hung process {hung} is left (or not reaped)"
-    );
-    assert!(
-        service
-            .stderr()
-            .contains("GRACE_DEMO_HANG_BEFORE_READY=1: hanging")
     );
 
     // 3. A good binary again: the upgrade goes through.

@@ -332,3 +332,26 @@ async fn idle_connections_give_way_when_descriptors_run_out() {
     let exit = demo.wait_exit(SOON).await;
     assert!(exit.code == 0 || exit.code == 3, "{}", exit.stderr);
 }
+
+/// Issue 10: `--stop-deadline` bounds the whole stop; in-flight work is cut early enough to
+/// leave the resources their time, and the report says which budget cut.
+#[tokio::test]
+async fn the_stop_deadline_cuts_work_but_leaves_the_resources_their_time() {
+    let dir = TempDir::new();
+    let demo = Demo::start(
+        &dir,
+        &args(&["--shutdown-timeout", "60s", "--stop-deadline", "3s"]),
+    )
+    .await;
+    let mut c = Http::connect(demo.addr).await.unwrap();
+    c.send("GET", "/sleep/60000", None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    demo.signal(Signal::TERM);
+    let exit = demo.wait_exit(SOON).await;
+    assert_eq!(exit.code, 3, "{}", exit.stderr);
+    assert!(exit.took < Duration::from_secs(4), "took {:?}", exit.took);
+    assert_eq!(exit.report["forced_by"], "stop deadline", "{}", exit.stderr);
+    for (name, outcome) in exit.resources() {
+        assert_eq!(outcome, "closed", "{name}: {}", exit.stderr);
+    }
+}

@@ -33,9 +33,10 @@
 //!                 each job and resource, how long each phase took
 //! ```
 //!
-//! The whole shutdown, from the listeners closing to `serve` returning, fits in
-//! [`Server::shutdown_timeout`]: connections and jobs are forced early enough to leave the
-//! resources their close timeouts (at most half of the total).
+//! [`Server::shutdown_timeout`] is the time in-flight work gets, all of it, as with Go's
+//! `Shutdown(ctx)`; resources close afterwards, each within its own timeout. An optional
+//! [`Server::stop_deadline`] bounds the whole stop (for orchestrators that kill at a fixed
+//! time) and holds back the resources' declared time from the work.
 //!
 //! ```no_run
 //! # async fn doc() -> Result<(), grace_http::Error> {
