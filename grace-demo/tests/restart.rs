@@ -11,97 +11,23 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rustix::process::{Pid, Signal, WaitOptions};
+use rustix::process::{Signal, WaitOptions};
+
+mod common;
+
+use common::{Gone, TempDir, alive, pid, signal, subreaper, wait_gone};
 
 const BIN: &str = env!("CARGO_BIN_EXE_grace-demo");
 
 /// Loose bound for anything that should take milliseconds: never flakes on a loaded
 /// 2-core machine, still catches a hang.
 const PATIENCE: Duration = Duration::from_secs(30);
-
-fn subreaper() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
-            .expect("PR_SET_CHILD_SUBREAPER");
-    });
-}
-
-fn pid(raw: u32) -> Pid {
-    Pid::from_raw(raw as i32).expect("a pid")
-}
-
-fn signal(raw: u32, sig: Signal) {
-    rustix::process::kill_process(pid(raw), sig)
-        .unwrap_or_else(|e| panic!("kill({raw}, {sig:?}): {e}"));
-}
-
-fn alive(raw: u32) -> bool {
-    rustix::process::test_kill_process(pid(raw)).is_ok()
-}
-
-/// How a process ended, as far as we can tell.
-#[derive(Debug, PartialEq)]
-enum Gone {
-    /// Reaped here: its exit code (`None` if killed by a signal).
-    Exited(Option<i32>),
-    /// Reaped by someone else (its parent).
-    Elsewhere,
-}
-
-/// Waits until process `raw` is gone, reaping it if it is (now) our child.
-fn wait_gone(raw: u32, limit: Duration) -> Gone {
-    let t = Instant::now();
-    loop {
-        match rustix::process::waitpid(Some(pid(raw)), WaitOptions::NOHANG) {
-            Ok(Some((_, status))) => return Gone::Exited(status.exit_status()),
-            Ok(None) => {}
-            // Not our child (yet: its parent may still run), or already reaped.
-            Err(_) if !alive(raw) => return Gone::Elsewhere,
-            Err(_) => {}
-        }
-        assert!(
-            t.elapsed() < limit,
-            "process {raw} still runs after {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A scratch directory under cargo's target dir (the same file system as the binary, so
-/// it can be hard-linked), removed afterwards.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("restart-{name}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
 
 /// Replaces `path` atomically (write a temporary file, rename over it).
 fn replace_file(path: &Path, contents: &str, executable: bool) {
@@ -126,7 +52,7 @@ fn install_real_binary(path: &Path) {
 
 /// A `grace-demo` service and every generation it went through.
 struct Service {
-    scratch: Scratch,
+    scratch: TempDir,
     addr: SocketAddr,
     pid_file: PathBuf,
     log: PathBuf,
@@ -141,7 +67,7 @@ impl Service {
     /// Starts `program` (the demo, or a link to it) with test-friendly arguments.
     // Every generation, this first one included, is reaped by pid (`wait_gone`).
     #[allow(clippy::zombie_processes)]
-    fn start(scratch: Scratch, program: &Path, args: &[&str]) -> Service {
+    fn start(scratch: TempDir, program: &Path, args: &[&str]) -> Service {
         subreaper();
         let pid_file = scratch.path("grace-demo.pid");
         let log = scratch.path("stderr.log");
@@ -372,36 +298,21 @@ impl Conn {
     }
 
     fn read_response(&mut self) -> std::io::Result<(u16, String, bool)> {
-        let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
-        let mut line = String::new();
-        self.stream.read_line(&mut line)?;
-        let status: u16 = line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad(format!("bad status line {line:?}")))?;
-        let (mut length, mut close) = (None, false);
+        let mut head = String::new();
         loop {
-            line.clear();
-            if self.stream.read_line(&mut line)? == 0 {
-                return Err(bad("end of file in the headers".into()));
+            let before = head.len();
+            if self.stream.read_line(&mut head)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
-            let header = line.trim_end();
-            if header.is_empty() {
+            if head[before..].trim_end().is_empty() {
                 break;
             }
-            let (name, value) = header.split_once(':').unwrap_or((header, ""));
-            let value = value.trim();
-            if name.eq_ignore_ascii_case("content-length") {
-                length = value.parse::<usize>().ok();
-            } else if name.eq_ignore_ascii_case("connection") {
-                close = value.eq_ignore_ascii_case("close");
-            }
         }
-        let length = length.ok_or_else(|| bad("no content-length".into()))?;
-        let mut body = vec![0; length];
+        let resp = common::parse_head(&head)?;
+        let mut body = vec![0; resp.content_length()?];
         self.stream.read_exact(&mut body)?;
-        Ok((status, String::from_utf8_lossy(&body).into_owned(), close))
+        let body = String::from_utf8_lossy(&body).into_owned();
+        Ok((resp.status, body, resp.closes()))
     }
 }
 
@@ -547,7 +458,7 @@ fn assert_clean(tally: &Tally, min_ok: u64) {
 
 #[test]
 fn twenty_upgrades_under_load_lose_nothing() {
-    let mut service = Service::start(Scratch::new("twenty"), Path::new(BIN), &[]);
+    let mut service = Service::start(TempDir::new(), Path::new(BIN), &[]);
     let load = Load::start(service.addr, 4, 2, &["hello"]);
     // Some traffic on keep-alive connections first, so the upgrades find idle ones.
     std::thread::sleep(Duration::from_millis(300));
@@ -578,7 +489,7 @@ fn twenty_upgrades_under_load_lose_nothing() {
 
 #[test]
 fn a_new_process_that_exits_or_never_gets_ready_is_rolled_back() {
-    let scratch = Scratch::new("rollback");
+    let scratch = TempDir::new();
     // Upgrades start whatever is at this path now, like a binary replaced on disk.
     let program = scratch.path("grace-demo");
     install_real_binary(&program);
@@ -631,7 +542,7 @@ fn a_new_process_that_exits_or_never_gets_ready_is_rolled_back() {
 
 #[test]
 fn an_edited_config_shows_in_the_next_generation_and_a_broken_one_rolls_back() {
-    let scratch = Scratch::new("config");
+    let scratch = TempDir::new();
     let config = scratch.path("grace-demo.toml");
     replace_file(&config, "greeting = \"one\"\n", false);
     let config_arg = config.display().to_string();
@@ -705,7 +616,7 @@ fn plays_by_systemds_rules() {
     use std::os::unix::process::CommandExt;
 
     subreaper();
-    let scratch = Scratch::new("systemd");
+    let scratch = TempDir::new();
     let log = scratch.path("stderr.log");
     // systemd's side: a notification socket (abstract name) and a listening socket.
     let name = format!("grace-test-notify-{}", std::process::id());
@@ -825,7 +736,7 @@ fn plays_by_systemds_rules() {
 
 #[test]
 fn a_long_response_on_the_old_process_finishes_while_the_new_one_takes_new_connections() {
-    let scratch = Scratch::new("stream");
+    let scratch = TempDir::new();
     let config = scratch.path("grace-demo.toml");
     replace_file(&config, "greeting = \"old\"\n", false);
     let config_arg = config.display().to_string();
@@ -905,7 +816,7 @@ fn a_stop_racing_an_upgrade_never_leaves_a_generation_behind() {
     for round in 0..40 {
         let pre_stop = if round % 2 == 0 { "0s" } else { "300ms" };
         let service = Service::start(
-            Scratch::new("race"),
+            TempDir::new(),
             Path::new(BIN),
             &["--pre-stop-delay", pre_stop, "--ready-timeout", "20s"],
         );
@@ -996,7 +907,7 @@ fn a_stop_racing_an_upgrade_never_leaves_a_generation_behind() {
 /// service stops, clients are refused instead of hanging on a socket nobody serves.
 #[test]
 fn a_rollback_ends_what_the_failed_process_started() {
-    let scratch = Scratch::new("group");
+    let scratch = TempDir::new();
     let program = scratch.path("grace-demo");
     install_real_binary(&program);
     let bg_pid = scratch.path("bg.pid");
@@ -1036,7 +947,7 @@ fn a_rollback_ends_what_the_failed_process_started() {
 /// readiness pipe at fd 4, `GRACE_LISTEN_PPID` naming `parent`. Returns its exit code and
 /// what it printed on stderr.
 fn run_as_new_generation(parent: u32, read_end_open: bool) -> (Option<i32>, String) {
-    let scratch = Scratch::new("newgen");
+    let scratch = TempDir::new();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let (read_end, write_end) = rustix::pipe::pipe().unwrap();
     let reader = read_end_open.then_some(read_end);

@@ -12,32 +12,19 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, Once, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, WaitOptions};
 
 mod common;
 
-use common::TempDir;
+use common::{TempDir, signal, subreaper};
 
 const BIN: &str = env!("CARGO_BIN_EXE_grace-demo");
 
 /// Loose bound for what should take milliseconds, on a loaded 2-core machine.
 const PATIENCE: Duration = Duration::from_secs(30);
-
-fn subreaper() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
-            .expect("PR_SET_CHILD_SUBREAPER");
-    });
-}
-
-fn signal(pid: u32, sig: Signal) {
-    let p = Pid::from_raw(pid as i32).expect("pid");
-    rustix::process::kill_process(p, sig).unwrap_or_else(|e| panic!("kill({pid}, {sig:?}): {e}"));
-}
 
 /// A `grace-demo` listening on a Unix socket.
 struct Demo {
@@ -165,16 +152,21 @@ impl Drop for Demo {
     }
 }
 
-/// One `GET /` on a fresh connection: the response.
+/// One `GET /` on a fresh connection: the response's body (it must be a 200).
 fn get(sock: &Path) -> String {
-    let mut s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {sock:?}: {e}"));
+    let s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {sock:?}: {e}"));
     s.set_read_timeout(Some(PATIENCE)).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: grace\r\nConnection: close\r\n\r\n")
+    let mut s = BufReader::new(s);
+    s.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: grace\r\nConnection: close\r\n\r\n")
         .unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
+    let mut head = String::new();
+    while s.read_line(&mut head).unwrap() > 2 {}
+    let resp = common::parse_head(&head).unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert_eq!(resp.status, 200, "{head}{body}");
+    body
 }
 
 fn inode(path: &Path) -> u64 {

@@ -7,8 +7,10 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod common;
+
+use common::Client;
 use grace_http::{Restart, Server, Trigger};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SOON: Duration = Duration::from_secs(10);
 
@@ -38,17 +40,10 @@ impl Drop for Dir {
     }
 }
 
+/// `GET /` on a fresh connection: the body.
 async fn get(addr: SocketAddr) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(SOON, s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    out
+    let answer = tokio::time::timeout(SOON, Client::connect(addr).await.get("/")).await;
+    answer.expect("no answer").expect("connection closed").body
 }
 
 fn app() -> axum::Router {
@@ -95,7 +90,7 @@ async fn the_child_inherits_the_same_socket_and_takes_over_once_ready() {
         .serve(app())
         .with_restart(Restart::new().no_signal().program(&child).args(["--x"]));
     let served = tokio::spawn(serve.into_future());
-    assert!(get(addr).await.ends_with("old"));
+    assert_eq!(get(addr).await, "old");
 
     let pid = tokio::time::timeout(SOON, handle.restart())
         .await
@@ -133,7 +128,7 @@ async fn a_failed_child_is_rolled_back_and_one_restart_runs_at_a_time() {
             .pid_file(&pid_file),
     );
     let served = tokio::spawn(serve.into_future());
-    assert!(get(addr).await.ends_with("old"));
+    assert_eq!(get(addr).await, "old");
     assert_eq!(
         std::fs::read_to_string(&pid_file).unwrap(),
         format!("{}\n", std::process::id())
@@ -157,7 +152,7 @@ async fn a_failed_child_is_rolled_back_and_one_restart_runs_at_a_time() {
         first.contains("not ready within") && first.contains("killed"),
         "{first}"
     );
-    assert!(get(addr).await.ends_with("old"));
+    assert_eq!(get(addr).await, "old");
     handle.shutdown();
     let report = tokio::time::timeout(SOON, served)
         .await
@@ -184,7 +179,7 @@ async fn a_program_that_cannot_start_is_an_error() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("/nonexistent/grace-child"), "{err}");
-    assert!(get(addr).await.ends_with("old"));
+    assert_eq!(get(addr).await, "old");
     handle.shutdown();
     served.await.unwrap().unwrap();
 }
@@ -206,7 +201,7 @@ async fn a_child_that_exits_is_reported_with_its_status() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("exited with status 5"), "{err}");
-    assert!(get(addr).await.ends_with("old"));
+    assert_eq!(get(addr).await, "old");
     assert!(!handle.is_draining());
     handle.shutdown();
     let report = served.await.unwrap().unwrap();
@@ -226,7 +221,7 @@ async fn a_silent_connection_accepted_before_the_handover_is_still_served() {
     let served = tokio::spawn(serve.into_future());
 
     // Accepted by this process, not a byte sent yet.
-    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut slow = Client::connect(addr).await;
     tokio::time::timeout(SOON, async {
         while handle.counts().new == 0 {
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -240,20 +235,11 @@ async fn a_silent_connection_accepted_before_the_handover_is_still_served() {
         .unwrap();
     // Well past the first-byte grace of a plain drain, the client sends its request.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(SOON, slow.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
-    assert!(
-        out.to_ascii_lowercase().contains("connection: close"),
-        "{out:?}"
-    );
-    assert!(out.ends_with("old"), "{out:?}");
+    slow.send("/").await;
+    let resp = tokio::time::timeout(SOON, slow.read()).await.unwrap();
+    let resp = resp.expect("the slow client's request was not answered");
+    assert_eq!((resp.status, resp.body.as_str()), (200, "old"));
+    assert_eq!(resp.header("connection"), Some("close"));
     let report = tokio::time::timeout(SOON, served)
         .await
         .unwrap()

@@ -66,7 +66,65 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        // Kept after a failure, to look at (logs, the ledger, the pid file).
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+// ---- processes ---------------------------------------------------------------------------
+
+/// Makes this test process a child subreaper (once): generations orphaned when their parent
+/// (the previous generation) exits are re-parented here, so they can be reaped and their
+/// exit status read, and none is left behind.
+pub fn subreaper() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
+            .expect("PR_SET_CHILD_SUBREAPER");
+    });
+}
+
+pub fn pid(raw: u32) -> rustix::process::Pid {
+    rustix::process::Pid::from_raw(raw as i32).expect("a pid")
+}
+
+/// Sends `sig` to process `raw`.
+pub fn signal(raw: u32, sig: rustix::process::Signal) {
+    rustix::process::kill_process(pid(raw), sig)
+        .unwrap_or_else(|e| panic!("kill({raw}, {sig:?}): {e}"));
+}
+
+pub fn alive(raw: u32) -> bool {
+    rustix::process::test_kill_process(pid(raw)).is_ok()
+}
+
+/// How a process ended, as far as we can tell.
+#[derive(Debug, PartialEq)]
+pub enum Gone {
+    /// Reaped here: its exit code (`None` if killed by a signal).
+    Exited(Option<i32>),
+    /// Reaped by someone else (its parent).
+    Elsewhere,
+}
+
+/// Waits until process `raw` is gone, reaping it if it is (now) our child.
+pub fn wait_gone(raw: u32, limit: Duration) -> Gone {
+    let t = Instant::now();
+    loop {
+        match rustix::process::waitpid(Some(pid(raw)), rustix::process::WaitOptions::NOHANG) {
+            Ok(Some((_, status))) => return Gone::Exited(status.exit_status()),
+            Ok(None) => {}
+            // Not our child (yet: its parent may still run), or already reaped.
+            Err(_) if !alive(raw) => return Gone::Elsewhere,
+            Err(_) => {}
+        }
+        assert!(
+            t.elapsed() < limit,
+            "process {raw} still runs after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -169,9 +227,8 @@ impl Demo {
         }
     }
 
-    pub fn signal(&self, signal: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_raw(self.pid as i32).expect("pid");
-        rustix::process::kill_process(pid, signal).expect("kill");
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        signal(self.pid, sig);
     }
 
     pub fn stderr(&self) -> String {
@@ -236,6 +293,13 @@ impl Response {
     pub fn closes(&self) -> bool {
         self.header("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+    }
+
+    /// The body's length, which every response of the demo declares.
+    pub fn content_length(&self) -> std::io::Result<usize> {
+        self.header("content-length")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| std::io::Error::other("no content-length"))
     }
 
     pub fn json(&self) -> Value {
@@ -303,10 +367,7 @@ impl Http {
 
     async fn read_inner(&mut self) -> std::io::Result<Response> {
         let mut resp = self.read_head_inner().await?;
-        let len: usize = resp
-            .header("content-length")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| std::io::Error::other("no content-length"))?;
+        let len = resp.content_length()?;
         let mut body = vec![0; len];
         self.io.read_exact(&mut body).await?;
         resp.body = String::from_utf8_lossy(&body).into_owned();
@@ -314,36 +375,41 @@ impl Http {
     }
 
     async fn read_head_inner(&mut self) -> std::io::Result<Response> {
-        let eof = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed");
-        let mut line = String::new();
-        if self.io.read_line(&mut line).await? == 0 {
-            return Err(eof());
-        }
-        let status = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
-        let mut headers = Vec::new();
+        let mut head = String::new();
         loop {
-            line.clear();
-            if self.io.read_line(&mut line).await? == 0 {
-                return Err(eof());
+            let before = head.len();
+            if self.io.read_line(&mut head).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((n, v)) = l.split_once(':') {
-                headers.push((n.trim().to_ascii_lowercase(), v.trim().to_owned()));
+            if head[before..].trim_end().is_empty() {
+                return parse_head(&head);
             }
         }
-        Ok(Response {
-            status,
-            headers,
-            body: String::new(),
-        })
     }
+}
+
+/// The one HTTP/1 response-head parser of these tests (the async [`Http`] and the blocking
+/// clients of the restart tests read up to the blank line, then call this): the status and
+/// the headers, names lower-cased.
+pub fn parse_head(head: &str) -> std::io::Result<Response> {
+    let mut lines = head.lines();
+    let line = lines.next().unwrap_or_default();
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let headers = lines
+        .map(str::trim_end)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok(Response {
+        status,
+        headers,
+        body: String::new(),
+    })
 }
 
 /// One request on a fresh connection.
