@@ -62,6 +62,7 @@
 
 #![warn(missing_docs)]
 
+pub mod accept;
 mod conn;
 mod error;
 mod health;
@@ -75,7 +76,10 @@ mod shutdown;
 mod signal;
 mod sys;
 pub mod systemd;
+#[cfg(feature = "tls")]
+pub mod tls;
 
+pub use accept::PeerAddr;
 pub use conn::body::{BodyTimeout, RequestBody};
 pub use conn::request::TrackedBody;
 pub use conn::{Addr, ConnInfo, ConnState, StateCounts};

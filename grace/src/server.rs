@@ -12,6 +12,7 @@ use tokio::net::ToSocketAddrs;
 use tokio::signal::unix::SignalKind;
 use tokio::task::JoinSet;
 
+use crate::accept::Acceptor;
 use crate::conn::body::{BodyLimit, RequestBody};
 use crate::conn::task::{self, BoxError, ConnCtx};
 use crate::conn::tracker::Hook;
@@ -36,6 +37,8 @@ pub(crate) struct Config {
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) body_limit: Option<BodyLimit>,
     pub(crate) new_connection_grace: Duration,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) goodbye_spread: Duration,
 }
 
 impl Default for Config {
@@ -50,6 +53,8 @@ impl Default for Config {
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             body_limit: Some(BodyLimit::DEFAULT),
             new_connection_grace: Duration::from_millis(200),
+            handshake_timeout: Duration::from_secs(10),
+            goodbye_spread: Duration::ZERO,
         }
     }
 }
@@ -81,6 +86,8 @@ pub struct Server {
     files: Vec<SocketFile>,
     shared: Arc<Shared>,
     hook: Option<Hook>,
+    /// What accepted sockets go through before HTTP (TLS), if anything.
+    acceptor: Option<Arc<dyn Acceptor>>,
     config: Config,
 }
 
@@ -89,6 +96,7 @@ impl std::fmt::Debug for Server {
         f.debug_struct("Server")
             .field("listeners", &self.listeners)
             .field("config", &self.config)
+            .field("acceptor", &self.acceptor.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -154,6 +162,7 @@ impl Server {
             files: Vec::new(),
             shared: Shared::new(),
             hook: None,
+            acceptor: None,
             config: Config::default(),
         }
     }
@@ -265,6 +274,47 @@ impl Server {
     /// already failing, so load balancers stop routing here first. Default zero.
     pub fn pre_stop_delay(mut self, delay: Duration) -> Self {
         self.config.budget.pre_stop_delay = delay;
+        self
+    }
+
+    /// Serves HTTPS: every accepted connection does a TLS handshake first (crate feature
+    /// `tls`). Keep a clone of `config` to reload the certificate while serving (see
+    /// [`TlsConfig::reload_from_pem_files`](crate::tls::TlsConfig::reload_from_pem_files)).
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// let tls = grace_http::tls::TlsConfig::from_pem_files("cert.pem", "key.pem")?;
+    /// let server = grace_http::Server::bind("0.0.0.0:8443").await?.tls(tls.clone());
+    /// # let _ = server; Ok(()) }
+    /// ```
+    #[cfg(feature = "tls")]
+    pub fn tls(self, config: crate::tls::TlsConfig) -> Self {
+        self.acceptor(config)
+    }
+
+    /// Passes every accepted socket through `acceptor` before HTTP is spoken on it (see
+    /// [`accept`](crate::accept)): TLS is one, a PROXY protocol reader could be another.
+    /// The connection is tracked, drained and forced as any other meanwhile. Replaces any
+    /// acceptor set before (including `tls`).
+    pub fn acceptor(mut self, acceptor: impl Acceptor) -> Self {
+        self.acceptor = Some(Arc::new(acceptor));
+        self
+    }
+
+    /// How long an [`acceptor`](Self::acceptor) (a TLS handshake) may take before the
+    /// connection is closed. Default 10 s. The header-read timeout still counts from accept.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.config.handshake_timeout = timeout;
+        self
+    }
+
+    /// Spreads the [`ShutdownNotice`](crate::ShutdownNotice)s of upgraded connections
+    /// (WebSockets, streams) over this window after the drain starts, each at its own
+    /// place, instead of all at once: their clients then reconnect (to the new generation,
+    /// after an upgrade) spread out rather than in one storm. Keep it well inside the
+    /// shutdown timeout, which still forces what is left. Default zero: all at once.
+    pub fn goodbye_spread(mut self, window: Duration) -> Self {
+        self.config.goodbye_spread = window;
         self
     }
 
@@ -392,11 +442,13 @@ impl<S> Serve<S> {
             files,
             shared,
             hook,
+            acceptor,
             config,
         } = server;
         if let Some(hook) = hook {
             let _ = shared.tracker.hook.set(hook);
         }
+        let _ = shared.tracker.goodbye_spread.set(config.goodbye_spread);
         let _signals = match signals {
             Some(s) => Some(AbortOnDrop(tokio::spawn(s?.drive(Arc::clone(&shared))))),
             None => None,
@@ -413,6 +465,8 @@ impl<S> Serve<S> {
                 .unwrap_or(config.budget.shutdown_timeout)
                 .max(config.new_connection_grace),
             body_limit: config.body_limit,
+            acceptor,
+            handshake_timeout: config.handshake_timeout,
         });
         let clock = clock::run(
             &shared.tracker,

@@ -31,6 +31,14 @@ impl<S: AsRawFd> TrackedIo<S> {
     }
 }
 
+impl<S> TrackedIo<S> {
+    /// Around a stream whose connection was registered before (when it was accepted, before
+    /// an acceptor's handshake): `conn`'s socket slot holds the underlying socket.
+    pub(crate) fn registered(inner: S, conn: Arc<Conn>) -> Self {
+        TrackedIo { inner, conn }
+    }
+}
+
 impl<S> Drop for TrackedIo<S> {
     fn drop(&mut self) {
         // Runs before `inner` (the socket) is dropped and closed.

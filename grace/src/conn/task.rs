@@ -16,8 +16,9 @@ use hyper_util::server::conn::auto;
 use super::body::{BodyLimit, RequestBody};
 use super::io::TrackedIo;
 use super::request::ConnService;
-use super::tracker::Tracker;
+use super::tracker::{Conn, Tracker};
 use super::{Addr, ConnState};
+use crate::accept::{Acceptor, Socket, WithConnInfo};
 use crate::latch::Latch;
 use crate::listener::Stream;
 use crate::shutdown::Trigger;
@@ -42,6 +43,23 @@ pub(crate) struct ConnCtx<S> {
     /// The same after a restart handed the listeners on (see `serve`).
     pub(crate) restart_grace: Duration,
     pub(crate) body_limit: Option<BodyLimit>,
+    /// What turns accepted sockets into the streams served (TLS), if anything.
+    pub(crate) acceptor: Option<Arc<dyn Acceptor>>,
+    /// How long the acceptor may take (a TLS handshake).
+    pub(crate) handshake_timeout: Duration,
+}
+
+impl<S> ConnCtx<S> {
+    /// How long a silent new connection may take to send its first byte once the drain has
+    /// started (counted from accept, or from the end of its handshake).
+    fn first_byte_grace(&self) -> Duration {
+        // After a restart its client has no other process to go to (the new one cannot take
+        // an accepted connection over): it gets as long as for its headers, as when serving.
+        match self.drain.get() {
+            Some(Trigger::Restart) => self.restart_grace,
+            _ => self.grace,
+        }
+    }
 }
 
 /// hyper's builder as grace uses it.
@@ -51,10 +69,13 @@ pub(crate) fn http_builder() -> auto::Builder<TokioExecutor> {
     // rather than by hyper (one timer per request).
     builder.http1().header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
+    // RFC 8441: WebSocket (and other protocols) over HTTP/2 streams.
+    builder.http2().enable_connect_protocol();
     builder
 }
 
-/// Serves one connection; on drain, asks it to close gracefully.
+/// Serves one connection (through the acceptor, if any); on drain, asks it to close
+/// gracefully.
 pub(crate) async fn serve<S, B>(stream: Stream, peer: Addr, ctx: Arc<ConnCtx<S>>)
 where
     S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
@@ -64,9 +85,94 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let io = TrackedIo::new(stream, peer, &ctx.tracker);
-    let conn = Arc::clone(io.conn());
-    let service = ConnService::new(ctx.service.clone(), Arc::clone(&conn), ctx.body_limit);
+    let Some(acceptor) = ctx.acceptor.clone() else {
+        let io = TrackedIo::new(stream, peer, &ctx.tracker);
+        let conn = Arc::clone(io.conn());
+        let accepted_at = conn.info.accepted_at;
+        return serve_io(io, conn, accepted_at, None, ctx).await;
+    };
+    // Tracked from now on: `New` during the handshake, forced through the TCP socket.
+    let conn = ctx.tracker.register(peer, &stream);
+    conn.set_closes_itself();
+    let registered = Registered(Some(Arc::clone(&conn)));
+    let accepting = tokio::time::timeout(
+        ctx.handshake_timeout,
+        acceptor.accept(Socket::new(stream, Arc::clone(&conn))),
+    );
+    tokio::pin!(accepting);
+    let accepted = tokio::select! {
+        biased;
+        accepted = accepting.as_mut() => accepted,
+        _ = std::future::poll_fn(|cx| conn.poll_draining(cx)) => {
+            // Draining: a handshake under way gets the first-byte grace (counted from
+            // accept), like a silent plain connection; one that is not done by then closes.
+            let until = after(conn.info.accepted_at, ctx.first_byte_grace());
+            tokio::select! {
+                accepted = accepting.as_mut() => accepted,
+                _ = tokio::time::sleep_until(until.into()) => {
+                    tracing::debug!(conn = conn.info.id, "handshake cut by the drain");
+                    return;
+                }
+            }
+        }
+    };
+    let accepted = match accepted {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(e)) => {
+            tracing::debug!(conn = conn.info.id, peer = %conn.info.peer, error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(conn = conn.info.id, peer = %conn.info.peer, "handshake timed out");
+            return;
+        }
+    };
+    let extra = (!accepted.extensions.is_empty()).then(|| Arc::new(accepted.extensions));
+    let io = TrackedIo::registered(accepted.io, registered.take());
+    serve_io(io, conn, std::time::Instant::now(), extra, ctx).await;
+}
+
+/// A connection registered before its acceptor ran: unregistered if the acceptor fails
+/// (else its stream's `TrackedIo` does it).
+struct Registered(Option<Arc<Conn>>);
+
+impl Registered {
+    fn take(mut self) -> Arc<Conn> {
+        self.0.take().expect("taken once")
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            conn.tracker().unregister(&conn);
+        }
+    }
+}
+
+/// Serves HTTP over `io`, whose connection is `conn`, ready for its first request since
+/// `ready_at` (accept, or the end of the handshake).
+async fn serve_io<I, S, B>(
+    io: TrackedIo<I>,
+    conn: Arc<Conn>,
+    ready_at: std::time::Instant,
+    extra: Option<Arc<http::Extensions>>,
+    ctx: Arc<ConnCtx<S>>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let service = WithConnInfo {
+        inner: ctx.service.clone(),
+        peer: conn.info.peer.clone(),
+        extra,
+    };
+    let service = ConnService::new(service, Arc::clone(&conn), ctx.body_limit);
     let connection = ctx
         .builder
         .serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -79,14 +185,9 @@ where
         _ = draining => {}
     }
     if conn.state() == ConnState::New {
-        // Its request may be on the wire: give it until `grace` after accept to show up.
-        // After a restart its client has no other process to go to (the new one cannot take
-        // an accepted connection over): it gets as long as for its headers, as when serving.
-        let grace = match ctx.drain.get() {
-            Some(Trigger::Restart) => ctx.restart_grace,
-            _ => ctx.grace,
-        };
-        let until = after(conn.info.accepted_at, grace);
+        // Its request may be on the wire: give it until the grace after accept (after the
+        // handshake, for TLS) to show up.
+        let until = after(ready_at, ctx.first_byte_grace());
         tokio::select! {
             result = connection.as_mut() => return log_end(conn.info.id, result),
             _ = tokio::time::sleep_until(until.into()) => {}

@@ -50,6 +50,9 @@ pub(crate) struct Conn {
     /// wake-up than a channel).
     drain_waker: atomic_waker::AtomicWaker,
     pub(crate) socket: SocketSlot,
+    /// Closed by its own task at a drain, never shut from outside while idle: its stream
+    /// says goodbye first (TLS `close_notify`, see `accept`).
+    closes_itself: AtomicBool,
     left_new: Notify,
     tracker: Arc<Tracker>,
 }
@@ -209,6 +212,11 @@ impl Conn {
         self.http2.load(Ordering::Relaxed)
     }
 
+    /// Its task closes it at a drain, not `Tracker::close_idle` (see `closes_itself`).
+    pub(crate) fn set_closes_itself(&self) {
+        self.closes_itself.store(true, Ordering::Relaxed);
+    }
+
     /// Shuts the socket down now and stops the drain from waiting for it.
     pub(crate) fn close_now(&self) {
         self.socket.shutdown();
@@ -302,6 +310,7 @@ impl Tracker {
             released: AtomicBool::new(false),
             drain_waker: atomic_waker::AtomicWaker::new(),
             socket: SocketSlot::new(socket),
+            closes_itself: AtomicBool::new(false),
             left_new: Notify::new(),
             tracker: Arc::clone(self),
         });
@@ -329,6 +338,7 @@ impl Tracker {
         for conn in self.all() {
             if conn.state() == ConnState::Idle
                 && !conn.http2.load(Ordering::Relaxed)
+                && !conn.closes_itself.load(Ordering::Relaxed)
                 && conn.close_if_idle()
             {
                 conn.release();

@@ -1,0 +1,267 @@
+//! Wrapping accepted connections: TLS, or anything else that turns the socket into the byte
+//! stream HTTP is spoken over (a PROXY protocol header, a custom handshake).
+//!
+//! An [`Acceptor`] gets each accepted [`Socket`] and returns the stream to serve. The
+//! connection is tracked from the moment it is accepted, before the acceptor runs: while
+//! the acceptor works (a TLS handshake) it is `New`, the drain gives it the same first-byte
+//! grace as any silent connection, and forcing shuts the socket's descriptor down whatever
+//! the acceptor is doing. The stream it returns is then served through the tracker's
+//! wrapper, so the first byte *it* delivers (the decrypted request, for TLS) is what makes
+//! the connection `Active`. Connections served through an acceptor are closed by their own
+//! task at a drain (hyper's graceful shutdown, then the stream's `poll_shutdown`), never
+//! shut from outside while idle, so the wrapper can say goodbye first (TLS `close_notify`).
+//!
+//! ```no_run
+//! use grace_http::accept::{Accepted, Acceptor, BoxFuture, Socket};
+//!
+//! /// Serves plain HTTP, tagging every request with the listener it came through.
+//! struct Tag(&'static str);
+//!
+//! impl Acceptor for Tag {
+//!     fn accept(&self, socket: Socket) -> BoxFuture<std::io::Result<Accepted>> {
+//!         let tag = self.0;
+//!         Box::pin(async move { Ok(Accepted::new(socket).with_extension(tag)) })
+//!     }
+//! }
+//! # async fn doc() -> Result<(), grace_http::Error> {
+//! let server = grace_http::Server::bind("127.0.0.1:8080").await?.acceptor(Tag("public"));
+//! # let _ = server; Ok(()) }
+//! ```
+
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::conn::body::RequestBody;
+use crate::conn::tracker::Conn;
+use crate::conn::{Addr, ConnInfo};
+use crate::listener::Stream;
+
+/// A boxed future, as [`Acceptor::accept`] returns.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A byte stream HTTP can be served over.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// Turns each accepted socket into the stream that HTTP is served over (see the module
+/// docs). Install one with [`Server::acceptor`](crate::Server::acceptor) (TLS:
+/// `Server::tls`, crate feature `tls`).
+///
+/// The future is bounded by [`Server::handshake_timeout`](crate::Server::handshake_timeout);
+/// an error or a timeout closes the connection (logged at debug level) and the server
+/// goes on. The stream returned must own the [`Socket`]: the socket's descriptor is what a
+/// forced shutdown acts on, and it must stay open exactly as long as the socket is alive.
+pub trait Acceptor: Send + Sync + 'static {
+    /// Wraps one accepted socket.
+    fn accept(&self, socket: Socket) -> BoxFuture<io::Result<Accepted>>;
+}
+
+impl<A: Acceptor + ?Sized> Acceptor for Arc<A> {
+    fn accept(&self, socket: Socket) -> BoxFuture<io::Result<Accepted>> {
+        (**self).accept(socket)
+    }
+}
+
+/// What an [`Acceptor`] made of a socket: the stream to serve, and values to put into the
+/// extensions of every request served on it (for TLS, a `tls::TlsInfo`).
+pub struct Accepted {
+    pub(crate) io: BoxedIo,
+    pub(crate) extensions: http::Extensions,
+}
+
+impl Accepted {
+    /// The stream to serve HTTP over; it must own the [`Socket`] it was made from.
+    pub fn new(io: impl Io) -> Accepted {
+        Accepted {
+            io: BoxedIo(Box::new(io)),
+            extensions: http::Extensions::new(),
+        }
+    }
+
+    /// Adds `value` to the extensions of every request on this connection (read it with
+    /// `axum::Extension<T>` or `request.extensions().get::<T>()`).
+    pub fn with_extension<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Accepted {
+        self.extensions.insert(value);
+        self
+    }
+}
+
+impl std::fmt::Debug for Accepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accepted").finish_non_exhaustive()
+    }
+}
+
+/// An acceptor's stream, as hyper is given it.
+pub(crate) struct BoxedIo(Box<dyn Io>);
+
+impl AsyncRead for BoxedIo {
+    #[inline]
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for BoxedIo {
+    #[inline]
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_shutdown(cx)
+    }
+}
+
+/// An accepted socket, as an [`Acceptor`] receives it: a TCP or Unix-domain stream,
+/// already tracked by the server.
+pub struct Socket {
+    stream: Stream,
+    conn: Arc<Conn>,
+}
+
+impl Socket {
+    pub(crate) fn new(stream: Stream, conn: Arc<Conn>) -> Socket {
+        Socket { stream, conn }
+    }
+
+    /// The connection: its id, peer address and when it was accepted.
+    pub fn info(&self) -> &ConnInfo {
+        &self.conn.info
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> &Addr {
+        &self.conn.info.peer
+    }
+}
+
+impl std::fmt::Debug for Socket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Socket")
+            .field("id", &self.conn.info.id)
+            .field("peer", &self.conn.info.peer)
+            .finish()
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        // Before the descriptor closes (`stream` is dropped after this): a forced shutdown
+        // must never reach the number once the kernel may give it to another file.
+        self.conn.socket.release();
+    }
+}
+
+impl AsRawFd for Socket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// The peer's address, in the extensions of every request (`axum::Extension<PeerAddr>`).
+/// With the crate feature `axum`, a TCP peer is also there as
+/// `axum::extract::ConnectInfo<SocketAddr>`, so axum's `ConnectInfo` extractor works
+/// without `into_make_service_with_connect_info`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PeerAddr(pub Addr);
+
+/// The user's service, per connection: puts what is known of the connection into each
+/// request's extensions.
+#[derive(Clone)]
+pub(crate) struct WithConnInfo<S> {
+    pub(crate) inner: S,
+    pub(crate) peer: Addr,
+    /// What an acceptor added (see [`Accepted::with_extension`]), if anything.
+    pub(crate) extra: Option<Arc<http::Extensions>>,
+}
+
+impl<S> tower::Service<http::Request<RequestBody>> for WithConnInfo<S>
+where
+    S: tower::Service<http::Request<RequestBody>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<RequestBody>) -> Self::Future {
+        let ext = req.extensions_mut();
+        #[cfg(feature = "axum")]
+        if let Addr::Tcp(addr) = self.peer {
+            ext.insert(axum::extract::ConnectInfo(addr));
+        }
+        ext.insert(PeerAddr(self.peer.clone()));
+        if let Some(extra) = &self.extra {
+            ext.extend((**extra).clone());
+        }
+        self.inner.call(req)
+    }
+}
