@@ -9,10 +9,16 @@ use std::sync::OnceLock;
 use tokio::sync::Notify;
 
 /// Set at most once; read without locking; awaited without polling.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Latch<T> {
     value: OnceLock<T>,
     set: Notify,
+}
+
+impl<T> Default for Latch<T> {
+    fn default() -> Self {
+        Latch::new()
+    }
 }
 
 impl<T> Latch<T> {

@@ -214,3 +214,49 @@ async fn a_dribbled_body_is_cut_and_a_normal_one_is_not() {
         );
     }
 }
+
+/// When each of `n` WebSocket clients received its goodbye, counted from the drain.
+async fn goodbye_times(spread: Duration, n: usize) -> Vec<Duration> {
+    let mut srv = start(ws_app(true), |s| {
+        s.shutdown_timeout(Duration::from_secs(60))
+            .goodbye_spread(spread)
+    })
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let url = format!("ws://{}/ws", srv.addr);
+        clients.push(tokio_tungstenite::connect_async(url).await.unwrap().0);
+    }
+    srv.wait_counts(|c| c.hijacked == n).await;
+    let t = std::time::Instant::now();
+    srv.handle.shutdown();
+    let waits = clients.into_iter().map(|mut ws| async move {
+        let close = tokio::time::timeout(SOON, ws.next()).await.unwrap();
+        assert!(matches!(close, Some(Ok(Message::Close(_)))), "{close:?}");
+        let at = t.elapsed();
+        while let Some(Ok(_)) = ws.next().await {}
+        at
+    });
+    let mut times = futures_util::future::join_all(waits).await;
+    times.sort();
+    assert!(srv.report(Duration::ZERO).await.is_clean());
+    times
+}
+
+/// Issue 12: with a goodbye spread, notices to long-lived connections are spread over the
+/// window (so their clients reconnect spread out), not sent at the same instant.
+#[tokio::test]
+async fn goodbyes_are_spread_over_the_window() {
+    let window = Duration::from_millis(800);
+    let spread = goodbye_times(window, 12).await;
+    let span = spread[spread.len() - 1] - spread[0];
+    assert!(
+        span >= window / 2,
+        "12 goodbyes over {span:?}, window {window:?}"
+    );
+    assert!(spread[spread.len() - 1] < window + SOON, "{spread:?}");
+    // Without a spread they all leave at once, each well inside the window above.
+    let at_once = goodbye_times(Duration::ZERO, 12).await;
+    let span_at_once = at_once[at_once.len() - 1] - at_once[0];
+    assert!(span_at_once < span, "{at_once:?} against {spread:?}");
+}

@@ -7,13 +7,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
 use super::state::{Event, transition};
 use super::{Addr, ConnInfo, ConnState, StateCounts};
 use crate::latch::Latch;
+use crate::shutdown::Trigger;
 use crate::lock;
 use crate::shutdown::report::{ActiveRequest, ForcedConn};
 use crate::sys::SocketSlot;
@@ -64,7 +65,7 @@ impl Conn {
 
     /// A notice of the drain, for a handler that takes the connection over.
     pub(crate) fn notice(&self) -> crate::ShutdownNotice {
-        crate::shutdown::ShutdownNotice(Arc::clone(&self.tracker))
+        self.tracker.notice(self.info.id)
     }
 
     pub(crate) fn state(&self) -> ConnState {
@@ -281,11 +282,29 @@ pub(crate) struct Tracker {
     /// connection task is woken. (A latch reads with Acquire: a task that sees it set sees
     /// what the drain did before, the listeners closed.)
     pub(crate) draining: Latch<()>,
+    /// A drain was asked for, and by what: the server's own latch (see `Shared::drain`),
+    /// read here for the notices handlers get and for the soft drain of the pre-stop delay.
+    pub(crate) drain_asked: Arc<Latch<Trigger>>,
+    /// The window over which notices to long-lived connections are spread (set once, when
+    /// serving starts; none by default).
+    pub(crate) goodbye_spread: OnceLock<Duration>,
     empty: Notify,
     pub(crate) hook: OnceLock<Hook>,
 }
 
 impl Tracker {
+    /// A notice of the drain, placed in the goodbye spread by `seed`.
+    pub(crate) fn notice(self: &Arc<Self>, seed: u64) -> crate::ShutdownNotice {
+        crate::shutdown::ShutdownNotice {
+            tracker: Arc::clone(self),
+            seed,
+        }
+    }
+
+    pub(crate) fn goodbye_spread(&self) -> Duration {
+        self.goodbye_spread.get().copied().unwrap_or_default()
+    }
+
     /// Registers a freshly accepted connection, in state `New`.
     pub(crate) fn register(
         self: &Arc<Self>,

@@ -58,9 +58,10 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn new() -> Arc<Self> {
+        let tracker = Arc::new(Tracker::default());
         Arc::new(Shared {
-            tracker: Arc::new(Tracker::default()),
-            drain: Arc::new(Latch::new()),
+            drain: Arc::clone(&tracker.drain_asked),
+            tracker,
             force: Latch::new(),
             listeners_closed: Latch::new(),
             jobs: Jobs::default(),
@@ -95,7 +96,7 @@ impl Shared {
     }
 
     pub(crate) fn notice(&self) -> ShutdownNotice {
-        ShutdownNotice(Arc::clone(&self.tracker))
+        self.tracker.notice(0)
     }
 
     /// Asks for a drain; true if this call was the first to (its trigger is the drain's).
@@ -243,12 +244,17 @@ impl Handle {
 /// # }
 /// ```
 #[derive(Clone)]
-pub struct ShutdownNotice(pub(crate) Arc<Tracker>);
+pub struct ShutdownNotice {
+    pub(crate) tracker: Arc<Tracker>,
+    /// Places this notice in the goodbye spread (a connection's id).
+    pub(crate) seed: u64,
+}
 
 impl std::fmt::Debug for ShutdownNotice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShutdownNotice")
             .field("draining", &self.is_draining())
+            .field("seed", &self.seed)
             .finish()
     }
 }
@@ -256,11 +262,41 @@ impl std::fmt::Debug for ShutdownNotice {
 impl ShutdownNotice {
     /// True once the drain has started.
     pub fn is_draining(&self) -> bool {
-        self.0.is_draining()
+        self.tracker.is_draining()
     }
 
-    /// Resolves when the drain starts (at once if it has).
+    /// Resolves when the drain starts (at once if it has) — or, with a goodbye spread
+    /// ([`Server::goodbye_spread`](crate::Server::goodbye_spread)), at this notice's place
+    /// in the spread after that, so long-lived connections do not all say goodbye (and
+    /// reconnect) at the same instant.
     pub async fn wait(&self) {
-        self.0.draining.wait().await;
+        self.tracker.draining.wait().await;
+        let delay = self.spread_delay();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// This notice's delay within the spread window: the fractional part of the seed times
+    /// the golden ratio, so successive connections fill the window evenly.
+    fn spread_delay(&self) -> std::time::Duration {
+        let window = self.tracker.goodbye_spread();
+        if window.is_zero() {
+            return window;
+        }
+        let frac = (self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+        window.mul_f64(frac)
+    }
+
+    /// Why the server is draining, once it is: a [`Trigger::Restart`] means a new
+    /// generation serves already (a client should come back: WebSocket close code 1012,
+    /// "service restart"); anything else means the service is going away (1001).
+    pub fn reason(&self) -> Option<Trigger> {
+        self.tracker.drain_asked.get().cloned()
+    }
+
+    /// True when the drain hands over to a new generation (see [`reason`](Self::reason)).
+    pub fn is_restart(&self) -> bool {
+        self.reason() == Some(Trigger::Restart)
     }
 }
