@@ -1,6 +1,7 @@
 //! `grace-demo`: a small service built on grace, to watch it drain, restart and upgrade.
 //!
-//! SIGTERM/SIGINT drain (a second one forces); SIGHUP upgrades with zero downtime: the
+//! SIGTERM/SIGINT drain (a second one forces); SIGUSR1 reloads the TLS certificate
+//! (`--tls-cert`, `--tls-key`); SIGHUP upgrades with zero downtime: the
 //! program at the path it was started from starts with the same arguments, takes over the
 //! listening socket, re-reads `--config`, and this process drains once it is ready (see
 //! `docs/restart.md`).
@@ -86,6 +87,13 @@ pub struct Args {
     /// How long an upgrade (SIGHUP) waits for the new process before rolling back.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     ready_timeout: Duration,
+    /// Serve HTTPS with this PEM certificate chain (with `--tls-key`); SIGUSR1 reads both
+    /// files again: new handshakes get the new certificate, a bad pair is refused.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 impl Args {
@@ -156,6 +164,23 @@ fn main() -> anyhow::Result<()> {
     std::process::exit(if clean { 0 } else { EXIT_FORCED });
 }
 
+/// Reads the certificate and key again on every SIGUSR1. A failed reload is logged (by
+/// grace) and the previous certificate keeps serving.
+fn reload_on_sigusr1(
+    tls: grace_http::tls::TlsConfig,
+    cert: PathBuf,
+    key: PathBuf,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1")?;
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            let _ = tls.reload_from_pem_files(&cert, &key);
+        }
+    });
+    Ok(())
+}
+
 async fn run(args: Args) -> anyhow::Result<bool> {
     // First: the program to restart into is resolved now, before anything can replace it.
     let restart = config::restart(args.pid_file.as_ref(), args.ready_timeout);
@@ -191,6 +216,17 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         )
         .pre_stop_delay(args.pre_stop_delay)
         .stop_deadline(Some(args.stop_deadline).filter(|d| !d.is_zero()));
+    // TLS: every generation loads the certificate itself (an upgrade hands over only the
+    // listening socket); SIGUSR1 reloads it in place.
+    let server = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = grace_http::tls::TlsConfig::from_pem_files(cert, key)
+                .with_context(|| format!("loading {} and {}", cert.display(), key.display()))?;
+            reload_on_sigusr1(tls.clone(), cert.clone(), key.clone())?;
+            server.tls(tls)
+        }
+        _ => server,
+    };
     let addr = server
         .local_addrs()
         .first()

@@ -1,11 +1,12 @@
 //! The demo's HTTP routes.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -37,7 +38,30 @@ pub fn router(ledger: Arc<Ledger>, handle: &grace_http::Handle) -> Router {
         .route("/sleep/{ms}", get(sleep))
         .route("/stream/{n}", get(stream_chunks))
         .route("/ws", get(ws))
+        .route("/whoami", get(whoami))
         .merge(api)
+}
+
+/// Who the client is, as the handler sees it: the peer address (axum's `ConnectInfo`
+/// extractor for TCP, grace's `PeerAddr` for any listener) and, over TLS, the ALPN protocol
+/// and the server name the client asked for.
+async fn whoami(
+    Extension(grace_http::PeerAddr(peer)): Extension<grace_http::PeerAddr>,
+    connect_info: Option<Extension<ConnectInfo<SocketAddr>>>,
+    tls: Option<Extension<grace_http::tls::TlsInfo>>,
+) -> Json<serde_json::Value> {
+    let tls = tls.map(|Extension(t)| {
+        serde_json::json!({
+            "alpn": t.alpn_protocol().map(String::from_utf8_lossy),
+            "sni": t.server_name(),
+            "version": t.protocol_version(),
+        })
+    });
+    Json(serde_json::json!({
+        "peer": peer.to_string(),
+        "connect_info": connect_info.map(|Extension(ConnectInfo(a))| a.to_string()),
+        "tls": tls,
+    }))
 }
 
 /// A ledger error as an HTTP answer: `{"error": "..."}` with its status.

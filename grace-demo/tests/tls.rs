@@ -1,0 +1,196 @@
+//! A real `grace-demo` serving HTTPS (`--tls-cert`, `--tls-key`), a TLS client that
+//! verifies the certificate, and real signals: `/whoami`, a certificate reload on SIGUSR1
+//! (and a refused one), and the drain's `close_notify` on SIGTERM.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Demo, SOON, TempDir};
+use rustix::process::Signal;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+struct Cert {
+    cert_pem: String,
+    key_pem: String,
+    der: CertificateDer<'static>,
+}
+
+fn cert() -> Cert {
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    Cert {
+        cert_pem: c.cert.pem(),
+        key_pem: c.key_pair.serialize_pem(),
+        der: c.cert.der().clone(),
+    }
+}
+
+async fn connect(addr: SocketAddr, root: &CertificateDer<'static>) -> std::io::Result<Tls> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    Ok(Tls(BufReader::new(tls)))
+}
+
+/// HTTP/1.1 over TLS, raw.
+struct Tls(BufReader<TlsStream<TcpStream>>);
+
+impl Tls {
+    fn presented(&self) -> CertificateDer<'static> {
+        self.0.get_ref().get_ref().1.peer_certificates().unwrap()[0].clone()
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.0.get_ref().get_ref().0.local_addr().unwrap()
+    }
+
+    /// GET `path`: the status and the body.
+    async fn get(&mut self, path: &str) -> (u16, String) {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        let io = self.0.get_mut();
+        io.write_all(req.as_bytes()).await.unwrap();
+        io.flush().await.unwrap();
+        let mut line = String::new();
+        self.0.read_line(&mut line).await.unwrap();
+        let status = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let mut len = 0;
+        loop {
+            line.clear();
+            self.0.read_line(&mut line).await.unwrap();
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        self.0.read_exact(&mut body).await.unwrap();
+        (status, String::from_utf8(body).unwrap())
+    }
+
+    /// `Ok` when the server ended the connection with `close_notify` then EOF.
+    async fn end(&mut self) -> std::io::Result<()> {
+        let mut buf = [0u8; 16];
+        match tokio::time::timeout(SOON, self.0.read(&mut buf)).await {
+            Ok(Ok(0)) => Ok(()),
+            Ok(Ok(n)) => panic!("{n} bytes instead of the end"),
+            Ok(Err(e)) => Err(e),
+            Err(_) => panic!("not closed"),
+        }
+    }
+}
+
+fn args(dir: &TempDir) -> Vec<String> {
+    [
+        "--tls-cert",
+        dir.path("cert.pem").to_str().unwrap(),
+        "--tls-key",
+        dir.path("key.pem").to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn install(dir: &TempDir, cert: &str, key: &str) {
+    std::fs::write(dir.path("cert.pem"), cert).unwrap();
+    std::fs::write(dir.path("key.pem"), key).unwrap();
+}
+
+#[tokio::test]
+async fn https_whoami_reload_on_sigusr1_and_close_notify_on_sigterm() {
+    let dir = TempDir::new();
+    let (a, b) = (cert(), cert());
+    install(&dir, &a.cert_pem, &a.key_pem);
+    let demo = Demo::start(&dir, &args(&dir)).await;
+
+    // /whoami: the real client address, as axum's ConnectInfo extractor sees it.
+    let mut old = connect(demo.addr, &a.der).await.unwrap();
+    let (status, body) = old.get("/whoami").await;
+    assert_eq!(status, 200, "{body}");
+    let who: Value = serde_json::from_str(&body).unwrap();
+    let me = old.local_addr().to_string();
+    assert_eq!(who["connect_info"], me.as_str(), "{who}");
+    assert_eq!(who["peer"], me.as_str(), "{who}");
+    assert_eq!(who["tls"]["alpn"], "http/1.1", "{who}");
+    assert_eq!(who["tls"]["sni"], "localhost", "{who}");
+
+    // SIGUSR1 with new files: new handshakes present B; the old connection keeps working.
+    install(&dir, &b.cert_pem, &b.key_pem);
+    demo.signal(Signal::USR1);
+    let fresh = tokio::time::timeout(SOON, async {
+        loop {
+            if let Ok(c) = connect(demo.addr, &b.der).await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the new certificate was never served");
+    assert_eq!(fresh.presented(), b.der);
+    assert_eq!(old.get("/").await.0, 200);
+    assert_eq!(old.presented(), a.der);
+
+    // A bad pair (A's certificate with B's key) is refused: B keeps serving.
+    install(&dir, &a.cert_pem, &b.key_pem);
+    demo.signal(Signal::USR1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut still = connect(demo.addr, &b.der)
+        .await
+        .expect("a refused reload changed the certificate");
+    assert_eq!(still.presented(), b.der);
+    assert_eq!(still.get("/").await.0, 200);
+    drop(fresh);
+
+    // SIGTERM: idle TLS connections get close_notify, then EOF.
+    demo.signal(Signal::TERM);
+    old.end().await.expect("truncated: no close_notify");
+    still.end().await.expect("truncated: no close_notify");
+    let exit = demo.wait_exit(SOON).await;
+    assert_eq!(exit.code, 0, "{}", exit.stderr);
+    assert!(
+        exit.stderr.contains("does not match"),
+        "the refused reload was not logged:\n{}",
+        exit.stderr
+    );
+}
+
+#[tokio::test]
+async fn a_bad_certificate_at_start_is_a_start_up_error() {
+    let dir = TempDir::new();
+    let (a, b) = (cert(), cert());
+    install(&dir, &a.cert_pem, &b.key_pem);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_grace-demo"))
+        .current_dir(&dir.0)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args(&dir))
+        .stdin(std::process::Stdio::null())
+        .output();
+    let out = tokio::time::timeout(SOON, out).await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("does not match"), "{stderr}");
+    assert!(out.stdout.is_empty(), "it listened");
+}
