@@ -18,11 +18,20 @@ use anyhow::Context;
 use clap::Parser;
 
 mod config;
+mod ctl;
 mod ledger;
 mod routes;
 
 /// Exit code when the shutdown had to cut something (see the report on stderr).
 const EXIT_FORCED: i32 = 3;
+
+/// Commands besides serving.
+#[derive(clap::Subcommand, Debug, Clone)]
+enum Command {
+    /// Ask a running grace-demo (see `--control-socket`) for its status, an upgrade or a
+    /// drain.
+    Ctl(ctl::Ctl),
+}
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -30,6 +39,12 @@ const EXIT_FORCED: i32 = 3;
     about = "A demo service for grace: graceful shutdown and zero-downtime restart"
 )]
 pub struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Answer `grace-demo ctl` (status, upgrade, drain) on a Unix socket at this path,
+    /// owner-only.
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
     /// Address to listen on (`HOST:PORT`, or `unix:PATH`).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
@@ -55,6 +70,10 @@ pub struct Args {
     /// work is then cut early enough to leave the resources their close timeouts.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     stop_deadline: Duration,
+    /// Spread the goodbyes of WebSockets over this window after a drain starts, so their
+    /// clients do not all reconnect at once (`0`: all at once).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    goodbye_spread: Duration,
     /// After SIGTERM, keep accepting and serving this long with readiness already failing,
     /// so load balancers stop routing here before the listener closes.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
@@ -157,6 +176,9 @@ fn main() -> anyhow::Result<()> {
         let _ = e.print();
         std::process::exit(if e.use_stderr() { 1 } else { 0 })
     });
+    if let Some(Command::Ctl(ctl)) = &args.command {
+        std::process::exit(ctl::run(ctl)?);
+    }
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let clean = runtime.block_on(run(args))?;
     // Connections cut at the deadline may still have tasks; do not wait for them.
@@ -215,6 +237,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             500,
         )
         .pre_stop_delay(args.pre_stop_delay)
+        .goodbye_spread(args.goodbye_spread)
         .stop_deadline(Some(args.stop_deadline).filter(|d| !d.is_zero()));
     // TLS: every generation loads the certificate itself (an upgrade hands over only the
     // listening socket); SIGUSR1 reloads it in place.
@@ -240,7 +263,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     ledger.register(&handle, args.settle_interval);
     let app =
         routes::router(Arc::clone(&ledger), &handle).layer(axum::Extension(settings.greeting));
-    let serve = server.serve(app).with_signals().with_restart(restart);
+    let mut serve = server.serve(app).with_signals().with_restart(restart);
+    if let Some(path) = &args.control_socket {
+        serve = serve.with_control(path);
+    }
     // Signal handlers are installed: now scripts may read the address and signal us.
     // An upgrade's new process inherits stdout, which may be gone by then (a closed
     // terminal or pipe): that must not make it fail, so a write error is ignored.

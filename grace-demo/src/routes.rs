@@ -20,6 +20,8 @@ use crate::ledger::{Ledger, LedgerError};
 
 /// WebSocket close code 1001: the server is going away.
 const GOING_AWAY: u16 = 1001;
+/// WebSocket close code 1012 (RFC 6455's registry): the service restarts; come back.
+const SERVICE_RESTART: u16 = 1012;
 
 /// Every route: the demo endpoints, the probes, and the ledger API.
 pub fn router(ledger: Arc<Ledger>, handle: &grace_http::Handle) -> Router {
@@ -162,7 +164,8 @@ async fn ws(upgrade: WebSocketUpgrade, notice: Option<Extension<ShutdownNotice>>
     upgrade.on_upgrade(move |socket| echo(socket, notice.map(|Extension(n)| n)))
 }
 
-/// Echoes text and binary messages; when the server drains, says goodbye with 1001.
+/// Echoes text and binary messages; when the server drains, says goodbye: 1012 when a new
+/// generation already serves (an upgrade: come back), 1001 when the service goes away.
 async fn echo(mut socket: WebSocket, notice: Option<ShutdownNotice>) {
     let draining = async {
         match &notice {
@@ -185,9 +188,16 @@ async fn echo(mut socket: WebSocket, notice: Option<ShutdownNotice>) {
             _ = &mut draining => break,
         }
     }
-    let goodbye = Message::Close(Some(CloseFrame {
-        code: GOING_AWAY,
-        reason: "server shutting down".into(),
+    let restart = notice.as_ref().is_some_and(ShutdownNotice::is_restart);
+    let goodbye = Message::Close(Some(match restart {
+        true => CloseFrame {
+            code: SERVICE_RESTART,
+            reason: "service restart".into(),
+        },
+        false => CloseFrame {
+            code: GOING_AWAY,
+            reason: "server shutting down".into(),
+        },
     }));
     if socket.send(goodbye).await.is_err() {
         return;

@@ -64,6 +64,7 @@
 
 pub mod accept;
 mod conn;
+pub mod control;
 mod error;
 mod health;
 mod jobs;

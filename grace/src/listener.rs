@@ -389,6 +389,19 @@ impl SocketFile {
             .is_some_and(|p| absolute(p) == self.path)
     }
 
+    /// Renames the file to `path` (atomically replacing what was there) and claims it at
+    /// its new place.
+    pub(crate) fn moved_to(self, path: &Path) -> io::Result<SocketFile> {
+        let path = absolute(path);
+        std::fs::rename(&self.path, &path)?;
+        self.disarm();
+        // A rename changes the file's change time: its identity is taken afresh.
+        let file = FileId::socket_at(&path).ok_or_else(|| {
+            io::Error::other(format!("{} was replaced while moving", path.display()))
+        })?;
+        Ok(SocketFile::new(path, file, true))
+    }
+
     pub(crate) fn arm(&self) {
         self.armed.store(true, Ordering::Relaxed);
     }

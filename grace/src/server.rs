@@ -2,6 +2,7 @@
 //! [`Serve`] runs when asked to stop.
 
 use std::future::{Future, IntoFuture};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -181,6 +182,9 @@ impl Server {
             server.listeners.push((listener, name));
         }
         server.ready_pipe = inherited.ready;
+        if let Some(generation) = inherited.generation {
+            let _ = server.shared.generation.set(generation);
+        }
         server
     }
 
@@ -353,6 +357,7 @@ impl Server {
             server: self,
             service,
             signals: None,
+            control: None,
         }
     }
 }
@@ -363,6 +368,7 @@ pub struct Serve<S> {
     server: Server,
     service: S,
     signals: Option<Result<Signals>>,
+    control: Option<(PathBuf, std::io::Result<crate::control::Bound>)>,
 }
 
 impl<S> Serve<S> {
@@ -375,6 +381,18 @@ impl<S> Serve<S> {
     /// Like [`with_signals`](Self::with_signals), with your own set of signals.
     pub fn with_signals_from(mut self, signals: &[SignalKind]) -> Self {
         self.signals = Some(Signals::install(signals));
+        self
+    }
+
+    /// Answers an operator's commands on a Unix socket at `path` (owner-only): status,
+    /// upgrade (waiting for its outcome), drain. See [`control`](crate::control) for the
+    /// protocol and a client. The socket is bound now, within the current tokio runtime (a
+    /// path that cannot be bound makes `serve` fail), taken over by each new generation,
+    /// and removed by the last.
+    pub fn with_control(mut self, path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let bound = crate::control::bind(&path);
+        self.control = Some((path, bound));
         self
     }
 
@@ -435,6 +453,7 @@ impl<S> Serve<S> {
             server,
             service,
             signals,
+            control,
         } = self;
         let Server {
             listeners,
@@ -449,6 +468,17 @@ impl<S> Serve<S> {
             let _ = shared.tracker.hook.set(hook);
         }
         let _ = shared.tracker.goodbye_spread.set(config.goodbye_spread);
+        let (control, control_file) = match control {
+            Some((path, bound)) => {
+                let (socket, file) = bound.map_err(|source| Error::Bind {
+                    addr: path.display().to_string(),
+                    source,
+                })?;
+                let task = tokio::spawn(crate::control::serve(socket, Arc::clone(&shared)));
+                (Some(AbortOnDrop(task)), Some(file))
+            }
+            None => (None, None),
+        };
         let _signals = match signals {
             Some(s) => Some(AbortOnDrop(tokio::spawn(s?.drive(Arc::clone(&shared))))),
             None => None,
@@ -515,6 +545,10 @@ impl<S> Serve<S> {
             files.iter().for_each(SocketFile::disarm);
         }
         drop(files);
+        // The control socket answers until the very end (status during the drain); a new
+        // generation has taken its path over if there was a hand-over.
+        drop(control);
+        drop(control_file);
         Ok(report)
     }
 }

@@ -34,6 +34,8 @@ pub(crate) const GRACE_READY_FD: &str = "GRACE_READY_FD";
 /// The listeners (by index, comma-separated) whose socket files go with them: the receiving
 /// generation removes them when it stops for good.
 pub(crate) const GRACE_SOCKET_FILES: &str = "GRACE_SOCKET_FILES";
+/// Which generation of the service the new process is (the old one's plus one).
+pub(crate) const GRACE_GENERATION: &str = "GRACE_GENERATION";
 
 /// The first inherited descriptor, as in `SD_LISTEN_FDS_START`.
 pub(crate) const FIRST_FD: RawFd = 3;
@@ -180,6 +182,8 @@ fn alive(pid: u32) -> bool {
 pub struct Inherited {
     pub(crate) listeners: Vec<(Listener, String, bool)>,
     pub(crate) ready: Option<OwnedFd>,
+    /// Set by a grace upgrade: the old generation's plus one.
+    pub(crate) generation: Option<u32>,
 }
 
 impl Inherited {
@@ -261,7 +265,15 @@ pub fn inherited_listeners() -> Result<Option<Inherited>> {
         }
         listeners.push((listener, name, owns_file));
     }
-    Ok(Some(Inherited { listeners, ready }))
+    let generation = ready.as_ref().and_then(|_| {
+        let g = std::env::var(GRACE_GENERATION).ok()?;
+        g.trim().parse().ok()
+    });
+    Ok(Some(Inherited {
+        listeners,
+        ready,
+        generation,
+    }))
 }
 
 /// Tells the process that started us that we are ready, and closes the pipe. An error

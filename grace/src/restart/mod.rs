@@ -159,6 +159,13 @@ pub(crate) struct Control {
     signal: Mutex<Option<std::io::Result<Signal>>>,
     asks: mpsc::UnboundedSender<Reply>,
     inbox: Mutex<Option<mpsc::UnboundedReceiver<Reply>>>,
+    /// The outcome of the last upgrade: the new pid, or why it failed.
+    last: Mutex<Option<std::result::Result<u32, String>>>,
+}
+
+/// The outcome of the last upgrade, if one was tried.
+pub(crate) fn last_outcome(shared: &Shared) -> Option<std::result::Result<u32, String>> {
+    lock(&shared.restart.get()?.last).clone()
 }
 
 impl<S> Serve<S> {
@@ -185,6 +192,7 @@ impl<S> Serve<S> {
             signal: Mutex::new(signal),
             asks,
             inbox: Mutex::new(Some(inbox)),
+            last: Mutex::new(None),
         };
         if shared.restart.set(control).is_err() {
             tracing::warn!("with_restart called twice: the first configuration stays");
@@ -333,6 +341,7 @@ async fn drive(
                 }
             }
         };
+        *lock(&control.last) = Some(result.as_ref().copied().map_err(ToString::to_string));
         if let Some(reply) = reply {
             let _ = reply.send(result);
         }

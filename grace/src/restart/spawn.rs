@@ -10,8 +10,8 @@ use tokio::io::AsyncReadExt;
 
 use super::Restart;
 use super::inherit::{
-    FIRST_FD, GRACE_LISTEN_PPID, GRACE_READY_FD, GRACE_SOCKET_FILES, LISTEN_FDNAMES, LISTEN_FDS,
-    LISTEN_PID,
+    FIRST_FD, GRACE_GENERATION, GRACE_LISTEN_PPID, GRACE_READY_FD, GRACE_SOCKET_FILES,
+    LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID,
 };
 use crate::error::RestartError;
 use crate::shutdown::{Named, Shared, Trigger};
@@ -149,12 +149,14 @@ async fn attempt(
         GRACE_LISTEN_PPID,
         GRACE_READY_FD,
         GRACE_SOCKET_FILES,
+        GRACE_GENERATION,
     ] {
         cmd.env_remove(k);
     }
     if !files.is_empty() {
         cmd.env(GRACE_SOCKET_FILES, files.join(","));
     }
+    cmd.env(GRACE_GENERATION, (shared.generation() + 1).to_string());
     cmd.env(LISTEN_FDS, n.to_string())
         .env(LISTEN_FDNAMES, names.join(":"))
         .env(GRACE_LISTEN_PPID, std::process::id().to_string())

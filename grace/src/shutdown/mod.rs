@@ -54,6 +54,8 @@ pub(crate) struct Shared {
     /// starts, so they close once the accept loops let go of theirs.
     listeners: Mutex<Vec<Named>>,
     pub(crate) restart: OnceLock<crate::restart::Control>,
+    /// Which generation of the service this process is: 1, then one more at each upgrade.
+    pub(crate) generation: OnceLock<u32>,
 }
 
 impl Shared {
@@ -68,6 +70,7 @@ impl Shared {
             resources: Resources::default(),
             listeners: Mutex::default(),
             restart: OnceLock::new(),
+            generation: OnceLock::new(),
         })
     }
 
@@ -88,6 +91,10 @@ impl Shared {
         let old = std::mem::replace(&mut *guard, listeners);
         drop(guard);
         drop(old);
+    }
+
+    pub(crate) fn generation(&self) -> u32 {
+        self.generation.get().copied().unwrap_or(1)
     }
 
     /// The listeners while serving (none once draining).
@@ -284,7 +291,8 @@ impl ShutdownNotice {
         if window.is_zero() {
             return window;
         }
-        let frac = (self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+        let frac =
+            (self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
         window.mul_f64(frac)
     }
 

@@ -1,0 +1,149 @@
+//! The control socket: how an operator's command asks a running server what it is doing,
+//! for an upgrade (and its outcome), or for a drain.
+//!
+//! A Unix-domain socket, created owner-only (mode 0600), at a path you choose, off unless
+//! asked for with [`Serve::with_control`](crate::Serve::with_control). One request per
+//! connection: a line (`status`, `upgrade` or `drain`), answered by one line of JSON.
+//!
+//! | request   | answer |
+//! |-----------|--------|
+//! | `status`  | `{"pid":…,"generation":…,"phase":"serving"\|"stopping"\|"draining","ready":…,"counts":{…},"connections":…,"last_upgrade":{"ok":true,"pid":…}\|{"ok":false,"error":…}\|null}` |
+//! | `upgrade` | waits for the outcome: `{"ok":true,"pid":<new>}` or `{"ok":false,"kind":"exited","error":"process 42 exited with status 1 before it was ready"}` |
+//! | `drain`   | `{"ok":true}` once the drain is asked for |
+//!
+//! Each generation binds the socket under a temporary name and renames it over the path
+//! once bound, so the path always leads to a live generation: during an upgrade, the new
+//! one takes the path over while the old one still answers the connections it has.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::error::RestartError;
+use crate::listener::{self, Listener, SocketFile};
+use crate::shutdown::{Handle, Shared};
+
+/// Longest request line accepted.
+const MAX_LINE: u64 = 64;
+/// How long a client may take to send its request line.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A bound control socket and the claim on its file.
+pub(crate) type Bound = (UnixListener, SocketFile);
+
+/// Binds the control socket at `path` (owner-only), taking the path over atomically.
+pub(crate) fn bind(path: &Path) -> std::io::Result<Bound> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let (listener, file) = listener::bind_unix(&tmp, Some(0o600))?;
+    let file = file.moved_to(path)?;
+    let Listener::Unix(listener) = listener else {
+        unreachable!("bind_unix makes a Unix listener");
+    };
+    tracing::info!(path = %path.display(), "control socket");
+    Ok((listener, file))
+}
+
+/// Answers requests on the control socket until the server is done.
+pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        tokio::spawn(answer(stream, Arc::clone(&shared)));
+    }
+}
+
+async fn answer(stream: UnixStream, shared: Arc<Shared>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = tokio::io::AsyncReadExt::take(BufReader::new(read), MAX_LINE);
+    let read = tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line)).await;
+    let reply = match read {
+        Ok(Ok(_)) => dispatch(line.trim(), &shared).await,
+        _ => json!({"ok": false, "error": "no request line"}),
+    };
+    let mut out = reply.to_string();
+    out.push('\n');
+    let _ = write.write_all(out.as_bytes()).await;
+}
+
+async fn dispatch(request: &str, shared: &Arc<Shared>) -> Value {
+    let handle = Handle {
+        shared: Arc::clone(shared),
+    };
+    match request {
+        "status" => status(shared),
+        "upgrade" => match handle.restart().await {
+            Ok(pid) => json!({"ok": true, "pid": pid}),
+            Err(e) => json!({"ok": false, "kind": kind(&e), "error": e.to_string()}),
+        },
+        "drain" => {
+            handle.shutdown();
+            json!({"ok": true})
+        }
+        other => {
+            json!({"ok": false, "error": format!("unknown request {other:?} (status, upgrade, drain)")})
+        }
+    }
+}
+
+fn status(shared: &Shared) -> Value {
+    let counts = shared.tracker.counts();
+    let phase = match (shared.drain.is_set(), shared.tracker.is_draining()) {
+        (false, _) => "serving",
+        (true, false) => "stopping",
+        (true, true) => "draining",
+    };
+    let last = crate::restart::last_outcome(shared).map(|r| match r {
+        Ok(pid) => json!({"ok": true, "pid": pid}),
+        Err(e) => json!({"ok": false, "error": e}),
+    });
+    json!({
+        "pid": std::process::id(),
+        "generation": shared.generation(),
+        "phase": phase,
+        "ready": !shared.drain.is_set(),
+        "counts": counts,
+        "connections": counts.total(),
+        "last_upgrade": last,
+    })
+}
+
+/// A short name for each way a restart can fail, for scripts.
+fn kind(e: &RestartError) -> &'static str {
+    match e {
+        RestartError::NotEnabled => "not_enabled",
+        RestartError::AlreadyRunning => "already_running",
+        RestartError::Draining => "draining",
+        RestartError::Spawn { .. } => "spawn",
+        RestartError::Exited { .. } => "exited",
+        RestartError::NotReady { .. } => "not_ready",
+        RestartError::NotReported { .. } => "not_reported",
+        RestartError::Stopped { .. } => "stopped",
+        _ => "io",
+    }
+}
+
+/// Sends `request` (`status`, `upgrade` or `drain`) to the control socket at `path` and
+/// returns the server's answer. An `upgrade` waits for the outcome.
+///
+/// ```no_run
+/// # async fn doc() -> std::io::Result<()> {
+/// let answer = grace_http::control::request("/run/app/control.sock", "status").await?;
+/// println!("generation {} serves {} connections", answer["generation"], answer["connections"]);
+/// # Ok(()) }
+/// ```
+pub async fn request(path: impl AsRef<Path>, request: &str) -> std::io::Result<Value> {
+    let mut stream = UnixStream::connect(path.as_ref()).await?;
+    stream.write_all(format!("{request}\n").as_bytes()).await?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).await?;
+    serde_json::from_str(&line).map_err(std::io::Error::other)
+}
