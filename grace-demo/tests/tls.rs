@@ -194,3 +194,77 @@ async fn a_bad_certificate_at_start_is_a_start_up_error() {
     assert!(stderr.contains("does not match"), "{stderr}");
     assert!(out.stdout.is_empty(), "it listened");
 }
+
+/// The children of process `pid` (from /proc).
+fn children(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_upgrade_loads_the_certificate_anew_and_a_broken_one_rolls_back() {
+    common::subreaper();
+    let dir = TempDir::new();
+    let (a, b) = (cert(), cert());
+    install(&dir, &a.cert_pem, &a.key_pem);
+    let pid_file = dir.path("demo.pid");
+    let mut flags = args(&dir);
+    flags.extend(["--pid-file".into(), pid_file.to_str().unwrap().into()]);
+    let demo = Demo::start(&dir, &flags).await;
+    let mut old = connect(demo.addr, &a.der).await.unwrap();
+    assert_eq!(old.get("/").await.0, 200);
+
+    // A broken pair: the new generation cannot load it and exits; this one keeps serving
+    // (the same certificate, the same connections).
+    install(&dir, &a.cert_pem, &b.key_pem);
+    demo.signal(Signal::HUP);
+    let t = std::time::Instant::now();
+    let mut seen = false;
+    loop {
+        let kids = children(demo.pid);
+        seen |= !kids.trim().is_empty();
+        if (seen && kids.trim().is_empty()) || t.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(old.get("/").await.0, 200);
+    let mut again = connect(demo.addr, &a.der).await.unwrap();
+    assert_eq!(again.get("/").await.0, 200);
+    let read_pid = || {
+        std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    assert_eq!(read_pid(), demo.pid);
+
+    // A good pair: the new generation serves B on the same socket; this one drains, its
+    // idle TLS connections ending with close_notify.
+    install(&dir, &b.cert_pem, &b.key_pem);
+    demo.signal(Signal::HUP);
+    let next = tokio::time::timeout(SOON, async {
+        loop {
+            match read_pid() {
+                p if p != demo.pid => return p,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    })
+    .await
+    .expect("no new generation");
+    old.end().await.expect("truncated: no close_notify");
+    again.end().await.expect("truncated: no close_notify");
+    let mut fresh = connect(demo.addr, &b.der).await.unwrap();
+    assert_eq!(fresh.presented(), b.der);
+    assert_eq!(fresh.get("/").await.0, 200);
+    let exit = demo.wait_exit(SOON).await;
+    assert_eq!(exit.code, 0, "{}", exit.stderr);
+    assert!(exit.stderr.contains("upgrade failed"), "{}", exit.stderr);
+    drop(fresh);
+    common::signal(next, Signal::TERM);
+    let gone = tokio::task::spawn_blocking(move || common::wait_gone(next, SOON))
+        .await
+        .unwrap();
+    assert_eq!(gone, common::Gone::Exited(Some(0)));
+}

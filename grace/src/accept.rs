@@ -38,6 +38,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::conn::body::RequestBody;
+use crate::conn::state::Event;
 use crate::conn::tracker::Conn;
 use crate::conn::{Addr, ConnInfo};
 use crate::listener::Stream;
@@ -230,38 +231,76 @@ impl AsyncWrite for Socket {
 pub struct PeerAddr(pub Addr);
 
 /// The user's service, per connection: puts what is known of the connection into each
-/// request's extensions.
+/// request's extensions, and marks the connection `Hijacked` when an HTTP/2 extended
+/// CONNECT (RFC 8441: a WebSocket over an HTTP/2 stream) is accepted.
 #[derive(Clone)]
 pub(crate) struct WithConnInfo<S> {
     pub(crate) inner: S,
-    pub(crate) peer: Addr,
+    pub(crate) conn: Arc<Conn>,
     /// What an acceptor added (see [`Accepted::with_extension`]), if anything.
     pub(crate) extra: Option<Arc<http::Extensions>>,
 }
 
-impl<S> tower::Service<http::Request<RequestBody>> for WithConnInfo<S>
+impl<S, B> tower::Service<http::Request<RequestBody>> for WithConnInfo<S>
 where
-    S: tower::Service<http::Request<RequestBody>>,
+    S: tower::Service<http::Request<RequestBody>, Response = http::Response<B>>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = ConnInfoFuture<S::Future>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, mut req: http::Request<RequestBody>) -> Self::Future {
+        let tunnel = (req.method() == http::Method::CONNECT
+            && req.extensions().get::<hyper::ext::Protocol>().is_some())
+        .then(|| Arc::clone(&self.conn));
         let ext = req.extensions_mut();
+        let peer = &self.conn.info.peer;
         #[cfg(feature = "axum")]
-        if let Addr::Tcp(addr) = self.peer {
-            ext.insert(axum::extract::ConnectInfo(addr));
+        if let Addr::Tcp(addr) = peer {
+            ext.insert(axum::extract::ConnectInfo(*addr));
         }
-        ext.insert(PeerAddr(self.peer.clone()));
+        ext.insert(PeerAddr(peer.clone()));
         if let Some(extra) = &self.extra {
             ext.extend((**extra).clone());
         }
-        self.inner.call(req)
+        ConnInfoFuture {
+            inner: self.inner.call(req),
+            tunnel,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The user's response future; for an extended CONNECT, a success makes the connection
+    /// `Hijacked` (as `101 Switching Protocols` does on HTTP/1).
+    pub(crate) struct ConnInfoFuture<F> {
+        #[pin]
+        inner: F,
+        tunnel: Option<Arc<Conn>>,
+    }
+}
+
+impl<F, B, E> Future for ConnInfoFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        if let (Some(conn), Ok(response)) = (this.tunnel.take(), &result) {
+            if response.status().is_success() {
+                conn.apply(Event::Upgraded);
+            }
+        }
+        Poll::Ready(result)
     }
 }

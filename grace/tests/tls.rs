@@ -466,3 +466,92 @@ async fn connect_info_and_peer_addr_report_the_real_client_address() {
     s.handle.shutdown();
     s.report(Duration::ZERO).await;
 }
+
+#[tokio::test]
+async fn a_websocket_over_http2_is_hijacked_noticed_at_the_drain_and_drained() {
+    use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
+    use futures_util::{SinkExt, StreamExt};
+    use grace_http::ShutdownNotice;
+    use tokio_tungstenite::tungstenite;
+
+    // `any`: over HTTP/2 a WebSocket opens with CONNECT (RFC 8441), not GET.
+    let ws = axum::routing::any(
+        |ws: WebSocketUpgrade, axum::Extension(notice): axum::Extension<ShutdownNotice>| async move {
+            ws.on_upgrade(move |mut socket| async move {
+                loop {
+                    tokio::select! {
+                        msg = socket.recv() => match msg {
+                            Some(Ok(Message::Text(t))) => {
+                                let _ = socket.send(Message::Text(t)).await;
+                            }
+                            _ => return,
+                        },
+                        _ = notice.wait() => {
+                            let bye = CloseFrame { code: 1001, reason: "draining".into() };
+                            let _ = socket.send(Message::Close(Some(bye))).await;
+                            return;
+                        }
+                    }
+                }
+            })
+        },
+    );
+    let cert = cert();
+    let mut s = start(app().route("/ws", ws), |s| s.tls(tls_config(&cert))).await;
+    let tls = connect_tls(s.addr, &cert.der, &[b"h2"]).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // A first request, so the server's SETTINGS (ENABLE_CONNECT_PROTOCOL) have arrived.
+    let resp = send
+        .send_request(
+            http::Request::get("https://localhost/")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("https://localhost/ws")
+        .header("sec-websocket-version", "13")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200, "extended CONNECT refused");
+    let upgraded = hyper::upgrade::on(resp).await.unwrap();
+    let mut socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    socket
+        .send(tungstenite::Message::text("over h2"))
+        .await
+        .unwrap();
+    let echo = socket.next().await.unwrap().unwrap();
+    assert_eq!(echo.into_text().unwrap().as_str(), "over h2");
+    s.wait_counts(|c| c.hijacked == 1).await;
+
+    s.handle.shutdown();
+    let goodbye = tokio::time::timeout(SOON, socket.next())
+        .await
+        .expect("no goodbye")
+        .unwrap()
+        .unwrap();
+    match goodbye {
+        tungstenite::Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("{other:?}"),
+    }
+    let report = s.report(Duration::from_secs(30)).await;
+    assert!(report.is_clean(), "{}", report.to_json());
+    assert_eq!(report.at_start.hijacked, 1, "{}", report.to_json());
+}

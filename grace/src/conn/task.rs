@@ -169,7 +169,7 @@ async fn serve_io<I, S, B>(
 {
     let service = WithConnInfo {
         inner: ctx.service.clone(),
-        peer: conn.info.peer.clone(),
+        conn: Arc::clone(&conn),
         extra,
     };
     let service = ConnService::new(service, Arc::clone(&conn), ctx.body_limit);
