@@ -60,11 +60,13 @@ pin_project_lite::pin_project! {
 }
 
 impl RequestBody {
-    pub(crate) fn new(inner: Incoming, limit: Option<BodyLimit>) -> RequestBody {
+    /// The body of a request whose head was read at `started`.
+    #[inline]
+    pub(crate) fn new(inner: Incoming, limit: Option<BodyLimit>, started: Instant) -> RequestBody {
         RequestBody {
             inner,
             limit,
-            started: Instant::now(),
+            started,
             received: 0,
             timer: None,
         }

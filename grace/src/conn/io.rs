@@ -47,6 +47,7 @@ impl<S> Drop for TrackedIo<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
+    #[inline]
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -67,6 +68,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
+    #[inline]
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -75,6 +77,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
+    #[inline]
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -83,10 +86,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
+    #[inline]
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
 
+    #[inline]
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let res = Pin::new(&mut self.inner).poll_flush(cx);
         if let Poll::Ready(Ok(())) = res {
@@ -95,6 +100,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
         res
     }
 
+    #[inline]
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }

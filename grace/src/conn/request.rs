@@ -10,7 +10,8 @@ use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
+use std::time::Instant;
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
@@ -20,6 +21,7 @@ use tower::util::Oneshot;
 
 use super::body::{BodyLimit, RequestBody};
 use super::state::Event;
+use super::task::BoxError;
 use super::tracker::Conn;
 
 /// hyper's service for one connection, around the user's tower service.
@@ -42,24 +44,51 @@ impl<S> ConnService<S> {
 impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
 where
     S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone,
+    S::Error: Into<BoxError>,
 {
     type Response = Response<TrackedBody<B>>;
-    type Error = S::Error;
+    // Boxed here rather than by hyper, which boxes it anyway.
+    type Error = BoxError;
     type Future = ResponseFuture<S>;
 
+    #[inline]
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
-        self.conn.request_started(&req);
-        if req.headers().contains_key(header::UPGRADE) || req.method() == http::Method::CONNECT {
+        // One clock read for the request's record and its body's deadline.
+        let now = Instant::now();
+        self.conn.request_started(&req, now);
+        if may_upgrade(&req) {
             req.extensions_mut().insert(self.conn.notice());
         }
         let http1 = req.version() < http::Version::HTTP_2;
         let limit = self.body_limit;
-        let req = req.map(|body| RequestBody::new(body, limit));
+        let req = req.map(|body| RequestBody::new(body, limit, now));
+        let guard = Some(RequestGuard {
+            conn: Arc::clone(&self.conn),
+        });
+        // Most services are always ready: call at once, and the future hyper keeps per
+        // request is the service's own, not a `Oneshot` holding a copy of the request. One
+        // that is not ready goes through `Oneshot`, which polls `poll_ready` again with the
+        // task's waker. A panic is caught as in `poll`, answered with 500.
+        let mut svc = self.inner.clone();
+        let noop = &mut Context::from_waker(Waker::noop());
+        let state = match catch_unwind(AssertUnwindSafe(|| svc.poll_ready(noop))) {
+            Ok(Poll::Ready(Ok(()))) => {
+                match catch_unwind(AssertUnwindSafe(move || svc.call(req))) {
+                    Ok(fut) => State::Called { fut },
+                    Err(_) => State::Panicked,
+                }
+            }
+            Ok(Poll::Ready(Err(e))) => State::Failed {
+                err: Some(e.into()),
+            },
+            Ok(Poll::Pending) => State::Waiting {
+                fut: Box::pin(svc.oneshot(req)),
+            },
+            Err(_) => State::Panicked,
+        };
         ResponseFuture {
-            inner: self.inner.clone().oneshot(req),
-            guard: Some(RequestGuard {
-                conn: Arc::clone(&self.conn),
-            }),
+            state,
+            guard,
             http1,
         }
     }
@@ -76,10 +105,39 @@ impl Drop for RequestGuard {
     }
 }
 
+/// Whether a request may take its connection over (an upgrade or `CONNECT`): such a request
+/// gets a [`ShutdownNotice`](crate::ShutdownNotice). On HTTP/1.1 hyper attaches an
+/// `OnUpgrade` to every request with an `Upgrade` header, so a request without extensions
+/// has none and its headers need not be searched.
+#[inline]
+fn may_upgrade<B>(req: &Request<B>) -> bool {
+    if req.method() == http::Method::CONNECT {
+        return true;
+    }
+    if req.version() == http::Version::HTTP_11 && req.extensions().is_empty() {
+        return false;
+    }
+    req.headers().contains_key(header::UPGRADE)
+}
+
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<S: tower::Service<Request<RequestBody>>> {
+        // The service was ready and called.
+        Called { #[pin] fut: S::Future },
+        // The service was not ready at once.
+        Waiting { fut: Pin<Box<Oneshot<S, Request<RequestBody>>>> },
+        // Its `poll_ready` failed.
+        Failed { err: Option<BoxError> },
+        // Its `poll_ready` or `call` panicked.
+        Panicked,
+    }
+}
+
 pin_project_lite::pin_project! {
     pub(crate) struct ResponseFuture<S: tower::Service<Request<RequestBody>>> {
         #[pin]
-        inner: Oneshot<S, Request<RequestBody>>,
+        state: State<S>,
         guard: Option<RequestGuard>,
         http1: bool,
     }
@@ -88,16 +146,31 @@ pin_project_lite::pin_project! {
 impl<S, B> Future for ResponseFuture<S>
 where
     S: tower::Service<Request<RequestBody>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
 {
-    type Output = Result<Response<TrackedBody<B>>, S::Error>;
+    type Output = Result<Response<TrackedBody<B>>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let inner = this.inner;
-        let result = match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(Poll::Pending) => return Poll::Pending,
-            Ok(Poll::Ready(result)) => Some(result),
-            Err(_) => None,
+        let result = match this.state.project() {
+            StateProj::Called { fut } => match catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+                Ok(Poll::Pending) => return Poll::Pending,
+                Ok(Poll::Ready(result)) => Some(result.map_err(Into::into)),
+                Err(_) => None,
+            },
+            StateProj::Waiting { fut } => {
+                match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+                    Ok(Poll::Pending) => return Poll::Pending,
+                    Ok(Poll::Ready(result)) => Some(result.map_err(Into::into)),
+                    Err(_) => None,
+                }
+            }
+            StateProj::Failed { err } => match err.take() {
+                Some(e) => Some(Err(e)),
+                None => panic!("grace ResponseFuture polled after completion"),
+            },
+            StateProj::Panicked => None,
         };
         let Some(guard) = this.guard.take() else {
             panic!("grace ResponseFuture polled after completion");

@@ -177,7 +177,8 @@ async fn serve_io<I, S, B>(
         .builder
         .serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let draining = std::future::poll_fn(|cx| conn.poll_draining(cx));
+    let mut registered = None;
+    let draining = std::future::poll_fn(|cx| conn.poll_draining_cached(cx, &mut registered));
 
     tokio::select! {
         biased;

@@ -14,8 +14,8 @@ use tokio::sync::Notify;
 use super::state::{Event, transition};
 use super::{Addr, ConnInfo, ConnState, StateCounts};
 use crate::latch::Latch;
-use crate::shutdown::Trigger;
 use crate::lock;
+use crate::shutdown::Trigger;
 use crate::shutdown::report::{ActiveRequest, ForcedConn};
 use crate::sys::SocketSlot;
 
@@ -73,6 +73,7 @@ impl Conn {
     }
 
     /// Applies `event` (see [`transition`]): moves the state, the counts, and tells the hook.
+    #[inline]
     pub(crate) fn apply(&self, event: Event) {
         let mut cur = self.state.load(Ordering::Acquire);
         let (from, to) = loop {
@@ -152,16 +153,20 @@ impl Conn {
         self.left_new.notified().await;
     }
 
-    pub(crate) fn request_started<B>(&self, req: &http::Request<B>) {
+    /// A request (or stream) began at `now`: its method and URI are kept for the report
+    /// of a forced connection.
+    #[inline]
+    pub(crate) fn request_started<B>(&self, req: &http::Request<B>, now: Instant) {
         self.head_since.store(0, Ordering::Relaxed);
         self.inflight.fetch_add(1, Ordering::AcqRel);
         if req.version() == http::Version::HTTP_2 {
             self.http2.store(true, Ordering::Relaxed);
         }
-        *lock(&self.request) = Some((req.method().clone(), req.uri().clone(), Instant::now()));
+        *lock(&self.request) = Some((req.method().clone(), req.uri().clone(), now));
         self.apply(Event::RequestStarted);
     }
 
+    #[inline]
     pub(crate) fn request_finished(&self) {
         self.tracker.completed.fetch_add(1, Ordering::Relaxed);
         if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -183,6 +188,26 @@ impl Conn {
     #[inline]
     pub(crate) fn poll_draining(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         self.poll_until(cx, || self.tracker.is_draining())
+    }
+
+    /// [`poll_draining`](Self::poll_draining) for a task that polls it on every wake-up:
+    /// `registered` remembers the waker last registered, which is not registered again.
+    /// (The drain waker is only ever woken, and so emptied, once the tracker is draining,
+    /// which the first check sees.)
+    #[inline]
+    pub(crate) fn poll_draining_cached(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        registered: &mut Option<std::task::Waker>,
+    ) -> std::task::Poll<()> {
+        if self.tracker.is_draining() {
+            return std::task::Poll::Ready(());
+        }
+        if registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return std::task::Poll::Pending;
+        }
+        *registered = Some(cx.waker().clone());
+        self.poll_draining(cx)
     }
 
     /// Ready once the connection is `Idle` (an HTTP/2 connection with no open stream, during
@@ -612,7 +637,7 @@ mod tests {
     fn idle_conn(tracker: &Arc<Tracker>, socket: &UnixStream) -> Arc<Conn> {
         let c = tracker.register(Addr::Unix(None), socket);
         assert!(c.on_read(b"GET / HTTP/1.1\r\n\r\n"));
-        c.request_started(&http::Request::new(()));
+        c.request_started(&http::Request::new(()), Instant::now());
         c.request_finished();
         c.on_flush();
         assert_eq!(c.state(), ConnState::Idle);
@@ -653,7 +678,7 @@ mod tests {
         let _s = tracker.register(Addr::Unix(None), &silent);
         let c = tracker.register(Addr::Unix(None), &served);
         c.on_read(b"GET / HTTP/1.1\r\n\r\n");
-        c.request_started(&http::Request::new(()));
+        c.request_started(&http::Request::new(()), Instant::now());
         // Four ticks per timeout: not cut within the timeout…
         for _ in 0..4 {
             assert_eq!(tracker.tick(Some(4), None), 0);
