@@ -159,3 +159,41 @@ async fn readiness_fails_first_and_the_pre_stop_delay_keeps_serving() {
     );
     assert!(exit.report["requests_completed"].as_u64() >= Some(1));
 }
+
+/// Issue 12: the soft drain. During the pre-stop delay (readiness failing, the listener
+/// still accepting), a keep-alive client's next response carries `Connection: close`, so it
+/// moves to another instance before the listener closes, while new connections are still
+/// accepted and served.
+#[tokio::test]
+async fn during_the_pre_stop_delay_keep_alive_clients_are_told_to_reconnect() {
+    let dir = TempDir::new();
+    let demo = Demo::start(&dir, &["--pre-stop-delay".into(), "3s".into()]).await;
+    let mut kept = Http::connect(demo.addr).await.unwrap();
+    let before = kept.request("GET", "/", None).await.unwrap();
+    assert!(!before.closes(), "closed before any drain");
+    demo.signal(Signal::TERM);
+    // Readiness fails at once; the keep-alive connection's next answer says goodbye.
+    let t = Instant::now();
+    while call(demo.addr, "GET", "/readyz", None)
+        .await
+        .unwrap()
+        .status
+        != 503
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "readiness never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let during = kept.request("GET", "/", None).await.unwrap();
+    assert_eq!(during.status, 200);
+    assert!(
+        during.closes(),
+        "no Connection: close during the pre-stop delay"
+    );
+    // The listener still accepts: a fresh connection is served.
+    assert_eq!(call(demo.addr, "GET", "/", None).await.unwrap().status, 200);
+    let exit = demo.wait_exit(SOON).await;
+    assert_eq!(exit.code, 0, "{}", exit.stderr);
+}

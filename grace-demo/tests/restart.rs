@@ -1036,3 +1036,52 @@ fn a_websocket_hears_1012_at_an_upgrade() {
     service.retire_old();
     service.stop();
 }
+
+/// Issue 12: under systemd's watchdog (`WATCHDOG_USEC`) the demo pings `WATCHDOG=1` at half
+/// the interval; a stop says `STOPPING=1` and how long it may take (`EXTEND_TIMEOUT_USEC`),
+/// so a drain longer than `TimeoutStopSec` is not killed half-way.
+#[test]
+fn pings_the_watchdog_and_extends_the_stop_timeout() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+    let scratch = TempDir::new();
+    let name = format!("grace-test-watchdog-{}", std::process::id());
+    let notify =
+        UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let db = format!("sqlite://{}?mode=rwc", scratch.path("ledger.db").display());
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            &db,
+            "--shutdown-timeout",
+            "20s",
+        ])
+        .current_dir(&scratch.0)
+        .env("NOTIFY_SOCKET", format!("@{name}"))
+        .env("WATCHDOG_USEC", "400000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let got = notifications(&notify, |m| m == "READY=1");
+    assert_eq!(got.last().map(String::as_str), Some("READY=1"));
+    // Two pings, about 200 ms apart.
+    let t = Instant::now();
+    notifications(&notify, |m| m == "WATCHDOG=1");
+    notifications(&notify, |m| m == "WATCHDOG=1");
+    assert!(t.elapsed() < PATIENCE);
+    signal(child.id(), Signal::TERM);
+    let got = notifications(&notify, |m| m.starts_with("EXTEND_TIMEOUT_USEC="));
+    assert!(got.iter().any(|m| m == "STOPPING=1"), "{got:?}");
+    let usec: u64 = got.last().unwrap()["EXTEND_TIMEOUT_USEC=".len()..]
+        .parse()
+        .unwrap();
+    // The 20 s shutdown timeout plus the resources' close timeouts.
+    assert!((20_000_000..=60_000_000).contains(&usec), "{usec}");
+    assert!(child.wait().unwrap().success());
+}

@@ -468,6 +468,8 @@ impl<S> Serve<S> {
             let _ = shared.tracker.hook.set(hook);
         }
         let _ = shared.tracker.goodbye_spread.set(config.goodbye_spread);
+        let _watchdog = crate::systemd::watchdog_interval()
+            .map(|every| AbortOnDrop(tokio::spawn(crate::systemd::watchdog(every))));
         let (control, control_file) = match control {
             Some((path, bound)) => {
                 let (socket, file) = bound.map_err(|source| Error::Bind {

@@ -104,9 +104,66 @@ pub(crate) fn drain_started(trigger: &crate::Trigger) {
     }
 }
 
+/// The watchdog interval systemd asks for (`WATCHDOG_USEC`, for this process when
+/// `WATCHDOG_PID` names it), halved as `sd_watchdog_enabled(3)` advises.
+pub(crate) fn watchdog_interval() -> Option<std::time::Duration> {
+    watchdog_interval_from(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    )
+}
+
+fn watchdog_interval_from(
+    usec: Option<&str>,
+    pid: Option<&str>,
+    me: u32,
+) -> Option<std::time::Duration> {
+    if pid.is_some_and(|p| p.trim().parse::<u32>().ok() != Some(me)) {
+        return None;
+    }
+    let usec: u64 = usec?.trim().parse().ok().filter(|&u| u > 0)?;
+    Some(std::time::Duration::from_micros(usec) / 2)
+}
+
+/// Pings systemd's watchdog (`WATCHDOG=1`) at `every`, for as long as the server runs: a
+/// process that hangs stops pinging, and systemd restarts it.
+pub(crate) async fn watchdog(every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        notify_logged("WATCHDOG=1");
+    }
+}
+
+/// Tells systemd the stop will take up to `needed` from now (`EXTEND_TIMEOUT_USEC`), so a
+/// drain longer than the unit's `TimeoutStopSec` is not killed half-way.
+pub(crate) fn extend_timeout(needed: std::time::Duration) {
+    let usec = u64::try_from(needed.as_micros()).unwrap_or(u64::MAX);
+    notify_logged(&format!("EXTEND_TIMEOUT_USEC={usec}"));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn the_watchdog_pings_at_half_its_timeout_and_only_for_its_process() {
+        use std::time::Duration;
+        let w = watchdog_interval_from;
+        assert_eq!(w(Some("30000000"), None, 7), Some(Duration::from_secs(15)));
+        assert_eq!(
+            w(Some("30000000"), Some("7"), 7),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(
+            w(Some("30000000"), Some("8"), 7),
+            None,
+            "meant for another process"
+        );
+        assert_eq!(w(Some("0"), None, 7), None);
+        assert_eq!(w(Some("soon"), None, 7), None);
+        assert_eq!(w(None, None, 7), None);
+    }
 
     #[test]
     fn sends_to_a_path_and_an_abstract_name() {

@@ -197,7 +197,9 @@ where
         };
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             guard.conn.apply(Event::Upgraded);
-        } else if *this.http1 && guard.conn.tracker().is_draining() {
+        } else if *this.http1 && guard.conn.tracker().drain_asked.is_set() {
+            // From the drain request on, pre-stop delay included (the soft drain): keep-alive
+            // clients move to other instances before the listener closes.
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));

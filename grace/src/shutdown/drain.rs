@@ -64,6 +64,12 @@ pub(crate) async fn run(
     tracker.start_draining();
     tracing::debug!(idle, "idle connections closed");
     let (work_deadline, cut_by) = budget.work_deadline(asked, closed, reserve);
+    // systemd: the stop takes up to the work's deadline plus the resources' time (not said
+    // by an old generation that handed over: it is no longer the service's main process).
+    if trigger != Trigger::Restart {
+        let needed = work_deadline.saturating_duration_since(Instant::now());
+        crate::systemd::extend_timeout(needed.saturating_add(reserve));
+    }
 
     if forced_by.is_none() {
         let t = Instant::now();
