@@ -538,6 +538,8 @@ pub struct GoAway {
 pub struct TapLog {
     pub goaways: Vec<GoAway>,
     pub closed: Option<Instant>,
+    /// The first bytes the server sent (`HTTP/1.1 …` from a server without HTTP/2).
+    pub first: Vec<u8>,
     head: Vec<u8>,
     /// Payload bytes still to pass in the current frame.
     left: usize,
@@ -547,6 +549,10 @@ pub struct TapLog {
 
 impl TapLog {
     fn feed(&mut self, mut bytes: &[u8]) {
+        if self.first.len() < 8 {
+            let take = (8 - self.first.len()).min(bytes.len());
+            self.first.extend_from_slice(&bytes[..take]);
+        }
         while !bytes.is_empty() {
             if self.left == 0 && self.head.len() < 9 {
                 let take = (9 - self.head.len()).min(bytes.len());

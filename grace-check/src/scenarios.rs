@@ -893,6 +893,15 @@ async fn deadline(ctx: &Ctx, srv: &Server, t: &Target, j: &mut Judge, second: bo
     }
 }
 
+const NO_H2C: &str = "no HTTP/2 with prior knowledge: the server answered the preface in HTTP/1";
+
+fn http1_only(log: &Mutex<TapLog>) -> bool {
+    log.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .first
+        .starts_with(b"HTTP/")
+}
+
 /// HTTP/2 (prior knowledge, or ALPN h2 over TLS): a stream open at the signal.
 async fn http2(ctx: &Ctx, srv: &Server, t: &Target, j: &mut Judge) {
     let s = match t.connect(Alpn::H2).await {
@@ -923,6 +932,10 @@ async fn http2(ctx: &Ctx, srv: &Server, t: &Target, j: &mut Judge) {
     let ready = tokio::time::timeout(Duration::from_secs(3), client.ready()).await;
     let mut client = match ready {
         Ok(Ok(c)) => c,
+        _ if http1_only(&log) => {
+            j.saw("the HTTP/2 preface was answered in HTTP/1");
+            return j.fail(NO_H2C);
+        }
         _ => return j.fail("no HTTP/2: the connection never became ready"),
     };
     let (resp, _) = match client.send_request(req, true) {
@@ -968,6 +981,12 @@ async fn http2(ctx: &Ctx, srv: &Server, t: &Target, j: &mut Judge) {
         }
     };
     drop(client);
+    if http1_only(&log) {
+        j.why = vec![NO_H2C.into()];
+        j.saw("the HTTP/2 preface was answered in HTTP/1");
+        j.exit(srv, t0, ctx.last_wait(), true).await;
+        return;
+    }
     let closed = tokio::time::timeout_at((done + ctx.slack).into(), conn_task).await;
     let goaways = log
         .lock()

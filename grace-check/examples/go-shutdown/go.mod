@@ -1,0 +1,3 @@
+module go-shutdown
+
+go 1.19
