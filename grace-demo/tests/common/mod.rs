@@ -180,10 +180,15 @@ impl Demo {
     }
 
     /// Like [`Demo::start`], through `cmd` (a wrapper such as `sh -c 'ulimit …; exec …'`).
-    pub async fn start_with(mut cmd: Command, dir: &TempDir, args: &[String]) -> Demo {
+    pub async fn start_with(cmd: Command, dir: &TempDir, args: &[String]) -> Demo {
+        Demo::start_at(cmd, dir, "127.0.0.1:0", args).await
+    }
+
+    /// Like [`Demo::start_with`], listening on `listen`.
+    pub async fn start_at(mut cmd: Command, dir: &TempDir, listen: &str, args: &[String]) -> Demo {
         let mut child = cmd
             .current_dir(&dir.0)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
