@@ -40,6 +40,7 @@ pub fn router(ledger: Arc<Ledger>, handle: &grace_http::Handle) -> Router {
         .route("/sleep/{ms}", get(sleep))
         .route("/stream/{n}", get(stream_chunks))
         .route("/ws", get(ws))
+        .route("/events", get(events).with_state(handle.notice()))
         .route("/whoami", get(whoami))
         .merge(api)
 }
@@ -158,6 +159,32 @@ async fn stream_chunks(Path(n): Path<u32>) -> Response {
         ))
     });
     Response::new(axum::body::Body::from_stream(chunks))
+}
+
+/// A server-sent event stream: an event every 200 ms. When the server drains it ends with a
+/// `retry:` hint — short after an upgrade (a new generation serves already), longer at a
+/// shutdown — so EventSource clients reconnect when it makes sense, not all at once.
+async fn events(State(notice): State<ShutdownNotice>) -> Response {
+    let ticks = stream::unfold((0u64, Some(notice)), |(i, notice)| async move {
+        let notice = notice?;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                let event = format!("id: {i}\ndata: tick {i}\n\n");
+                Some((Ok::<_, std::convert::Infallible>(event), (i + 1, Some(notice))))
+            }
+            _ = notice.wait() => {
+                let retry_ms = if notice.is_restart() { 100 } else { 5_000 };
+                let bye = format!("event: goodbye\nretry: {retry_ms}\ndata: draining\n\n");
+                Some((Ok(bye), (i, None)))
+            }
+        }
+    });
+    let mut response = Response::new(axum::body::Body::from_stream(ticks));
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/event-stream"),
+    );
+    response
 }
 
 async fn ws(upgrade: WebSocketUpgrade, notice: Option<Extension<ShutdownNotice>>) -> Response {

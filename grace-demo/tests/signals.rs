@@ -355,3 +355,28 @@ async fn the_stop_deadline_cuts_work_but_leaves_the_resources_their_time() {
         assert_eq!(outcome, "closed", "{name}: {}", exit.stderr);
     }
 }
+
+/// Issue 12: the event stream ends a drain with a `retry:` hint (a long one at a shutdown),
+/// so EventSource clients do not hammer a service that is going away.
+#[tokio::test]
+async fn the_event_stream_ends_with_a_retry_hint() {
+    use tokio::io::AsyncReadExt;
+    let dir = TempDir::new();
+    let demo = Demo::start(&dir, &[]).await;
+    let mut c = Http::connect(demo.addr).await.unwrap();
+    c.send("GET", "/events", None).await.unwrap();
+    let head = c.read_head().await.unwrap();
+    assert_eq!(head.header("content-type"), Some("text/event-stream"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    demo.signal(Signal::TERM);
+    let mut rest = Vec::new();
+    tokio::time::timeout(SOON, c.raw().read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("data: tick 1"), "{rest}");
+    assert!(rest.contains("event: goodbye\nretry: 5000\n"), "{rest}");
+    let exit = demo.wait_exit(SOON).await;
+    assert_eq!(exit.code, 0, "{}", exit.stderr);
+}

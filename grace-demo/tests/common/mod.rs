@@ -357,6 +357,11 @@ impl Http {
         io.flush().await
     }
 
+    /// The connection itself, to read what follows a head (a stream's raw chunks).
+    pub fn raw(&mut self) -> &mut BufReader<TcpStream> {
+        &mut self.io
+    }
+
     pub async fn read(&mut self) -> std::io::Result<Response> {
         tokio::time::timeout(Duration::from_secs(60), self.read_inner())
             .await
