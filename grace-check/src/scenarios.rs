@@ -521,7 +521,7 @@ async fn refuse_new(ctx: &Ctx, srv: &Server, t: &Target, j: &mut Judge) {
     j.saw(format!("GET {path} in flight, SIGTERM"));
     // The signal handler needs a moment to run: a connection opened within this of the
     // signal may still be served; later ones must not be.
-    let grace = (ctx.slack / 5).min(Duration::from_millis(100));
+    let grace = ctx.slack / 2;
     let mut answered = Vec::new();
     let mut early = 0;
     let mut unanswered = 0;
@@ -1447,7 +1447,7 @@ async fn fd_exhaustion(ctx: &Ctx, srv: &Server, t: &Target, j: &mut Judge) {
             None => "no answer".into(),
         }
     ));
-    if cpu > 0.5 {
+    if cpu > 0.25 {
         j.fail(format!(
             "the server spins while out of descriptors: {:.0}% of a core",
             cpu * 100.0
