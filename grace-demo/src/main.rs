@@ -113,6 +113,14 @@ pub struct Args {
     /// The PEM private key of `--tls-cert`.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// At most this many connections at once (`0`: no limit); at the limit new connections
+    /// wait in the kernel's accept queue until one closes.
+    #[arg(long, default_value_t = 0)]
+    max_connections: usize,
+    /// Close connections gracefully at about this age (±10 %): HTTP/1 `Connection: close`,
+    /// HTTP/2 GOAWAY (`0`: never).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    max_connection_age: Duration,
 }
 
 impl Args {
@@ -238,7 +246,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         )
         .pre_stop_delay(args.pre_stop_delay)
         .goodbye_spread(args.goodbye_spread)
-        .stop_deadline(Some(args.stop_deadline).filter(|d| !d.is_zero()));
+        .stop_deadline(Some(args.stop_deadline).filter(|d| !d.is_zero()))
+        .max_connections(Some(args.max_connections).filter(|&n| n > 0))
+        .max_connection_age(Some(args.max_connection_age).filter(|d| !d.is_zero()));
     // TLS: every generation loads the certificate itself (an upgrade hands over only the
     // listening socket); SIGUSR1 reloads it in place.
     let server = match (&args.tls_cert, &args.tls_key) {

@@ -90,7 +90,7 @@ pub use jobs::JobToken;
 pub use listener::Listener;
 pub use resources::Resource;
 pub use restart::{Inherited, Restart, inherited_listeners, write_pid_file};
-pub use server::{DEFAULT_IDLE_TIMEOUT, Serve, Server};
+pub use server::{DEFAULT_IDLE_TIMEOUT, HyperBuilder, Serve, Server};
 pub use shutdown::report::{
     ActiveRequest, ForcedConn, Outcome, Phase, PhaseTiming, ShutdownReport, TaskReport,
 };

@@ -131,19 +131,20 @@ impl Listener {
     }
 
     pub(crate) async fn accept(&self) -> io::Result<(Stream, Addr)> {
-        match self {
+        let (io, peer) = match self {
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 // Small responses must not wait for Nagle's algorithm.
                 let _ = s.set_nodelay(true);
-                Ok((Stream::Tcp(s), Addr::Tcp(peer)))
+                (StreamIo::Tcp(s), Addr::Tcp(peer))
             }
             Listener::Unix(l) => {
                 let (s, peer) = l.accept().await?;
                 let peer = Addr::Unix(peer.as_pathname().map(Path::to_path_buf));
-                Ok((Stream::Unix(s), peer))
+                (StreamIo::Unix(s), peer)
             }
-        }
+        };
+        Ok((Stream { io, slot: None }, peer))
     }
 }
 
@@ -435,26 +436,39 @@ fn remove_if_ours(path: &Path, file: FileId, why: &str) {
     }
 }
 
-/// An accepted connection's socket.
-pub(crate) enum Stream {
+/// An accepted connection's socket, with its place under the server's connection limit
+/// (given back when the socket closes, whoever holds it then: hyper or an upgrade handler).
+pub(crate) struct Stream {
+    io: StreamIo,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+enum StreamIo {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
 
+impl Stream {
+    /// Holds `slot` (see `Server::max_connections`) until the socket closes.
+    pub(crate) fn hold(&mut self, slot: Option<tokio::sync::OwnedSemaphorePermit>) {
+        self.slot = slot;
+    }
+}
+
 impl AsRawFd for Stream {
     fn as_raw_fd(&self) -> RawFd {
-        match self {
-            Stream::Tcp(s) => s.as_raw_fd(),
-            Stream::Unix(s) => s.as_raw_fd(),
+        match &self.io {
+            StreamIo::Tcp(s) => s.as_raw_fd(),
+            StreamIo::Unix(s) => s.as_raw_fd(),
         }
     }
 }
 
 macro_rules! delegate {
     ($self:ident, $s:ident => $e:expr) => {
-        match $self.get_mut() {
-            Stream::Tcp($s) => $e,
-            Stream::Unix($s) => $e,
+        match &mut $self.get_mut().io {
+            StreamIo::Tcp($s) => $e,
+            StreamIo::Unix($s) => $e,
         }
     };
 }

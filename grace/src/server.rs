@@ -40,6 +40,8 @@ pub(crate) struct Config {
     pub(crate) new_connection_grace: Duration,
     pub(crate) handshake_timeout: Duration,
     pub(crate) goodbye_spread: Duration,
+    pub(crate) max_connections: Option<usize>,
+    pub(crate) max_connection_age: Option<Duration>,
 }
 
 impl Default for Config {
@@ -56,6 +58,8 @@ impl Default for Config {
             new_connection_grace: Duration::from_millis(200),
             handshake_timeout: Duration::from_secs(10),
             goodbye_spread: Duration::ZERO,
+            max_connections: None,
+            max_connection_age: None,
         }
     }
 }
@@ -89,8 +93,16 @@ pub struct Server {
     hook: Option<Hook>,
     /// What accepted sockets go through before HTTP (TLS), if anything.
     acceptor: Option<Arc<dyn Acceptor>>,
+    /// The user's changes to hyper's builder (see [`Server::configure_hyper`]).
+    configure_hyper: Option<ConfigureHyper>,
     config: Config,
 }
+
+/// See [`Server::configure_hyper`].
+type ConfigureHyper = Box<dyn FnOnce(&mut HyperBuilder) + Send>;
+
+/// hyper's connection builder (HTTP/1.1 and HTTP/2), as [`Server::configure_hyper`] gives it.
+pub type HyperBuilder = hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>;
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -164,6 +176,7 @@ impl Server {
             shared: Shared::new(),
             hook: None,
             acceptor: None,
+            configure_hyper: None,
             config: Config::default(),
         }
     }
@@ -322,6 +335,48 @@ impl Server {
         self
     }
 
+    /// At most `max` connections at once, all listeners together; `None` (the default): no
+    /// limit. At the limit the server stops accepting until a connection closes: new
+    /// connections wait in the kernel's accept queue (they are not refused, and are served
+    /// in turn), so a burst costs latency, not errors. Every live connection counts,
+    /// keep-alive and upgraded ones included, until its socket closes; idle ones make room
+    /// at the idle timeout. Each listener takes its place before it accepts (that is what
+    /// leaves the next connection in the kernel's queue, where an upgrade hands it on), so
+    /// with several listeners, up to one place per idle listener is held back.
+    pub fn max_connections(mut self, max: impl Into<Option<usize>>) -> Self {
+        self.config.max_connections = max.into();
+        self
+    }
+
+    /// Closes connections gracefully once they are about `age` old (each between 0.9 and
+    /// 1.1 times `age`, so that connections opened together do not all close together):
+    /// HTTP/1 answers its next response with `Connection: close` (an idle one closes at
+    /// once), HTTP/2 sends GOAWAY and lets open streams finish. Clients reconnect, so load
+    /// spreads again over new instances behind a balancer. Upgraded connections are not
+    /// affected. Default `None`.
+    pub fn max_connection_age(mut self, age: impl Into<Option<Duration>>) -> Self {
+        self.config.max_connection_age = age.into();
+        self
+    }
+
+    /// Changes hyper's HTTP/1.1 and HTTP/2 settings (buffer sizes, header limits, HTTP/2
+    /// windows, keep-alive pings, `title_case_headers`…) after grace has set its own. Leave
+    /// hyper's `header_read_timeout` off: grace keeps that timeout itself
+    /// ([`header_read_timeout`](Self::header_read_timeout)), for far less per request.
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), grace_http::Error> {
+    /// let server = grace_http::Server::bind("127.0.0.1:8080").await?.configure_hyper(|b| {
+    ///     b.http1().max_buf_size(64 * 1024);
+    ///     b.http2().max_concurrent_streams(100);
+    /// });
+    /// # let _ = server; Ok(()) }
+    /// ```
+    pub fn configure_hyper(mut self, f: impl FnOnce(&mut HyperBuilder) + Send + 'static) -> Self {
+        self.configure_hyper = Some(Box::new(f));
+        self
+    }
+
     /// Observes every state change of every connection, like Go's `Server.ConnState`.
     /// Called inline on the connection's task: keep it quick.
     pub fn on_conn_state<F>(mut self, hook: F) -> Self
@@ -462,6 +517,7 @@ impl<S> Serve<S> {
             shared,
             hook,
             acceptor,
+            configure_hyper,
             config,
         } = server;
         if let Some(hook) = hook {
@@ -488,7 +544,13 @@ impl<S> Serve<S> {
 
         let ctx = Arc::new(ConnCtx {
             service,
-            builder: task::http_builder(),
+            builder: {
+                let mut builder = task::http_builder();
+                if let Some(configure) = configure_hyper {
+                    configure(&mut builder);
+                }
+                builder
+            },
             tracker: Arc::clone(&shared.tracker),
             drain: Arc::clone(&shared.drain),
             grace: config.new_connection_grace,
@@ -499,7 +561,12 @@ impl<S> Serve<S> {
             body_limit: config.body_limit,
             acceptor,
             handshake_timeout: config.handshake_timeout,
+            max_age: config.max_connection_age,
         });
+        // One limit for all listeners.
+        let limit = config
+            .max_connections
+            .map(|max| Arc::new(tokio::sync::Semaphore::new(max)));
         let clock = clock::run(
             &shared.tracker,
             config.header_read_timeout,
@@ -531,7 +598,12 @@ impl<S> Serve<S> {
             if let Ok(addr) = l.local_addr() {
                 tracing::info!(%addr, "listening");
             }
-            accepting.spawn(accept_loop(l, Arc::clone(&shared), Arc::clone(&ctx)));
+            accepting.spawn(accept_loop(
+                l,
+                limit.clone(),
+                Arc::clone(&shared),
+                Arc::clone(&ctx),
+            ));
         }
 
         let trigger = shared.drain_asked().await;
@@ -556,8 +628,12 @@ impl<S> Serve<S> {
 }
 
 /// Accepts until the drain starts, then drops (closes) the listener.
-async fn accept_loop<S, B>(listener: Arc<Listener>, shared: Arc<Shared>, ctx: Arc<ConnCtx<S>>)
-where
+async fn accept_loop<S, B>(
+    listener: Arc<Listener>,
+    limit: Option<Arc<tokio::sync::Semaphore>>,
+    shared: Arc<Shared>,
+    ctx: Arc<ConnCtx<S>>,
+) where
     S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -570,15 +646,38 @@ where
     // Idle connections closed per failed accept: enough for the next few clients.
     const SHED_ON_EXHAUSTION: usize = 16;
     let mut backoff = MIN_BACKOFF;
+    // When the connection limit was last said to be reached (said at most once a second).
+    let mut said_full: Option<std::time::Instant> = None;
     loop {
+        // A place under the connection limit first: until one is free, new connections wait
+        // in the kernel's accept queue.
+        let slot = match &limit {
+            None => None,
+            Some(limit) => {
+                if limit.available_permits() == 0
+                    && said_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+                {
+                    said_full = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        "max_connections reached: new connections wait in the accept queue"
+                    );
+                }
+                tokio::select! {
+                    biased;
+                    _ = shared.accepting_stopped() => break,
+                    slot = Arc::clone(limit).acquire_owned() => slot.ok(),
+                }
+            }
+        };
         let accepted = tokio::select! {
             biased;
             _ = shared.accepting_stopped() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, peer)) => {
+            Ok((mut stream, peer)) => {
                 backoff = MIN_BACKOFF;
+                stream.hold(slot);
                 tokio::spawn(task::serve(stream, peer, Arc::clone(&ctx)));
             }
             Err(e) if listener::is_connection_error(&e) => {

@@ -555,3 +555,27 @@ async fn a_websocket_over_http2_is_hijacked_noticed_at_the_drain_and_drained() {
     assert!(report.is_clean(), "{}", report.to_json());
     assert_eq!(report.at_start.hijacked, 1, "{}", report.to_json());
 }
+
+#[tokio::test]
+async fn at_max_connections_a_tls_client_waits_for_a_place_and_closing_one_makes_it() {
+    let cert = cert();
+    let mut s = start(app(), |s| s.tls(tls_config(&cert)).max_connections(1)).await;
+    let mut first = H1::connect(s.addr, &cert.der).await;
+    assert_eq!(first.get("/").await.status, 200);
+    // Not accepted yet: its ClientHello waits in the kernel, the handshake does not finish.
+    let (addr, root) = (s.addr, cert.der.clone());
+    let second = tokio::spawn(async move { connect_tls(addr, &root, &[b"http/1.1"]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "accepted over the limit");
+    drop(first);
+    let tls = tokio::time::timeout(SOON, second)
+        .await
+        .expect("never accepted")
+        .unwrap()
+        .unwrap();
+    let (_, body) = hyper_get(tls, "/").await;
+    assert_eq!(body, "hello");
+    s.handle.shutdown();
+    let report = s.report(Duration::ZERO).await;
+    assert!(report.is_clean(), "{}", report.to_json());
+}

@@ -47,6 +47,8 @@ pub(crate) struct ConnCtx<S> {
     pub(crate) acceptor: Option<Arc<dyn Acceptor>>,
     /// How long the acceptor may take (a TLS handshake).
     pub(crate) handshake_timeout: Duration,
+    /// Connections close gracefully at about this age (see `Server::max_connection_age`).
+    pub(crate) max_age: Option<Duration>,
 }
 
 impl<S> ConnCtx<S> {
@@ -179,11 +181,25 @@ async fn serve_io<I, S, B>(
     tokio::pin!(connection);
     let mut registered = None;
     let draining = std::future::poll_fn(|cx| conn.poll_draining_cached(cx, &mut registered));
+    tokio::pin!(draining);
 
+    let old = ctx
+        .max_age
+        .map(|age| after(conn.info.accepted_at, jittered(age, conn.info.id)));
     tokio::select! {
         biased;
         result = connection.as_mut() => return log_end(conn.info.id, result),
-        _ = draining => {}
+        _ = draining.as_mut() => {}
+        // Old enough: `Connection: close` on the next HTTP/1 response (an idle connection
+        // closes now), GOAWAY on HTTP/2; the drain may still come meanwhile.
+        _ = tokio::time::sleep_until(old.unwrap_or(conn.info.accepted_at).into()), if old.is_some() => {
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                biased;
+                result = connection.as_mut() => return log_end(conn.info.id, result),
+                _ = draining.as_mut() => {}
+            }
+        }
     }
     if conn.state() == ConnState::New {
         // Its request may be on the wire: give it until the grace after accept (after the
@@ -222,6 +238,14 @@ async fn serve_io<I, S, B>(
     log_end(conn.info.id, connection.await);
 }
 
+/// `age` spread between 0.9 and 1.1 times itself by the connection's id (a golden-ratio
+/// sequence: connections opened together get ages far apart).
+fn jittered(age: Duration, id: u64) -> Duration {
+    let frac = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+    // Saturating: an age too large for a `Duration` is "never".
+    Duration::try_from_secs_f64(age.as_secs_f64() * (0.9 + 0.2 * frac)).unwrap_or(Duration::MAX)
+}
+
 /// Polls `fut` once, to let it write what it has ready.
 async fn poll_once<F: Future + Unpin>(mut fut: F) -> Poll<F::Output> {
     std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await
@@ -230,5 +254,27 @@ async fn poll_once<F: Future + Unpin>(mut fut: F) -> Poll<F::Output> {
 fn log_end(id: u64, result: Result<(), BoxError>) {
     if let Err(e) = result {
         tracing::debug!(conn = id, error = %e, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_are_spread_within_ten_percent_and_saturate() {
+        let age = Duration::from_secs(100);
+        let ages: Vec<_> = (0..64).map(|id| jittered(age, id)).collect();
+        assert!(
+            ages.iter()
+                .all(|a| *a >= age * 9 / 10 && *a <= age * 11 / 10)
+        );
+        let (min, max) = (ages.iter().min().unwrap(), ages.iter().max().unwrap());
+        assert!(
+            *max - *min > Duration::from_secs(15),
+            "not spread: {min:?}..{max:?}"
+        );
+        // Never a panic, whatever the age.
+        assert!((0..64).all(|id| jittered(Duration::MAX, id) > Duration::from_secs(1 << 62)));
     }
 }
