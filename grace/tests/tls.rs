@@ -579,3 +579,27 @@ async fn at_max_connections_a_tls_client_waits_for_a_place_and_closing_one_makes
     let report = s.report(Duration::ZERO).await;
     assert!(report.is_clean(), "{}", report.to_json());
 }
+
+#[tokio::test]
+async fn a_handshake_begun_as_the_drain_starts_is_served_within_the_grace() {
+    let cert = cert();
+    let mut s = start(app(), |s| s.tls(tls_config(&cert))).await;
+    // Accepted before the drain, handshake and request right after it started.
+    let tcp = TcpStream::connect(s.addr).await.unwrap();
+    s.wait_counts(|c| c.new == 1).await;
+    s.handle.shutdown();
+    let name = ServerName::try_from("localhost").unwrap();
+    let tls = connector(&cert.der, &[b"http/1.1"])
+        .connect(name, tcp)
+        .await
+        .expect("the handshake was cut inside the grace");
+    let mut c = H1 {
+        io: BufReader::new(tls),
+    };
+    let resp = c.get("/").await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("connection"), Some("close"));
+    c.end().await.expect("truncated: no close_notify");
+    let report = s.report(Duration::from_secs(30)).await;
+    assert!(report.is_clean(), "{}", report.to_json());
+}
