@@ -234,6 +234,17 @@ async fn serve_io<I, S, B>(
             return log_end(conn.info.id, result);
         }
         conn.close_now();
+    } else if conn.head_pending() {
+        // HTTP/1 with a request head still arriving (a slow or stalled client: hyper waits
+        // for a whole head before it can close): the first-byte grace to complete it, then
+        // the socket is shut. A head that completes in time is served as any in flight.
+        tokio::select! {
+            result = connection.as_mut() => return log_end(conn.info.id, result),
+            _ = tokio::time::sleep(ctx.first_byte_grace()) => {}
+        }
+        if conn.head_pending() {
+            conn.close_now();
+        }
     }
     log_end(conn.info.id, connection.await);
 }

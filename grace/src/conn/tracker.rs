@@ -234,6 +234,11 @@ impl Conn {
         }
     }
 
+    /// Waiting for a request head to complete (see `head_since`).
+    pub(crate) fn head_pending(&self) -> bool {
+        self.head_since.load(Ordering::Relaxed) != 0
+    }
+
     pub(crate) fn is_http2(&self) -> bool {
         self.http2.load(Ordering::Relaxed)
     }
