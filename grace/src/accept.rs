@@ -226,7 +226,8 @@ impl AsyncWrite for Socket {
 /// The peer's address, in the extensions of every request (`axum::Extension<PeerAddr>`).
 /// With the crate feature `axum`, a TCP peer is also there as
 /// `axum::extract::ConnectInfo<SocketAddr>`, so axum's `ConnectInfo` extractor works
-/// without `into_make_service_with_connect_info`.
+/// without `into_make_service_with_connect_info`. Turned off by
+/// [`Server::peer_addr_in_requests(false)`](crate::Server::peer_addr_in_requests).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PeerAddr(pub Addr);
 
@@ -237,6 +238,8 @@ pub struct PeerAddr(pub Addr);
 pub(crate) struct WithConnInfo<S> {
     pub(crate) inner: S,
     pub(crate) conn: Arc<Conn>,
+    /// Whether to insert the peer's address (see `Server::peer_addr_in_requests`).
+    pub(crate) peer: bool,
     /// What an acceptor added (see [`Accepted::with_extension`]), if anything.
     pub(crate) extra: Option<Arc<http::Extensions>>,
 }
@@ -260,12 +263,14 @@ where
             && req.extensions().get::<hyper::ext::Protocol>().is_some())
         .then(|| Arc::clone(&self.conn));
         let ext = req.extensions_mut();
-        let peer = &self.conn.info.peer;
-        #[cfg(feature = "axum")]
-        if let Addr::Tcp(addr) = peer {
-            ext.insert(axum::extract::ConnectInfo(*addr));
+        if self.peer {
+            let peer = &self.conn.info.peer;
+            #[cfg(feature = "axum")]
+            if let Addr::Tcp(addr) = peer {
+                ext.insert(axum::extract::ConnectInfo(*addr));
+            }
+            ext.insert(PeerAddr(peer.clone()));
         }
-        ext.insert(PeerAddr(peer.clone()));
         if let Some(extra) = &self.extra {
             ext.extend((**extra).clone());
         }

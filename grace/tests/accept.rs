@@ -129,3 +129,24 @@ async fn an_acceptor_that_never_finishes_is_cut_by_the_handshake_timeout_or_forc
     assert_eq!(report.forced[0].state, ConnState::New);
     assert!(stuck.closed().await);
 }
+
+#[tokio::test]
+async fn the_peer_address_can_be_left_out_of_requests() {
+    let app = axum::Router::new().route(
+        "/peer",
+        get(|peer: Option<axum::Extension<PeerAddr>>| async move { format!("{}", peer.is_some()) }),
+    );
+    let mut s = start(app.clone(), |s| s.peer_addr_in_requests(false)).await;
+    let mut c = Client::connect(s.addr).await;
+    assert_eq!(c.get("/peer").await.unwrap().body, "false");
+    drop(c);
+    s.handle.shutdown();
+    s.report(Duration::ZERO).await;
+
+    let mut s = start(app, |s| s).await;
+    let mut c = Client::connect(s.addr).await;
+    assert_eq!(c.get("/peer").await.unwrap().body, "true");
+    drop(c);
+    s.handle.shutdown();
+    s.report(Duration::ZERO).await;
+}

@@ -49,6 +49,8 @@ pub(crate) struct ConnCtx<S> {
     pub(crate) handshake_timeout: Duration,
     /// Connections close gracefully at about this age (see `Server::max_connection_age`).
     pub(crate) max_age: Option<Duration>,
+    /// Requests carry the peer's address (see `Server::peer_addr_in_requests`).
+    pub(crate) peer_in_requests: bool,
 }
 
 impl<S> ConnCtx<S> {
@@ -172,6 +174,7 @@ async fn serve_io<I, S, B>(
     let service = WithConnInfo {
         inner: ctx.service.clone(),
         conn: Arc::clone(&conn),
+        peer: ctx.peer_in_requests,
         extra,
     };
     let service = ConnService::new(service, Arc::clone(&conn), ctx.body_limit);
