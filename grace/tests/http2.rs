@@ -220,3 +220,43 @@ async fn the_ping_bound_lets_an_open_stream_finish() {
     let report = srv.report(Duration::ZERO).await;
     assert!(report.is_clean(), "{}", report.to_json());
 }
+
+/// Issue 12: the soft drain for HTTP/2. During the pre-stop delay (the listener still
+/// accepting), an HTTP/2 connection gets its GOAWAY at once, so its client opens its next
+/// streams on another instance before this one's listener closes.
+#[tokio::test]
+async fn http2_gets_its_goaway_during_the_pre_stop_delay() {
+    let mut srv = start(app(), |s| s.pre_stop_delay(Duration::from_secs(2))).await;
+    let mut s = preface(srv.addr).await;
+    s.write_all(&frame(HEADERS, 0x5, 1, &get_headers("/")))
+        .await
+        .unwrap();
+    srv.wait_counts(|c| c.idle == 1 && c.active == 0).await;
+    let t = std::time::Instant::now();
+    srv.handle.shutdown();
+    let goaway = tokio::time::timeout(SOON, async {
+        while let Some((kind, flags, _, payload)) = read_frame(&mut s).await {
+            match kind {
+                GOAWAY => return Some(payload),
+                PING if flags & 1 == 0 => s.write_all(&frame(PING, 1, 0, &payload)).await.unwrap(),
+                SETTINGS if flags & 1 == 0 => {
+                    s.write_all(&frame(SETTINGS, 1, 0, &[])).await.unwrap()
+                }
+                _ => {}
+            }
+        }
+        None
+    })
+    .await
+    .unwrap();
+    assert!(goaway.is_some(), "no GOAWAY during the pre-stop delay");
+    assert!(
+        t.elapsed() < Duration::from_millis(1_500),
+        "GOAWAY only after {:?}",
+        t.elapsed()
+    );
+    // The listener still accepts meanwhile.
+    assert!(TcpStream::connect(srv.addr).await.is_ok());
+    drop(s);
+    assert!(srv.report(Duration::from_secs(2)).await.is_clean());
+}

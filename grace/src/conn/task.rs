@@ -189,10 +189,29 @@ async fn serve_io<I, S, B>(
     let old = ctx
         .max_age
         .map(|age| after(conn.info.accepted_at, jittered(age, conn.info.id)));
+    // The soft drain: once a drain is asked for (the pre-stop delay, the listener still
+    // accepting), an HTTP/2 connection gets its GOAWAY at once, so its client opens its next
+    // streams on another instance; HTTP/1 answers say `Connection: close` (`request.rs`).
+    let soft = async {
+        conn.left_new().await; // the first bytes tell HTTP/2 apart
+        if !conn.is_http2() {
+            return std::future::pending().await;
+        }
+        ctx.drain.wait().await;
+    };
+    tokio::pin!(soft);
     tokio::select! {
         biased;
         result = connection.as_mut() => return log_end(conn.info.id, result),
         _ = draining.as_mut() => {}
+        _ = soft.as_mut() => {
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                biased;
+                result = connection.as_mut() => return log_end(conn.info.id, result),
+                _ = draining.as_mut() => {}
+            }
+        }
         // Old enough: `Connection: close` on the next HTTP/1 response (an idle connection
         // closes now), GOAWAY on HTTP/2; the drain may still come meanwhile.
         _ = tokio::time::sleep_until(old.unwrap_or(conn.info.accepted_at).into()), if old.is_some() => {
