@@ -9,7 +9,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Extension, Json, Router};
 use futures_util::stream;
 use grace_http::ShutdownNotice;
@@ -39,7 +39,8 @@ pub fn router(ledger: Arc<Ledger>, handle: &grace_http::Handle) -> Router {
         .route_service("/readyz", handle.readiness())
         .route("/sleep/{ms}", get(sleep))
         .route("/stream/{n}", get(stream_chunks))
-        .route("/ws", get(ws))
+        // `any`: HTTP/1.1's GET + Upgrade, and HTTP/2's extended CONNECT (RFC 8441).
+        .route("/ws", any(ws))
         .route("/events", get(events).with_state(handle.notice()))
         .route("/whoami", get(whoami))
         .merge(api)
