@@ -1,7 +1,11 @@
-//! `bench-server --mode grace|hyper|axum --listen 127.0.0.1:0`
+//! `bench-server --mode grace|hyper|axum [--handler router|bare] --listen 127.0.0.1:0`
 //!
-//! Serves `GET /` → `200 hello` (the same axum router in every mode) and prints
-//! `listening on ADDR` on stdout once bound and ready for signals. On SIGTERM:
+//! Serves `GET /` → `200 hello` with the same handler in every mode and prints
+//! `listening on ADDR` on stdout once bound and ready for signals. The handler is
+//! `--handler router` (default: a one-route axum `Router`) or `--handler bare` (a
+//! `tower::service_fn` answering `hello` to any request, without axum; not for `axum`).
+//! Every mode serves HTTP/1.1 and HTTP/2 cleartext (prior knowledge) on the same port, as
+//! hyper-util's auto builder detects the version. On SIGTERM:
 //!
 //! - `grace`: `grace_http::Server` with `.with_signals()` drains, then prints
 //!   `drained: clean=… conns=… total_us=…` on stdout and exits;
@@ -18,10 +22,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use http::Request;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::signal::unix::{SignalKind, signal};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Mode {
@@ -35,12 +43,23 @@ enum Mode {
     HyperTimer,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Handler {
+    /// A one-route `axum::Router`.
+    Router,
+    /// `tower::service_fn` answering `hello` (no axum).
+    Bare,
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "HTTP server for grace-bench: GET / -> 200 hello")]
 struct Args {
     /// Which server to run.
     #[arg(long, value_enum)]
     mode: Mode,
+    /// Which handler to serve.
+    #[arg(long, value_enum, default_value = "router")]
+    handler: Handler,
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
@@ -56,16 +75,23 @@ async fn main() -> anyhow::Result<()> {
         unreachable!("Listener::bind makes a TCP listener");
     };
     let addr = listener.local_addr()?;
-    let app = grace_bench::router();
 
     match args.mode {
         Mode::Grace => {
-            let serve = grace_http::Server::from_listener(listener)
-                .shutdown_timeout(Duration::from_secs(30))
-                .serve(app)
-                .with_signals();
-            println!("listening on {addr}");
-            let report = serve.await?;
+            let server = grace_http::Server::from_listener(listener)
+                .shutdown_timeout(Duration::from_secs(30));
+            let report = match args.handler {
+                Handler::Router => {
+                    let serve = server.serve(grace_bench::router()).with_signals();
+                    println!("listening on {addr}");
+                    serve.await?
+                }
+                Handler::Bare => {
+                    let serve = server.serve(grace_bench::bare()).with_signals();
+                    println!("listening on {addr}");
+                    serve.await?
+                }
+            };
             let phases: Vec<String> = report
                 .phases
                 .iter()
@@ -83,6 +109,11 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(0);
         }
         Mode::Axum => {
+            anyhow::ensure!(
+                args.handler == Handler::Router,
+                "axum mode serves the router only"
+            );
+            let app = grace_bench::router();
             let mut term = signal(SignalKind::terminate())?;
             println!("listening on {addr}");
             use axum::serve::ListenerExt;
@@ -97,39 +128,68 @@ async fn main() -> anyhow::Result<()> {
             // The same exit as grace's.
             std::process::exit(0);
         }
-        Mode::Hyper | Mode::HyperTimer => {
-            let mut term = signal(SignalKind::terminate())?;
-            println!("listening on {addr}");
-            let service = TowerToHyperService::new(app);
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            if let Mode::HyperTimer = args.mode {
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10));
+        Mode::Hyper | Mode::HyperTimer => match args.handler {
+            Handler::Router => {
+                let service = TowerToHyperService::new(grace_bench::router());
+                hyper_loop(args.mode, listener, addr, service).await?
             }
-            loop {
-                let accepted = tokio::select! {
-                    _ = term.recv() => break,
-                    accepted = listener.accept() => accepted,
-                };
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        eprintln!("bench-server: accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let (builder, service) = (builder.clone(), service.clone());
-                tokio::spawn(async move {
-                    let _ = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .await;
-                });
+            Handler::Bare => {
+                let service = TowerToHyperService::new(grace_bench::bare());
+                hyper_loop(args.mode, listener, addr, service).await?
             }
-        }
+        },
+    }
+    Ok(())
+}
+
+/// The bare hyper-util accept loop (`hyper` and `hyper-timer` modes). It has no drain: on
+/// SIGTERM it stops accepting and returns, and the runtime drops every connection.
+async fn hyper_loop<S, B>(
+    mode: Mode,
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    service: S,
+) -> anyhow::Result<()>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut term = signal(SignalKind::terminate())?;
+    println!("listening on {addr}");
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    if let Mode::HyperTimer = mode {
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10));
+    }
+    loop {
+        let accepted = tokio::select! {
+            _ = term.recv() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                eprintln!("bench-server: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (builder, service) = (builder.clone(), service.clone());
+        tokio::spawn(async move {
+            let _ = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
+        });
     }
     Ok(())
 }

@@ -42,6 +42,14 @@ struct Args {
     /// Do not pin the server and the load generators to separate CPUs.
     #[arg(long)]
     no_pin: bool,
+    /// Hold the idle connections with `hold-conns --quiet`: the holder sleeps through the
+    /// server closing them (its sockets are outside epoll).
+    #[arg(long)]
+    quiet_holder: bool,
+    /// Also run `grace-demo` (found next to this binary) in the shutdown and memory runs,
+    /// from a scratch directory (its SQLite ledger and audit log are written there).
+    #[arg(long)]
+    demo: bool,
     /// Skip the wrk throughput runs.
     #[arg(long)]
     skip_throughput: bool,
@@ -54,7 +62,43 @@ struct Args {
     /// Requests sent under callgrind (the baseline run sends a tenth as many).
     #[arg(long, default_value_t = 20_000)]
     callgrind_requests: u64,
+    /// Interleaved rounds of the callgrind runs (callgrind counts repeatably: few suffice).
+    #[arg(long, default_value_t = 3)]
+    callgrind_rounds: usize,
+    /// Keep the callgrind profiles of the last round in this directory (for
+    /// `callgrind_annotate`), named `MODE.HANDLER.PROTO.REQUESTS.out`.
+    #[arg(long)]
+    callgrind_keep: Option<PathBuf>,
 }
+
+/// One callgrind comparison: the same handler and protocol, grace first.
+struct CallgrindCase {
+    label: &'static str,
+    handler: &'static str,
+    http2: bool,
+    modes: &'static [&'static str],
+}
+
+const CALLGRIND_CASES: [CallgrindCase; 3] = [
+    CallgrindCase {
+        label: "axum Router, HTTP/1.1 (h2load --h1 -c4)",
+        handler: "router",
+        http2: false,
+        modes: &["grace", "axum", "hyper"],
+    },
+    CallgrindCase {
+        label: "bare handler, HTTP/1.1 (h2load --h1 -c4)",
+        handler: "bare",
+        http2: false,
+        modes: &["grace", "hyper"],
+    },
+    CallgrindCase {
+        label: "bare handler, HTTP/2 cleartext (h2load -c8 -m10)",
+        handler: "bare",
+        http2: true,
+        modes: &["grace", "hyper"],
+    },
+];
 
 /// Server modes, in round order. `hyper-timer` is a diagnostic: bare hyper with grace's
 /// HTTP/1 timer and header read timeout.
@@ -96,6 +140,15 @@ struct Server {
 
 impl Server {
     fn start(env: &Env, mode: &str) -> Result<Server> {
+        if mode == "demo" {
+            let scratch =
+                std::env::temp_dir().join(format!("grace-bench-demo.{}", std::process::id()));
+            std::fs::create_dir_all(&scratch)?;
+            // Its default SQLite file and audit log go to the scratch directory.
+            let mut cmd = env.command(0, "grace-demo", &["--listen", "127.0.0.1:0"]);
+            cmd.current_dir(&scratch).env("RUST_LOG", "warn");
+            return Server::spawn(cmd);
+        }
         Server::spawn(env.command(0, "bench-server", &["--mode", mode]))
     }
 
@@ -182,10 +235,14 @@ impl Drop for Server {
 struct Holder(Child);
 
 impl Holder {
-    fn start(env: &Env, addr: SocketAddr, conns: usize) -> Result<Holder> {
+    fn start(env: &Env, addr: SocketAddr, conns: usize, quiet: bool) -> Result<Holder> {
         let (addr, conns) = (addr.to_string(), conns.to_string());
+        let mut args = vec!["--addr", &addr, "--conns", &conns];
+        if quiet {
+            args.push("--quiet");
+        }
         let mut child = env
-            .command(1, "hold-conns", &["--addr", &addr, "--conns", &conns])
+            .command(1, "hold-conns", &args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -305,11 +362,17 @@ struct ShutdownRun {
     drain: Option<Duration>,
 }
 
-fn shutdown_run(env: &Env, conns: usize, mode: &str, sig: Signal) -> Result<ShutdownRun> {
+fn shutdown_run(
+    env: &Env,
+    conns: usize,
+    quiet: bool,
+    mode: &str,
+    sig: Signal,
+) -> Result<ShutdownRun> {
     let server = Server::start(env, mode)?;
     std::thread::sleep(Duration::from_millis(100));
     let rss_before = server.rss()?;
-    let holder = Holder::start(env, server.addr, conns)?;
+    let holder = Holder::start(env, server.addr, conns, quiet)?;
     std::thread::sleep(Duration::from_millis(300));
     let rss_after = server.rss()?;
     let (exit, printed) = server.stop(sig)?;
@@ -331,13 +394,25 @@ fn shutdown_run(env: &Env, conns: usize, mode: &str, sig: Signal) -> Result<Shut
     })
 }
 
-/// Total instructions (`Ir`) of `bench-server --mode mode` under callgrind while `requests`
-/// keep-alive requests are sent by `h2load`.
-fn callgrind_ir(env: &Env, mode: &str, requests: u64) -> Result<u64> {
-    let file = std::env::temp_dir().join(format!(
-        "grace-bench.callgrind.{mode}.{requests}.{}",
-        std::process::id()
-    ));
+/// Total instructions (`Ir`) of `bench-server --mode mode --handler handler` under callgrind
+/// while `requests` keep-alive requests are sent by `h2load`: over HTTP/1.1 on 4
+/// connections, or over HTTP/2 cleartext on 8 connections with 10 streams each.
+fn callgrind_ir(
+    env: &Env,
+    mode: &str,
+    case: &CallgrindCase,
+    requests: u64,
+    keep: Option<&std::path::Path>,
+) -> Result<u64> {
+    let proto = if case.http2 { "h2c" } else { "h1" };
+    let name = format!("{mode}.{}.{proto}.{requests}", case.handler);
+    let file = match keep {
+        Some(dir) => dir.join(format!("{name}.out")),
+        None => std::env::temp_dir().join(format!(
+            "grace-bench.callgrind.{name}.{}",
+            std::process::id()
+        )),
+    };
     let out_arg = format!("--callgrind-out-file={}", file.display());
     let server_bin = env.dir.join("bench-server");
     let server_bin = server_bin.to_str().context("binary path is not UTF-8")?;
@@ -348,11 +423,17 @@ fn callgrind_ir(env: &Env, mode: &str, requests: u64) -> Result<u64> {
         server_bin,
         "--mode",
         mode,
+        "--handler",
+        case.handler,
     ];
     let server = Server::spawn(env.command(0, "valgrind", &valgrind))?;
     let (url, n) = (format!("http://{}/", server.addr), requests.to_string());
-    let h2load = ["--h1", "-n", &n, "-c", "4", "-t", "1", &url];
-    let out = env.command(1, "h2load", &h2load).output()?;
+    let h2load: &[&str] = if case.http2 {
+        &["-n", &n, "-c", "8", "-m", "10", "-t", "1", &url]
+    } else {
+        &["--h1", "-n", &n, "-c", "4", "-t", "1", &url]
+    };
+    let out = env.command(1, "h2load", h2load).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let ok = format!("{requests} succeeded");
     if !out.status.success() || !text.contains(&ok) {
@@ -360,7 +441,9 @@ fn callgrind_ir(env: &Env, mode: &str, requests: u64) -> Result<u64> {
     }
     server.stop(Signal::TERM)?;
     let profile = std::fs::read_to_string(&file)?;
-    let _ = std::fs::remove_file(&file);
+    if keep.is_none() {
+        let _ = std::fs::remove_file(&file);
+    }
     let total = profile
         .lines()
         .find_map(|l| {
@@ -479,11 +562,17 @@ fn main() -> Result<()> {
             ),
             ("grace, SIGKILL (floor)", "grace", Signal::KILL),
         ];
+        let mut runs_of = runs_of.to_vec();
+        if args.demo {
+            runs_of.insert(1, ("grace-demo, SIGTERM (drain)", "demo", Signal::TERM));
+        }
         let floor_run = runs_of.len() - 1;
         let mut runs: Vec<Vec<ShutdownRun>> = vec![Vec::new(); runs_of.len()];
         for round in 1..=args.rounds {
             for (i, (label, mode, sig)) in runs_of.iter().enumerate() {
-                let r = retry(label, || shutdown_run(&env, args.conns, mode, *sig))?;
+                let r = retry(label, || {
+                    shutdown_run(&env, args.conns, args.quiet_holder, mode, *sig)
+                })?;
                 eprintln!("shutdown round {round} {label}: {r:?}");
                 runs[i].push(r);
             }
@@ -491,8 +580,9 @@ fn main() -> Result<()> {
         let ms = |r: &ShutdownRun| r.exit.as_secs_f64() * 1e3;
         let floor = median(&runs[floor_run].iter().map(ms).collect::<Vec<_>>());
         println!(
-            "## Shutdown with {} idle keep-alive connections: signal → reaped exit\n",
-            args.conns
+            "## Shutdown with {} idle keep-alive connections ({} holder): signal → reaped exit\n",
+            args.conns,
+            if args.quiet_holder { "quiet" } else { "epoll" }
         );
         println!("| run | exit (ms) | × floor | by round (ms) |");
         println!("|---|---:|---:|---|");
@@ -538,7 +628,8 @@ fn main() -> Result<()> {
             )
         };
         let hyper = per_conn("hyper").2;
-        for mode in MODES {
+        let demo: &[&str] = if args.demo { &["demo"] } else { &[] };
+        for mode in MODES.iter().chain(demo) {
             let (before, after, per) = per_conn(mode);
             println!(
                 "| {mode} | {before:.0} | {after:.0} | {per:.0} | {:.2} |",
@@ -551,26 +642,50 @@ fn main() -> Result<()> {
     if args.callgrind {
         let (n1, n2) = (args.callgrind_requests / 10, args.callgrind_requests);
         println!(
-            "## Instructions per request (callgrind; (Ir at {n2} − Ir at {n1} requests) / {})\n",
-            n2 - n1
+            "## Instructions per request (callgrind; (Ir at {n2} − Ir at {n1} requests) / {}; \
+             median of {} interleaved rounds)\n",
+            n2 - n1,
+            args.callgrind_rounds
         );
-        println!("| mode | Ir / request |");
-        println!("|---|---:|");
-        let mut per = Vec::new();
-        for mode in ["grace", "hyper", "hyper-timer"] {
-            let small = callgrind_ir(&env, mode, n1)?;
-            let big = callgrind_ir(&env, mode, n2)?;
-            let ir = (big as f64 - small as f64) / (n2 - n1) as f64;
-            eprintln!("callgrind {mode}: {small} @ {n1}, {big} @ {n2}: {ir:.0} Ir/request");
-            println!("| {mode} | {ir:.0} |");
-            per.push(ir);
+        if let Some(dir) = &args.callgrind_keep {
+            std::fs::create_dir_all(dir)?;
         }
-        println!(
-            "\ngrace / hyper: {:.3}×; grace / hyper-timer: {:.3}× (hyper-timer = hyper with \
-             grace's HTTP/1 timer and 10 s header read timeout)\n",
-            per[0] / per[1],
-            per[0] / per[2]
-        );
+        println!("| handler, protocol | mode | Ir / request | by round | grace ÷ mode |");
+        println!("|---|---|---:|---|---|");
+        for case in &CALLGRIND_CASES {
+            let mut per: Vec<Vec<f64>> = vec![Vec::new(); case.modes.len()];
+            for round in 1..=args.callgrind_rounds {
+                let keep = (round == args.callgrind_rounds)
+                    .then_some(args.callgrind_keep.as_deref())
+                    .flatten();
+                for (i, mode) in case.modes.iter().enumerate() {
+                    let small = callgrind_ir(&env, mode, case, n1, keep)?;
+                    let big = callgrind_ir(&env, mode, case, n2, keep)?;
+                    let ir = (big as f64 - small as f64) / (n2 - n1) as f64;
+                    eprintln!(
+                        "callgrind round {round} {} {mode}: {small} @ {n1}, {big} @ {n2}: \
+                         {ir:.0} Ir/request",
+                        case.label
+                    );
+                    per[i].push(ir);
+                }
+            }
+            let grace = median(&per[0]);
+            for (i, mode) in case.modes.iter().enumerate() {
+                let m = median(&per[i]);
+                let ratio = if i == 0 {
+                    String::new()
+                } else {
+                    format!("{:.3}×", grace / m)
+                };
+                println!(
+                    "| {} | {mode} | {m:.0} | {} | {ratio} |",
+                    case.label,
+                    list(&per[i], 0)
+                );
+            }
+        }
+        println!();
     }
     println!("Load average at end: {}", loadavg());
     Ok(())

@@ -3,6 +3,10 @@
 //! Opens N keep-alive HTTP/1.1 connections, sends one `GET /` on each and reads the whole
 //! response, so that every connection is idle on the server. Then prints
 //! `established N` on stdout and holds the connections until stdin closes or it is killed.
+//!
+//! With `--quiet`, the held sockets are taken out of tokio's epoll set once established, so
+//! the holder sleeps through the server closing them: nothing in this process wakes up to
+//! compete with the server for a CPU (the kernel still answers the server's FINs).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +27,9 @@ struct Args {
     /// How many connections to open.
     #[arg(long, default_value_t = 10_000)]
     conns: usize,
+    /// Hold the sockets outside epoll once established (see above).
+    #[arg(long)]
+    quiet: bool,
     /// How many connections are opened at the same time.
     #[arg(long, default_value_t = 128)]
     parallel: usize,
@@ -81,7 +88,15 @@ async fn main() -> anyhow::Result<()> {
     while let Some(result) = workers.join_next().await {
         held.extend(result??);
     }
-    println!("established {}", held.len());
+    // Deregistered from epoll: plain descriptors that nothing polls.
+    let quiet: Vec<std::net::TcpStream> = if args.quiet {
+        held.drain(..)
+            .map(|s| s.into_std())
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
+    println!("established {}", held.len() + quiet.len());
     eprintln!(
         "hold-conns: {} connections in {:?}",
         held.len(),
@@ -92,5 +107,6 @@ async fn main() -> anyhow::Result<()> {
         tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
             .await;
     drop(held);
+    drop(quiet);
     Ok(())
 }
