@@ -19,6 +19,7 @@ use clap::Parser;
 
 mod config;
 mod ctl;
+mod debug;
 mod ledger;
 mod routes;
 
@@ -215,6 +216,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     // First: the program to restart into is resolved now, before anything can replace it.
     let restart = config::restart(args.pid_file.as_ref(), args.ready_timeout);
     let settings = config::load(args.config.as_deref())?;
+    // GET /metrics, /debug: the process's metrics recorder, and the live page's wake-ups.
+    let observer = debug::Observer::install().context("installing the metrics recorder")?;
     // Sockets handed over by the previous generation (or systemd), else bind --listen.
     let server = match grace_http::inherited_listeners()? {
         Some(inherited) => grace_http::Server::from_inherited(inherited),
@@ -248,7 +251,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .goodbye_spread(args.goodbye_spread)
         .stop_deadline(Some(args.stop_deadline).filter(|d| !d.is_zero()))
         .max_connections(Some(args.max_connections).filter(|&n| n > 0))
-        .max_connection_age(Some(args.max_connection_age).filter(|d| !d.is_zero()));
+        .max_connection_age(Some(args.max_connection_age).filter(|d| !d.is_zero()))
+        .on_conn_state(observer.hook());
     // TLS: every generation loads the certificate itself (an upgrade hands over only the
     // listening socket); SIGUSR1 reloads it in place.
     let server = match (&args.tls_cert, &args.tls_key) {
@@ -271,8 +275,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .context("opening the ledger")?;
     // The settlement job, then the audit file, Redis and the database pool on shutdown.
     ledger.register(&handle, args.settle_interval);
-    let app =
-        routes::router(Arc::clone(&ledger), &handle).layer(axum::Extension(settings.greeting));
+    let app = routes::router(Arc::clone(&ledger), &handle)
+        .merge(observer.router(&handle))
+        .layer(axum::Extension(settings.greeting));
     let mut serve = server.serve(app).with_signals().with_restart(restart);
     if let Some(path) = &args.control_socket {
         serve = serve.with_control(path);

@@ -70,6 +70,7 @@ mod health;
 mod jobs;
 mod latch;
 mod listener;
+pub mod metrics;
 mod resources;
 mod restart;
 mod server;
@@ -80,6 +81,7 @@ pub mod systemd;
 #[cfg(feature = "tls")]
 pub mod tls;
 
+pub use self::metrics::{ConnSnapshot, Totals};
 pub use accept::PeerAddr;
 pub use conn::body::{BodyTimeout, RequestBody};
 pub use conn::request::TrackedBody;

@@ -305,6 +305,8 @@ pub(crate) struct Tracker {
     awaited: AtomicUsize,
     counts: [AtomicUsize; 4],
     next_id: AtomicU64,
+    /// Connections closed since the server started (one relaxed add per connection).
+    closed: AtomicU64,
     completed: AtomicU64,
     /// A coarse clock for the header-read and idle timeouts, advanced by [`Tracker::tick`].
     tick: AtomicU32,
@@ -494,6 +496,8 @@ impl Tracker {
         }
         if to != ConnState::Closed {
             self.counts[to as usize].fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.closed.fetch_add(1, Ordering::Relaxed);
         }
         self.call_hook(info, to);
     }
@@ -522,6 +526,22 @@ impl Tracker {
     /// Requests whose response was fully written, since the server started.
     pub(crate) fn completed(&self) -> u64 {
         self.completed.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted and closed since the server started (never more closed than
+    /// accepted).
+    pub(crate) fn accepted_closed(&self) -> (u64, u64) {
+        let closed = self.closed.load(Ordering::Relaxed);
+        let accepted = self.next_id.load(Ordering::Relaxed);
+        (accepted, closed.min(accepted))
+    }
+
+    /// What every live connection is doing now, by id (see `Handle::connection_snapshots`).
+    pub(crate) fn snapshot(&self) -> Vec<ForcedConn> {
+        let now = Instant::now();
+        let mut all: Vec<_> = self.all().iter().map(|c| c.forced(now)).collect();
+        all.sort_by_key(|c| c.id);
+        all
     }
 
     /// Resolves when the drain waits for no connection any more: woken by the last

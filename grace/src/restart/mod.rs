@@ -327,6 +327,7 @@ async fn drive(
             },
         };
         tracing::info!(by, "restart asked for: starting the new process");
+        let started = std::time::Instant::now();
         let attempt = spawn::upgrade(&shared, config, stop_timeout);
         tokio::pin!(attempt);
         let result = loop {
@@ -341,6 +342,7 @@ async fn drive(
                 }
             }
         };
+        crate::metrics::upgrade_finished(result.is_ok(), started.elapsed());
         *lock(&control.last) = Some(result.as_ref().copied().map_err(ToString::to_string));
         if let Some(reply) = reply {
             let _ = reply.send(result);

@@ -125,5 +125,6 @@ pub(crate) async fn run(
         total: asked.elapsed(),
     };
     report.log();
+    crate::metrics::drain_finished(&report);
     report
 }

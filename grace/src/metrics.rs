@@ -1,0 +1,247 @@
+//! What a server is doing, for people and for dashboards: a snapshot of every live
+//! connection ([`Handle::connection_snapshots`]), running totals ([`Handle::totals`]) and,
+//! with the `metrics` cargo feature, the same numbers through the
+//! [`metrics`](https://docs.rs/metrics) facade (`Handle::record_metrics`), so that any
+//! exporter (Prometheus, StatsD, OpenTelemetry…) serves them.
+//!
+//! Nothing here adds work per request. The live counts and totals are the tracker's own
+//! counters, read when someone asks (a scrape); only drains and upgrades, which happen a few
+//! times in a process's life, record through the facade when they end.
+//!
+//! | metric | kind | labels | read or recorded |
+//! |---|---|---|---|
+//! | `grace_connections` | gauge | `state`: `new`, `active`, `idle`, `hijacked` | at `Handle::record_metrics` |
+//! | `grace_connections_accepted_total` | counter | | at `Handle::record_metrics` |
+//! | `grace_connections_closed_total` | counter | | at `Handle::record_metrics` |
+//! | `grace_requests_completed_total` | counter | | at `Handle::record_metrics` |
+//! | `grace_draining` | gauge | | 1 once a drain is asked for, at `Handle::record_metrics` |
+//! | `grace_generation` | gauge | | 1, then one more per upgrade, at `Handle::record_metrics` |
+//! | `grace_drains_total` | counter | `trigger` (`SIGTERM`, `handle`, `restart`…), `outcome`: `clean`, `forced` | when a drain ends |
+//! | `grace_drain_seconds` | histogram | | when a drain ends: from the request to the report |
+//! | `grace_connections_forced_total` | counter | | when a drain ends: connections it cut |
+//! | `grace_upgrades_total` | counter | `outcome`: `ok`, `failed` | when an upgrade ends |
+//! | `grace_upgrade_seconds` | histogram | `outcome` | when an upgrade ends: from the request until the new process was ready (or failed) |
+//!
+//! The numbers are the process's: one server per process (two would overwrite each other's
+//! gauges). A successful upgrade is counted by the old process, which drains and exits
+//! afterwards (its last numbers reach only a push exporter); a failed one by the process
+//! that keeps serving, where an alert can see it.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::conn::{Addr, ConnState};
+use crate::shutdown::Handle;
+use crate::shutdown::report::{ActiveRequest, ShutdownReport, ms};
+
+/// One live connection as seen at a moment: from [`Handle::connection_snapshots`].
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct ConnSnapshot {
+    /// The connection's id (as in [`ConnInfo::id`](crate::ConnInfo::id)).
+    pub id: u64,
+    /// The peer's address.
+    pub peer: Addr,
+    /// Its state (never `Closed`: closed connections are not live).
+    pub state: ConnState,
+    /// How long it has been open.
+    #[serde(rename = "age_ms", serialize_with = "ms")]
+    pub age: Duration,
+    /// The request it is serving, if one is running (on HTTP/2, the latest stream's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request: Option<ActiveRequest>,
+}
+
+/// Running totals since the server started: from [`Handle::totals`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Totals {
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Connections closed (their socket closed, whatever the reason).
+    pub closed: u64,
+    /// Requests whose response was fully written.
+    pub requests_completed: u64,
+}
+
+impl Handle {
+    /// What every live connection is doing now, by id: its state, peer, age and the request
+    /// it is serving. Each call takes a fresh look (a short lock per shard of the registry);
+    /// meant for debug pages and admin endpoints, not for every request.
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), grace_http::Error> {
+    /// let server = grace_http::Server::bind("127.0.0.1:8080").await?;
+    /// let handle = server.handle();
+    /// let app = axum::Router::new().route(
+    ///     "/debug/conns",
+    ///     axum::routing::get(move || async move {
+    ///         // [{"id":0,"peer":"127.0.0.1:40312","state":"active","age_ms":12.5,
+    ///         //   "request":{"method":"GET","path":"/debug/conns","age_ms":0.1}}]
+    ///         axum::Json(handle.connection_snapshots())
+    ///     }),
+    /// );
+    /// server.serve(app).with_signals().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn connection_snapshots(&self) -> Vec<ConnSnapshot> {
+        self.shared
+            .tracker
+            .snapshot()
+            .into_iter()
+            .map(|c| ConnSnapshot {
+                id: c.id,
+                peer: c.peer,
+                state: c.state,
+                age: c.age,
+                request: c.request,
+            })
+            .collect()
+    }
+
+    /// Connections accepted and closed, and requests completed, since the server started.
+    pub fn totals(&self) -> Totals {
+        let tracker = &self.shared.tracker;
+        let (accepted, closed) = tracker.accepted_closed();
+        Totals {
+            accepted,
+            closed,
+            requests_completed: tracker.completed(),
+        }
+    }
+
+    /// Sets the `grace_*` gauges and counters (see the [module docs](crate::metrics)) to
+    /// this server's live values through the installed `metrics` recorder. Call it right
+    /// before an exporter renders (at each scrape), or on a timer for a push exporter.
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// // metrics-exporter-prometheus without its HTTP listener: the app serves /metrics.
+    /// let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    /// let server = grace_http::Server::bind("127.0.0.1:8080").await?;
+    /// let handle = server.handle();
+    /// let app = axum::Router::new().route(
+    ///     "/metrics",
+    ///     axum::routing::get(move || async move {
+    ///         handle.record_metrics(); // the live counts and totals, read now
+    ///         prometheus.render()
+    ///     }),
+    /// );
+    /// server.serve(app).with_signals().await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "metrics")]
+    pub fn record_metrics(&self) {
+        use ::metrics::{counter, gauge};
+        describe();
+        let counts = self.counts();
+        for state in [
+            ConnState::New,
+            ConnState::Active,
+            ConnState::Idle,
+            ConnState::Hijacked,
+        ] {
+            gauge!("grace_connections", "state" => state_label(state))
+                .set(counts.get(state) as f64);
+        }
+        let totals = self.totals();
+        counter!("grace_connections_accepted_total").absolute(totals.accepted);
+        counter!("grace_connections_closed_total").absolute(totals.closed);
+        counter!("grace_requests_completed_total").absolute(totals.requests_completed);
+        gauge!("grace_draining").set(if self.is_ready() { 0.0 } else { 1.0 });
+        gauge!("grace_generation").set(f64::from(self.shared.generation()));
+        // Shown (as 0) before anything happened, so that rates and alerts have a series.
+        counter!("grace_connections_forced_total").increment(0);
+        for outcome in ["ok", "failed"] {
+            counter!("grace_upgrades_total", "outcome" => outcome).increment(0);
+        }
+    }
+}
+
+#[cfg(feature = "metrics")]
+fn state_label(state: ConnState) -> &'static str {
+    match state {
+        ConnState::New => "new",
+        ConnState::Active => "active",
+        ConnState::Idle => "idle",
+        ConnState::Hijacked => "hijacked",
+        ConnState::Closed => "closed",
+    }
+}
+
+/// The help text of each metric (the recorder keeps the first of each name; cheap to repeat).
+#[cfg(feature = "metrics")]
+fn describe() {
+    use ::metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!("grace_connections", "Live connections per state.");
+    describe_counter!(
+        "grace_connections_accepted_total",
+        "Connections accepted since the server started."
+    );
+    describe_counter!(
+        "grace_connections_closed_total",
+        "Connections closed since the server started."
+    );
+    describe_counter!(
+        "grace_requests_completed_total",
+        "Requests whose response was fully written."
+    );
+    describe_gauge!("grace_draining", "1 once a drain was asked for.");
+    describe_gauge!(
+        "grace_generation",
+        "Generation of the service (1, +1 per upgrade)."
+    );
+    describe_counter!(
+        "grace_drains_total",
+        "Drains that ended, by trigger and outcome."
+    );
+    describe_histogram!(
+        "grace_drain_seconds",
+        Unit::Seconds,
+        "How long drains took, from the request to the report."
+    );
+    describe_counter!(
+        "grace_connections_forced_total",
+        "Connections a drain had to cut."
+    );
+    describe_counter!("grace_upgrades_total", "Upgrades that ended, by outcome.");
+    describe_histogram!(
+        "grace_upgrade_seconds",
+        Unit::Seconds,
+        "How long upgrades took, until the new process was ready or failed."
+    );
+}
+
+/// A drain ended (called by the drain with its report).
+#[inline]
+pub(crate) fn drain_finished(report: &ShutdownReport) {
+    #[cfg(feature = "metrics")]
+    {
+        let outcome = if report.is_clean() { "clean" } else { "forced" };
+        ::metrics::counter!(
+            "grace_drains_total",
+            "trigger" => report.trigger.to_string(),
+            "outcome" => outcome
+        )
+        .increment(1);
+        ::metrics::histogram!("grace_drain_seconds").record(report.total.as_secs_f64());
+        ::metrics::counter!("grace_connections_forced_total").increment(report.forced.len() as u64);
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = report;
+}
+
+/// An upgrade ended, after `took` (called by the restart driver).
+#[inline]
+pub(crate) fn upgrade_finished(ok: bool, took: Duration) {
+    #[cfg(feature = "metrics")]
+    {
+        let outcome = if ok { "ok" } else { "failed" };
+        ::metrics::counter!("grace_upgrades_total", "outcome" => outcome).increment(1);
+        ::metrics::histogram!("grace_upgrade_seconds", "outcome" => outcome)
+            .record(took.as_secs_f64());
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = (ok, took);
+}
