@@ -108,14 +108,17 @@ impl Drop for RequestGuard {
 /// Whether a request may take its connection over (an upgrade or `CONNECT`): such a request
 /// gets a [`ShutdownNotice`](crate::ShutdownNotice). On HTTP/1.1 hyper attaches an
 /// `OnUpgrade` to every request with an `Upgrade` header, so a request without extensions
-/// has none and its headers need not be searched.
+/// has none and its headers need not be searched; on HTTP/2 an `Upgrade` header makes the
+/// request malformed (h2 resets its stream before it reaches a service).
 #[inline]
 fn may_upgrade<B>(req: &Request<B>) -> bool {
     if req.method() == http::Method::CONNECT {
         return true;
     }
-    if req.version() == http::Version::HTTP_11 && req.extensions().is_empty() {
-        return false;
+    match req.version() {
+        http::Version::HTTP_2 => return false,
+        http::Version::HTTP_11 if req.extensions().is_empty() => return false,
+        _ => {}
     }
     req.headers().contains_key(header::UPGRADE)
 }

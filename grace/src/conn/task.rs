@@ -12,6 +12,7 @@ use http::{Request, Response};
 use http_body::Body;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio_util::either::Either;
 
 use super::body::{BodyLimit, RequestBody};
 use super::io::TrackedIo;
@@ -80,7 +81,36 @@ pub(crate) fn http_builder() -> auto::Builder<TokioExecutor> {
 
 /// Serves one connection (through the acceptor, if any); on drain, asks it to close
 /// gracefully.
-pub(crate) async fn serve<S, B>(stream: Stream, peer: Addr, ctx: Arc<ConnCtx<S>>)
+///
+/// The task's future is in every connection's memory: a plain connection's holds only what
+/// serving it needs, and the handshake's state (with a second `serve_io`) is boxed away in
+/// the acceptor's case.
+pub(crate) fn serve<S, B>(
+    stream: Stream,
+    peer: Addr,
+    ctx: Arc<ConnCtx<S>>,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    if ctx.acceptor.is_some() {
+        return Either::Right(Box::pin(serve_accepted(stream, peer, ctx)));
+    }
+    Either::Left(async move {
+        let io = TrackedIo::new(stream, peer, &ctx.tracker);
+        let conn = Arc::clone(io.conn());
+        let accepted_at = conn.info.accepted_at;
+        serve_io(io, conn, accepted_at, None, ctx).await
+    })
+}
+
+/// [`serve`] through the acceptor.
+async fn serve_accepted<S, B>(stream: Stream, peer: Addr, ctx: Arc<ConnCtx<S>>)
 where
     S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
@@ -90,10 +120,7 @@ where
     B::Error: Into<BoxError>,
 {
     let Some(acceptor) = ctx.acceptor.clone() else {
-        let io = TrackedIo::new(stream, peer, &ctx.tracker);
-        let conn = Arc::clone(io.conn());
-        let accepted_at = conn.info.accepted_at;
-        return serve_io(io, conn, accepted_at, None, ctx).await;
+        return;
     };
     // Tracked from now on: `New` during the handshake, forced through the TCP socket.
     let conn = ctx.tracker.register(peer, &stream);
@@ -178,17 +205,20 @@ async fn serve_io<I, S, B>(
         extra,
     };
     let service = ConnService::new(service, Arc::clone(&conn), ctx.body_limit);
-    let connection = ctx
-        .builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(connection);
+    let mut connection = std::pin::pin!(
+        ctx.builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+    );
     let mut registered = None;
     let draining = std::future::poll_fn(|cx| conn.poll_draining_cached(cx, &mut registered));
     tokio::pin!(draining);
 
-    let old = ctx
-        .max_age
-        .map(|age| after(conn.info.accepted_at, jittered(age, conn.info.id)));
+    // Boxed: a timer inline would be in every connection's memory, and most servers set no
+    // maximum age.
+    let mut old = ctx.max_age.map(|age| {
+        let at = after(conn.info.accepted_at, jittered(age, conn.info.id));
+        Box::pin(tokio::time::sleep_until(at.into()))
+    });
     // The soft drain: once a drain is asked for (the pre-stop delay, the listener still
     // accepting), an HTTP/2 connection gets its GOAWAY at once, so its client opens its next
     // streams on another instance; HTTP/1 answers say `Connection: close` (`request.rs`).
@@ -214,7 +244,10 @@ async fn serve_io<I, S, B>(
         }
         // Old enough: `Connection: close` on the next HTTP/1 response (an idle connection
         // closes now), GOAWAY on HTTP/2; the drain may still come meanwhile.
-        _ = tokio::time::sleep_until(old.unwrap_or(conn.info.accepted_at).into()), if old.is_some() => {
+        _ = std::future::poll_fn(|cx| match old.as_mut() {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => Poll::Pending,
+        }), if old.is_some() => {
             connection.as_mut().graceful_shutdown();
             tokio::select! {
                 biased;
