@@ -280,6 +280,16 @@ impl Judge {
                 self.fig_ms("exit_ms", after);
                 self.fig("exit_code", e.code.map_or(Value::Null, Value::from));
                 self.exit = Some((e.describe(), Some(ms(after))));
+                // The wait may have started late (a client read blocked past the bound):
+                // what counts is when the process exited, not when we looked.
+                if after > within {
+                    self.fail(format!(
+                        "{} only {} after the signal (allowed: {})",
+                        e.describe(),
+                        show(after),
+                        show(within)
+                    ));
+                }
                 if clean && e.code != Some(0) {
                     self.fail(format!(
                         "{} ({} after the signal); a drain that cut nothing should exit 0",
