@@ -260,3 +260,53 @@ async fn http2_gets_its_goaway_during_the_pre_stop_delay() {
     drop(s);
     assert!(srv.report(Duration::from_secs(2)).await.is_clean());
 }
+
+const RST_STREAM: u8 = 0x3;
+
+/// Issue 11: a rapid-reset attack (HEADERS then RST_STREAM, over and over, on one
+/// connection) does not starve other clients: a normal request on another connection is
+/// still answered promptly, and the attacking connection is cut (hyper's limit on pending
+/// resets, which grace keeps on) instead of making the server work without end.
+#[tokio::test]
+async fn a_rapid_reset_attack_does_not_starve_other_clients() {
+    let srv = start(app(), |s| s).await;
+    let mut attack = preface(srv.addr).await;
+    let mut attacker_cut = false;
+    let mut sent = 0u32;
+    for n in 0..20_000u32 {
+        let id = 1 + 2 * n;
+        let mut burst = frame(HEADERS, 0x5, id, &get_headers("/sleep/1000"));
+        burst.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes())); // CANCEL
+        if tokio::io::AsyncWriteExt::write_all(&mut attack, &burst)
+            .await
+            .is_err()
+        {
+            attacker_cut = true;
+            break;
+        }
+        sent += 1;
+        if n % 100 == 0 {
+            // Meanwhile, an honest client.
+            let t = std::time::Instant::now();
+            let mut honest = common::Client::connect(srv.addr).await;
+            let answer = tokio::time::timeout(SOON, honest.get("/")).await;
+            assert!(
+                matches!(answer, Ok(Some(ref r)) if r.status == 200),
+                "{answer:?}"
+            );
+            assert!(
+                t.elapsed() < Duration::from_secs(3),
+                "answered after {:?}",
+                t.elapsed()
+            );
+        }
+    }
+    if !attacker_cut {
+        // The server must have said goodbye (GOAWAY) and closed, whatever we kept writing.
+        attacker_cut = closed_by_server(&mut attack).await;
+    }
+    assert!(
+        attacker_cut,
+        "{sent} resets and the attacking connection is still open"
+    );
+}
