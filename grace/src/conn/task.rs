@@ -12,7 +12,6 @@ use http::{Request, Response};
 use http_body::Body;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio_util::either::Either;
 
 use super::body::{BodyLimit, RequestBody};
 use super::io::TrackedIo;
@@ -82,14 +81,9 @@ pub(crate) fn http_builder() -> auto::Builder<TokioExecutor> {
 /// Serves one connection (through the acceptor, if any); on drain, asks it to close
 /// gracefully.
 ///
-/// The task's future is in every connection's memory: a plain connection's holds only what
-/// serving it needs, and the handshake's state (with a second `serve_io`) is boxed away in
-/// the acceptor's case.
-pub(crate) fn serve<S, B>(
-    stream: Stream,
-    peer: Addr,
-    ctx: Arc<ConnCtx<S>>,
-) -> impl Future<Output = ()> + Send + 'static
+/// The task's future is in every connection's memory: the handshake's state (with a second
+/// `serve_io`) is boxed away, so a plain connection's holds only what serving it needs.
+pub(crate) async fn serve<S, B>(stream: Stream, peer: Addr, ctx: Arc<ConnCtx<S>>)
 where
     S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
@@ -99,14 +93,12 @@ where
     B::Error: Into<BoxError>,
 {
     if ctx.acceptor.is_some() {
-        return Either::Right(Box::pin(serve_accepted(stream, peer, ctx)));
+        return Box::pin(serve_accepted(stream, peer, ctx)).await;
     }
-    Either::Left(async move {
-        let io = TrackedIo::new(stream, peer, &ctx.tracker);
-        let conn = Arc::clone(io.conn());
-        let accepted_at = conn.info.accepted_at;
-        serve_io(io, conn, accepted_at, None, ctx).await
-    })
+    let io = TrackedIo::new(stream, peer, &ctx.tracker);
+    let conn = Arc::clone(io.conn());
+    let accepted_at = conn.info.accepted_at;
+    serve_io(io, conn, accepted_at, None, ctx).await
 }
 
 /// [`serve`] through the acceptor.
