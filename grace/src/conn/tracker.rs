@@ -22,6 +22,20 @@ use crate::sys::SocketSlot;
 /// The user's observer of state changes.
 pub(crate) type Hook = Box<dyn Fn(&ConnInfo, ConnState) + Send + Sync + 'static>;
 
+/// What the report of a forced connection says of the request it was serving.
+struct RequestRecord {
+    method: http::Method,
+    target: Target,
+    started: Instant,
+}
+
+/// A request's path and query, or (without one: `CONNECT host:port`) its whole URI, boxed:
+/// the record is in every connection's memory, and only the path is cloned per request.
+enum Target {
+    Path(http::uri::PathAndQuery),
+    Other(Box<http::Uri>),
+}
+
 /// One live connection, shared by its socket wrapper, its request wrappers and the tracker.
 pub(crate) struct Conn {
     pub(crate) info: ConnInfo,
@@ -29,7 +43,7 @@ pub(crate) struct Conn {
     /// Requests (HTTP/1) or streams (HTTP/2) whose response is not fully written yet.
     inflight: AtomicU32,
     http2: AtomicBool,
-    request: Mutex<Option<(http::Method, http::Uri, Instant)>>,
+    request: Mutex<Option<RequestRecord>>,
     /// The tick of the tracker's coarse clock when the connection started waiting for a
     /// request head (accepted, or the first byte of the next HTTP/1 request); 0 when not
     /// waiting. See [`Tracker::tick`].
@@ -162,7 +176,15 @@ impl Conn {
         if req.version() == http::Version::HTTP_2 {
             self.http2.store(true, Ordering::Relaxed);
         }
-        *lock(&self.request) = Some((req.method().clone(), req.uri().clone(), now));
+        let target = match req.uri().path_and_query() {
+            Some(path) => Target::Path(path.clone()),
+            None => Target::Other(Box::new(req.uri().clone())),
+        };
+        *lock(&self.request) = Some(RequestRecord {
+            method: req.method().clone(),
+            target,
+            started: now,
+        });
         self.apply(Event::RequestStarted);
     }
 
@@ -275,15 +297,14 @@ impl Conn {
     }
 
     fn forced(&self, now: Instant) -> ForcedConn {
-        let request = lock(&self.request)
-            .as_ref()
-            .map(|(method, uri, started)| ActiveRequest {
-                method: method.to_string(),
-                path: uri
-                    .path_and_query()
-                    .map_or_else(|| uri.to_string(), |p| p.to_string()),
-                age: now.saturating_duration_since(*started),
-            });
+        let request = lock(&self.request).as_ref().map(|r| ActiveRequest {
+            method: r.method.to_string(),
+            path: match &r.target {
+                Target::Path(path) => path.to_string(),
+                Target::Other(uri) => uri.to_string(),
+            },
+            age: now.saturating_duration_since(r.started),
+        });
         ForcedConn {
             id: self.info.id,
             peer: self.info.peer.clone(),
