@@ -249,6 +249,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         )
         .pre_stop_delay(args.pre_stop_delay)
         .goodbye_spread(args.goodbye_spread)
+        // GET /whoami answers the peer as axum's ConnectInfo sees it.
+        .peer_addr_in_requests(true)
         .stop_deadline(Some(args.stop_deadline).filter(|d| !d.is_zero()))
         .max_connections(Some(args.max_connections).filter(|&n| n > 0))
         .max_connection_age(Some(args.max_connection_age).filter(|d| !d.is_zero()))

@@ -62,7 +62,7 @@ fn app() -> axum::Router {
 
 #[tokio::test]
 async fn an_acceptor_wraps_connections_and_they_are_tracked_and_drained() {
-    let mut s = start(app(), |s| s.acceptor(ProxyV1)).await;
+    let mut s = start(app(), |s| s.acceptor(ProxyV1).peer_addr_in_requests(true)).await;
     let mut c = Client::connect(s.addr).await;
     let me = c.io.get_ref().local_addr().unwrap();
     // The header alone is not a request: still New.
@@ -143,7 +143,18 @@ async fn the_peer_address_can_be_left_out_of_requests() {
     s.handle.shutdown();
     s.report(Duration::ZERO).await;
 
-    let mut s = start(app, |s| s).await;
+    let mut s = start(app.clone(), |s| s).await;
+    let mut c = Client::connect(s.addr).await;
+    assert_eq!(
+        c.get("/peer").await.unwrap().body,
+        "false",
+        "off by default"
+    );
+    drop(c);
+    s.handle.shutdown();
+    s.report(Duration::ZERO).await;
+
+    let mut s = start(app, |s| s.peer_addr_in_requests(true)).await;
     let mut c = Client::connect(s.addr).await;
     assert_eq!(c.get("/peer").await.unwrap().body, "true");
     drop(c);
