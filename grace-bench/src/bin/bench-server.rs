@@ -1,4 +1,4 @@
-//! `bench-server --mode grace|hyper|axum [--handler router|bare] --listen 127.0.0.1:0`
+//! `bench-server --mode grace|hyper|axum|axum-server [--handler router|bare] [--tls] --listen 127.0.0.1:0`
 //!
 //! Serves `GET /` → `200 hello` with the same handler in every mode and prints
 //! `listening on ADDR` on stdout once bound and ready for signals. The handler is
@@ -15,12 +15,22 @@
 //! - `hyper-timer`: `hyper` plus the HTTP/1 settings grace's builder uses (a `TokioTimer`
 //!   and a 10 s `header_read_timeout`), to tell grace's own cost from that setting's.
 //!
+//! - `axum-server`: `axum_server` (its own accept loop, hyper-util's auto builder) serving
+//!   the router, with a graceful shutdown on SIGTERM; with `--tls`, its `RustlsAcceptor`.
+//!
+//! `--tls` (modes `grace` and `axum-server`): a self-signed certificate for `localhost`
+//! (ECDSA P-256, made by rcgen at start) and one rustls `ServerConfig` (ring provider,
+//! TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`), made by `grace_http::tls::TlsConfig` and
+//! given as it is to axum-server (`RustlsConfig::from_config`): both servers run the very
+//! same rustls configuration.
+//!
 //! Every mode uses the same listening socket (`grace_http::Listener::bind`: `SO_REUSEADDR`,
 //! backlog 4096) and sets `TCP_NODELAY` on accepted connections.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use axum_server::accept::NoDelayAcceptor;
 use clap::{Parser, ValueEnum};
 use http::Request;
 use hyper::body::Incoming;
@@ -41,6 +51,8 @@ enum Mode {
     Axum,
     /// `hyper` with grace's HTTP/1 timer and 10 s header read timeout.
     HyperTimer,
+    /// `axum_server` (with `--tls`: `axum_server::tls_rustls`), graceful shutdown on SIGTERM.
+    AxumServer,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -63,6 +75,18 @@ struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Serve HTTPS (modes `grace` and `axum-server`) with a self-signed certificate.
+    #[arg(long)]
+    tls: bool,
+}
+
+/// The TLS configuration both TLS modes serve: a fresh self-signed certificate.
+fn tls_config() -> anyhow::Result<grace_http::tls::TlsConfig> {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    Ok(grace_http::tls::TlsConfig::from_pem(
+        cert.cert.pem().as_bytes(),
+        cert.key_pair.serialize_pem().as_bytes(),
+    )?)
 }
 
 #[tokio::main]
@@ -75,11 +99,19 @@ async fn main() -> anyhow::Result<()> {
         unreachable!("Listener::bind makes a TCP listener");
     };
     let addr = listener.local_addr()?;
+    let tls = args.tls.then(tls_config).transpose()?;
+    anyhow::ensure!(
+        tls.is_none() || matches!(args.mode, Mode::Grace | Mode::AxumServer),
+        "--tls is for modes grace and axum-server"
+    );
 
     match args.mode {
         Mode::Grace => {
-            let server = grace_http::Server::from_listener(listener)
+            let mut server = grace_http::Server::from_listener(listener)
                 .shutdown_timeout(Duration::from_secs(30));
+            if let Some(tls) = tls {
+                server = server.tls(tls);
+            }
             let report = match args.handler {
                 Handler::Router => {
                     let serve = server.serve(grace_bench::router()).with_signals();
@@ -126,6 +158,40 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .await?;
             // The same exit as grace's.
+            std::process::exit(0);
+        }
+        Mode::AxumServer => {
+            anyhow::ensure!(
+                args.handler == Handler::Router,
+                "axum-server mode serves the router only"
+            );
+            let app = grace_bench::router().into_make_service();
+            let mut term = signal(SignalKind::terminate())?;
+            let handle = axum_server::Handle::new();
+            let on_term = handle.clone();
+            tokio::spawn(async move {
+                term.recv().await;
+                on_term.graceful_shutdown(Some(Duration::from_secs(30)));
+            });
+            let server = axum_server::Server::<SocketAddr>::from_listener(listener)
+                .handle(handle)
+                .acceptor(NoDelayAcceptor::new());
+            println!("listening on {addr}");
+            match tls {
+                Some(tls) => {
+                    let config = axum_server::tls_rustls::RustlsConfig::from_config(
+                        std::sync::Arc::clone(tls.server_config()),
+                    );
+                    server
+                        .acceptor(
+                            axum_server::tls_rustls::RustlsAcceptor::new(config)
+                                .acceptor(NoDelayAcceptor::new()),
+                        )
+                        .serve(app)
+                        .await?
+                }
+                None => server.serve(app).await?,
+            }
             std::process::exit(0);
         }
         Mode::Hyper | Mode::HyperTimer => match args.handler {
