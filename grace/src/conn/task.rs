@@ -118,23 +118,26 @@ where
     let conn = ctx.tracker.register(peer, &stream);
     conn.set_closes_itself();
     let registered = Registered(Some(Arc::clone(&conn)));
-    let accepting = tokio::time::timeout(
-        ctx.handshake_timeout,
-        acceptor.accept(Socket::new(stream, Arc::clone(&conn))),
-    );
-    tokio::pin!(accepting);
-    let accepted = tokio::select! {
-        biased;
-        accepted = accepting.as_mut() => accepted,
-        _ = std::future::poll_fn(|cx| conn.poll_draining(cx)) => {
-            // Draining: a handshake under way gets the first-byte grace (counted from
-            // accept), like a silent plain connection; one that is not done by then closes.
-            let until = after(conn.info.accepted_at, ctx.first_byte_grace());
-            tokio::select! {
-                accepted = accepting.as_mut() => accepted,
-                _ = tokio::time::sleep_until(until.into()) => {
-                    tracing::debug!(conn = conn.info.id, "handshake cut by the drain");
-                    return;
+    // Scoped: the handshake's future (boxed) and its timer are freed once it is done.
+    let accepted = {
+        let accepting = tokio::time::timeout(
+            ctx.handshake_timeout,
+            acceptor.accept(Socket::new(stream, Arc::clone(&conn))),
+        );
+        tokio::pin!(accepting);
+        tokio::select! {
+            biased;
+            accepted = accepting.as_mut() => accepted,
+            _ = std::future::poll_fn(|cx| conn.poll_draining(cx)) => {
+                // Draining: a handshake under way gets the first-byte grace (counted from
+                // accept), like a silent plain connection; one that is not done by then closes.
+                let until = after(conn.info.accepted_at, ctx.first_byte_grace());
+                tokio::select! {
+                    accepted = accepting.as_mut() => accepted,
+                    _ = tokio::time::sleep_until(until.into()) => {
+                        tracing::debug!(conn = conn.info.id, "handshake cut by the drain");
+                        return;
+                    }
                 }
             }
         }
