@@ -181,11 +181,11 @@ impl Acceptor for TlsConfig {
         Box::pin(async move {
             let stream = acceptor.accept(socket).await?;
             let session = stream.get_ref().1;
-            let info = TlsInfo {
+            let info = TlsInfo(Arc::new(Negotiated {
                 alpn: session.alpn_protocol().map(<[u8]>::to_vec),
                 server_name: session.server_name().map(str::to_owned),
                 version: session.protocol_version().and_then(|v| v.as_str()),
-            };
+            }));
             Ok(Accepted::new(stream).with_extension(info))
         })
     }
@@ -193,8 +193,13 @@ impl Acceptor for TlsConfig {
 
 /// What was negotiated on a TLS connection, in the extensions of each of its requests
 /// (`axum::Extension<TlsInfo>`).
+///
+/// Shared by the connection's requests: each carries a reference, not a copy.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TlsInfo {
+pub struct TlsInfo(Arc<Negotiated>);
+
+#[derive(Debug, PartialEq, Eq)]
+struct Negotiated {
     alpn: Option<Vec<u8>>,
     server_name: Option<String>,
     version: Option<&'static str>,
@@ -203,17 +208,17 @@ pub struct TlsInfo {
 impl TlsInfo {
     /// The ALPN protocol agreed on (`b"h2"`, `b"http/1.1"`), if the client offered any.
     pub fn alpn_protocol(&self) -> Option<&[u8]> {
-        self.alpn.as_deref()
+        self.0.alpn.as_deref()
     }
 
     /// The host name the client asked for (SNI), if it sent one.
     pub fn server_name(&self) -> Option<&str> {
-        self.server_name.as_deref()
+        self.0.server_name.as_deref()
     }
 
     /// The protocol version, like `TLSv1_3`.
     pub fn protocol_version(&self) -> Option<&'static str> {
-        self.version
+        self.0.version
     }
 }
 
