@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -100,79 +100,32 @@ fn app() -> axum::Router {
 }
 
 /// A raw HTTP/1.1 exchange over TLS: what went over the wire, decrypted.
-struct H1 {
-    io: BufReader<TlsStream<TcpStream>>,
-}
-
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
+struct H1(common::Client<TlsStream<TcpStream>>);
 
 impl H1 {
     async fn connect(addr: SocketAddr, root: &CertificateDer<'static>) -> H1 {
         let tls = connect_tls(addr, root, &[b"http/1.1"]).await.unwrap();
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-        H1 {
-            io: BufReader::new(tls),
-        }
+        H1(common::Client::over(tls))
     }
 
     async fn send(&mut self, path: &str) {
-        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
-        self.io.get_mut().write_all(req.as_bytes()).await.unwrap();
-        self.io.get_mut().flush().await.unwrap();
+        self.0.send(path).await;
     }
 
-    async fn read(&mut self) -> Option<Resp> {
-        let mut line = String::new();
-        if self.io.read_line(&mut line).await.ok()? == 0 {
-            return None;
-        }
-        let status = line.split_whitespace().nth(1)?.parse().ok()?;
-        let mut headers = Vec::new();
-        loop {
-            line.clear();
-            self.io.read_line(&mut line).await.ok()?;
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            let (k, v) = l.split_once(':')?;
-            headers.push((k.trim().to_string(), v.trim().to_string()));
-        }
-        let mut resp = Resp {
-            status,
-            headers,
-            body: String::new(),
-        };
-        let len: usize = resp.header("content-length")?.parse().ok()?;
-        let mut body = vec![0; len];
-        self.io.read_exact(&mut body).await.ok()?;
-        resp.body = String::from_utf8_lossy(&body).into_owned();
-        Some(resp)
+    async fn read(&mut self) -> Option<common::Resp> {
+        self.0.read().await
     }
 
-    async fn get(&mut self, path: &str) -> Resp {
-        self.send(path).await;
-        self.read().await.expect("no response")
+    async fn get(&mut self, path: &str) -> common::Resp {
+        self.0.get(path).await.expect("no response")
     }
 
     /// How the server ended the connection: `Ok(())` for `close_notify` then EOF, the
     /// error otherwise (a FIN without `close_notify` is `UnexpectedEof`).
     async fn end(&mut self) -> std::io::Result<()> {
         let mut buf = [0u8; 64];
-        match tokio::time::timeout(SOON, self.io.read(&mut buf)).await {
+        match tokio::time::timeout(SOON, self.0.io.read(&mut buf)).await {
             Ok(Ok(0)) => Ok(()),
             Ok(Ok(n)) => panic!("{n} more bytes instead of the end"),
             Ok(Err(e)) => Err(e),
@@ -396,7 +349,7 @@ async fn a_reload_serves_new_handshakes_keeps_old_connections_and_refuses_bad_pa
     assert!(connect_tls(s.addr, &a.der, &[b"h2"]).await.is_err());
     // The connection made with A is untouched.
     assert_eq!(old.get("/").await.body, "hello");
-    assert_eq!(presented(old.io.get_ref()), a.der);
+    assert_eq!(presented(old.0.io.get_ref()), a.der);
 
     // Each bad reload is refused with its reason, and B keeps serving.
     let dir = std::env::temp_dir().join(format!("grace-tls-{}", std::process::id()));
@@ -597,9 +550,7 @@ async fn a_handshake_begun_as_the_drain_starts_is_served_within_the_grace() {
         .connect(name, tcp)
         .await
         .expect("the handshake was cut inside the grace");
-    let mut c = H1 {
-        io: BufReader::new(tls),
-    };
+    let mut c = H1(common::Client::over(tls));
     let resp = c.get("/").await;
     assert_eq!(resp.status, 200);
     assert_eq!(resp.header("connection"), Some("close"));

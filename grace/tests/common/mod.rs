@@ -120,21 +120,28 @@ impl Resp {
     }
 }
 
-/// A raw HTTP/1.1 connection.
-pub struct Client {
-    pub io: BufReader<TcpStream>,
+/// A raw HTTP/1.1 connection, over TCP or any other stream (TLS).
+pub struct Client<S = TcpStream> {
+    pub io: BufReader<S>,
 }
 
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Client {
+        Client::over(TcpStream::connect(addr).await.unwrap())
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client<S> {
+    pub fn over(stream: S) -> Client<S> {
         Client {
-            io: BufReader::new(TcpStream::connect(addr).await.unwrap()),
+            io: BufReader::new(stream),
         }
     }
 
     pub async fn send(&mut self, path: &str) {
-        let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
         self.io.get_mut().write_all(req.as_bytes()).await.unwrap();
+        self.io.get_mut().flush().await.unwrap();
     }
 
     pub async fn write(&mut self, bytes: &[u8]) {
