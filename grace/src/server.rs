@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 
 use crate::accept::Acceptor;
 use crate::conn::body::{BodyLimit, RequestBody};
-use crate::conn::task::{self, BoxError, ConnCtx};
+use crate::conn::task::{self, BoxError, ConnCtx, HttpService, ResponseBody};
 use crate::conn::tracker::Hook;
 use crate::conn::{Addr, ConnInfo, ConnState, clock};
 use crate::error::{Error, Result};
@@ -518,16 +518,8 @@ impl Drop for AbortOnDrop {
 impl<S> Serve<S> {
     async fn run<B>(self) -> Result<ShutdownReport>
     where
-        S: tower::Service<Request<RequestBody>, Response = Response<B>>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: HttpService<B>,
+        B: ResponseBody,
     {
         let Serve {
             server,
@@ -660,12 +652,8 @@ async fn accept_loop<S, B>(
     shared: Arc<Shared>,
     ctx: Arc<ConnCtx<S>>,
 ) where
-    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: ResponseBody,
 {
     const MIN_BACKOFF: Duration = Duration::from_millis(5);
     const MAX_BACKOFF: Duration = Duration::from_secs(1);

@@ -108,6 +108,16 @@ async fn preface(addr: std::net::SocketAddr) -> TcpStream {
     s
 }
 
+/// An HTTP/2 connection that has been answered one `GET /` and is now idle.
+async fn idle_h2(srv: &common::Running) -> TcpStream {
+    let mut s = preface(srv.addr).await;
+    s.write_all(&frame(HEADERS, 0x5, 1, &get_headers("/")))
+        .await
+        .unwrap();
+    srv.wait_counts(|c| c.idle == 1 && c.active == 0).await;
+    s
+}
+
 /// Issue 9, item 2: an HTTP/2 connection that sends only the preface is cut by the
 /// header-read timeout, as a silent HTTP/1 connection is (it was exempt once the preface
 /// arrived).
@@ -181,11 +191,7 @@ async fn an_idle_http2_connection_is_closed_by_the_idle_timeout() {
 #[tokio::test]
 async fn a_peer_that_never_answers_the_drain_ping_does_not_hold_the_drain() {
     let mut srv = start(app(), |s| s.shutdown_timeout(Duration::from_secs(60))).await;
-    let mut s = preface(srv.addr).await;
-    s.write_all(&frame(HEADERS, 0x5, 1, &get_headers("/")))
-        .await
-        .unwrap();
-    srv.wait_counts(|c| c.idle == 1 && c.active == 0).await;
+    let mut s = idle_h2(&srv).await;
     let t = std::time::Instant::now();
     srv.handle.shutdown();
     // The peer reads (so the server's writes do not block) but answers nothing.
@@ -227,11 +233,7 @@ async fn the_ping_bound_lets_an_open_stream_finish() {
 #[tokio::test]
 async fn http2_gets_its_goaway_during_the_pre_stop_delay() {
     let mut srv = start(app(), |s| s.pre_stop_delay(Duration::from_secs(2))).await;
-    let mut s = preface(srv.addr).await;
-    s.write_all(&frame(HEADERS, 0x5, 1, &get_headers("/")))
-        .await
-        .unwrap();
-    srv.wait_counts(|c| c.idle == 1 && c.active == 0).await;
+    let mut s = idle_h2(&srv).await;
     let t = std::time::Instant::now();
     srv.handle.shutdown();
     let goaway = tokio::time::timeout(SOON, async {

@@ -26,6 +26,42 @@ use crate::shutdown::budget::after;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What grace serves, named once: a cloneable tower service taking requests with a
+/// [`RequestBody`], whose futures and errors hyper can carry across tasks.
+pub(crate) trait HttpService<B>:
+    tower::Service<
+        Request<RequestBody>,
+        Response = Response<B>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S, B> HttpService<B> for S where
+    S: tower::Service<
+            Request<RequestBody>,
+            Response = Response<B>,
+            Future: Send + 'static,
+            Error: Into<BoxError>,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// A response body hyper can write from any task.
+pub(crate) trait ResponseBody:
+    Body<Data: Send, Error: Into<BoxError>> + Send + 'static
+{
+}
+
+impl<B> ResponseBody for B where B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
 /// How long a draining HTTP/2 connection with no open stream waits for the peer to answer
 /// the drain's PING (which tells which streams it opened meanwhile) before it is closed
 /// anyway, as Go's HTTP/2 server waits one second after its GOAWAY.
@@ -85,12 +121,8 @@ pub(crate) fn http_builder() -> auto::Builder<TokioExecutor> {
 /// `serve_io`) is boxed away, so a plain connection's holds only what serving it needs.
 pub(crate) async fn serve<S, B>(stream: Stream, peer: Addr, ctx: Arc<ConnCtx<S>>)
 where
-    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: ResponseBody,
 {
     if ctx.acceptor.is_some() {
         return Box::pin(serve_accepted(stream, peer, ctx)).await;
@@ -104,12 +136,8 @@ where
 /// [`serve`] through the acceptor.
 async fn serve_accepted<S, B>(stream: Stream, peer: Addr, ctx: Arc<ConnCtx<S>>)
 where
-    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: ResponseBody,
 {
     let Some(acceptor) = ctx.acceptor.clone() else {
         return;
@@ -186,12 +214,8 @@ async fn serve_io<I, S, B>(
     ctx: Arc<ConnCtx<S>>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: ResponseBody,
 {
     let service = WithConnInfo {
         inner: ctx.service.clone(),
