@@ -73,8 +73,14 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Settings> {
 
 /// How this process restarts itself: on SIGHUP, into the binary at the path it was started
 /// from (a replaced binary is what starts), with the same arguments.
-pub fn restart(pid_file: Option<&PathBuf>, ready_timeout: Duration) -> grace_http::Restart {
-    let restart = grace_http::Restart::new().ready_timeout(ready_timeout);
+pub fn restart(
+    pid_file: Option<&PathBuf>,
+    ready_timeout: Duration,
+    hand_over_window: Duration,
+) -> grace_http::Restart {
+    let restart = grace_http::Restart::new()
+        .ready_timeout(ready_timeout)
+        .hand_over_window(hand_over_window);
     match pid_file {
         Some(path) => restart.pid_file(path),
         None => restart,

@@ -107,6 +107,10 @@ pub struct Args {
     /// How long an upgrade (SIGHUP) waits for the new process before rolling back.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     ready_timeout: Duration,
+    /// At an upgrade, pass idle HTTP/1.1 connections (socket and unread bytes) to the new
+    /// process instead of closing them, for at most this long (`0`: off, close them).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    hand_over_window: Duration,
     /// Serve HTTPS with this PEM certificate chain (with `--tls-key`); SIGUSR1 reads both
     /// files again: new handshakes get the new certificate, a bad pair is refused.
     #[arg(long, requires = "tls_key")]
@@ -214,7 +218,11 @@ fn reload_on_sigusr1(
 
 async fn run(args: Args) -> anyhow::Result<bool> {
     // First: the program to restart into is resolved now, before anything can replace it.
-    let restart = config::restart(args.pid_file.as_ref(), args.ready_timeout);
+    let restart = config::restart(
+        args.pid_file.as_ref(),
+        args.ready_timeout,
+        args.hand_over_window,
+    );
     let settings = config::load(args.config.as_deref())?;
     // GET /metrics, /debug: the process's metrics recorder, and the live page's wake-ups.
     let observer = debug::Observer::install().context("installing the metrics recorder")?;

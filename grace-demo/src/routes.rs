@@ -62,6 +62,8 @@ async fn whoami(
         })
     });
     Json(serde_json::json!({
+        // Which process answered: across upgrades, a kept connection meets each generation.
+        "pid": std::process::id(),
         "peer": peer.to_string(),
         "connect_info": connect_info.map(|Extension(ConnectInfo(a))| a.to_string()),
         "tls": tls,

@@ -7,7 +7,7 @@
 //!
 //! | request   | answer |
 //! |-----------|--------|
-//! | `status`  | `{"pid":…,"generation":…,"phase":"serving"\|"stopping"\|"draining","ready":…,"counts":{…},"connections":…,"last_upgrade":{"ok":true,"pid":…}\|{"ok":false,"error":…}\|null}` |
+//! | `status`  | `{"pid":…,"generation":…,"phase":"serving"\|"stopping"\|"draining","ready":…,"counts":{…},"connections":…,"handed_over":{"received":…,"sent":…},"last_upgrade":{"ok":true,"pid":…}\|{"ok":false,"error":…}\|null}` |
 //! | `upgrade` | waits for the outcome: `{"ok":true,"pid":<new>}` or `{"ok":false,"kind":"exited","error":"process 42 exited with status 1 before it was ready"}` |
 //! | `drain`   | `{"ok":true}` once the drain is asked for |
 //!
@@ -96,6 +96,9 @@ async fn dispatch(request: &str, shared: &Arc<Shared>) -> Value {
 
 fn status(shared: &Shared) -> Value {
     let counts = shared.tracker.counts();
+    // Connections handed over at upgrades: received from the previous generation, sent to
+    // the next.
+    let (sent, received) = shared.tracker.handed_over_received();
     let phase = match (shared.drain.is_set(), shared.tracker.is_draining()) {
         (false, _) => "serving",
         (true, false) => "stopping",
@@ -112,6 +115,7 @@ fn status(shared: &Shared) -> Value {
         "ready": !shared.drain.is_set(),
         "counts": counts,
         "connections": counts.total(),
+        "handed_over": {"received": received, "sent": sent},
         "last_upgrade": last,
     })
 }

@@ -66,6 +66,7 @@ pub mod accept;
 mod conn;
 pub mod control;
 mod error;
+mod handover;
 mod health;
 mod jobs;
 mod latch;

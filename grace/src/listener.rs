@@ -449,6 +449,33 @@ enum StreamIo {
 }
 
 impl Stream {
+    /// A connected socket that the previous generation handed over (see `crate::handover`),
+    /// with its peer's address.
+    pub(crate) fn from_handed(fd: OwnedFd) -> io::Result<(Stream, Addr)> {
+        use rustix::net::sockopt;
+        if sockopt::socket_type(&fd)? != rustix::net::SocketType::STREAM {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "descriptor is not a stream socket",
+            ));
+        }
+        rustix::io::ioctl_fionbio(&fd, true)?;
+        let (io, peer) = match sockopt::socket_domain(&fd)? {
+            rustix::net::AddressFamily::UNIX => {
+                let s = UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))?;
+                let peer = s.peer_addr()?;
+                let peer = Addr::Unix(peer.as_pathname().map(Path::to_path_buf));
+                (StreamIo::Unix(s), peer)
+            }
+            _ => {
+                let s = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+                let peer = Addr::Tcp(s.peer_addr()?);
+                (StreamIo::Tcp(s), peer)
+            }
+        };
+        Ok((Stream { io, slot: None }, peer))
+    }
+
     /// Holds `slot` (see `Server::max_connections`) until the socket closes.
     pub(crate) fn hold(&mut self, slot: Option<tokio::sync::OwnedSemaphorePermit>) {
         self.slot = slot;

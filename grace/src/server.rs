@@ -19,7 +19,7 @@ use crate::conn::task::{self, BoxError, ConnCtx, HttpService, ResponseBody};
 use crate::conn::tracker::Hook;
 use crate::conn::{Addr, ConnInfo, ConnState, clock};
 use crate::error::{Error, Result};
-use crate::listener::{self, Listener, SocketFile};
+use crate::listener::{self, Listener, SocketFile, Stream};
 use crate::shutdown::budget::Budget;
 use crate::shutdown::report::ShutdownReport;
 use crate::shutdown::{Handle, Named, Shared, Trigger, drain};
@@ -89,6 +89,8 @@ pub struct Server {
     listeners: Vec<(Listener, String)>,
     /// The previous generation's readiness pipe (see [`Server::from_inherited`]).
     ready_pipe: Option<std::os::fd::OwnedFd>,
+    /// The socket on which the previous generation hands connections over, if it does.
+    handover: Option<std::os::fd::OwnedFd>,
     /// The Unix-domain socket files this server removes when it stops for good.
     files: Vec<SocketFile>,
     shared: Arc<Shared>,
@@ -103,8 +105,7 @@ pub struct Server {
 /// See [`Server::configure_hyper`].
 type ConfigureHyper = Box<dyn FnOnce(&mut HyperBuilder) + Send>;
 
-/// hyper's connection builder (HTTP/1.1 and HTTP/2), as [`Server::configure_hyper`] gives it.
-pub type HyperBuilder = hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>;
+pub use crate::conn::http::HyperBuilder;
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -174,6 +175,7 @@ impl Server {
         Server {
             listeners: named.collect(),
             ready_pipe: None,
+            handover: None,
             files: Vec::new(),
             shared: Shared::new(),
             hook: None,
@@ -197,6 +199,7 @@ impl Server {
             server.listeners.push((listener, name));
         }
         server.ready_pipe = inherited.ready;
+        server.handover = inherited.handover;
         if let Some(generation) = inherited.generation {
             let _ = server.shared.generation.set(generation);
         }
@@ -530,6 +533,7 @@ impl<S> Serve<S> {
         let Server {
             listeners,
             ready_pipe,
+            handover,
             files,
             shared,
             hook,
@@ -562,7 +566,7 @@ impl<S> Serve<S> {
         let ctx = Arc::new(ConnCtx {
             service,
             builder: {
-                let mut builder = task::http_builder();
+                let mut builder = HyperBuilder::new();
                 if let Some(configure) = configure_hyper {
                     configure(&mut builder);
                 }
@@ -606,9 +610,30 @@ impl<S> Serve<S> {
         // Ready before the first accept (connections wait in the kernel's queue meanwhile):
         // pid file, the previous generation's readiness pipe, systemd READY=1. A new
         // generation that cannot report ready fails here, having accepted nothing.
-        let restarts =
-            crate::restart::serving(&shared, ready_pipe, config.budget.shutdown_timeout)?
-                .map(AbortOnDrop);
+        // Connections the previous generation hands over are served from before we say we
+        // are ready (it hands them over only once we have).
+        let inbox = match handover.map(crate::handover::Inbox::new).transpose() {
+            Ok(inbox) => inbox,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot receive handed-over connections: none taken");
+                None
+            }
+        };
+        let takes_connections = inbox.is_some();
+        let _receiving = inbox.map(|inbox| {
+            AbortOnDrop(tokio::spawn(receive_handed(
+                inbox,
+                limit.clone(),
+                Arc::clone(&ctx),
+            )))
+        });
+        let restarts = crate::restart::serving(
+            &shared,
+            ready_pipe,
+            takes_connections,
+            config.budget.shutdown_timeout,
+        )?
+        .map(AbortOnDrop);
         // Serving: the files are ours to remove when we stop, whoever bound them.
         files.iter().for_each(SocketFile::arm);
         let mut accepting = JoinSet::new();
@@ -643,6 +668,40 @@ impl<S> Serve<S> {
         drop(control_file);
         Ok(report)
     }
+}
+
+/// Serves the connections the previous generation hands over, until it closes its end.
+/// They are already accepted: one that finds the connection limit reached is served anyway.
+async fn receive_handed<S, B>(
+    mut inbox: crate::handover::Inbox,
+    limit: Option<Arc<tokio::sync::Semaphore>>,
+    ctx: Arc<ConnCtx<S>>,
+) where
+    S: HttpService<B>,
+    B: ResponseBody,
+{
+    loop {
+        let (fd, buffered) = match inbox.recv().await {
+            Ok(Some(handed)) => handed,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "hand-over channel failed: no more connections taken");
+                break;
+            }
+        };
+        match Stream::from_handed(fd) {
+            Ok((mut stream, peer)) => {
+                stream.hold(
+                    limit
+                        .as_ref()
+                        .and_then(|l| Arc::clone(l).try_acquire_owned().ok()),
+                );
+                tokio::spawn(task::serve_handed(stream, peer, buffered, Arc::clone(&ctx)));
+            }
+            Err(e) => tracing::debug!(error = %e, "handed-over descriptor refused"),
+        }
+    }
+    tracing::debug!("the previous generation has handed over all it will");
 }
 
 /// Accepts until the drain starts, then drops (closes) the listener.

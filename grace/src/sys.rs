@@ -27,6 +27,20 @@ impl SocketSlot {
         *crate::lock(&self.0) = None;
     }
 
+    /// Takes the descriptor out of the slot for a hand-over to the next generation: from
+    /// now on no shutdown from outside (a force, the idle timeout) reaches the socket, which
+    /// the next generation is about to share. Lends the descriptor for as long as `owner`
+    /// is borrowed; `owner` must be the stream that owns it (the one whose drop releases
+    /// this slot). `None` if the slot was already released.
+    pub(crate) fn take_lent<'a, T: ?Sized>(&self, owner: &'a T) -> Option<BorrowedFd<'a>> {
+        let fd = crate::lock(&self.0).take()?;
+        let _ = owner;
+        // SAFETY: the slot held `fd`, so the socket owning it was open (the invariant above);
+        // its owner is `owner` (this function's contract), borrowed for 'a, so it cannot be
+        // dropped, and the descriptor closed, while the borrowed descriptor lives.
+        Some(unsafe { BorrowedFd::borrow_raw(fd) })
+    }
+
     /// Shuts the socket down in both directions: the peer sees FIN, and every pending or
     /// future read on our side returns end-of-file, every write fails. Returns false if the
     /// socket was already closed.
@@ -121,4 +135,17 @@ pub(crate) fn pass_fds(cmd: &mut std::process::Command, fds: Vec<RawFd>) -> std:
         });
     }
     Ok(())
+}
+
+/// Registers a socket we own with tokio's reactor (the hand-over channel: a socket type
+/// tokio has no wrapper for).
+pub(crate) fn async_fd(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: tokio asks that the descriptor stay open, and the same, for as long as the
+    // `AsyncFd` holds it: the `AsyncFd` owns the `OwnedFd`, whose number never changes and
+    // which is closed only when dropped, with the `AsyncFd` (after deregistration).
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
+        .map_err(|e| e.into_parts().1)
 }

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::tracker::Conn;
 use crate::shutdown::budget::after;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -56,19 +58,27 @@ pin_project_lite::pin_project! {
         received: u64,
         // Made only when the body makes the reader wait (most bodies never do).
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
+        // Told when the body has been read to its end (a body that has one).
+        open: Option<Arc<Conn>>,
     }
 }
 
 impl RequestBody {
     /// The body of a request whose head was read at `started`.
     #[inline]
-    pub(crate) fn new(inner: Incoming, limit: Option<BodyLimit>, started: Instant) -> RequestBody {
+    pub(crate) fn new(
+        inner: Incoming,
+        limit: Option<BodyLimit>,
+        started: Instant,
+        open: Option<Arc<Conn>>,
+    ) -> RequestBody {
         RequestBody {
             inner,
             limit,
             started,
             received: 0,
             timer: None,
+            open,
         }
     }
 }
@@ -89,16 +99,22 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     *this.received += data.len() as u64;
                 }
+                if this.inner.is_end_stream() {
+                    ended(this.open);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                ended(this.open);
+                Poll::Ready(None)
+            }
             Poll::Pending => {
                 let Some(limit) = this.limit else {
                     return Poll::Pending;
@@ -127,6 +143,13 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The body was read to its end: its connection is told, once.
+fn ended(open: &mut Option<Arc<Conn>>) {
+    if let Some(conn) = open.take() {
+        conn.body_ended();
     }
 }
 

@@ -3,6 +3,8 @@
 //! - [`ConnState`] and [`ConnInfo`]: what a user sees through [`Server::on_conn_state`](crate::Server::on_conn_state).
 //! - `state`: the state machine, one pure function from a state and an event to the next.
 //! - `tracker`: the one owner of every live connection and of the counts per state.
+//! - `http`: which HTTP a connection speaks, and hyper's connection for it (one that can give
+//!   its socket back between requests, for a hand-over).
 //! - `io`: the socket wrapper that sees a connection's bytes and can be shut from outside.
 //! - `request`: the per-request service and body wrappers (Active ↔ Idle, Hijacked, panics).
 //! - `body`: the request body, with its timeout against dribbling clients.
@@ -16,6 +18,7 @@ use std::time::Instant;
 
 pub(crate) mod body;
 pub(crate) mod clock;
+pub(crate) mod http;
 pub(crate) mod io;
 pub(crate) mod request;
 pub(crate) mod state;

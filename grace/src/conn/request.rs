@@ -26,7 +26,9 @@ use super::tracker::Conn;
 
 /// hyper's service for one connection, around the user's tower service.
 pub(crate) struct ConnService<S> {
-    inner: S,
+    // Boxed: hyper's HTTP/1 connection must be `Unpin` to give its socket back for a
+    // hand-over (see `http::HttpConn::into_handover`), whatever the user's service is.
+    inner: Box<S>,
     conn: Arc<Conn>,
     body_limit: Option<BodyLimit>,
 }
@@ -34,7 +36,7 @@ pub(crate) struct ConnService<S> {
 impl<S> ConnService<S> {
     pub(crate) fn new(inner: S, conn: Arc<Conn>, body_limit: Option<BodyLimit>) -> Self {
         ConnService {
-            inner,
+            inner: Box::new(inner),
             conn,
             body_limit,
         }
@@ -61,7 +63,12 @@ where
         }
         let http1 = req.version() < http::Version::HTTP_2;
         let limit = self.body_limit;
-        let req = req.map(|body| RequestBody::new(body, limit, now));
+        let conn = &self.conn;
+        let req = req.map(|body| {
+            // Told when the body is read to its end, if it has one (see `Conn::body_open`).
+            let open = (!body.is_end_stream()).then(|| Arc::clone(conn));
+            RequestBody::new(body, limit, now, open)
+        });
         let guard = Some(RequestGuard {
             conn: Arc::clone(&self.conn),
         });
@@ -69,7 +76,7 @@ where
         // request is the service's own, not a `Oneshot` holding a copy of the request. One
         // that is not ready goes through `Oneshot`, which polls `poll_ready` again with the
         // task's waker. A panic is caught as in `poll`, answered with 500.
-        let mut svc = self.inner.clone();
+        let mut svc = S::clone(&self.inner);
         let noop = &mut Context::from_waker(Waker::noop());
         let state = match catch_unwind(AssertUnwindSafe(|| svc.poll_ready(noop))) {
             Ok(Poll::Ready(Ok(()))) => {
@@ -200,9 +207,13 @@ where
         };
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             guard.conn.apply(Event::Upgraded);
-        } else if *this.http1 && guard.conn.tracker().drain_asked.is_set() {
+        } else if *this.http1
+            && guard.conn.tracker().drain_asked.is_set()
+            && guard.conn.tracker().handing_over().is_none()
+        {
             // From the drain request on, pre-stop delay included (the soft drain): keep-alive
-            // clients move to other instances before the listener closes.
+            // clients move to other instances before the listener closes. Not while
+            // connections are handed to the next generation: this one goes there next.
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 
 use super::body::{BodyLimit, RequestBody};
+use super::http::{HttpConn, HyperBuilder, Released};
 use super::io::TrackedIo;
 use super::request::ConnService;
 use super::tracker::{Conn, Tracker};
@@ -70,7 +70,7 @@ const H2_GOAWAY_ACK_WAIT: Duration = Duration::from_secs(1);
 /// What every connection task of a server needs.
 pub(crate) struct ConnCtx<S> {
     pub(crate) service: S,
-    pub(crate) builder: auto::Builder<TokioExecutor>,
+    pub(crate) builder: HyperBuilder,
     pub(crate) tracker: Arc<Tracker>,
     /// The server's drain request: a restart gives silent connections a longer grace.
     pub(crate) drain: Arc<Latch<Trigger>>,
@@ -102,18 +102,6 @@ impl<S> ConnCtx<S> {
     }
 }
 
-/// hyper's builder as grace uses it.
-pub(crate) fn http_builder() -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // The header-read timeout is kept by the server's coarse clock (one timer per server)
-    // rather than by hyper (one timer per request).
-    builder.http1().header_read_timeout(None);
-    builder.http2().timer(TokioTimer::new());
-    // RFC 8441: WebSocket (and other protocols) over HTTP/2 streams.
-    builder.http2().enable_connect_protocol();
-    builder
-}
-
 /// Serves one connection (through the acceptor, if any); on drain, asks it to close
 /// gracefully.
 ///
@@ -130,7 +118,36 @@ where
     let io = TrackedIo::new(stream, peer, &ctx.tracker);
     let conn = Arc::clone(io.conn());
     let accepted_at = conn.info.accepted_at;
-    serve_io(io, conn, accepted_at, None, ctx).await
+    serve_io(io, conn, accepted_at, None, None, ctx).await
+}
+
+/// Serves a connection the previous generation handed over between two requests, with the
+/// bytes it had read from it but not parsed (see `crate::handover`): HTTP/1, `Idle`.
+pub(crate) async fn serve_handed<S, B>(
+    stream: Stream,
+    peer: Addr,
+    buffered: Bytes,
+    ctx: Arc<ConnCtx<S>>,
+) where
+    S: HttpService<B>,
+    B: ResponseBody,
+{
+    let conn = ctx.tracker.register_handed(peer, &stream);
+    if !buffered.is_empty() {
+        // They were read from the socket, as far as the connection's state goes: the next
+        // request's head has begun.
+        conn.on_read(&buffered);
+    }
+    let io = TrackedIo::registered(stream, Arc::clone(&conn));
+    serve_io(
+        io,
+        conn,
+        std::time::Instant::now(),
+        None,
+        Some(buffered),
+        ctx,
+    )
+    .await
 }
 
 /// [`serve`] through the acceptor.
@@ -183,7 +200,7 @@ where
     };
     let extra = (!accepted.extensions.is_empty()).then(|| Arc::new(accepted.extensions));
     let io = TrackedIo::registered(accepted.io, registered.take());
-    serve_io(io, conn, std::time::Instant::now(), extra, ctx).await;
+    serve_io(io, conn, std::time::Instant::now(), extra, None, ctx).await;
 }
 
 /// A connection registered before its acceptor ran: unregistered if the acceptor fails
@@ -205,12 +222,14 @@ impl Drop for Registered {
 }
 
 /// Serves HTTP over `io`, whose connection is `conn`, ready for its first request since
-/// `ready_at` (accept, or the end of the handshake).
+/// `ready_at` (accept, or the end of the handshake). `handed`: HTTP/1 handed over by the
+/// previous generation, with the bytes that came with it.
 async fn serve_io<I, S, B>(
     io: TrackedIo<I>,
     conn: Arc<Conn>,
     ready_at: std::time::Instant,
     extra: Option<Arc<http::Extensions>>,
+    handed: Option<Bytes>,
     ctx: Arc<ConnCtx<S>>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
@@ -224,10 +243,10 @@ async fn serve_io<I, S, B>(
         extra,
     };
     let service = ConnService::new(service, Arc::clone(&conn), ctx.body_limit);
-    let mut connection = std::pin::pin!(
-        ctx.builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-    );
+    let mut connection = match handed {
+        None => HttpConn::new(io, service, &ctx.builder),
+        Some(buffered) => HttpConn::http1(io, buffered, service, &ctx.builder),
+    };
     let mut registered = None;
     let draining = std::future::poll_fn(|cx| conn.poll_draining_cached(cx, &mut registered));
     tokio::pin!(draining);
@@ -249,15 +268,18 @@ async fn serve_io<I, S, B>(
         ctx.drain.wait().await;
     };
     tokio::pin!(soft);
+    // Asked to close before the drain (the soft drain, or old age).
+    let mut closing = false;
     tokio::select! {
         biased;
-        result = connection.as_mut() => return log_end(conn.info.id, result),
+        result = &mut connection => return log_end(conn.info.id, result),
         _ = draining.as_mut() => {}
         _ = soft.as_mut() => {
-            connection.as_mut().graceful_shutdown();
+            connection.graceful_shutdown();
+            closing = true;
             tokio::select! {
                 biased;
-                result = connection.as_mut() => return log_end(conn.info.id, result),
+                result = &mut connection => return log_end(conn.info.id, result),
                 _ = draining.as_mut() => {}
             }
         }
@@ -267,12 +289,21 @@ async fn serve_io<I, S, B>(
             Some(sleep) => sleep.as_mut().poll(cx),
             None => Poll::Pending,
         }), if old.is_some() => {
-            connection.as_mut().graceful_shutdown();
+            connection.graceful_shutdown();
+            closing = true;
             tokio::select! {
                 biased;
-                result = connection.as_mut() => return log_end(conn.info.id, result),
+                result = &mut connection => return log_end(conn.info.id, result),
                 _ = draining.as_mut() => {}
             }
+        }
+    }
+    // An upgrade's drain: HTTP/1 connections go to the next generation at their next moment
+    // between requests, until the hand-over window ends.
+    // (Not one already asked to close: its client may have been told so.)
+    if let Some(outbox) = ctx.tracker.handing_over().filter(|_| !closing) {
+        if let Some(result) = hand_over(&mut connection, &conn, outbox).await {
+            return log_end(conn.info.id, result);
         }
     }
     if conn.state() == ConnState::New {
@@ -280,31 +311,31 @@ async fn serve_io<I, S, B>(
         // handshake, for TLS) to show up.
         let until = after(ready_at, ctx.first_byte_grace());
         tokio::select! {
-            result = connection.as_mut() => return log_end(conn.info.id, result),
+            result = &mut connection => return log_end(conn.info.id, result),
             _ = tokio::time::sleep_until(until.into()) => {}
             _ = conn.left_new() => {}
         }
     }
     // Idle (and still silent New) connections close now; HTTP/1 requests in flight finish
     // with `Connection: close`; HTTP/2 sends GOAWAY and lets open streams finish.
-    connection.as_mut().graceful_shutdown();
+    connection.graceful_shutdown();
     if conn.is_http2() {
         // GOAWAY and PING are out; a peer that answers lets hyper finish at once. One that
         // does not (gone, or behind a dropped NAT entry) must not hold the drain: past a
         // round trip's worth of waiting, the connection closes once it has no open stream.
         let wait = tokio::time::sleep(H2_GOAWAY_ACK_WAIT);
         tokio::select! {
-            result = connection.as_mut() => return log_end(conn.info.id, result),
+            result = &mut connection => return log_end(conn.info.id, result),
             _ = wait => {}
         }
         // Biased: the connection is polled first on every wake-up, so the frames of a stream
         // that just ended are written to the socket before it is shut.
         tokio::select! {
             biased;
-            result = connection.as_mut() => return log_end(conn.info.id, result),
+            result = &mut connection => return log_end(conn.info.id, result),
             _ = std::future::poll_fn(|cx| conn.poll_idle(cx)) => {}
         }
-        if let Poll::Ready(result) = poll_once(connection.as_mut()).await {
+        if let Poll::Ready(result) = poll_once(&mut connection).await {
             return log_end(conn.info.id, result);
         }
         conn.close_now();
@@ -313,7 +344,7 @@ async fn serve_io<I, S, B>(
         // for a whole head before it can close): the first-byte grace to complete it, then
         // the socket is shut. A head that completes in time is served as any in flight.
         tokio::select! {
-            result = connection.as_mut() => return log_end(conn.info.id, result),
+            result = &mut connection => return log_end(conn.info.id, result),
             _ = tokio::time::sleep(ctx.first_byte_grace()) => {}
         }
         if conn.head_pending() {
@@ -321,6 +352,66 @@ async fn serve_io<I, S, B>(
         }
     }
     log_end(conn.info.id, connection.await);
+}
+
+/// Hands an HTTP/1 connection to the next generation at its next moment between requests
+/// (polling it meanwhile, so a request in flight finishes, with keep-alive), while the
+/// hand-over window is open. `Some`: the connection is done here (handed over, or it ended
+/// meanwhile); `None`: it is still ours (HTTP/2, TLS, upgraded, or the window ended), to
+/// close as without a hand-over.
+async fn hand_over<I, S, B>(
+    connection: &mut HttpConn<'_, TrackedIo<I>, S>,
+    conn: &Conn,
+    outbox: &crate::handover::Outbox,
+) -> Option<Result<(), BoxError>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    S: hyper::service::Service<Request<hyper::body::Incoming>, Response = Response<B>> + Unpin,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: ResponseBody,
+{
+    if conn.is_http2() || connection.is_http2() {
+        return None;
+    }
+    if !conn.can_hand_over() {
+        // A state changes only while hyper is polled: check after each poll.
+        let between = std::future::poll_fn(|cx| match Pin::new(&mut *connection).poll(cx) {
+            Poll::Ready(result) => Poll::Ready(Some(result)),
+            Poll::Pending if conn.can_hand_over() => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        });
+        tokio::select! {
+            biased;
+            ended = between => if let Some(result) = ended {
+                return Some(result);
+            },
+            _ = outbox.closed() => return None,
+        }
+        if conn.is_http2() || conn.state() == ConnState::Hijacked {
+            return None;
+        }
+    }
+    let Released { io, buffered } = connection.take_for_handover()?;
+    // From here no shutdown from outside reaches the socket: the next generation shares it.
+    let Some(socket) = conn.socket.take_lent(&io) else {
+        return Some(Ok(())); // shut meanwhile (idle timeout): it closes, as it would have
+    };
+    match outbox.send(socket, &[&buffered[0], &buffered[1]]).await {
+        Ok(()) => {
+            conn.tracker().count_handed_over();
+            tracing::trace!(
+                conn = conn.info.id,
+                buffered = buffered[0].len() + buffered[1].len(),
+                "handed over"
+            );
+        }
+        // Its socket closes with `io` below, as without a hand-over.
+        Err(e) => tracing::debug!(conn = conn.info.id, error = %e, "not handed over: closed"),
+    }
+    // Our copy of the socket closes (without a shutdown: the next generation's stays open).
+    drop(io);
+    Some(Ok(()))
 }
 
 /// `age` spread between 0.9 and 1.1 times itself by the connection's id (a golden-ratio

@@ -58,6 +58,9 @@ pub(crate) struct Conn {
     /// a request read after that are dropped, so no request is ever served on a connection
     /// whose socket is being shut (see [`Conn::close_if_idle`]).
     closing: AtomicBool,
+    /// HTTP/1: the request's body has not been read to its end (hyper is still reading
+    /// it, or will drain it): not a moment to hand the connection over.
+    body_open: AtomicBool,
     /// The drain no longer waits for this connection: its socket was shut down by the
     /// drain or a force (its task may still be unwinding), or it unregistered.
     released: AtomicBool,
@@ -170,8 +173,12 @@ impl Conn {
     /// A request (or stream) began at `now`: its method and URI are kept for the report
     /// of a forced connection.
     #[inline]
-    pub(crate) fn request_started<B>(&self, req: &http::Request<B>, now: Instant) {
+    pub(crate) fn request_started<B: http_body::Body>(&self, req: &http::Request<B>, now: Instant) {
         self.head_since.store(0, Ordering::Relaxed);
+        if !req.body().is_end_stream() {
+            // Release, paired with `can_hand_over`: set before the request is in flight.
+            self.body_open.store(true, Ordering::Release);
+        }
         self.inflight.fetch_add(1, Ordering::AcqRel);
         if req.version() == http::Version::HTTP_2 {
             self.http2.store(true, Ordering::Relaxed);
@@ -256,6 +263,33 @@ impl Conn {
         }
     }
 
+    /// The request's body was read to its end (see `body_open`).
+    pub(crate) fn body_ended(&self) {
+        // Release: the body may be read on another task than the connection's.
+        self.body_open.store(false, Ordering::Release);
+    }
+
+    /// Between requests: no request in flight, the last response fully written, its request
+    /// body read to the end, and nothing of the next request parsed (at most part of its
+    /// head read). An HTTP/1 connection that is not TLS (whose session could not travel) and
+    /// not upgraded can then be handed to the next generation as it is. Only meaningful
+    /// from the connection's own task, with hyper not being polled (nothing moves then).
+    pub(crate) fn can_hand_over(&self) -> bool {
+        if self.http2.load(Ordering::Relaxed)
+            || self.closes_itself.load(Ordering::Relaxed)
+            || self.inflight.load(Ordering::Acquire) != 0
+            || self.body_open.load(Ordering::Acquire)
+        {
+            return false;
+        }
+        match self.state() {
+            ConnState::New | ConnState::Idle => true,
+            // A head arriving: its bytes go along.
+            ConnState::Active => self.head_pending(),
+            ConnState::Hijacked | ConnState::Closed => false,
+        }
+    }
+
     /// Waiting for a request head to complete (see `head_since`).
     pub(crate) fn head_pending(&self) -> bool {
         self.head_since.load(Ordering::Relaxed) != 0
@@ -328,6 +362,13 @@ pub(crate) struct Tracker {
     next_id: AtomicU64,
     /// Connections closed since the server started (one relaxed add per connection).
     closed: AtomicU64,
+    /// Connections handed to the next generation (see `handover`).
+    handed_over: AtomicU64,
+    /// Connections the previous generation handed to this one.
+    received: AtomicU64,
+    /// The channel to the next generation, once one that takes connections is ready (see
+    /// `restart::spawn`); used only by a drain for a restart.
+    outbox: OnceLock<crate::handover::Outbox>,
     completed: AtomicU64,
     /// A coarse clock for the header-read and idle timeouts, advanced by [`Tracker::tick`].
     tick: AtomicU32,
@@ -364,6 +405,26 @@ impl Tracker {
         peer: Addr,
         socket: &impl std::os::fd::AsRawFd,
     ) -> Arc<Conn> {
+        self.register_in(peer, socket, ConnState::New)
+    }
+
+    /// Registers a connection the previous generation handed over, between two requests:
+    /// `Idle`, its idle time counted from now.
+    pub(crate) fn register_handed(
+        self: &Arc<Self>,
+        peer: Addr,
+        socket: &impl std::os::fd::AsRawFd,
+    ) -> Arc<Conn> {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        self.register_in(peer, socket, ConnState::Idle)
+    }
+
+    fn register_in(
+        self: &Arc<Self>,
+        peer: Addr,
+        socket: &impl std::os::fd::AsRawFd,
+        state: ConnState,
+    ) -> Arc<Conn> {
         let info = ConnInfo {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             peer,
@@ -371,13 +432,19 @@ impl Tracker {
         };
         let conn = Arc::new(Conn {
             info,
-            state: AtomicU8::new(ConnState::New as u8),
+            state: AtomicU8::new(state as u8),
             inflight: AtomicU32::new(0),
             http2: AtomicBool::new(false),
             request: Mutex::new(None),
-            head_since: AtomicU32::new(self.now()),
-            idle_since: AtomicU32::new(0),
+            // A new connection waits for its first head from now; an idle one does not.
+            head_since: AtomicU32::new(if state == ConnState::New {
+                self.now()
+            } else {
+                0
+            }),
+            idle_since: AtomicU32::new(self.now()),
             closing: AtomicBool::new(false),
+            body_open: AtomicBool::new(false),
             idle_on_flush: AtomicBool::new(false),
             released: AtomicBool::new(false),
             drain_waker: atomic_waker::AtomicWaker::new(),
@@ -388,8 +455,8 @@ impl Tracker {
         });
         self.awaited.fetch_add(1, Ordering::AcqRel);
         lock(self.shard(conn.info.id)).insert(conn.info.id, Arc::clone(&conn));
-        self.counts[ConnState::New as usize].fetch_add(1, Ordering::Relaxed);
-        self.call_hook(&conn.info, ConnState::New);
+        self.counts[state as usize].fetch_add(1, Ordering::Relaxed);
+        self.call_hook(&conn.info, state);
         conn
     }
 
@@ -491,6 +558,37 @@ impl Tracker {
                 false => c.close_if_idle(),
             })
             .count()
+    }
+
+    /// Installs the channel to the next generation (once: a server hands over at most once).
+    pub(crate) fn set_outbox(&self, outbox: crate::handover::Outbox) {
+        let _ = self.outbox.set(outbox);
+    }
+
+    /// The channel to the next generation, while connections may be handed over: a drain
+    /// for a restart, within the hand-over window.
+    #[inline]
+    pub(crate) fn handing_over(&self) -> Option<&crate::handover::Outbox> {
+        let outbox = self.outbox.get()?;
+        (self.drain_asked.get() == Some(&Trigger::Restart) && outbox.is_open()).then_some(outbox)
+    }
+
+    /// A connection went to the next generation.
+    pub(crate) fn count_handed_over(&self) {
+        self.handed_over.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections handed to the next generation, and received from the previous one.
+    pub(crate) fn handed_over_received(&self) -> (u64, u64) {
+        (
+            self.handed_over.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Connections closed since the server started.
+    pub(crate) fn closed_total(&self) -> u64 {
+        self.closed.load(Ordering::Relaxed)
     }
 
     /// True once the drain has started.
@@ -683,7 +781,10 @@ mod tests {
     fn idle_conn(tracker: &Arc<Tracker>, socket: &UnixStream) -> Arc<Conn> {
         let c = tracker.register(Addr::Unix(None), socket);
         assert!(c.on_read(b"GET / HTTP/1.1\r\n\r\n"));
-        c.request_started(&http::Request::new(()), Instant::now());
+        c.request_started(
+            &http::Request::new(http_body_util::Empty::<bytes::Bytes>::new()),
+            Instant::now(),
+        );
         c.request_finished();
         c.on_flush();
         assert_eq!(c.state(), ConnState::Idle);
@@ -724,7 +825,10 @@ mod tests {
         let _s = tracker.register(Addr::Unix(None), &silent);
         let c = tracker.register(Addr::Unix(None), &served);
         c.on_read(b"GET / HTTP/1.1\r\n\r\n");
-        c.request_started(&http::Request::new(()), Instant::now());
+        c.request_started(
+            &http::Request::new(http_body_util::Empty::<bytes::Bytes>::new()),
+            Instant::now(),
+        );
         // Four ticks per timeout: not cut within the timeout…
         for _ in 0..4 {
             assert_eq!(tracker.tick(Some(4), None), 0);

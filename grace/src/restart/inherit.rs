@@ -10,6 +10,7 @@
 //! | `LISTEN_PID`        | the process they are meant for (systemd sets it)                |
 //! | `GRACE_LISTEN_PPID` | instead of `LISTEN_PID`: meant for the child of this process    |
 //! | `GRACE_READY_FD`    | a pipe to write to once serving (a grace restart sets it)       |
+//! | `GRACE_HANDOVER_FD` | a socket on which connections are handed over (see `handover`)  |
 //!
 //! `LISTEN_PID` guards against a grandchild adopting descriptors that were never meant for
 //! it. The old process of a restart cannot know its child's pid when it builds the child's
@@ -31,11 +32,18 @@ pub(crate) const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
 pub(crate) const LISTEN_PID: &str = "LISTEN_PID";
 pub(crate) const GRACE_LISTEN_PPID: &str = "GRACE_LISTEN_PPID";
 pub(crate) const GRACE_READY_FD: &str = "GRACE_READY_FD";
+/// The socket on which the previous generation hands its idle connections over (see
+/// `crate::handover`); this generation says it takes them in its ready message.
+pub(crate) const GRACE_HANDOVER_FD: &str = "GRACE_HANDOVER_FD";
 /// The listeners (by index, comma-separated) whose socket files go with them: the receiving
 /// generation removes them when it stops for good.
 pub(crate) const GRACE_SOCKET_FILES: &str = "GRACE_SOCKET_FILES";
 /// Which generation of the service the new process is (the old one's plus one).
 pub(crate) const GRACE_GENERATION: &str = "GRACE_GENERATION";
+
+/// Said after "ready <pid>" by a generation that receives connections on the hand-over
+/// socket. A program built with an older grace does not say it, and is handed none.
+pub(crate) const TAKES_CONNECTIONS: &str = "takes-connections";
 
 /// The first inherited descriptor, as in `SD_LISTEN_FDS_START`.
 pub(crate) const FIRST_FD: RawFd = 3;
@@ -55,6 +63,7 @@ pub(crate) struct Vars {
     pub(crate) listen_pid: Option<String>,
     pub(crate) listen_ppid: Option<String>,
     pub(crate) ready_fd: Option<String>,
+    pub(crate) handover_fd: Option<String>,
     pub(crate) socket_files: Option<String>,
 }
 
@@ -66,6 +75,8 @@ pub(crate) struct Plan {
     /// One name per socket.
     pub(crate) names: Vec<String>,
     pub(crate) ready_fd: Option<RawFd>,
+    /// The hand-over socket (only with a readiness pipe: an upgrade).
+    pub(crate) handover_fd: Option<RawFd>,
     /// Per socket: its file goes with it (see [`GRACE_SOCKET_FILES`]).
     pub(crate) owns_file: Vec<bool>,
 }
@@ -79,6 +90,7 @@ impl Vars {
             listen_pid: var(LISTEN_PID),
             listen_ppid: var(GRACE_LISTEN_PPID),
             ready_fd: var(GRACE_READY_FD),
+            handover_fd: var(GRACE_HANDOVER_FD),
             socket_files: var(GRACE_SOCKET_FILES),
         }
     }
@@ -144,6 +156,17 @@ impl Vars {
                 }
             },
         };
+        let handover_fd = match (&self.handover_fd, ready_fd) {
+            (Some(s), Some(ready)) => match s.trim().parse::<RawFd>() {
+                Ok(fd) if fd >= FIRST_FD + count as RawFd && fd != ready => Some(fd),
+                _ => {
+                    return Err(Error::Inherit(format!(
+                        "{GRACE_HANDOVER_FD} is not a descriptor after the listeners: {s:?}"
+                    )));
+                }
+            },
+            _ => None,
+        };
         let mut owns_file = vec![false; count];
         for i in self.socket_files.iter().flat_map(|s| s.split(',')) {
             if let Some(owned) = i
@@ -159,6 +182,7 @@ impl Vars {
             count,
             names,
             ready_fd,
+            handover_fd,
             owns_file,
         }))
     }
@@ -182,6 +206,8 @@ fn alive(pid: u32) -> bool {
 pub struct Inherited {
     pub(crate) listeners: Vec<(Listener, String, bool)>,
     pub(crate) ready: Option<OwnedFd>,
+    /// The hand-over socket, from an upgrade whose old generation passes connections.
+    pub(crate) handover: Option<OwnedFd>,
     /// Set by a grace upgrade: the old generation's plus one.
     pub(crate) generation: Option<u32>,
 }
@@ -252,6 +278,8 @@ pub fn inherited_listeners() -> Result<Option<Inherited>> {
         })?),
         None => None,
     };
+    // Not open (a starter that did not pass one after all): no hand-over, nothing worse.
+    let handover = plan.handover_fd.and_then(sys::adopt_inherited);
     let mut listeners = Vec::with_capacity(plan.count);
     for ((i, name), owns_file) in plan.names.into_iter().enumerate().zip(plan.owns_file) {
         let fd = FIRST_FD + i as RawFd;
@@ -272,15 +300,23 @@ pub fn inherited_listeners() -> Result<Option<Inherited>> {
     Ok(Some(Inherited {
         listeners,
         ready,
+        handover,
         generation,
     }))
 }
 
 /// Tells the process that started us that we are ready, and closes the pipe. An error
 /// means it no longer listens (it gave up on us and is killing us): we must not serve.
-pub(crate) fn signal_ready(pipe: OwnedFd) -> Result<()> {
+/// `takes_connections`: we receive connections on the hand-over socket (see `handover`), so
+/// the previous generation may pass its idle ones rather than close them.
+pub(crate) fn signal_ready(pipe: OwnedFd, takes_connections: bool) -> Result<()> {
     let mut pipe = std::fs::File::from(pipe);
-    let msg = format!("ready {}\n", std::process::id());
+    let pid = std::process::id();
+    // One write, shorter than PIPE_BUF: read whole by the other side.
+    let msg = match takes_connections {
+        true => format!("ready {pid} {TAKES_CONNECTIONS}\n"),
+        false => format!("ready {pid}\n"),
+    };
     pipe.write_all(msg.as_bytes()).map_err(|e| {
         Error::Inherit(format!(
             "cannot tell the previous generation that we are ready ({e}): it gave up on us"
@@ -304,7 +340,22 @@ mod tests {
             listen_pid: pid.map(Into::into),
             listen_ppid: ppid.map(Into::into),
             ready_fd: None,
+            handover_fd: None,
             socket_files: None,
+        }
+    }
+
+    #[test]
+    fn a_handover_socket_comes_only_with_an_upgrade_and_after_the_listeners() {
+        let mut v = vars("1", None, None, Some("7"));
+        v.handover_fd = Some("5".into());
+        // Without a readiness pipe (not an upgrade): ignored.
+        assert_eq!(v.plan(9, Some(7)).unwrap().unwrap().handover_fd, None);
+        v.ready_fd = Some("4".into());
+        assert_eq!(v.plan(9, Some(7)).unwrap().unwrap().handover_fd, Some(5));
+        for bad in ["3", "4", "x"] {
+            v.handover_fd = Some(bad.into());
+            assert!(v.plan(9, Some(7)).is_err(), "{bad}");
         }
     }
 

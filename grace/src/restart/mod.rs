@@ -21,6 +21,9 @@ mod spawn;
 
 pub use inherit::{Inherited, inherited_listeners};
 
+/// How long an old generation hands connections over by default.
+pub const DEFAULT_HAND_OVER_WINDOW: Duration = Duration::from_secs(5);
+
 /// The name given to a listener passed on without one (`LISTEN_FDNAMES`).
 pub(crate) const DEFAULT_NAME: &str = "grace";
 
@@ -34,16 +37,19 @@ pub(crate) const DEFAULT_NAME: &str = "grace";
 ///   │  systemd: RELOADING=1
 ///   │  pipe(ready); spawn same program + args ─────►  inherit fds 3.. (LISTEN_FDS,
 ///   │    fds 3.. = listening sockets (same sockets,     LISTEN_FDNAMES, GRACE_LISTEN_PPID),
-///   │    never closed), 3+n = ready pipe               GRACE_READY_FD = 3+n
+///   │    never closed), 3+n = ready pipe               GRACE_READY_FD = 3+n,
+///   │    3+n+1 = hand-over socket                      GRACE_HANDOVER_FD = 3+n+1
 ///   │                                                  load config, open resources…
 ///   │  (both accept from the one shared socket)        serve(): accept loops running,
 ///   │                                                   pid file rewritten, READY=1,
-///   │  ◄──────────────────────── "ready <pid>" ─────── write to ready pipe
+///   │  ◄──── "ready <pid> takes-connections" ───────── write to ready pipe
 ///   │  systemd: MAINPID=<new>, READY=1
 ///   ▼
 ///  drain (Trigger::Restart): close our copy of the
-///  listeners, finish in-flight requests, close idle
-///  connections, run jobs and resources, exit
+///  listeners; hand each idle HTTP/1 connection   ───►  serve it from its next request
+///  over (socket + unparsed bytes), within the
+///  window; finish in-flight requests, close the
+///  idle connections left, run jobs and resources, exit
 ///
 ///  on failure (new process exits, crashes, or is not ready within the timeout):
 ///  kill it if it runs, reap it, log why, systemd READY=1 — and keep serving.
@@ -56,6 +62,31 @@ pub(crate) const DEFAULT_NAME: &str = "grace";
 /// holds it). The listening sockets themselves are never closed: both processes hold the
 /// same ones while the old drains, and connections waiting in the kernel's accept queue
 /// are accepted by whichever process comes first.
+///
+/// # Connections handed over
+///
+/// By default the old process passes its HTTP/1.1 connections to the new one instead of
+/// closing them, so no keep-alive client reconnects (and none sees a close it could take for
+/// a failure). Each goes at its first moment between two requests once the drain starts — at
+/// once for an idle one; after its response (sent with keep-alive) for one serving a
+/// request — with the bytes already read from it but not yet parsed (a head arriving,
+/// pipelined requests), over a Unix socket (`SCM_RIGHTS`). The new process serves its next
+/// request as if nothing happened. The hand-over takes at most the window
+/// ([`hand_over_window`](Restart::hand_over_window), 5 s by default, within the shutdown
+/// timeout); connections not handed over by then close as without it. It happens only
+/// with a new process that says it takes connections (one built with an older grace does
+/// not, and gets none): a new process that fails before ready gets nothing, and the old one
+/// keeps every connection. The report counts them ([`ShutdownReport::handed_over`](crate::ShutdownReport::handed_over)).
+///
+/// Not handed over, and closed as before: HTTP/2 connections (their HPACK tables and stream
+/// states live in the old process: they get GOAWAY), TLS connections (the session's keys
+/// would have to travel; kTLS could carry them, and is left for later), upgraded
+/// connections (WebSocket: the application owns their state; no hook to serialise it yet),
+/// and a connection whose request body was not read to its end.
+///
+/// A service that ties state to a connection (NTLM or Negotiate authentication, which
+/// authenticate the connection rather than each request) should turn it off with
+/// `hand_over_window(Duration::ZERO)`.
 ///
 /// The program and its arguments are resolved when this is created — do it at start-up:
 /// a binary replaced on disk later is what the next upgrade starts (on Linux the running
@@ -85,6 +116,7 @@ pub struct Restart {
     pub(crate) program: PathBuf,
     pub(crate) args: Vec<OsString>,
     pub(crate) pid_file: Option<PathBuf>,
+    pub(crate) hand_over: Option<Duration>,
 }
 
 impl Default for Restart {
@@ -103,6 +135,7 @@ impl Restart {
             program: spawn::startup_program(),
             args: std::env::args_os().skip(1).collect(),
             pid_file: None,
+            hand_over: Some(DEFAULT_HAND_OVER_WINDOW),
         }
     }
 
@@ -139,6 +172,14 @@ impl Restart {
         A: Into<OsString>,
     {
         self.args = args.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// How long the old process may take to hand its idle HTTP/1 connections to the new one
+    /// (default 5 s); `Duration::ZERO` turns the hand-over off. See
+    /// [the type's docs](Restart#connections-handed-over) for what is handed over.
+    pub fn hand_over_window(mut self, window: Duration) -> Self {
+        self.hand_over = (!window.is_zero()).then_some(window);
         self
     }
 
@@ -234,6 +275,7 @@ impl Handle {
 pub(crate) fn serving(
     shared: &Arc<Shared>,
     ready_pipe: Option<std::os::fd::OwnedFd>,
+    takes_connections: bool,
     stop_timeout: Duration,
 ) -> Result<Option<tokio::task::JoinHandle<()>>> {
     let control = shared.restart.get();
@@ -257,7 +299,7 @@ pub(crate) fn serving(
     // systemd first, so that it hears our READY=1 before the old process's MAINPID=.
     crate::systemd::notify_logged("READY=1");
     if let Some(pipe) = ready_pipe {
-        inherit::signal_ready(pipe)?;
+        inherit::signal_ready(pipe, takes_connections)?;
     }
     let Some(control) = control else {
         return Ok(None);

@@ -10,8 +10,8 @@ use tokio::io::AsyncReadExt;
 
 use super::Restart;
 use super::inherit::{
-    FIRST_FD, GRACE_GENERATION, GRACE_LISTEN_PPID, GRACE_READY_FD, GRACE_SOCKET_FILES,
-    LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID,
+    FIRST_FD, GRACE_GENERATION, GRACE_HANDOVER_FD, GRACE_LISTEN_PPID, GRACE_READY_FD,
+    GRACE_SOCKET_FILES, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID, TAKES_CONNECTIONS,
 };
 use crate::error::RestartError;
 use crate::shutdown::{Named, Shared, Trigger};
@@ -139,6 +139,14 @@ async fn attempt(
         .collect();
     let mut fds: Vec<RawFd> = listeners.iter().map(|l| l.listener.as_raw_fd()).collect();
     fds.push(ready_tx.as_raw_fd());
+    // The hand-over channel, if connections are to be handed over (see `handover`).
+    let handover = match config.hand_over {
+        Some(window) => Some((crate::handover::pair()?, window)),
+        None => None,
+    };
+    if let Some(((_, theirs), _)) = &handover {
+        fds.push(theirs.as_raw_fd());
+    }
 
     let mut cmd = std::process::Command::new(&config.program);
     cmd.args(&config.args);
@@ -148,6 +156,7 @@ async fn attempt(
         LISTEN_FDNAMES,
         GRACE_LISTEN_PPID,
         GRACE_READY_FD,
+        GRACE_HANDOVER_FD,
         GRACE_SOCKET_FILES,
         GRACE_GENERATION,
     ] {
@@ -161,6 +170,9 @@ async fn attempt(
         .env(LISTEN_FDNAMES, names.join(":"))
         .env(GRACE_LISTEN_PPID, std::process::id().to_string())
         .env(GRACE_READY_FD, (FIRST_FD + n as RawFd).to_string());
+    if handover.is_some() {
+        cmd.env(GRACE_HANDOVER_FD, (FIRST_FD + n as RawFd + 1).to_string());
+    }
     // Its own process group: a rollback ends whatever it started too (a helper process
     // that inherited the listening socket would otherwise keep it open).
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -171,6 +183,10 @@ async fn attempt(
     // end-of-file when the child is gone), the listeners' extra references too (so a
     // drain that starts meanwhile closes them).
     drop(ready_tx);
+    let handover = handover.map(|((ours, theirs), window)| {
+        drop(theirs);
+        (ours, window)
+    });
     drop(names);
     drop(listeners);
     let mut child = spawned.map_err(|source| RestartError::Spawn {
@@ -190,10 +206,22 @@ async fn attempt(
         read = ready.read(&mut buf) => match read {
             // Taking over and a stop that came meanwhile are decided in one step: if the
             // stop won, the new process is stopped too.
-            Ok(n) if n > 0 => match shared.request_drain(Trigger::Restart) {
-                true => return Ok(pid),
-                false => RestartError::Stopped { pid },
-            },
+            Ok(n) if n > 0 => {
+                // It takes our connections if it says so; the channel is in place before the
+                // drain is asked for, which reads it (see `Tracker::handing_over`).
+                let takes = std::str::from_utf8(&buf[..n])
+                    .is_ok_and(|s| s.split_whitespace().any(|w| w == TAKES_CONNECTIONS));
+                if let (true, Some((ours, window))) = (takes, handover) {
+                    match crate::handover::Outbox::new(ours, window) {
+                        Ok(outbox) => shared.tracker.set_outbox(outbox),
+                        Err(e) => tracing::warn!(error = %e, "no hand-over: connections will close"),
+                    }
+                }
+                match shared.request_drain(Trigger::Restart) {
+                    true => return Ok(pid),
+                    false => RestartError::Stopped { pid },
+                }
+            }
             // Closed without a word: usually it is exiting; say how, if it does soon.
             Ok(_) => match tokio::time::timeout(Duration::from_millis(200), child.wait()).await {
                 Ok(Ok(status)) => RestartError::Exited { pid, status: describe(status) },

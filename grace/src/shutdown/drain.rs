@@ -7,6 +7,9 @@
 //!  → close idle HTTP/1 connections from here; mark the drain started (every connection
 //!    task wakes: HTTP/1 finishes with `Connection: close`, HTTP/2 sends GOAWAY, upgraded
 //!    connections get their notice)
+//!    — an upgrade with hand-over instead passes each HTTP/1 connection to the new
+//!    generation at its next moment between requests, until the window ends; those left
+//!    then close as above
 //!  → wait until no connection is left (an event), or the work deadline, or a force
 //!  → force what is left (shutdown(2) on each socket)
 //!  → stop the jobs (same deadline), close the resources (their own timeouts)
@@ -32,6 +35,8 @@ pub(crate) async fn run(
     let tracker = &shared.tracker;
     let at_start = tracker.counts();
     let completed_before = tracker.completed();
+    let (handed_before, _) = tracker.handed_over_received();
+    let closed_before = tracker.closed_total();
     tracing::info!(%trigger, ?at_start, "drain started");
     crate::systemd::drain_started(&trigger);
     let mut forced_by: Option<ForceReason> = None;
@@ -60,10 +65,33 @@ pub(crate) async fn run(
     shared.close_listeners();
     while accepting.join_next().await.is_some() {}
     timed(Phase::CloseListeners, closed);
-    let idle = tracker.close_idle();
-    tracker.start_draining();
-    tracing::debug!(idle, "idle connections closed");
     let (work_deadline, cut_by) = budget.work_deadline(asked, closed, reserve);
+    // An upgrade to a generation that takes connections: hand them over rather than close.
+    let handing_over = tracker.handing_over().is_some();
+    if !handing_over {
+        let idle = tracker.close_idle();
+        tracing::debug!(idle, "idle connections closed");
+    }
+    tracker.start_draining();
+    if let Some(outbox) = tracker.handing_over() {
+        let t = Instant::now();
+        let window_end = super::budget::after(t, outbox.window()).min(work_deadline);
+        tokio::select! {
+            _ = tracker.wait_empty() => {}
+            _ = tokio::time::sleep_until(window_end.into()) => {}
+            reason = shared.force.wait() => forced_by = Some(reason.clone()),
+        }
+        // The window ends: connections still here close as without a hand-over.
+        outbox.close();
+        let idle = tracker.close_idle();
+        let (handed, _) = tracker.handed_over_received();
+        tracing::info!(
+            handed_over = handed - handed_before,
+            idle,
+            "hand-over ended; idle connections left closed"
+        );
+        timed(Phase::HandOver, t);
+    }
     // systemd: the stop takes up to the work's deadline plus the resources' time (not said
     // by an old generation that handed over: it is no longer the service's main process).
     if trigger != Trigger::Restart {
@@ -81,6 +109,9 @@ pub(crate) async fn run(
         timed(Phase::Drain, t);
     }
 
+    let (handed, _) = tracker.handed_over_received();
+    let handed_over = handed - handed_before;
+    let closed_by_drain = (tracker.closed_total() - closed_before).saturating_sub(handed_over);
     let mut forced = Vec::new();
     if let Some(reason) = &forced_by {
         let t = Instant::now();
@@ -117,6 +148,8 @@ pub(crate) async fn run(
         trigger,
         at_start,
         requests_completed: tracker.completed() - completed_before,
+        handed_over,
+        closed: closed_by_drain,
         forced_by,
         forced,
         jobs,

@@ -107,6 +107,8 @@ pub enum Phase {
     PreStop,
     /// Listeners closed; new connections refused.
     CloseListeners,
+    /// An upgrade: idle HTTP/1 connections passed to the new generation.
+    HandOver,
     /// Waiting for in-flight work on connections.
     Drain,
     /// Cutting what was left.
@@ -167,6 +169,11 @@ pub struct ShutdownReport {
     pub at_start: StateCounts,
     /// Requests whose responses were completed during the drain.
     pub requests_completed: u64,
+    /// Connections passed, open, to the new generation (an upgrade with hand-over).
+    pub handed_over: u64,
+    /// Connections that closed during the drain, before any was forced (idle ones closed
+    /// by the drain, and those that finished their work), not counting those handed over.
+    pub closed: u64,
     /// Why connections were forced closed, if any were.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forced_by: Option<ForceReason>,
@@ -228,6 +235,8 @@ impl ShutdownReport {
             trigger = %self.trigger,
             at_start = ?self.at_start,
             requests_completed = self.requests_completed,
+            handed_over = self.handed_over,
+            closed = self.closed,
             forced = self.forced.len(),
             forced_by = ?self.forced_by.as_ref().map(ToString::to_string),
             total_ms = self.total.as_secs_f64() * 1e3,
