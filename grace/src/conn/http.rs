@@ -199,11 +199,15 @@ where
     /// Gives back an HTTP/1 connection's stream and unparsed bytes, or one still silent.
     /// Only between requests: the caller checks that no request is in flight and that the
     /// last response is fully written (see `Conn::can_hand_over`); hyper is not polled in
-    /// between, so nothing moves meanwhile. `None` for HTTP/2 (left as it was), or after an
-    /// upgrade.
+    /// between, so nothing moves meanwhile. `None` for HTTP/2, or the start of its preface
+    /// (left as it was), or after an upgrade.
     pub(crate) fn take_for_handover(&mut self) -> Option<Released<I>> {
         match self {
             HttpConn::Sniff { io, buf, len, .. } => {
+                if *len > 0 && buf[..*len] == H2_PREFACE[..*len] {
+                    // Part of HTTP/2's preface: not an HTTP/1 connection to hand over.
+                    return None;
+                }
                 let io = io.take()?;
                 let buffered = [Bytes::copy_from_slice(&buf[..*len]), Bytes::new()];
                 *self = HttpConn::Done;

@@ -371,7 +371,7 @@ where
     S::Error: Into<BoxError>,
     B: ResponseBody,
 {
-    if conn.is_http2() || connection.is_http2() {
+    if !conn.may_hand_over() || connection.is_http2() {
         return None;
     }
     if !conn.can_hand_over() {
@@ -388,7 +388,7 @@ where
             },
             _ = outbox.closed() => return None,
         }
-        if conn.is_http2() || conn.state() == ConnState::Hijacked {
+        if !conn.may_hand_over() {
             return None;
         }
     }

@@ -269,14 +269,21 @@ impl Conn {
         self.body_open.store(false, Ordering::Release);
     }
 
+    /// Whether the connection can ever be handed over: HTTP/1, not TLS (whose session
+    /// could not travel), not upgraded.
+    pub(crate) fn may_hand_over(&self) -> bool {
+        !self.http2.load(Ordering::Relaxed)
+            && !self.closes_itself.load(Ordering::Relaxed)
+            && !matches!(self.state(), ConnState::Hijacked | ConnState::Closed)
+    }
+
     /// Between requests: no request in flight, the last response fully written, its request
     /// body read to the end, and nothing of the next request parsed (at most part of its
-    /// head read). An HTTP/1 connection that is not TLS (whose session could not travel) and
-    /// not upgraded can then be handed to the next generation as it is. Only meaningful
+    /// head read): a connection that [may](Self::may_hand_over) be handed to the next
+    /// generation can then go as it is. Only meaningful
     /// from the connection's own task, with hyper not being polled (nothing moves then).
     pub(crate) fn can_hand_over(&self) -> bool {
-        if self.http2.load(Ordering::Relaxed)
-            || self.closes_itself.load(Ordering::Relaxed)
+        if !self.may_hand_over()
             || self.inflight.load(Ordering::Acquire) != 0
             || self.body_open.load(Ordering::Acquire)
         {
