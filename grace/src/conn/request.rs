@@ -63,12 +63,7 @@ where
         }
         let http1 = req.version() < http::Version::HTTP_2;
         let limit = self.body_limit;
-        let conn = &self.conn;
-        let req = req.map(|body| {
-            // Told when the body is read to its end, if it has one (see `Conn::body_open`).
-            let open = (!body.is_end_stream()).then(|| Arc::clone(conn));
-            RequestBody::new(body, limit, now, open)
-        });
+        let req = req.map(|body| RequestBody::new(body, limit, now, &self.conn));
         let guard = Some(RequestGuard {
             conn: Arc::clone(&self.conn),
         });
