@@ -37,8 +37,6 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::conn::body::RequestBody;
-use crate::conn::state::Event;
 use crate::conn::tracker::Conn;
 use crate::conn::{Addr, ConnInfo};
 use crate::listener::Stream;
@@ -230,82 +228,3 @@ impl AsyncWrite for Socket {
 /// [`Server::peer_addr_in_requests(false)`](crate::Server::peer_addr_in_requests).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PeerAddr(pub Addr);
-
-/// The user's service, per connection: puts what is known of the connection into each
-/// request's extensions, and marks the connection `Hijacked` when an HTTP/2 extended
-/// CONNECT (RFC 8441: a WebSocket over an HTTP/2 stream) is accepted.
-#[derive(Clone)]
-pub(crate) struct WithConnInfo<S> {
-    pub(crate) inner: S,
-    pub(crate) conn: Arc<Conn>,
-    /// Whether to insert the peer's address (see `Server::peer_addr_in_requests`).
-    pub(crate) peer: bool,
-    /// What an acceptor added (see [`Accepted::with_extension`]), if anything.
-    pub(crate) extra: Option<Arc<http::Extensions>>,
-}
-
-impl<S, B> tower::Service<http::Request<RequestBody>> for WithConnInfo<S>
-where
-    S: tower::Service<http::Request<RequestBody>, Response = http::Response<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = ConnInfoFuture<S::Future>;
-
-    #[inline]
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    #[inline]
-    fn call(&mut self, mut req: http::Request<RequestBody>) -> Self::Future {
-        let tunnel = (req.method() == http::Method::CONNECT
-            && req.extensions().get::<hyper::ext::Protocol>().is_some())
-        .then(|| Arc::clone(&self.conn));
-        let ext = req.extensions_mut();
-        if self.peer {
-            let peer = &self.conn.info.peer;
-            #[cfg(feature = "axum")]
-            if let Addr::Tcp(addr) = peer {
-                ext.insert(axum::extract::ConnectInfo(*addr));
-            }
-            ext.insert(PeerAddr(peer.clone()));
-        }
-        if let Some(extra) = &self.extra {
-            ext.extend((**extra).clone());
-        }
-        ConnInfoFuture {
-            inner: self.inner.call(req),
-            tunnel,
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The user's response future; for an extended CONNECT, a success makes the connection
-    /// `Hijacked` (as `101 Switching Protocols` does on HTTP/1).
-    pub(crate) struct ConnInfoFuture<F> {
-        #[pin]
-        inner: F,
-        tunnel: Option<Arc<Conn>>,
-    }
-}
-
-impl<F, B, E> Future for ConnInfoFuture<F>
-where
-    F: Future<Output = Result<http::Response<B>, E>>,
-{
-    type Output = F::Output;
-
-    #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let result = std::task::ready!(this.inner.poll(cx));
-        if let (Some(conn), Ok(response)) = (this.tunnel.take(), &result) {
-            if response.status().is_success() {
-                conn.apply(Event::Upgraded);
-            }
-        }
-        Poll::Ready(result)
-    }
-}

@@ -24,23 +24,18 @@ use super::state::Event;
 use super::task::BoxError;
 use super::tracker::Conn;
 
-/// hyper's service for one connection, around the user's tower service.
+/// hyper's service for one connection, around the user's tower service: it tracks each
+/// request, and puts what is known of the connection into the request's extensions.
 pub(crate) struct ConnService<S> {
     // Boxed: hyper's HTTP/1 connection must be `Unpin` to give its socket back for a
-    // hand-over (see `http::HttpConn::into_handover`), whatever the user's service is.
-    inner: Box<S>,
-    conn: Arc<Conn>,
-    body_limit: Option<BodyLimit>,
-}
-
-impl<S> ConnService<S> {
-    pub(crate) fn new(inner: S, conn: Arc<Conn>, body_limit: Option<BodyLimit>) -> Self {
-        ConnService {
-            inner: Box::new(inner),
-            conn,
-            body_limit,
-        }
-    }
+    // hand-over (see `http::HttpConn::take_for_handover`), whatever the user's service is.
+    pub(crate) inner: Box<S>,
+    pub(crate) conn: Arc<Conn>,
+    pub(crate) body_limit: Option<BodyLimit>,
+    /// Whether to insert the peer's address (see `Server::peer_addr_in_requests`).
+    pub(crate) peer: bool,
+    /// What an acceptor added (see [`Accepted::with_extension`](crate::accept::Accepted::with_extension)), if anything.
+    pub(crate) extra: Option<Arc<http::Extensions>>,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
@@ -61,6 +56,11 @@ where
         if may_upgrade(&req) {
             req.extensions_mut().insert(self.conn.notice());
         }
+        // RFC 8441's extended CONNECT (a WebSocket over an HTTP/2 stream): a success makes
+        // the connection `Hijacked`, as `101 Switching Protocols` does on HTTP/1.
+        let tunnel = req.method() == http::Method::CONNECT
+            && req.extensions().get::<hyper::ext::Protocol>().is_some();
+        self.insert_conn_info(req.extensions_mut());
         let http1 = req.version() < http::Version::HTTP_2;
         let limit = self.body_limit;
         let req = req.map(|body| RequestBody::new(body, limit, now, &self.conn));
@@ -92,6 +92,25 @@ where
             state,
             guard,
             http1,
+            tunnel,
+        }
+    }
+}
+
+impl<S> ConnService<S> {
+    /// The peer's address (if asked for) and what the acceptor added.
+    #[inline]
+    fn insert_conn_info(&self, ext: &mut http::Extensions) {
+        if self.peer {
+            let peer = &self.conn.info.peer;
+            #[cfg(feature = "axum")]
+            if let super::Addr::Tcp(addr) = peer {
+                ext.insert(axum::extract::ConnectInfo(*addr));
+            }
+            ext.insert(crate::PeerAddr(peer.clone()));
+        }
+        if let Some(extra) = &self.extra {
+            ext.extend((**extra).clone());
         }
     }
 }
@@ -145,6 +164,8 @@ pin_project_lite::pin_project! {
         state: State<S>,
         guard: Option<RequestGuard>,
         http1: bool,
+        // An extended CONNECT (see `ConnService::call`).
+        tunnel: bool,
     }
 }
 
@@ -200,7 +221,9 @@ where
                 (parts, None)
             }
         };
-        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS
+            || (*this.tunnel && parts.status.is_success())
+        {
             guard.conn.apply(Event::Upgraded);
         } else if *this.http1
             && guard.conn.tracker().drain_asked.is_set()

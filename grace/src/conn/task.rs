@@ -18,7 +18,7 @@ use super::io::TrackedIo;
 use super::request::ConnService;
 use super::tracker::{Conn, Tracker};
 use super::{Addr, ConnState};
-use crate::accept::{Acceptor, Socket, WithConnInfo};
+use crate::accept::{Acceptor, Socket};
 use crate::latch::Latch;
 use crate::listener::Stream;
 use crate::shutdown::Trigger;
@@ -236,13 +236,13 @@ async fn serve_io<I, S, B>(
     S: HttpService<B>,
     B: ResponseBody,
 {
-    let service = WithConnInfo {
-        inner: ctx.service.clone(),
+    let service = ConnService {
+        inner: Box::new(ctx.service.clone()),
         conn: Arc::clone(&conn),
+        body_limit: ctx.body_limit,
         peer: ctx.peer_in_requests,
         extra,
     };
-    let service = ConnService::new(service, Arc::clone(&conn), ctx.body_limit);
     let mut connection = match handed {
         None => HttpConn::new(io, service, &ctx.builder),
         Some(buffered) => HttpConn::http1(io, buffered, service, &ctx.builder),
