@@ -1,0 +1,1055 @@
+//! Connections handed over at an upgrade, on real `grace-demo` processes: at SIGHUP the old
+//! generation passes each HTTP/1.1 keep-alive connection (its socket and the bytes read but
+//! not parsed) to the new one at its first moment between requests, so no client reconnects
+//! and no request is lost or answered twice. A new generation that fails before it is ready
+//! gets nothing; HTTP/2 and TLS connections are not handed over and do not hold the window.
+//!
+//! Like `restart.rs`, this test process makes itself a child subreaper: each generation is
+//! re-parented here when its parent (the previous generation) exits, to be reaped by pid.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use rustix::process::{Signal, WaitOptions};
+use serde_json::Value;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+mod common;
+
+use common::{Http, Response, TempDir, alive, pid, signal, subreaper};
+
+const BIN: &str = env!("CARGO_BIN_EXE_grace-demo");
+
+/// Loose bound for anything that should take milliseconds: never flakes on a loaded 2-core
+/// machine, still catches a hang.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Raises this process's open-file limit to its hard limit. The demo's generations inherit
+/// it: each holds a thousand connections in the first test, beyond a default 1024.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        setrlimit(Resource::Nofile, limit).expect("raise RLIMIT_NOFILE");
+    }
+}
+
+/// Replaces `path` atomically (write a temporary file, rename over it).
+fn replace_file(path: &Path, contents: &str, executable: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    if executable {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Points `path` at the real demo binary again (a fresh hard link, renamed over it).
+fn install_real_binary(path: &Path) {
+    let tmp = path.with_extension("link");
+    let _ = std::fs::remove_file(&tmp);
+    if std::fs::hard_link(BIN, &tmp).is_err() {
+        std::fs::copy(BIN, &tmp).unwrap();
+    }
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A `grace-demo` service (pid file, control socket, every generation's stderr in one log
+/// file) and every generation it went through.
+struct Service {
+    scratch: TempDir,
+    addr: SocketAddr,
+    pid_file: PathBuf,
+    control: PathBuf,
+    log: PathBuf,
+    /// Every generation, oldest first.
+    pids: Vec<u32>,
+    /// Generations seen to exit.
+    reaped: HashSet<u32>,
+}
+
+impl Service {
+    /// Starts `program` (the demo, or a link to it) with `args`; waits until it serves.
+    // Every generation, this first one included, is reaped by pid (`gone`).
+    #[allow(clippy::zombie_processes)]
+    fn start(scratch: TempDir, program: &Path, args: &[&str]) -> Service {
+        subreaper();
+        let pid_file = scratch.path("grace-demo.pid");
+        let control = scratch.path("control.sock");
+        let log = scratch.path("stderr.log");
+        let db = format!("sqlite://{}?mode=rwc", scratch.path("ledger.db").display());
+        let mut child = Command::new(program)
+            .current_dir(&scratch.0)
+            .args(["--listen", "127.0.0.1:0", "--db", &db, "--pid-file"])
+            .arg(&pid_file)
+            .arg("--control-socket")
+            .arg(&control)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn grace-demo");
+        // Every generation writes its `listening on` line to this pipe: keep draining it.
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx.recv_timeout(PATIENCE).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("no `listening on` line; stderr:\n{}", read(&log))
+        });
+        let addr = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        let service = Service {
+            scratch,
+            addr,
+            pid_file,
+            control,
+            log,
+            pids: vec![child.id()],
+            reaped: HashSet::new(),
+        };
+        // The first generation writes the pid file before it binds: it serves now.
+        assert_eq!(service.pid(), Some(child.id()));
+        service
+    }
+
+    /// The pid in the pid file.
+    fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(&self.pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    fn current(&self) -> u32 {
+        *self.pids.last().unwrap()
+    }
+
+    fn stderr(&self) -> String {
+        read(&self.log)
+    }
+
+    /// SIGHUP to the current generation (the start of an upgrade); returns its pid.
+    fn hup(&self) -> u32 {
+        let old = self.current();
+        signal(old, Signal::HUP);
+        old
+    }
+
+    /// After [`hup`](Self::hup): waits until the pid file names a new generation (it is
+    /// ready) and the old one has exited with status 0 (it drained cleanly); returns the
+    /// new pid.
+    async fn upgraded(&mut self, old: u32) -> u32 {
+        let t = Instant::now();
+        let new = loop {
+            if let Some(p) = self.pid().filter(|&p| p != old) {
+                break p;
+            }
+            assert!(
+                t.elapsed() < PATIENCE,
+                "pid file not updated within {PATIENCE:?}; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        self.pids.push(new);
+        let code = self.gone(old, PATIENCE).await;
+        assert_eq!(
+            code,
+            Some(0),
+            "the old generation {old} did not drain cleanly; stderr:\n{}",
+            self.stderr()
+        );
+        new
+    }
+
+    /// A whole upgrade: SIGHUP, then [`upgraded`](Self::upgraded). Returns (old, new).
+    async fn upgrade(&mut self) -> (u32, u32) {
+        let old = self.hup();
+        (old, self.upgraded(old).await)
+    }
+
+    /// SIGHUP to the current generation, expecting the upgrade to fail: waits until the old
+    /// process says so (its `n`th failure), then checks it still is the main process.
+    async fn failed_upgrade(&self, n: usize) -> String {
+        self.hup();
+        let line = self.wait_log("upgrade failed", n).await;
+        assert_eq!(self.pid(), Some(self.current()), "the pid file changed");
+        assert!(alive(self.current()), "the old process died");
+        line
+    }
+
+    /// Waits until the log holds `needle` `n` times; returns the `n`th line.
+    async fn wait_log(&self, needle: &str, n: usize) -> String {
+        let t = Instant::now();
+        loop {
+            let log = self.stderr();
+            if let Some(line) = log.lines().filter(|l| l.contains(needle)).nth(n - 1) {
+                return line.to_owned();
+            }
+            assert!(
+                t.elapsed() < PATIENCE,
+                "no {n}th {needle:?} in the log within {PATIENCE:?}:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits (at most `limit`) until generation `p` has exited, reaping it (it is our child:
+    /// the first one, or re-parented here once its parent exited); its exit code.
+    async fn gone(&mut self, p: u32, limit: Duration) -> Option<i32> {
+        let t = Instant::now();
+        loop {
+            match rustix::process::waitpid(Some(pid(p)), WaitOptions::NOHANG) {
+                Ok(Some((_, status))) => {
+                    self.reaped.insert(p);
+                    return status.exit_status();
+                }
+                Ok(None) => {}
+                // Not our child yet (its parent still runs).
+                Err(_) => {}
+            }
+            assert!(
+                t.elapsed() < limit,
+                "generation {p} still runs after {limit:?}; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// `grace-demo ctl --json status` through the control socket (the newest generation
+    /// holds its path).
+    async fn status(&self) -> Value {
+        let out = tokio::process::Command::new(BIN)
+            .args(["ctl", "--socket"])
+            .arg(&self.control)
+            .args(["--json", "status"])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("run grace-demo ctl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+            panic!(
+                "ctl status: {e}: {text:?} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// The shutdown reports of the generations that left at an upgrade, oldest first.
+    fn restart_reports(&self) -> Vec<Value> {
+        self.stderr()
+            .lines()
+            .filter(|l| l.starts_with('{') && l.contains("\"trigger\":\"restart\""))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    /// SIGTERM to the current generation; it must exit cleanly.
+    async fn stop(mut self) {
+        let last = self.current();
+        signal(last, Signal::TERM);
+        let code = self.gone(last, PATIENCE).await;
+        assert_eq!(code, Some(0), "stderr:\n{}", self.stderr());
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        // Only after a failure: leave nothing running.
+        for &p in &self.pids {
+            if !self.reaped.contains(&p) && alive(p) {
+                let _ = rustix::process::kill_process(pid(p), Signal::KILL);
+                let _ = common::wait_gone(p, PATIENCE);
+            }
+        }
+        if std::thread::panicking() {
+            let log = self.stderr();
+            // The tail: the log of a thousand connections' upgrades is long.
+            let tail = &log[log.len().saturating_sub(20_000)..];
+            eprintln!("service log ({}):\n…{tail}", self.scratch.0.display());
+        }
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The pid in a `/whoami` answer, which must be a 200 that keeps the connection open.
+fn whoami_pid(resp: &Response) -> Result<u32, String> {
+    if resp.status != 200 {
+        return Err(format!("status {}: {:?}", resp.status, resp.body));
+    }
+    if resp.closes() {
+        return Err("answered with Connection: close".into());
+    }
+    resp.json()["pid"]
+        .as_u64()
+        .map(|p| p as u32)
+        .ok_or_else(|| format!("no pid in {:?}", resp.body))
+}
+
+/// `GET /whoami` on `http`: the pid that answered.
+async fn whoami(http: &mut Http) -> Result<u32, String> {
+    let resp = http
+        .request("GET", "/whoami", None)
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
+    whoami_pid(&resp)
+}
+
+/// Fails if anything is left to read on `http` (a response nobody asked for, or the end of
+/// the connection) within a short look.
+async fn nothing_more(http: &mut Http) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_millis(200), http.raw().fill_buf()).await {
+        Err(_) => Ok(()),
+        Ok(Ok([])) => Err("the connection was closed".into()),
+        Ok(Ok(extra)) => Err(format!(
+            "unexpected bytes: {:?}",
+            String::from_utf8_lossy(extra)
+        )),
+        Ok(Err(e)) => Err(format!("the connection broke: {e}")),
+    }
+}
+
+/// A keep-alive client as HTTP libraries behave: when its connection turns out closed (or
+/// the server said it closes it), it connects again, and retries a request that got no
+/// response once. Every connect is counted: with hand-over there must be none after the
+/// first.
+struct Client {
+    addr: SocketAddr,
+    http: Option<Http>,
+    connects: u64,
+    /// What made it connect again.
+    reconnect_causes: Vec<String>,
+}
+
+impl Client {
+    fn new(addr: SocketAddr) -> Client {
+        Client {
+            addr,
+            http: None,
+            connects: 0,
+            reconnect_causes: Vec::new(),
+        }
+    }
+
+    async fn get(&mut self, path: &str) -> Result<Response, String> {
+        let mut last_error = String::new();
+        for _ in 0..2 {
+            if self.http.is_none() {
+                let http = Http::connect(self.addr)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                self.connects += 1;
+                self.http = Some(http);
+            }
+            match self.http.as_mut().unwrap().request("GET", path, None).await {
+                Ok(resp) => {
+                    if resp.closes() {
+                        self.http = None;
+                        self.cause(format!("{path}: Connection: close"));
+                    }
+                    return Ok(resp);
+                }
+                Err(e) => {
+                    self.http = None;
+                    last_error = format!("{path}: {e}");
+                    self.cause(last_error.clone());
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    fn cause(&mut self, what: String) {
+        if self.reconnect_causes.len() < 5 {
+            self.reconnect_causes.push(what);
+        }
+    }
+
+    /// `GET /whoami`: the pid that answered.
+    async fn whoami(&mut self) -> Result<u32, String> {
+        whoami_pid(&self.get("/whoami").await?)
+    }
+}
+
+/// `n` clients, each connected and asked `GET /whoami` once (a few dozen at a time, so the
+/// accept queue never overflows); each must be answered by `expected`.
+async fn clients(addr: SocketAddr, n: usize, expected: u32) -> Vec<Client> {
+    let mut all: Vec<Client> = (0..n).map(|_| Client::new(addr)).collect();
+    for batch in all.chunks_mut(50) {
+        for (i, got) in join_all(batch.iter_mut().map(Client::whoami))
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(got, Ok(expected), "client {i}");
+        }
+    }
+    all
+}
+
+/// Asks every client `GET /whoami` at once; returns what went wrong (at most a few
+/// lines, with the count).
+async fn all_answer_from(all: &mut [Client], expected: u32) -> Result<(), String> {
+    let answers = join_all(all.iter_mut().map(Client::whoami)).await;
+    let wrong: Vec<String> = answers
+        .into_iter()
+        .enumerate()
+        .filter(|(_, a)| *a != Ok(expected))
+        .map(|(i, a)| format!("client {i}: {a:?}"))
+        .collect();
+    match wrong.len() {
+        0 => Ok(()),
+        n => Err(format!(
+            "{n} of {} not answered by {expected}: {:?}",
+            all.len(),
+            &wrong[..n.min(5)]
+        )),
+    }
+}
+
+/// Connects made by `all`, and the first causes of reconnects.
+fn connects(all: &[Client]) -> (u64, Vec<&String>) {
+    let n = all.iter().map(|c| c.connects).sum();
+    let causes = all
+        .iter()
+        .flat_map(|c| &c.reconnect_causes)
+        .take(5)
+        .collect();
+    (n, causes)
+}
+
+/// What a load client saw.
+#[derive(Debug, Default)]
+struct Tally {
+    ok: u64,
+    connects: u64,
+    failures: Vec<String>,
+    reconnect_causes: Vec<String>,
+}
+
+/// Clients sending back-to-back `GET /sleep/5` on keep-alive connections until stopped, so
+/// requests are in flight whenever a drain starts.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Tally>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, n: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..n)
+            .map(|_| {
+                let stop = Arc::clone(&stop);
+                tokio::spawn(async move {
+                    let mut client = Client::new(addr);
+                    let mut tally = Tally::default();
+                    while !stop.load(Ordering::Relaxed) {
+                        match client.get("/sleep/5").await {
+                            Ok(r) if r.status == 200 && r.body == "slept 5 ms\n" => tally.ok += 1,
+                            Ok(r) => tally.failures.push(format!("{} {:?}", r.status, r.body)),
+                            Err(e) => tally.failures.push(e),
+                        }
+                        if tally.failures.len() > 5 {
+                            break;
+                        }
+                    }
+                    tally.connects = client.connects;
+                    tally.reconnect_causes = client.reconnect_causes;
+                    tally
+                })
+            })
+            .collect();
+        Load { stop, tasks }
+    }
+
+    async fn finish(self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = Tally::default();
+        for task in self.tasks {
+            let t = task.await.expect("load client panicked");
+            total.ok += t.ok;
+            total.connects += t.connects;
+            total.failures.extend(t.failures);
+            total.reconnect_causes.extend(t.reconnect_causes);
+        }
+        total
+    }
+}
+
+/// A thousand idle keep-alive connections and four busy ones live through twenty upgrades
+/// without a single reconnect or failed request: after each upgrade (the old generation
+/// gone), every one of the thousand is answered by the new generation on the connection it
+/// opened at the start. Each old generation reports at least a thousand connections handed
+/// over, and each new one says (`ctl status`) it received them.
+///
+/// Without the hand-over (`--hand-over-window 0`) the idle connections are closed at each
+/// upgrade and the clients have to reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_connections_survive_twenty_upgrades_under_load() {
+    const IDLE: usize = 1000;
+    const LOAD: usize = 4;
+    const UPGRADES: usize = 20;
+    raise_fd_limit();
+    let mut service = Service::start(TempDir::new(), Path::new(BIN), &[]);
+    let started = Instant::now();
+    let mut idle = clients(service.addr, IDLE, service.current()).await;
+    let load = Load::start(service.addr, LOAD);
+    let mut seen = HashSet::from([service.current()]);
+    for round in 0..UPGRADES {
+        let t = Instant::now();
+        let (old, new) = service.upgrade().await;
+        let upgraded = t.elapsed();
+        assert!(seen.insert(new), "round {round}: pid {new} came back");
+        if let Err(e) = all_answer_from(&mut idle, new).await {
+            panic!("round {round} ({old} → {new}): {e}");
+        }
+        let (n, causes) = connects(&idle);
+        assert_eq!(n, IDLE as u64, "round {round}: reconnects: {causes:?}");
+        let status = service.status().await;
+        assert_eq!(status["pid"], new, "{status}");
+        let received = status["handed_over"]["received"].as_u64().unwrap_or(0);
+        assert!(
+            received >= IDLE as u64,
+            "round {round}: {new} received {received} connections: {status}"
+        );
+        eprintln!(
+            "round {round}: {old} → {new} in {upgraded:?}, {received} received, all answered \
+             after {:?}",
+            t.elapsed()
+        );
+    }
+    let tally = load.finish().await;
+    eprintln!(
+        "{UPGRADES} upgrades in {:?}; load: {} ok, {} connects",
+        started.elapsed(),
+        tally.ok,
+        tally.connects
+    );
+    assert!(tally.failures.is_empty(), "load failures: {tally:?}");
+    assert_eq!(
+        tally.connects, LOAD as u64,
+        "the load clients had to reconnect: {tally:?}"
+    );
+    assert!(tally.ok >= 100, "the load did not run: {tally:?}");
+    let reports = service.restart_reports();
+    assert_eq!(reports.len(), UPGRADES, "{reports:?}");
+    for (i, report) in reports.iter().enumerate() {
+        let handed = report["handed_over"].as_u64().unwrap_or(0);
+        assert!(
+            handed >= IDLE as u64,
+            "generation {i} handed over {handed}: {report}"
+        );
+    }
+    service.stop().await;
+}
+
+/// How the second of two pipelined requests is sent, in one round of pipelining at an
+/// upgrade (the first is `GET /sleep/300`).
+#[derive(Clone, Copy, Debug)]
+enum Pipelined {
+    /// Its whole head in the same write as the first request.
+    Whole,
+    /// The first half of its head in the same write; the rest ~100 ms after the SIGHUP,
+    /// while the first is still being answered.
+    HalfHead,
+    /// The first half of its head in the same write; the rest only once the first is
+    /// answered and the old generation is gone.
+    HalfHeadAfterTheUpgrade,
+}
+
+/// Per upgrade, two connections of each way.
+const PIPELINED: [Pipelined; 6] = [
+    Pipelined::Whole,
+    Pipelined::HalfHead,
+    Pipelined::HalfHeadAfterTheUpgrade,
+    Pipelined::Whole,
+    Pipelined::HalfHead,
+    Pipelined::HalfHeadAfterTheUpgrade,
+];
+
+/// Pipelined requests in flight at an upgrade are each answered once, in order, with the
+/// connection kept. On keep-alive connections, `GET /sleep/300` and a second request go in
+/// one write (the second whole, or the first half of its head), then SIGHUP. The sleep is
+/// answered by the old generation with keep-alive. A second request whose head was whole
+/// before the sleep ended is answered by the old generation too (hyper parses it from its
+/// buffer right after the first response), or by the new one; either way exactly once, and
+/// nothing follows. A half head still waiting when the sleep ends travels with the socket:
+/// its rest, sent once the old generation is gone, completes it in the new generation,
+/// which answers it. Each connection then serves a third request from the new generation,
+/// and each old generation reports every connection handed over and none closed. Eight
+/// upgrades, six connections each.
+///
+/// Without the hand-over the sleep's response says `Connection: close` and the second
+/// request is never answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_at_an_upgrade_are_answered_once_in_order() {
+    const UPGRADES: usize = 8;
+    let mut service = Service::start(TempDir::new(), Path::new(BIN), &[]);
+    let sleep = "GET /sleep/300 HTTP/1.1\r\nHost: grace\r\n\r\n";
+    let (half, rest) = ("GET /whoami HTTP/1.1\r\nHo", "st: grace\r\n\r\n");
+    let (mut by_old, mut by_new) = (0, 0);
+    for upgrade in 0..UPGRADES {
+        let old = service.current();
+        let mut conns = Vec::new();
+        for how in PIPELINED {
+            let mut http = Http::connect(service.addr).await.unwrap();
+            assert_eq!(whoami(&mut http).await, Ok(old));
+            let second = match how {
+                Pipelined::Whole => format!("{half}{rest}"),
+                Pipelined::HalfHead | Pipelined::HalfHeadAfterTheUpgrade => half.to_owned(),
+            };
+            http.raw()
+                .get_mut()
+                .write_all(format!("{sleep}{second}").as_bytes())
+                .await
+                .unwrap();
+            conns.push(http);
+        }
+        service.hup();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for (http, how) in conns.iter_mut().zip(PIPELINED) {
+            if let Pipelined::HalfHead = how {
+                http.raw()
+                    .get_mut()
+                    .write_all(rest.as_bytes())
+                    .await
+                    .unwrap();
+            }
+        }
+        // The sleeps' responses, and the second responses but for the heads still waiting.
+        let answers = join_all(
+            conns
+                .iter_mut()
+                .zip(PIPELINED)
+                .map(|(http, how)| async move {
+                    let first = http.read().await.map_err(|e| format!("first: {e}"))?;
+                    let second = match how {
+                        Pipelined::HalfHeadAfterTheUpgrade => None,
+                        _ => Some(http.read().await.map_err(|e| format!("second: {e}"))?),
+                    };
+                    Ok::<_, String>((first, second))
+                }),
+        )
+        .await;
+        let new = service.upgraded(old).await;
+        let what = |i: usize| {
+            format!(
+                "upgrade {upgrade} ({old} → {new}), connection {i} ({:?})",
+                PIPELINED[i]
+            )
+        };
+        for (i, (answer, http)) in answers.into_iter().zip(&mut conns).enumerate() {
+            let (first, second) = answer.unwrap_or_else(|e| panic!("{}: {e}", what(i)));
+            assert_eq!(first.status, 200, "{}: {first:?}", what(i));
+            assert_eq!(first.body, "slept 300 ms\n", "{}", what(i));
+            assert!(!first.closes(), "{}: the sleep closed it", what(i));
+            let second = match second {
+                Some(second) => second,
+                None => {
+                    // The old generation is gone: only the new one can complete this head.
+                    http.raw()
+                        .get_mut()
+                        .write_all(rest.as_bytes())
+                        .await
+                        .unwrap();
+                    let second = http.read().await;
+                    second.unwrap_or_else(|e| panic!("{}: second: {e}", what(i)))
+                }
+            };
+            let answered = whoami_pid(&second).unwrap_or_else(|e| panic!("{}: {e}", what(i)));
+            match PIPELINED[i] {
+                Pipelined::HalfHeadAfterTheUpgrade => assert_eq!(answered, new, "{}", what(i)),
+                _ => assert!(
+                    answered == old || answered == new,
+                    "{}: answered by {answered}",
+                    what(i)
+                ),
+            }
+            if answered == new {
+                by_new += 1;
+            } else {
+                by_old += 1;
+            }
+        }
+        // Exactly two responses each: nothing follows them.
+        let extra = join_all(conns.iter_mut().map(nothing_more)).await;
+        for (i, extra) in extra.into_iter().enumerate() {
+            extra.unwrap_or_else(|e| panic!("{}: after two responses: {e}", what(i)));
+        }
+        for (i, http) in conns.iter_mut().enumerate() {
+            assert_eq!(whoami(http).await, Ok(new), "{}: third request", what(i));
+        }
+        let report = &service.restart_reports()[upgrade];
+        assert_eq!(report["handed_over"], PIPELINED.len(), "{report}");
+        assert_eq!(report["closed"], 0, "{report}");
+    }
+    eprintln!("second requests answered by the old generation {by_old}, by the new {by_new}");
+    service.stop().await;
+}
+
+/// Requests that begin around the hand-over are answered once, whole. 99 idle keep-alive
+/// connections each send `GET /whoami` in two writes (its first byte or the first 20
+/// bytes, a pause of 1, 10 or 40 ms, the rest): a third of them write the first part just
+/// before the SIGHUP (so it is read, unparsed, when the drain starts, and travels with the
+/// socket), the others start over the second after it, densely at first, where the
+/// hand-over happens (the new generation is ready within tens of milliseconds). Each gets
+/// exactly one 200 (from the old or the new generation), no close and no reset; nothing
+/// follows; the connection then serves the new generation, and the old one reports every
+/// connection handed over and none closed. Two upgrades.
+///
+/// Without the hand-over the idle connections are closed at the drain, and the requests
+/// sent after that fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_begun_during_the_hand_over_is_answered_once() {
+    const CONNS: usize = 99;
+    let mut service = Service::start(TempDir::new(), Path::new(BIN), &[]);
+    let mut conns = Vec::new();
+    for _ in 0..CONNS {
+        let mut http = Http::connect(service.addr).await.unwrap();
+        assert_eq!(whoami(&mut http).await, Ok(service.current()));
+        conns.push(http);
+    }
+    let request = "GET /whoami HTTP/1.1\r\nHost: grace\r\n\r\n".as_bytes();
+    // Where conn `i` splits its request, and whether it writes the first part early.
+    let split = |i: usize| if i % 2 == 0 { 1 } else { 20 };
+    let early = |i: usize| i % 3 == 0;
+    for upgrade in 0..2 {
+        for (i, http) in conns.iter_mut().enumerate().filter(|(i, _)| early(*i)) {
+            let io = http.raw().get_mut();
+            io.write_all(&request[..split(i)]).await.unwrap();
+        }
+        let old = service.hup();
+        let t = Instant::now();
+        let answers = join_all(conns.iter_mut().enumerate().map(|(i, http)| async move {
+            // 0 to 1 s after the SIGHUP, quadratically: a third within the first 110 ms.
+            let offset = Duration::from_secs_f64((i as f64 / CONNS as f64).powi(2));
+            tokio::time::sleep_until((t + offset).into()).await;
+            let io = http.raw().get_mut();
+            if !early(i) {
+                io.write_all(&request[..split(i)])
+                    .await
+                    .map_err(|e| format!("first write: {e}"))?;
+            }
+            tokio::time::sleep(Duration::from_millis([1, 10, 40][i % 3])).await;
+            io.write_all(&request[split(i)..])
+                .await
+                .map_err(|e| format!("second write: {e}"))?;
+            let resp = http.read().await.map_err(|e| format!("response: {e}"))?;
+            whoami_pid(&resp)
+        }))
+        .await;
+        let new = service.upgraded(old).await;
+        let (mut by_old, mut by_new) = (0, 0);
+        for (i, answer) in answers.into_iter().enumerate() {
+            match answer {
+                Ok(p) if p == old => by_old += 1,
+                Ok(p) if p == new => by_new += 1,
+                other => panic!("upgrade {upgrade} ({old} → {new}), connection {i}: {other:?}"),
+            }
+        }
+        eprintln!("upgrade {upgrade}: answered by the old generation {by_old}, the new {by_new}");
+        let extra = join_all(conns.iter_mut().map(nothing_more)).await;
+        for (i, extra) in extra.into_iter().enumerate() {
+            extra.unwrap_or_else(|e| panic!("upgrade {upgrade}, connection {i}: {e}"));
+        }
+        for (i, http) in conns.iter_mut().enumerate() {
+            assert_eq!(
+                whoami(http).await,
+                Ok(new),
+                "upgrade {upgrade}, connection {i}"
+            );
+        }
+        let report = &service.restart_reports()[upgrade];
+        assert_eq!(report["handed_over"], CONNS, "{report}");
+        assert_eq!(report["closed"], 0, "{report}");
+    }
+    service.stop().await;
+}
+
+/// A new generation that fails before it is ready is handed nothing: with 200 idle
+/// keep-alive connections held, (a) the config file is broken, so the new process exits at
+/// start, and (b) the program is replaced by one that never reports ready (killed at
+/// `--ready-timeout`). After each failed upgrade the old generation still answers every
+/// connection, none reconnects, and it says it sent none. Then (c) a good upgrade hands all
+/// of them to the new generation (so the connections were there to hand over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_new_generation_hands_over_nothing() {
+    const CONNS: usize = 200;
+    let scratch = TempDir::new();
+    // Upgrades start whatever is at this path now, like a binary replaced on disk.
+    let program = scratch.path("grace-demo");
+    install_real_binary(&program);
+    let config = scratch.path("grace-demo.toml");
+    replace_file(&config, "greeting = \"one\"\n", false);
+    let config_arg = config.display().to_string();
+    let mut service = Service::start(
+        scratch,
+        &program,
+        &["--config", &config_arg, "--ready-timeout", "3s"],
+    );
+    let first = service.current();
+    let mut held = clients(service.addr, CONNS, first).await;
+
+    // (a) The new process exits at start: its config does not parse.
+    replace_file(&config, "greeting = \n", false);
+    let line = service.failed_upgrade(1).await;
+    assert!(line.contains("exited with status 1"), "{line}");
+    all_answer_from(&mut held, first)
+        .await
+        .unwrap_or_else(|e| panic!("after a broken config: {e}"));
+    replace_file(&config, "greeting = \"one\"\n", false);
+
+    // (b) The new program adopts the sockets (the hand-over socket too, across the exec)
+    //     and never says it is ready.
+    let hangs = "#!/bin/sh\nexec sleep 60\n";
+    replace_file(&program, hangs, true);
+    let line = service.failed_upgrade(2).await;
+    assert!(line.contains("not ready within"), "{line}");
+    all_answer_from(&mut held, first)
+        .await
+        .unwrap_or_else(|e| panic!("after a new process that never got ready: {e}"));
+
+    let (n, causes) = connects(&held);
+    assert_eq!(n, CONNS as u64, "reconnects: {causes:?}");
+    let status = service.status().await;
+    assert_eq!(status["pid"], first, "{status}");
+    assert_eq!(status["handed_over"]["sent"], 0, "{status}");
+    assert!(service.restart_reports().is_empty());
+
+    // (c) A good program again: this upgrade hands every connection over.
+    install_real_binary(&program);
+    let (_, new) = service.upgrade().await;
+    all_answer_from(&mut held, new)
+        .await
+        .unwrap_or_else(|e| panic!("after a good upgrade: {e}"));
+    let (n, causes) = connects(&held);
+    assert_eq!(n, CONNS as u64, "reconnects: {causes:?}");
+    let status = service.status().await;
+    assert!(
+        status["handed_over"]["received"].as_u64().unwrap_or(0) >= CONNS as u64,
+        "{status}"
+    );
+    let reports = service.restart_reports();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert_eq!(reports[0]["handed_over"], CONNS, "{}", reports[0]);
+    service.stop().await;
+}
+
+/// An HTTP/2 frame: type, flags, payload.
+type Frame = (u8, u8, Vec<u8>);
+
+/// The client side of an idle h2c (prior knowledge) connection, kept by hand: grace-demo's
+/// dev-dependencies have no HTTP/2 client. It sends the preface and its SETTINGS, then
+/// acknowledges the server's SETTINGS and PINGs (as any client does: hyper's graceful
+/// shutdown waits for the PING's answer), and records the frames until the connection
+/// ends. Resolves `ready` once the server's SETTINGS arrived (the server speaks HTTP/2 on
+/// it).
+async fn h2c_idle(
+    addr: SocketAddr,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> std::io::Result<Vec<Frame>> {
+    const SETTINGS: u8 = 0x4;
+    const PING: u8 = 0x6;
+    const ACK: u8 = 0x1;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await?;
+    let mut ready = Some(ready);
+    let mut frames = Vec::new();
+    loop {
+        let mut head = [0u8; 9];
+        match tcp.read_exact(&mut head).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(frames),
+            Err(e) => return Err(e),
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0; len];
+        tcp.read_exact(&mut payload).await?;
+        let (kind, flags) = (head[3], head[4]);
+        if kind == SETTINGS && flags & ACK == 0 {
+            tcp.write_all(&[0, 0, 0, SETTINGS, ACK, 0, 0, 0, 0]).await?;
+            if let Some(ready) = ready.take() {
+                let _ = ready.send(());
+            }
+        }
+        if kind == PING && flags & ACK == 0 {
+            let mut ack = vec![0, 0, 8, PING, ACK, 0, 0, 0, 0];
+            ack.extend_from_slice(&payload);
+            tcp.write_all(&ack).await?;
+        }
+        frames.push((kind, flags, payload));
+    }
+}
+
+/// A self-signed certificate for `localhost`: (cert PEM, key PEM, cert DER).
+fn certificate() -> (String, String, rustls::pki_types::CertificateDer<'static>) {
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    (
+        c.cert.pem(),
+        c.key_pair.serialize_pem(),
+        c.cert.der().clone(),
+    )
+}
+
+/// Reads one HTTP/1 response (head through [`common::parse_head`], then its
+/// `Content-Length` body) from any buffered stream (here, TLS).
+async fn read_response<R: AsyncBufRead + Unpin>(io: &mut R) -> std::io::Result<Response> {
+    let mut head = String::new();
+    loop {
+        let before = head.len();
+        if io.read_line(&mut head).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if head[before..].trim_end().is_empty() {
+            break;
+        }
+    }
+    let mut resp = common::parse_head(&head)?;
+    let mut body = vec![0; resp.content_length()?];
+    io.read_exact(&mut body).await?;
+    resp.body = String::from_utf8_lossy(&body).into_owned();
+    Ok(resp)
+}
+
+/// Connections that can never be handed over do not hold an upgrade for the hand-over
+/// window: with `--hand-over-window 30s`, (a) an idle h2c connection (next to an idle
+/// HTTP/1 one, which is handed over) gets GOAWAY and its connection ends, and (b) an idle
+/// keep-alive HTTPS connection is closed; in both cases the old generation exits within
+/// 15 s of the new one being ready, far from the 30 s window.
+///
+/// (At 44e344c, which introduced the hand-over, an idle TLS connection waited for the end
+/// of the window: the old generation lived 30 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_and_tls_connections_are_not_held_by_the_window() {
+    const PROMPT: Duration = Duration::from_secs(15);
+
+    // (a) h2c, and an HTTP/1 connection beside it.
+    let mut service = Service::start(
+        TempDir::new(),
+        Path::new(BIN),
+        &["--hand-over-window", "30s"],
+    );
+    let (ready, h2_ready) = tokio::sync::oneshot::channel();
+    let h2 = tokio::spawn(h2c_idle(service.addr, ready));
+    tokio::time::timeout(PATIENCE, h2_ready)
+        .await
+        .expect("no SETTINGS from the server")
+        .expect("the h2c client failed");
+    let mut http1 = Http::connect(service.addr).await.unwrap();
+    let first = service.current();
+    assert_eq!(whoami(&mut http1).await, Ok(first));
+    let old = service.hup();
+    let t = Instant::now();
+    let new = service.upgraded(old).await;
+    let took = t.elapsed();
+    assert!(
+        took < PROMPT,
+        "h2c: the old generation took {took:?} to exit"
+    );
+    let frames = tokio::time::timeout(PATIENCE, h2)
+        .await
+        .expect("the h2c connection was not ended")
+        .unwrap()
+        .expect("the h2c connection broke");
+    assert!(
+        frames.iter().any(|(kind, _, _)| *kind == 0x7),
+        "no GOAWAY: {frames:?}"
+    );
+    assert_eq!(whoami(&mut http1).await, Ok(new), "the HTTP/1 connection");
+    let reports = service.restart_reports();
+    assert_eq!(reports[0]["handed_over"], 1, "{}", reports[0]);
+    eprintln!("h2c: old generation gone {took:?} after the SIGHUP");
+    service.stop().await;
+
+    // (b) TLS.
+    let scratch = TempDir::new();
+    let (cert_pem, key_pem, der) = certificate();
+    let (cert, key) = (scratch.path("cert.pem"), scratch.path("key.pem"));
+    std::fs::write(&cert, cert_pem).unwrap();
+    std::fs::write(&key, key_pem).unwrap();
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let mut service = Service::start(
+        scratch,
+        Path::new(BIN),
+        &[
+            "--hand-over-window",
+            "30s",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tcp = tokio::net::TcpStream::connect(service.addr).await.unwrap();
+    let tls = connector.connect(name.clone(), tcp).await.unwrap();
+    let mut tls = tokio::io::BufReader::new(tls);
+    let get = b"GET /whoami HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    tls.get_mut().write_all(get).await.unwrap();
+    let first = service.current();
+    let resp = read_response(&mut tls).await.unwrap();
+    assert_eq!(whoami_pid(&resp), Ok(first));
+    let old = service.hup();
+    let t = Instant::now();
+    let new = service.upgraded(old).await;
+    let took = t.elapsed();
+    assert!(
+        took < PROMPT,
+        "TLS: the old generation took {took:?} to exit"
+    );
+    // The old generation ended it (close_notify, then the end).
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(PATIENCE, tls.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(end, Ok(Ok(0))),
+        "the TLS connection did not end cleanly: {end:?} {rest:?}"
+    );
+    let reports = service.restart_reports();
+    assert_eq!(reports[0]["handed_over"], 0, "{}", reports[0]);
+    // A new connection reaches the new generation.
+    let tcp = tokio::net::TcpStream::connect(service.addr).await.unwrap();
+    let mut again = tokio::io::BufReader::new(connector.connect(name, tcp).await.unwrap());
+    again.get_mut().write_all(get).await.unwrap();
+    let resp = read_response(&mut again).await.unwrap();
+    assert_eq!(whoami_pid(&resp), Ok(new));
+    eprintln!("TLS: old generation gone {took:?} after the SIGHUP");
+    drop(again);
+    service.stop().await;
+}
