@@ -426,7 +426,10 @@ impl Server {
     /// after [`Serve::with_signals`].
     ///
     /// Any `tower::Service<Request<RequestBody>>` that can be cloned works, an
-    /// `axum::Router` included.
+    /// `axum::Router` included. With the crate feature `axum`, a `Router` has its routes
+    /// made ready once, here, as `axum::serve` does per connection
+    /// (`Router::with_state(())`); without it, pass `router.with_state(())` to spare every
+    /// request the boxed clone of its handler that axum otherwise makes.
     pub fn serve<S, B>(self, service: S) -> Serve<S>
     where
         S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
@@ -438,11 +441,31 @@ impl Server {
     {
         Serve {
             server: self,
-            service,
+            service: routes_ready(service),
             signals: None,
             control: None,
         }
     }
+}
+
+/// An `axum::Router` with every route made ready (`with_state(())`: each handler turned into
+/// a route once, rather than cloned and boxed per request); any other service as it is.
+fn routes_ready<S: 'static>(service: S) -> S {
+    #[cfg(feature = "axum")]
+    {
+        let mut slot = Some(service);
+        if let Some(router) =
+            (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<axum::Router>>()
+        {
+            *router = router.take().map(|r| r.with_state(()));
+        }
+        match slot {
+            Some(service) => service,
+            None => unreachable!("put back above"),
+        }
+    }
+    #[cfg(not(feature = "axum"))]
+    service
 }
 
 /// A server about to serve: await it (it resolves to the [`ShutdownReport`] once drained).

@@ -29,11 +29,47 @@ struct RequestRecord {
     started: Instant,
 }
 
-/// A request's path and query, or (without one: `CONNECT host:port`) its whole URI, boxed:
-/// the record is in every connection's memory, and only the path is cloned per request.
-enum Target {
-    Path(http::uri::PathAndQuery),
-    Other(Box<http::Uri>),
+/// The first bytes of a request's path and query (or, without one, as `CONNECT host:port`,
+/// of its authority), copied inline: the record is in every connection's memory, and
+/// copying a few bytes costs less than sharing hyper's buffer, whose first clone allocates.
+struct Target {
+    bytes: [u8; TARGET_MAX],
+    len: u8,
+    truncated: bool,
+}
+
+/// How much of a request's target the report keeps.
+const TARGET_MAX: usize = 38;
+
+impl Target {
+    #[inline]
+    fn of(uri: &http::Uri) -> Target {
+        let s = match uri.path_and_query() {
+            Some(p) => p.as_str(),
+            None => uri.authority().map_or("", |a| a.as_str()),
+        };
+        let n = s.len().min(TARGET_MAX);
+        let mut bytes = [0; TARGET_MAX];
+        bytes[..n].copy_from_slice(&s.as_bytes()[..n]);
+        Target {
+            bytes,
+            len: n as u8,
+            truncated: s.len() > TARGET_MAX,
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A URI is ASCII: a cut never splits a character, and nothing is lossy.
+        f.write_str(&String::from_utf8_lossy(
+            &self.bytes[..usize::from(self.len)],
+        ))?;
+        if self.truncated {
+            f.write_str("…")?;
+        }
+        Ok(())
+    }
 }
 
 /// One live connection, shared by its socket wrapper, its request wrappers and the tracker.
@@ -183,10 +219,7 @@ impl Conn {
         if req.version() == http::Version::HTTP_2 {
             self.http2.store(true, Ordering::Relaxed);
         }
-        let target = match req.uri().path_and_query() {
-            Some(path) => Target::Path(path.clone()),
-            None => Target::Other(Box::new(req.uri().clone())),
-        };
+        let target = Target::of(req.uri());
         *lock(&self.request) = Some(RequestRecord {
             method: req.method().clone(),
             target,
@@ -340,10 +373,7 @@ impl Conn {
     fn forced(&self, now: Instant) -> ForcedConn {
         let request = lock(&self.request).as_ref().map(|r| ActiveRequest {
             method: r.method.to_string(),
-            path: match &r.target {
-                Target::Path(path) => path.to_string(),
-                Target::Other(uri) => uri.to_string(),
-            },
+            path: r.target.to_string(),
             age: now.saturating_duration_since(r.started),
         });
         ForcedConn {
@@ -708,6 +738,18 @@ impl Tracker {
 mod tests {
     //! Step-by-step polling (no runtime, no timing): the drain's wait is an event.
     use super::*;
+
+    #[test]
+    fn a_request_target_is_kept_whole_or_cut_with_a_mark() {
+        let show = |uri: &str| Target::of(&uri.parse::<http::Uri>().unwrap()).to_string();
+        assert_eq!(show("/sleep/3000?x=1"), "/sleep/3000?x=1");
+        let exact = format!("/{}", "a".repeat(TARGET_MAX - 1));
+        assert_eq!(show(&exact), exact);
+        let long = format!("/{}", "b".repeat(100));
+        assert_eq!(show(&long), format!("{}…", &long[..TARGET_MAX]));
+        // CONNECT host:port has no path: its authority is shown.
+        assert_eq!(show("example.com:443"), "example.com:443");
+    }
     use std::io::Read;
     use std::os::unix::net::UnixStream;
     use tokio_test::{assert_pending, assert_ready, task};
