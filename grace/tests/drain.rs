@@ -241,3 +241,26 @@ async fn a_half_sent_request_head_does_not_hold_the_drain() {
         "the half-sent request's connection stayed open"
     );
 }
+
+/// The report counts every connection the drain closed, those shut from the drain's own
+/// loop included — not only those whose tasks happened to have unwound when the report was
+/// written — and none as handed over outside an upgrade.
+#[tokio::test]
+async fn the_report_counts_the_connections_it_closed() {
+    let mut srv = start(app(), |s| s).await;
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        let mut c = Client::connect(srv.addr).await;
+        assert_eq!(c.get("/").await.unwrap().status, 200);
+        idle.push(c);
+    }
+    srv.wait_counts(|c| c.idle == 300).await;
+    srv.handle.shutdown();
+    let report = srv.report(Duration::ZERO).await;
+    assert!(report.is_clean(), "{}", report.to_json());
+    assert_eq!(report.closed, 300, "{}", report.to_json());
+    assert_eq!(report.handed_over, 0);
+    for c in &mut idle {
+        assert!(c.closed().await, "an idle connection was left open");
+    }
+}

@@ -363,10 +363,12 @@ impl Conn {
 
     /// Takes the connection out of what the drain waits for (once).
     fn release(&self) {
-        if !self.released.swap(true, Ordering::AcqRel)
-            && self.tracker.awaited.fetch_sub(1, Ordering::AcqRel) == 1
-        {
-            self.tracker.empty.notify_waiters();
+        if !self.released.swap(true, Ordering::AcqRel) {
+            // Relaxed: a count read for the report, after the drain's wait.
+            self.tracker.ended.fetch_add(1, Ordering::Relaxed);
+            if self.tracker.awaited.fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.tracker.empty.notify_waiters();
+            }
         }
     }
 
@@ -399,6 +401,9 @@ pub(crate) struct Tracker {
     next_id: AtomicU64,
     /// Connections closed since the server started (one relaxed add per connection).
     closed: AtomicU64,
+    /// Connections the drain no longer waits for since the server started: closed, or shut
+    /// by the drain (their tasks may still be unwinding), or handed over.
+    ended: AtomicU64,
     /// Connections handed to the next generation (see `handover`).
     handed_over: AtomicU64,
     /// Connections the previous generation handed to this one.
@@ -623,9 +628,9 @@ impl Tracker {
         )
     }
 
-    /// Connections closed since the server started.
-    pub(crate) fn closed_total(&self) -> u64 {
-        self.closed.load(Ordering::Relaxed)
+    /// Connections ended since the server started, as far as the drain goes (see `ended`).
+    pub(crate) fn ended_total(&self) -> u64 {
+        self.ended.load(Ordering::Relaxed)
     }
 
     /// True once the drain has started.

@@ -36,7 +36,7 @@ pub(crate) async fn run(
     let at_start = tracker.counts();
     let completed_before = tracker.completed();
     let (handed_before, _) = tracker.handed_over_received();
-    let closed_before = tracker.closed_total();
+    let ended_before = tracker.ended_total();
     tracing::info!(%trigger, ?at_start, "drain started");
     crate::systemd::drain_started(&trigger);
     let mut forced_by: Option<ForceReason> = None;
@@ -111,7 +111,7 @@ pub(crate) async fn run(
 
     let (handed, _) = tracker.handed_over_received();
     let handed_over = handed - handed_before;
-    let closed_by_drain = (tracker.closed_total() - closed_before).saturating_sub(handed_over);
+    let closed_by_drain = (tracker.ended_total() - ended_before).saturating_sub(handed_over);
     let mut forced = Vec::new();
     if let Some(reason) = &forced_by {
         let t = Instant::now();
