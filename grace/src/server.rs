@@ -293,7 +293,9 @@ impl Server {
     }
 
     /// Keep accepting and serving this long after a drain is asked for, with readiness
-    /// already failing, so load balancers stop routing here first. Default zero.
+    /// already failing, so load balancers stop routing here first. Default zero. Not at an
+    /// upgrade ([`Trigger::Restart`]): the new process serves on the same socket, so the
+    /// old one closes its copy of the listener at once.
     pub fn pre_stop_delay(mut self, delay: Duration) -> Self {
         self.config.budget.pre_stop_delay = delay;
         self

@@ -248,3 +248,36 @@ async fn a_silent_connection_accepted_before_the_handover_is_still_served() {
     assert_eq!(report.trigger, Trigger::Restart);
     assert!(report.forced.is_empty());
 }
+
+/// The pre-stop delay is for load balancers to move away before a listener closes; at an
+/// upgrade the listening socket stays open in the new process, so the old one drains at
+/// once instead of answering 503 on the shared address for the length of the delay.
+#[tokio::test]
+async fn an_upgrade_does_not_wait_for_the_pre_stop_delay() {
+    let dir = Dir::new("pre-stop");
+    let (listener, addr, _socket) = listener();
+    let child = dir.script("child", "echo ready >&$GRACE_READY_FD\nsleep 1");
+    let server = Server::from_listener(listener).pre_stop_delay(Duration::from_secs(60));
+    let handle = server.handle();
+    let serve = server
+        .serve(app())
+        .with_restart(Restart::new().no_signal().program(&child));
+    let served = tokio::spawn(serve.into_future());
+    assert_eq!(get(addr).await, "old");
+    tokio::time::timeout(SOON, handle.restart())
+        .await
+        .unwrap()
+        .unwrap();
+    let report = tokio::time::timeout(SOON, served)
+        .await
+        .expect("the upgrade's drain waited for the pre-stop delay")
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.trigger, Trigger::Restart);
+    assert_eq!(
+        report.phase(grace_http::Phase::PreStop),
+        None,
+        "{}",
+        report.to_json()
+    );
+}

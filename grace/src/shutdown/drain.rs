@@ -50,8 +50,12 @@ pub(crate) async fn run(
     // What the resources declared: held back from the work only under a stop deadline.
     let reserve = shared.resources.budget();
 
-    // Readiness already fails (since the request); with a pre-stop delay we keep serving.
-    if !budget.pre_stop_delay.is_zero() {
+    // Readiness already fails (since the request); with a pre-stop delay we keep serving,
+    // so that load balancers stop sending here before the listener closes. Not at an
+    // upgrade: the listening socket stays open in the new process, which serves on it (its
+    // readiness answers there), so there is nothing to move away from, and a drain that
+    // waited would keep answering 503 to health checks on the shared address meanwhile.
+    if !budget.pre_stop_delay.is_zero() && trigger != Trigger::Restart {
         let t = Instant::now();
         tokio::select! {
             _ = tokio::time::sleep_until(budget.pre_stop_end(asked, reserve).into()) => {}
