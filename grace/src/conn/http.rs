@@ -198,7 +198,7 @@ where
 
     /// Gives back an HTTP/1 connection's stream and unparsed bytes, or one still silent.
     /// Only between requests: the caller checks that no request is in flight and that the
-    /// last response is fully written (see `Conn::can_hand_over`); hyper is not polled in
+    /// last response is fully written (see `Conn::hand_over`); hyper is not polled in
     /// between, so nothing moves meanwhile. `None` for HTTP/2, or the start of its preface
     /// (left as it was), or after an upgrade.
     pub(crate) fn take_for_handover(&mut self) -> Option<Released<I>> {

@@ -16,7 +16,7 @@ use super::body::{BodyLimit, RequestBody};
 use super::http::{HttpConn, HyperBuilder, Released};
 use super::io::TrackedIo;
 use super::request::ConnService;
-use super::tracker::{Conn, Tracker};
+use super::tracker::{Conn, HandOver, Tracker};
 use super::{Addr, ConnState};
 use crate::accept::{Acceptor, Socket};
 use crate::latch::Latch;
@@ -371,25 +371,31 @@ where
     S::Error: Into<BoxError>,
     B: ResponseBody,
 {
-    if !conn.may_hand_over() || connection.is_http2() {
+    if connection.is_http2() {
         return None;
     }
-    if !conn.can_hand_over() {
-        // A state changes only while hyper is polled: check after each poll.
-        let between = std::future::poll_fn(|cx| match Pin::new(&mut *connection).poll(cx) {
-            Poll::Ready(result) => Poll::Ready(Some(result)),
-            Poll::Pending if conn.can_hand_over() => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        });
-        tokio::select! {
-            biased;
-            ended = between => if let Some(result) = ended {
-                return Some(result);
-            },
-            _ = outbox.closed() => return None,
-        }
-        if !conn.may_hand_over() {
-            return None;
+    match conn.hand_over() {
+        HandOver::Now => {}
+        HandOver::Never => return None,
+        HandOver::Later => {
+            // A state changes only while hyper is polled: check after each poll.
+            let between = std::future::poll_fn(|cx| match Pin::new(&mut *connection).poll(cx) {
+                Poll::Ready(result) => Poll::Ready(Some(Err(result))),
+                Poll::Pending => match conn.hand_over() {
+                    HandOver::Now => Poll::Ready(Some(Ok(()))),
+                    HandOver::Never => Poll::Ready(None),
+                    HandOver::Later => Poll::Pending,
+                },
+            });
+            tokio::select! {
+                biased;
+                next = between => match next {
+                    Some(Ok(())) => {}
+                    Some(Err(ended)) => return Some(ended),
+                    None => return None,
+                },
+                _ = outbox.closed() => return None,
+            }
         }
     }
     let Released { io, buffered } = connection.take_for_handover()?;

@@ -19,6 +19,14 @@ use crate::shutdown::Trigger;
 use crate::shutdown::report::{ActiveRequest, ForcedConn};
 use crate::sys::SocketSlot;
 
+/// Whether a connection can be handed to the next generation (see [`Conn::hand_over`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HandOver {
+    Now,
+    Later,
+    Never,
+}
+
 /// The user's observer of state changes.
 pub(crate) type Hook = Box<dyn Fn(&ConnInfo, ConnState) + Send + Sync + 'static>;
 
@@ -211,10 +219,9 @@ impl Conn {
     #[inline]
     pub(crate) fn request_started<B: http_body::Body>(&self, req: &http::Request<B>, now: Instant) {
         self.head_since.store(0, Ordering::Relaxed);
-        if !req.body().is_end_stream() {
-            // Release, paired with `can_hand_over`: set before the request is in flight.
-            self.body_open.store(true, Ordering::Release);
-        }
+        // Release, paired with `hand_over`: set before the request is in flight.
+        self.body_open
+            .store(!req.body().is_end_stream(), Ordering::Release);
         self.inflight.fetch_add(1, Ordering::AcqRel);
         if req.version() == http::Version::HTTP_2 {
             self.http2.store(true, Ordering::Relaxed);
@@ -302,31 +309,29 @@ impl Conn {
         self.body_open.store(false, Ordering::Release);
     }
 
-    /// Whether the connection can ever be handed over: HTTP/1, not TLS (whose session
-    /// could not travel), not upgraded.
-    pub(crate) fn may_hand_over(&self) -> bool {
-        !self.http2.load(Ordering::Relaxed)
-            && !self.closes_itself.load(Ordering::Relaxed)
-            && !matches!(self.state(), ConnState::Hijacked | ConnState::Closed)
-    }
-
-    /// Between requests: no request in flight, the last response fully written, its request
-    /// body read to the end, and nothing of the next request parsed (at most part of its
-    /// head read): a connection that [may](Self::may_hand_over) be handed to the next
-    /// generation can then go as it is. Only meaningful
+    /// Whether the connection can go to the next generation as it is, now. Meaningful only
     /// from the connection's own task, with hyper not being polled (nothing moves then).
-    pub(crate) fn can_hand_over(&self) -> bool {
-        if !self.may_hand_over()
-            || self.inflight.load(Ordering::Acquire) != 0
-            || self.body_open.load(Ordering::Acquire)
-        {
-            return false;
+    ///
+    /// - `Now`: between requests — no request in flight, the last response fully written,
+    ///   its request body read to the end, nothing of the next request parsed (at most part
+    ///   of its head read, which goes along).
+    /// - `Later`: a request is being served, or its response written.
+    /// - `Never`: HTTP/2, TLS (whose session could not travel), upgraded, closed, or idle
+    ///   with its last request's body left unread (hyper drains it or closes).
+    pub(crate) fn hand_over(&self) -> HandOver {
+        if self.http2.load(Ordering::Relaxed) || self.closes_itself.load(Ordering::Relaxed) {
+            return HandOver::Never;
         }
+        let busy = self.inflight.load(Ordering::Acquire) != 0;
+        let body_open = self.body_open.load(Ordering::Acquire);
         match self.state() {
-            ConnState::New | ConnState::Idle => true,
+            ConnState::Hijacked | ConnState::Closed => HandOver::Never,
+            _ if busy => HandOver::Later,
+            ConnState::Idle if body_open => HandOver::Never,
+            ConnState::New | ConnState::Idle => HandOver::Now,
             // A head arriving: its bytes go along.
-            ConnState::Active => self.head_pending(),
-            ConnState::Hijacked | ConnState::Closed => false,
+            ConnState::Active if self.head_pending() && !body_open => HandOver::Now,
+            ConnState::Active => HandOver::Later,
         }
     }
 
@@ -832,6 +837,72 @@ mod tests {
     }
 
     /// A connection that went idle, served one request and flushed its response.
+    /// When a connection may go to the next generation: between requests only, with its
+    /// last body read; never for HTTP/2, TLS or upgraded connections.
+    #[test]
+    fn a_connection_is_handed_over_only_between_requests() {
+        use http_body_util::{Empty, Full};
+        let tracker = Arc::new(Tracker::default());
+        let (a, _b) = pair();
+        let c = tracker.register(Addr::Unix(None), &a);
+        assert_eq!(c.hand_over(), HandOver::Now, "new, silent");
+        assert!(c.on_read(b"GET / HT"));
+        assert_eq!(c.hand_over(), HandOver::Now, "a head arriving goes along");
+        c.request_started(
+            &http::Request::new(Empty::<bytes::Bytes>::new()),
+            Instant::now(),
+        );
+        assert_eq!(c.hand_over(), HandOver::Later, "a request in flight");
+        c.request_finished();
+        assert_eq!(
+            c.hand_over(),
+            HandOver::Later,
+            "its response not flushed yet"
+        );
+        c.on_flush();
+        assert_eq!(c.hand_over(), HandOver::Now, "idle");
+
+        // A request with a body: not before the body is read to its end.
+        assert!(c.on_read(b"POST / HTTP/1.1\r\n"));
+        let body = Full::new(bytes::Bytes::from_static(b"x"));
+        c.request_started(&http::Request::new(body), Instant::now());
+        c.request_finished();
+        c.on_flush();
+        assert_eq!(c.hand_over(), HandOver::Never, "idle, its body left unread");
+        c.body_ended();
+        assert_eq!(c.hand_over(), HandOver::Now, "idle, its body read");
+        // The next request without a body clears what the last one left.
+        assert!(c.on_read(b"POST / HTTP/1.1\r\n"));
+        c.request_started(
+            &http::Request::new(Full::new(bytes::Bytes::from_static(b"y"))),
+            Instant::now(),
+        );
+        c.request_finished();
+        c.on_flush();
+        assert!(c.on_read(b"GET / HTTP/1.1\r\n"));
+        c.request_started(
+            &http::Request::new(Empty::<bytes::Bytes>::new()),
+            Instant::now(),
+        );
+        c.request_finished();
+        c.on_flush();
+        assert_eq!(
+            c.hand_over(),
+            HandOver::Now,
+            "a stale unread body was forgotten"
+        );
+
+        let h2 = tracker.register(Addr::Unix(None), &a);
+        assert!(h2.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        assert_eq!(h2.hand_over(), HandOver::Never, "HTTP/2");
+        let tls = tracker.register(Addr::Unix(None), &a);
+        tls.set_closes_itself();
+        assert_eq!(tls.hand_over(), HandOver::Never, "TLS");
+        let ws = idle_conn(&tracker, &a);
+        ws.apply(Event::Upgraded);
+        assert_eq!(ws.hand_over(), HandOver::Never, "upgraded");
+    }
+
     fn idle_conn(tracker: &Arc<Tracker>, socket: &UnixStream) -> Arc<Conn> {
         let c = tracker.register(Addr::Unix(None), socket);
         assert!(c.on_read(b"GET / HTTP/1.1\r\n\r\n"));
