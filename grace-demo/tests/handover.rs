@@ -8,29 +8,23 @@
 //! re-parented here when its parent (the previous generation) exits, to be reaped by pid.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use rustix::process::{Signal, WaitOptions};
 use serde_json::Value;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 mod common;
 
-use common::{Http, Response, TempDir, alive, pid, signal, subreaper};
-
-const BIN: &str = env!("CARGO_BIN_EXE_grace-demo");
-
-/// Loose bound for anything that should take milliseconds: never flakes on a loaded 2-core
-/// machine, still catches a hang.
-const PATIENCE: Duration = Duration::from_secs(30);
+use common::{
+    BIN, Http, PATIENCE, Response, Service, TempDir, install_real_binary, read_response,
+    replace_file,
+};
 
 /// Raises this process's open-file limit to its hard limit. The demo's generations inherit
 /// it: each holds a thousand connections in the first test, beyond a default 1024.
@@ -43,206 +37,26 @@ fn raise_fd_limit() {
     }
 }
 
-/// Replaces `path` atomically (write a temporary file, rename over it).
-fn replace_file(path: &Path, contents: &str, executable: bool) {
-    use std::os::unix::fs::PermissionsExt;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents).unwrap();
-    if executable {
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    std::fs::rename(&tmp, path).unwrap();
-}
+/// The control socket's file in the service's scratch directory.
+const CONTROL: &str = "control.sock";
 
-/// Points `path` at the real demo binary again (a fresh hard link, renamed over it).
-fn install_real_binary(path: &Path) {
-    let tmp = path.with_extension("link");
-    let _ = std::fs::remove_file(&tmp);
-    if std::fs::hard_link(BIN, &tmp).is_err() {
-        std::fs::copy(BIN, &tmp).unwrap();
-    }
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-/// A `grace-demo` service (pid file, control socket, every generation's stderr in one log
-/// file) and every generation it went through.
-struct Service {
-    scratch: TempDir,
-    addr: SocketAddr,
-    pid_file: PathBuf,
-    control: PathBuf,
-    log: PathBuf,
-    /// Every generation, oldest first.
-    pids: Vec<u32>,
-    /// Generations seen to exit.
-    reaped: HashSet<u32>,
+/// [`Service::start`] with a control socket, for `ctl status`.
+fn start(scratch: TempDir, program: &Path, args: &[&str]) -> Service {
+    let control = scratch.path(CONTROL).display().to_string();
+    Service::start(
+        scratch,
+        program,
+        &[&["--control-socket", control.as_str()][..], args].concat(),
+    )
 }
 
 impl Service {
-    /// Starts `program` (the demo, or a link to it) with `args`; waits until it serves.
-    // Every generation, this first one included, is reaped by pid (`gone`).
-    #[allow(clippy::zombie_processes)]
-    fn start(scratch: TempDir, program: &Path, args: &[&str]) -> Service {
-        subreaper();
-        let pid_file = scratch.path("grace-demo.pid");
-        let control = scratch.path("control.sock");
-        let log = scratch.path("stderr.log");
-        let db = format!("sqlite://{}?mode=rwc", scratch.path("ledger.db").display());
-        let mut child = Command::new(program)
-            .current_dir(&scratch.0)
-            .args(["--listen", "127.0.0.1:0", "--db", &db, "--pid-file"])
-            .arg(&pid_file)
-            .arg("--control-socket")
-            .arg(&control)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn grace-demo");
-        // Every generation writes its `listening on` line to this pipe: keep draining it.
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let line = rx.recv_timeout(PATIENCE).unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!("no `listening on` line; stderr:\n{}", read(&log))
-        });
-        let addr = line
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .unwrap();
-        let service = Service {
-            scratch,
-            addr,
-            pid_file,
-            control,
-            log,
-            pids: vec![child.id()],
-            reaped: HashSet::new(),
-        };
-        // The first generation writes the pid file before it binds: it serves now.
-        assert_eq!(service.pid(), Some(child.id()));
-        service
-    }
-
-    /// The pid in the pid file.
-    fn pid(&self) -> Option<u32> {
-        std::fs::read_to_string(&self.pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-    }
-
-    fn current(&self) -> u32 {
-        *self.pids.last().unwrap()
-    }
-
-    fn stderr(&self) -> String {
-        read(&self.log)
-    }
-
-    /// SIGHUP to the current generation (the start of an upgrade); returns its pid.
-    fn hup(&self) -> u32 {
-        let old = self.current();
-        signal(old, Signal::HUP);
-        old
-    }
-
-    /// After [`hup`](Self::hup): waits until the pid file names a new generation (it is
-    /// ready) and the old one has exited with status 0 (it drained cleanly); returns the
-    /// new pid.
-    async fn upgraded(&mut self, old: u32) -> u32 {
-        let t = Instant::now();
-        let new = loop {
-            if let Some(p) = self.pid().filter(|&p| p != old) {
-                break p;
-            }
-            assert!(
-                t.elapsed() < PATIENCE,
-                "pid file not updated within {PATIENCE:?}; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
-        self.pids.push(new);
-        let code = self.gone(old, PATIENCE).await;
-        assert_eq!(
-            code,
-            Some(0),
-            "the old generation {old} did not drain cleanly; stderr:\n{}",
-            self.stderr()
-        );
-        new
-    }
-
-    /// A whole upgrade: SIGHUP, then [`upgraded`](Self::upgraded). Returns (old, new).
-    async fn upgrade(&mut self) -> (u32, u32) {
-        let old = self.hup();
-        (old, self.upgraded(old).await)
-    }
-
-    /// SIGHUP to the current generation, expecting the upgrade to fail: waits until the old
-    /// process says so (its `n`th failure), then checks it still is the main process.
-    async fn failed_upgrade(&self, n: usize) -> String {
-        self.hup();
-        let line = self.wait_log("upgrade failed", n).await;
-        assert_eq!(self.pid(), Some(self.current()), "the pid file changed");
-        assert!(alive(self.current()), "the old process died");
-        line
-    }
-
-    /// Waits until the log holds `needle` `n` times; returns the `n`th line.
-    async fn wait_log(&self, needle: &str, n: usize) -> String {
-        let t = Instant::now();
-        loop {
-            let log = self.stderr();
-            if let Some(line) = log.lines().filter(|l| l.contains(needle)).nth(n - 1) {
-                return line.to_owned();
-            }
-            assert!(
-                t.elapsed() < PATIENCE,
-                "no {n}th {needle:?} in the log within {PATIENCE:?}:\n{log}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Waits (at most `limit`) until generation `p` has exited, reaping it (it is our child:
-    /// the first one, or re-parented here once its parent exited); its exit code.
-    async fn gone(&mut self, p: u32, limit: Duration) -> Option<i32> {
-        let t = Instant::now();
-        loop {
-            match rustix::process::waitpid(Some(pid(p)), WaitOptions::NOHANG) {
-                Ok(Some((_, status))) => {
-                    self.reaped.insert(p);
-                    return status.exit_status();
-                }
-                Ok(None) => {}
-                // Not our child yet (its parent still runs).
-                Err(_) => {}
-            }
-            assert!(
-                t.elapsed() < limit,
-                "generation {p} still runs after {limit:?}; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
     /// `grace-demo ctl --json status` through the control socket (the newest generation
     /// holds its path).
     async fn status(&self) -> Value {
         let out = tokio::process::Command::new(BIN)
             .args(["ctl", "--socket"])
-            .arg(&self.control)
+            .arg(self.scratch.path(CONTROL))
             .args(["--json", "status"])
             .stdin(Stdio::null())
             .output()
@@ -265,36 +79,6 @@ impl Service {
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
             .collect()
     }
-
-    /// SIGTERM to the current generation; it must exit cleanly.
-    async fn stop(mut self) {
-        let last = self.current();
-        signal(last, Signal::TERM);
-        let code = self.gone(last, PATIENCE).await;
-        assert_eq!(code, Some(0), "stderr:\n{}", self.stderr());
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        // Only after a failure: leave nothing running.
-        for &p in &self.pids {
-            if !self.reaped.contains(&p) && alive(p) {
-                let _ = rustix::process::kill_process(pid(p), Signal::KILL);
-                let _ = common::wait_gone(p, PATIENCE);
-            }
-        }
-        if std::thread::panicking() {
-            let log = self.stderr();
-            // The tail: the log of a thousand connections' upgrades is long.
-            let tail = &log[log.len().saturating_sub(20_000)..];
-            eprintln!("service log ({}):\n…{tail}", self.scratch.0.display());
-        }
-    }
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
 }
 
 /// The pid in a `/whoami` answer, which must be a 200 that keeps the connection open.
@@ -412,9 +196,10 @@ async fn clients(addr: SocketAddr, n: usize, expected: u32) -> Vec<Client> {
     all
 }
 
-/// Asks every client `GET /whoami` at once; returns what went wrong (at most a few
-/// lines, with the count).
-async fn all_answer_from(all: &mut [Client], expected: u32) -> Result<(), String> {
+/// Asks every client `GET /whoami` at once: each must be answered by `expected`, on the
+/// connection it opened first (none reconnected). Panics with `when`, the count and the
+/// first few of what went wrong.
+async fn all_answer_from(all: &mut [Client], expected: u32, when: &str) {
     let answers = join_all(all.iter_mut().map(Client::whoami)).await;
     let wrong: Vec<String> = answers
         .into_iter()
@@ -422,25 +207,20 @@ async fn all_answer_from(all: &mut [Client], expected: u32) -> Result<(), String
         .filter(|(_, a)| *a != Ok(expected))
         .map(|(i, a)| format!("client {i}: {a:?}"))
         .collect();
-    match wrong.len() {
-        0 => Ok(()),
-        n => Err(format!(
-            "{n} of {} not answered by {expected}: {:?}",
-            all.len(),
-            &wrong[..n.min(5)]
-        )),
-    }
-}
-
-/// Connects made by `all`, and the first causes of reconnects.
-fn connects(all: &[Client]) -> (u64, Vec<&String>) {
-    let n = all.iter().map(|c| c.connects).sum();
-    let causes = all
+    assert!(
+        wrong.is_empty(),
+        "{when}: {} of {} not answered by {expected}: {:?}",
+        wrong.len(),
+        all.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    let connects: u64 = all.iter().map(|c| c.connects).sum();
+    let causes: Vec<&String> = all
         .iter()
         .flat_map(|c| &c.reconnect_causes)
         .take(5)
         .collect();
-    (n, causes)
+    assert_eq!(connects, all.len() as u64, "{when}: reconnects: {causes:?}");
 }
 
 /// What a load client saw.
@@ -515,21 +295,18 @@ async fn a_thousand_idle_connections_survive_twenty_upgrades_under_load() {
     const LOAD: usize = 4;
     const UPGRADES: usize = 20;
     raise_fd_limit();
-    let mut service = Service::start(TempDir::new(), Path::new(BIN), &[]);
+    let mut service = start(TempDir::new(), Path::new(BIN), &[]);
     let started = Instant::now();
     let mut idle = clients(service.addr, IDLE, service.current()).await;
     let load = Load::start(service.addr, LOAD);
     let mut seen = HashSet::from([service.current()]);
     for round in 0..UPGRADES {
         let t = Instant::now();
-        let (old, new) = service.upgrade().await;
+        let old = service.hup();
+        let new = service.upgraded(old);
         let upgraded = t.elapsed();
         assert!(seen.insert(new), "round {round}: pid {new} came back");
-        if let Err(e) = all_answer_from(&mut idle, new).await {
-            panic!("round {round} ({old} → {new}): {e}");
-        }
-        let (n, causes) = connects(&idle);
-        assert_eq!(n, IDLE as u64, "round {round}: reconnects: {causes:?}");
+        all_answer_from(&mut idle, new, &format!("round {round} ({old} → {new})")).await;
         let status = service.status().await;
         assert_eq!(status["pid"], new, "{status}");
         let received = status["handed_over"]["received"].as_u64().unwrap_or(0);
@@ -565,7 +342,7 @@ async fn a_thousand_idle_connections_survive_twenty_upgrades_under_load() {
             "generation {i} handed over {handed}: {report}"
         );
     }
-    service.stop().await;
+    service.stop();
 }
 
 /// How the second of two pipelined requests is sent, in one round of pipelining at an
@@ -609,7 +386,7 @@ const PIPELINED: [Pipelined; 6] = [
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_at_an_upgrade_are_answered_once_in_order() {
     const UPGRADES: usize = 8;
-    let mut service = Service::start(TempDir::new(), Path::new(BIN), &[]);
+    let mut service = start(TempDir::new(), Path::new(BIN), &[]);
     let sleep = "GET /sleep/300 HTTP/1.1\r\nHost: grace\r\n\r\n";
     let (half, rest) = ("GET /whoami HTTP/1.1\r\nHo", "st: grace\r\n\r\n");
     let (mut by_old, mut by_new) = (0, 0);
@@ -656,7 +433,7 @@ async fn pipelined_requests_at_an_upgrade_are_answered_once_in_order() {
                 }),
         )
         .await;
-        let new = service.upgraded(old).await;
+        let new = service.upgraded(old);
         let what = |i: usize| {
             format!(
                 "upgrade {upgrade} ({old} → {new}), connection {i} ({:?})",
@@ -709,7 +486,7 @@ async fn pipelined_requests_at_an_upgrade_are_answered_once_in_order() {
         assert_eq!(report["closed"], 0, "{report}");
     }
     eprintln!("second requests answered by the old generation {by_old}, by the new {by_new}");
-    service.stop().await;
+    service.stop();
 }
 
 /// Requests that begin around the hand-over are answered once, whole. 99 idle keep-alive
@@ -727,7 +504,7 @@ async fn pipelined_requests_at_an_upgrade_are_answered_once_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_begun_during_the_hand_over_is_answered_once() {
     const CONNS: usize = 99;
-    let mut service = Service::start(TempDir::new(), Path::new(BIN), &[]);
+    let mut service = start(TempDir::new(), Path::new(BIN), &[]);
     let mut conns = Vec::new();
     for _ in 0..CONNS {
         let mut http = Http::connect(service.addr).await.unwrap();
@@ -763,7 +540,7 @@ async fn a_request_begun_during_the_hand_over_is_answered_once() {
             whoami_pid(&resp)
         }))
         .await;
-        let new = service.upgraded(old).await;
+        let new = service.upgraded(old);
         let (mut by_old, mut by_new) = (0, 0);
         for (i, answer) in answers.into_iter().enumerate() {
             match answer {
@@ -788,7 +565,7 @@ async fn a_request_begun_during_the_hand_over_is_answered_once() {
         assert_eq!(report["handed_over"], CONNS, "{report}");
         assert_eq!(report["closed"], 0, "{report}");
     }
-    service.stop().await;
+    service.stop();
 }
 
 /// A new generation that fails before it is ready is handed nothing: with 200 idle
@@ -807,7 +584,7 @@ async fn a_broken_new_generation_hands_over_nothing() {
     let config = scratch.path("grace-demo.toml");
     replace_file(&config, "greeting = \"one\"\n", false);
     let config_arg = config.display().to_string();
-    let mut service = Service::start(
+    let mut service = start(
         scratch,
         &program,
         &["--config", &config_arg, "--ready-timeout", "3s"],
@@ -817,25 +594,18 @@ async fn a_broken_new_generation_hands_over_nothing() {
 
     // (a) The new process exits at start: its config does not parse.
     replace_file(&config, "greeting = \n", false);
-    let line = service.failed_upgrade(1).await;
+    let line = service.failed_upgrade(1);
     assert!(line.contains("exited with status 1"), "{line}");
-    all_answer_from(&mut held, first)
-        .await
-        .unwrap_or_else(|e| panic!("after a broken config: {e}"));
+    all_answer_from(&mut held, first, "after a broken config").await;
     replace_file(&config, "greeting = \"one\"\n", false);
 
     // (b) The new program adopts the sockets (the hand-over socket too, across the exec)
     //     and never says it is ready.
     let hangs = "#!/bin/sh\nexec sleep 60\n";
     replace_file(&program, hangs, true);
-    let line = service.failed_upgrade(2).await;
+    let line = service.failed_upgrade(2);
     assert!(line.contains("not ready within"), "{line}");
-    all_answer_from(&mut held, first)
-        .await
-        .unwrap_or_else(|e| panic!("after a new process that never got ready: {e}"));
-
-    let (n, causes) = connects(&held);
-    assert_eq!(n, CONNS as u64, "reconnects: {causes:?}");
+    all_answer_from(&mut held, first, "after a new process that never got ready").await;
     let status = service.status().await;
     assert_eq!(status["pid"], first, "{status}");
     assert_eq!(status["handed_over"]["sent"], 0, "{status}");
@@ -843,12 +613,9 @@ async fn a_broken_new_generation_hands_over_nothing() {
 
     // (c) A good program again: this upgrade hands every connection over.
     install_real_binary(&program);
-    let (_, new) = service.upgrade().await;
-    all_answer_from(&mut held, new)
-        .await
-        .unwrap_or_else(|e| panic!("after a good upgrade: {e}"));
-    let (n, causes) = connects(&held);
-    assert_eq!(n, CONNS as u64, "reconnects: {causes:?}");
+    let old = service.hup();
+    let new = service.upgraded(old);
+    all_answer_from(&mut held, new, "after a good upgrade").await;
     let status = service.status().await;
     assert!(
         status["handed_over"]["received"].as_u64().unwrap_or(0) >= CONNS as u64,
@@ -857,7 +624,7 @@ async fn a_broken_new_generation_hands_over_nothing() {
     let reports = service.restart_reports();
     assert_eq!(reports.len(), 1, "{reports:?}");
     assert_eq!(reports[0]["handed_over"], CONNS, "{}", reports[0]);
-    service.stop().await;
+    service.stop();
 }
 
 /// An HTTP/2 frame: type, flags, payload.
@@ -907,36 +674,6 @@ async fn h2c_idle(
     }
 }
 
-/// A self-signed certificate for `localhost`: (cert PEM, key PEM, cert DER).
-fn certificate() -> (String, String, rustls::pki_types::CertificateDer<'static>) {
-    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    (
-        c.cert.pem(),
-        c.key_pair.serialize_pem(),
-        c.cert.der().clone(),
-    )
-}
-
-/// Reads one HTTP/1 response (head through [`common::parse_head`], then its
-/// `Content-Length` body) from any buffered stream (here, TLS).
-async fn read_response<R: AsyncBufRead + Unpin>(io: &mut R) -> std::io::Result<Response> {
-    let mut head = String::new();
-    loop {
-        let before = head.len();
-        if io.read_line(&mut head).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        if head[before..].trim_end().is_empty() {
-            break;
-        }
-    }
-    let mut resp = common::parse_head(&head)?;
-    let mut body = vec![0; resp.content_length()?];
-    io.read_exact(&mut body).await?;
-    resp.body = String::from_utf8_lossy(&body).into_owned();
-    Ok(resp)
-}
-
 /// Connections that can never be handed over do not hold an upgrade for the hand-over
 /// window: with `--hand-over-window 30s`, (a) an idle h2c connection (next to an idle
 /// HTTP/1 one, which is handed over) gets GOAWAY and its connection ends, and (b) an idle
@@ -948,9 +685,22 @@ async fn read_response<R: AsyncBufRead + Unpin>(io: &mut R) -> std::io::Result<R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_and_tls_connections_are_not_held_by_the_window() {
     const PROMPT: Duration = Duration::from_secs(15);
+    /// An upgrade whose old generation must be gone within `PROMPT` of the SIGHUP: the new
+    /// pid, and how long that took.
+    fn prompt_upgrade(service: &mut Service, what: &str) -> (u32, Duration) {
+        let old = service.hup();
+        let t = Instant::now();
+        let new = service.upgraded(old);
+        let took = t.elapsed();
+        assert!(
+            took < PROMPT,
+            "{what}: the old generation took {took:?} to exit"
+        );
+        (new, took)
+    }
 
     // (a) h2c, and an HTTP/1 connection beside it.
-    let mut service = Service::start(
+    let mut service = start(
         TempDir::new(),
         Path::new(BIN),
         &["--hand-over-window", "30s"],
@@ -964,14 +714,7 @@ async fn http2_and_tls_connections_are_not_held_by_the_window() {
     let mut http1 = Http::connect(service.addr).await.unwrap();
     let first = service.current();
     assert_eq!(whoami(&mut http1).await, Ok(first));
-    let old = service.hup();
-    let t = Instant::now();
-    let new = service.upgraded(old).await;
-    let took = t.elapsed();
-    assert!(
-        took < PROMPT,
-        "h2c: the old generation took {took:?} to exit"
-    );
+    let (new, took) = prompt_upgrade(&mut service, "h2c");
     let frames = tokio::time::timeout(PATIENCE, h2)
         .await
         .expect("the h2c connection was not ended")
@@ -985,16 +728,16 @@ async fn http2_and_tls_connections_are_not_held_by_the_window() {
     let reports = service.restart_reports();
     assert_eq!(reports[0]["handed_over"], 1, "{}", reports[0]);
     eprintln!("h2c: old generation gone {took:?} after the SIGHUP");
-    service.stop().await;
+    service.stop();
 
     // (b) TLS.
     let scratch = TempDir::new();
-    let (cert_pem, key_pem, der) = certificate();
+    let certificate = common::cert();
     let (cert, key) = (scratch.path("cert.pem"), scratch.path("key.pem"));
-    std::fs::write(&cert, cert_pem).unwrap();
-    std::fs::write(&key, key_pem).unwrap();
+    std::fs::write(&cert, certificate.cert_pem).unwrap();
+    std::fs::write(&key, certificate.key_pem).unwrap();
     let (cert, key) = (cert.display().to_string(), key.display().to_string());
-    let mut service = Service::start(
+    let mut service = start(
         scratch,
         Path::new(BIN),
         &[
@@ -1006,34 +749,14 @@ async fn http2_and_tls_connections_are_not_held_by_the_window() {
             &key,
         ],
     );
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(der).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tcp = tokio::net::TcpStream::connect(service.addr).await.unwrap();
-    let tls = connector.connect(name.clone(), tcp).await.unwrap();
-    let mut tls = tokio::io::BufReader::new(tls);
+    let connector = common::tls_connector(certificate.der);
+    let mut tls = common::tls_connect(&connector, service.addr).await.unwrap();
     let get = b"GET /whoami HTTP/1.1\r\nHost: localhost\r\n\r\n";
     tls.get_mut().write_all(get).await.unwrap();
     let first = service.current();
     let resp = read_response(&mut tls).await.unwrap();
     assert_eq!(whoami_pid(&resp), Ok(first));
-    let old = service.hup();
-    let t = Instant::now();
-    let new = service.upgraded(old).await;
-    let took = t.elapsed();
-    assert!(
-        took < PROMPT,
-        "TLS: the old generation took {took:?} to exit"
-    );
+    let (new, took) = prompt_upgrade(&mut service, "TLS");
     // The old generation ended it (close_notify, then the end).
     let mut rest = Vec::new();
     let end = tokio::time::timeout(PATIENCE, tls.read_to_end(&mut rest)).await;
@@ -1044,12 +767,11 @@ async fn http2_and_tls_connections_are_not_held_by_the_window() {
     let reports = service.restart_reports();
     assert_eq!(reports[0]["handed_over"], 0, "{}", reports[0]);
     // A new connection reaches the new generation.
-    let tcp = tokio::net::TcpStream::connect(service.addr).await.unwrap();
-    let mut again = tokio::io::BufReader::new(connector.connect(name, tcp).await.unwrap());
+    let mut again = common::tls_connect(&connector, service.addr).await.unwrap();
     again.get_mut().write_all(get).await.unwrap();
     let resp = read_response(&mut again).await.unwrap();
     assert_eq!(whoami_pid(&resp), Ok(new));
     eprintln!("TLS: old generation gone {took:?} after the SIGHUP");
     drop(again);
-    service.stop().await;
+    service.stop();
 }

@@ -37,22 +37,10 @@ async fn readiness_fails_first_and_the_pre_stop_delay_keeps_serving() {
         call(addr, "GET", "/healthz", None).await.unwrap().status,
         200
     );
-    let body = r#"{"id":"a","balance":100}"#;
-    assert_eq!(
-        call(addr, "POST", "/accounts", Some(body))
-            .await
-            .unwrap()
-            .status,
-        201
-    );
-    let body = r#"{"id":"b","balance":0}"#;
-    assert_eq!(
-        call(addr, "POST", "/accounts", Some(body))
-            .await
-            .unwrap()
-            .status,
-        201
-    );
+    for body in [r#"{"id":"a","balance":100}"#, r#"{"id":"b","balance":0}"#] {
+        let r = call(addr, "POST", "/accounts", Some(body)).await.unwrap();
+        assert_eq!(r.status, 201, "{body}: {}", r.body);
+    }
 
     // A request in flight across the whole delay and beyond the listener's close.
     let in_flight_ms = DELAY.as_millis() as u64 + 1_500;

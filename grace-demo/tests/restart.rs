@@ -9,11 +9,10 @@
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -21,163 +20,21 @@ use rustix::process::{Signal, WaitOptions};
 
 mod common;
 
-use common::{Gone, TempDir, alive, pid, signal, subreaper, wait_gone};
+use common::{
+    BIN, Gone, PATIENCE, Service, TempDir, alive, install_real_binary, pid, read, replace_file,
+    signal, subreaper, wait_gone,
+};
 
-const BIN: &str = env!("CARGO_BIN_EXE_grace-demo");
-
-/// Loose bound for anything that should take milliseconds: never flakes on a loaded
-/// 2-core machine, still catches a hang.
-const PATIENCE: Duration = Duration::from_secs(30);
-
-/// Replaces `path` atomically (write a temporary file, rename over it).
-fn replace_file(path: &Path, contents: &str, executable: bool) {
-    use std::os::unix::fs::PermissionsExt;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents).unwrap();
-    if executable {
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-/// Points `path` at the real demo binary again (a fresh hard link, renamed over it).
-fn install_real_binary(path: &Path) {
-    let tmp = path.with_extension("link");
-    let _ = std::fs::remove_file(&tmp);
-    if std::fs::hard_link(BIN, &tmp).is_err() {
-        std::fs::copy(BIN, &tmp).unwrap();
-    }
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-/// A `grace-demo` service and every generation it went through.
-struct Service {
-    scratch: TempDir,
-    addr: SocketAddr,
-    pid_file: PathBuf,
-    log: PathBuf,
-    /// Every generation, oldest first.
-    pids: Vec<u32>,
-    /// Generations seen to exit (status 0).
-    retired: HashSet<u32>,
-    _stdout: JoinHandle<()>,
+/// [`Service::start`] with a 10 s shutdown timeout.
+fn start(scratch: TempDir, program: &Path, args: &[&str]) -> Service {
+    Service::start(
+        scratch,
+        program,
+        &[&["--shutdown-timeout", "10s"][..], args].concat(),
+    )
 }
 
 impl Service {
-    /// Starts `program` (the demo, or a link to it) with test-friendly arguments.
-    // Every generation, this first one included, is reaped by pid (`wait_gone`).
-    #[allow(clippy::zombie_processes)]
-    fn start(scratch: TempDir, program: &Path, args: &[&str]) -> Service {
-        subreaper();
-        let pid_file = scratch.path("grace-demo.pid");
-        let log = scratch.path("stderr.log");
-        let db = format!("sqlite://{}?mode=rwc", scratch.path("ledger.db").display());
-        let mut child = Command::new(program)
-            .current_dir(&scratch.0)
-            .args(["--listen", "127.0.0.1:0", "--shutdown-timeout", "10s"])
-            .args(["--db", &db, "--pid-file"])
-            .arg(&pid_file)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn grace-demo");
-        // Every generation writes to this pipe: keep draining it.
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let line = rx
-            .recv_timeout(PATIENCE)
-            .unwrap_or_else(|_| panic!("no `listening on` line; stderr:\n{}", read(&log)));
-        let addr = line
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .unwrap();
-        let service = Service {
-            scratch,
-            addr,
-            pid_file,
-            log,
-            pids: vec![child.id()],
-            retired: HashSet::new(),
-            _stdout: reader,
-        };
-        service.wait_pid(|p| p == child.id());
-        service
-    }
-
-    /// The pid in the pid file.
-    fn pid(&self) -> Option<u32> {
-        std::fs::read_to_string(&self.pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-    }
-
-    fn current(&self) -> u32 {
-        *self.pids.last().unwrap()
-    }
-
-    fn wait_pid(&self, ok: impl Fn(u32) -> bool) -> u32 {
-        let t = Instant::now();
-        loop {
-            if let Some(p) = self.pid().filter(|&p| ok(p)) {
-                return p;
-            }
-            assert!(
-                t.elapsed() < PATIENCE,
-                "pid file not updated within {PATIENCE:?}; stderr:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// SIGHUP to the current generation; waits for the next one and returns its pid.
-    fn upgrade(&mut self) -> u32 {
-        let old = self.current();
-        signal(old, Signal::HUP);
-        let new = self.wait_pid(|p| p != old);
-        self.pids.push(new);
-        new
-    }
-
-    /// SIGHUP to the current generation, expecting the upgrade to fail: waits until the
-    /// old process says so (its `n`th failure), and checks it still is the main process.
-    fn failed_upgrade(&self, n: usize) -> String {
-        signal(self.current(), Signal::HUP);
-        let line = self.wait_log("upgrade failed", n);
-        assert_eq!(self.pid(), Some(self.current()), "the pid file changed");
-        assert!(alive(self.current()), "the old process died");
-        line
-    }
-
-    fn stderr(&self) -> String {
-        read(&self.log)
-    }
-
-    /// Waits until the log holds `needle` `n` times; returns the `n`th line.
-    fn wait_log(&self, needle: &str, n: usize) -> String {
-        let t = Instant::now();
-        loop {
-            let log = self.stderr();
-            if let Some(line) = log.lines().filter(|l| l.contains(needle)).nth(n - 1) {
-                return line.to_owned();
-            }
-            assert!(
-                t.elapsed() < PATIENCE,
-                "no {n}th {needle:?} in the log within {PATIENCE:?}:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     /// `GET /` on a fresh connection.
     fn get(&self) -> String {
         let mut conn = Conn::connect(self.addr).expect("connect");
@@ -186,59 +43,6 @@ impl Service {
             other => panic!("GET / failed: {other:?}"),
         }
     }
-
-    /// Waits until every generation before the current one has exited with status 0
-    /// (each is our child by then: its parent exited, we are the subreaper).
-    fn retire_old(&mut self) {
-        let old = self.pids.len() - 1;
-        self.retire(old);
-    }
-
-    fn retire(&mut self, generations: usize) {
-        for (i, &p) in self.pids[..generations].iter().enumerate() {
-            if self.retired.contains(&p) {
-                continue;
-            }
-            match wait_gone(p, PATIENCE) {
-                Gone::Exited(Some(0)) => {}
-                other => panic!(
-                    "generation {i} ({p}) ended with {other:?}; stderr:\n{}",
-                    self.stderr()
-                ),
-            }
-            self.retired.insert(p);
-        }
-    }
-
-    /// SIGTERM to the current generation; checks that it and every older one exited
-    /// cleanly (status 0).
-    fn stop(mut self) {
-        signal(self.current(), Signal::TERM);
-        self.retire(self.pids.len());
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        // Only after a failure: leave nothing running.
-        for &p in &self.pids {
-            if !self.retired.contains(&p) && alive(p) {
-                let _ = rustix::process::kill_process(pid(p), Signal::KILL);
-                let _ = wait_gone(p, PATIENCE);
-            }
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "service log ({}):\n{}",
-                self.scratch.0.display(),
-                self.stderr()
-            );
-        }
-    }
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
 }
 
 /// The result of one request on a connection.
@@ -458,7 +262,7 @@ fn assert_clean(tally: &Tally, min_ok: u64) {
 
 #[test]
 fn twenty_upgrades_under_load_lose_nothing() {
-    let mut service = Service::start(TempDir::new(), Path::new(BIN), &[]);
+    let mut service = start(TempDir::new(), Path::new(BIN), &[]);
     let load = Load::start(service.addr, 4, 2, &["hello"]);
     // Some traffic on keep-alive connections first, so the upgrades find idle ones.
     std::thread::sleep(Duration::from_millis(300));
@@ -501,7 +305,7 @@ fn a_new_process_that_exits_or_never_gets_ready_is_rolled_back() {
         "#!/bin/sh\necho $$ > {}\nexec sleep 60\n",
         child_pid.display()
     );
-    let mut service = Service::start(scratch, &program, &["--ready-timeout", "3s"]);
+    let mut service = start(scratch, &program, &["--ready-timeout", "3s"]);
     let first = service.current();
     let load = Load::start(service.addr, 2, 1, &["hello"]);
     std::thread::sleep(Duration::from_millis(200));
@@ -546,7 +350,7 @@ fn an_edited_config_shows_in_the_next_generation_and_a_broken_one_rolls_back() {
     let config = scratch.path("grace-demo.toml");
     replace_file(&config, "greeting = \"one\"\n", false);
     let config_arg = config.display().to_string();
-    let mut service = Service::start(scratch, Path::new(BIN), &["--config", &config_arg]);
+    let mut service = start(scratch, Path::new(BIN), &["--config", &config_arg]);
     assert_eq!(service.get(), "one");
 
     replace_file(
@@ -740,7 +544,7 @@ fn a_long_response_on_the_old_process_finishes_while_the_new_one_takes_new_conne
     let config = scratch.path("grace-demo.toml");
     replace_file(&config, "greeting = \"old\"\n", false);
     let config_arg = config.display().to_string();
-    let mut service = Service::start(scratch, Path::new(BIN), &["--config", &config_arg]);
+    let mut service = start(scratch, Path::new(BIN), &["--config", &config_arg]);
     let old = service.current();
 
     // A streamed response of 50 chunks, 100 ms apart: ~5 s on the old process.
@@ -815,7 +619,7 @@ fn a_stop_racing_an_upgrade_never_leaves_a_generation_behind() {
     let (mut stopped_with_it, mut upgrade_won) = (0, 0);
     for round in 0..40 {
         let pre_stop = if round % 2 == 0 { "0s" } else { "300ms" };
-        let service = Service::start(
+        let service = start(
             TempDir::new(),
             Path::new(BIN),
             &["--pre-stop-delay", pre_stop, "--ready-timeout", "20s"],
@@ -915,7 +719,7 @@ fn a_rollback_ends_what_the_failed_process_started() {
         "#!/bin/sh\nsleep 60 &\necho $! > {}\nexit 1\n",
         bg_pid.display()
     );
-    let mut service = Service::start(scratch, &program, &["--ready-timeout", "10s"]);
+    let mut service = start(scratch, &program, &["--ready-timeout", "10s"]);
     replace_file(&program, &forks, true);
     let line = service.failed_upgrade(1);
     assert!(line.contains("exited with status 1"), "{line}");
@@ -1003,7 +807,7 @@ fn a_new_generation_whose_starter_is_gone_exits() {
 fn a_websocket_hears_1012_at_an_upgrade() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    let mut service = Service::start(TempDir::new(), Path::new(BIN), &[]);
+    let mut service = start(TempDir::new(), Path::new(BIN), &[]);
     let url = format!("ws://{}/ws", service.addr);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -5,49 +5,19 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Demo, SOON, TempDir};
+use common::{Demo, SOON, TempDir, cert};
 use rustix::process::Signal;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-struct Cert {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-}
-
-fn cert() -> Cert {
-    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    Cert {
-        cert_pem: c.cert.pem(),
-        key_pem: c.key_pair.serialize_pem(),
-        der: c.cert.der().clone(),
-    }
-}
-
 async fn connect(addr: SocketAddr, root: &CertificateDer<'static>) -> std::io::Result<Tls> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = TcpStream::connect(addr).await?;
-    let name = ServerName::try_from("localhost").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await?;
-    Ok(Tls(BufReader::new(tls)))
+    let connector = common::tls_connector(root.clone());
+    Ok(Tls(common::tls_connect(&connector, addr).await?))
 }
 
 /// HTTP/1.1 over TLS, raw.
@@ -68,26 +38,8 @@ impl Tls {
         let io = self.0.get_mut();
         io.write_all(req.as_bytes()).await.unwrap();
         io.flush().await.unwrap();
-        let mut line = String::new();
-        self.0.read_line(&mut line).await.unwrap();
-        let status = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let mut len = 0;
-        loop {
-            line.clear();
-            self.0.read_line(&mut line).await.unwrap();
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().unwrap();
-                }
-            }
-        }
-        let mut body = vec![0; len];
-        self.0.read_exact(&mut body).await.unwrap();
-        (status, String::from_utf8(body).unwrap())
+        let resp = common::read_response(&mut self.0).await.unwrap();
+        (resp.status, resp.body)
     }
 
     /// `Ok` when the server ended the connection with `close_notify` then EOF.

@@ -1,23 +1,36 @@
-//! Helpers for the process-level tests: a real `grace-demo` child process on 127.0.0.1:0, a raw
-//! keep-alive HTTP/1.1 client, the store URLs from the environment, and a look at what the
-//! stores hold afterwards.
+//! Helpers for the process-level tests: a real `grace-demo` child process on 127.0.0.1:0, a
+//! service followed across upgrades, a raw keep-alive HTTP/1.1 client (and a TLS one), the
+//! store URLs from the environment, and a look at what the stores hold afterwards.
 #![allow(dead_code)]
 
+use std::collections::HashSet;
+use std::io::BufRead as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rustix::process::Signal;
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use sqlx::{Connection as _, Row as _};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// The demo binary.
+pub const BIN: &str = env!("CARGO_BIN_EXE_grace-demo");
 
 /// Loose bound for anything that should be prompt: never flakes on a loaded machine.
 pub const SOON: Duration = Duration::from_secs(10);
+
+/// Looser still, for the upgrade tests' waits on things that should take milliseconds: never
+/// flakes on a loaded 2-core machine, still catches a hang.
+pub const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Tests that touch the shared database servers run one at a time: server-wide counters
 /// (`Aborted_clients`, `sessions_abandoned`) must only move because of the test reading them.
@@ -125,6 +138,251 @@ pub fn wait_gone(raw: u32, limit: Duration) -> Gone {
             "process {raw} still runs after {limit:?}"
         );
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What is in `path` (empty if nothing is).
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Replaces `path` atomically (write a temporary file, rename over it).
+pub fn replace_file(path: &Path, contents: &str, executable: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    if executable {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Points `path` at the real demo binary again (a fresh hard link, renamed over it).
+pub fn install_real_binary(path: &Path) {
+    let tmp = path.with_extension("link");
+    let _ = std::fs::remove_file(&tmp);
+    if std::fs::hard_link(BIN, &tmp).is_err() {
+        std::fs::copy(BIN, &tmp).unwrap();
+    }
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A `grace-demo` service (a pid file, every generation's stderr in one log file) and every
+/// generation it went through, for the upgrade tests.
+///
+/// Its waits block (they poll the pid file, the log, `waitpid`): an async test calls them
+/// from the main task of a multi-thread runtime, which `#[tokio::test]` runs on its own
+/// thread, so the tasks it spawned keep running meanwhile.
+pub struct Service {
+    pub scratch: TempDir,
+    pub addr: SocketAddr,
+    pub pid_file: PathBuf,
+    pub log: PathBuf,
+    /// Every generation, oldest first.
+    pub pids: Vec<u32>,
+    /// Generations seen to exit (reaped here).
+    pub retired: HashSet<u32>,
+}
+
+impl Service {
+    /// Starts `program` (the demo, or a link to it) in `scratch` with `--listen 127.0.0.1:0`,
+    /// an SQLite ledger and a pid file there, then `args`; waits until it serves.
+    // Every generation, this first one included, is reaped by pid (`wait_gone`).
+    #[allow(clippy::zombie_processes)]
+    pub fn start(scratch: TempDir, program: &Path, args: &[&str]) -> Service {
+        subreaper();
+        let pid_file = scratch.path("grace-demo.pid");
+        let log = scratch.path("stderr.log");
+        let db = format!("sqlite://{}?mode=rwc", scratch.path("ledger.db").display());
+        let mut child = std::process::Command::new(program)
+            .current_dir(&scratch.0)
+            .args(["--listen", "127.0.0.1:0", "--db", &db, "--pid-file"])
+            .arg(&pid_file)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn grace-demo");
+        // Every generation writes its `listening on` line to this pipe: keep draining it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx.recv_timeout(PATIENCE).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("no `listening on` line; stderr:\n{}", read(&log))
+        });
+        let addr = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        let service = Service {
+            scratch,
+            addr,
+            pid_file,
+            log,
+            pids: vec![child.id()],
+            retired: HashSet::new(),
+        };
+        // The first generation writes the pid file before it binds: it serves now.
+        assert_eq!(
+            service.pid(),
+            Some(child.id()),
+            "stderr:\n{}",
+            service.stderr()
+        );
+        service
+    }
+
+    /// The pid in the pid file.
+    pub fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(&self.pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    pub fn current(&self) -> u32 {
+        *self.pids.last().unwrap()
+    }
+
+    pub fn stderr(&self) -> String {
+        read(&self.log)
+    }
+
+    /// Waits until the pid file names a pid that is `ok`.
+    fn wait_pid(&self, ok: impl Fn(u32) -> bool) -> u32 {
+        let t = Instant::now();
+        loop {
+            if let Some(p) = self.pid().filter(|&p| ok(p)) {
+                return p;
+            }
+            assert!(
+                t.elapsed() < PATIENCE,
+                "pid file not updated within {PATIENCE:?}; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGHUP to the current generation (the start of an upgrade); returns its pid.
+    pub fn hup(&self) -> u32 {
+        let old = self.current();
+        signal(old, Signal::HUP);
+        old
+    }
+
+    /// After [`hup`](Self::hup) to `old`: waits until the pid file names a new generation (it
+    /// is ready); records and returns its pid.
+    fn next(&mut self, old: u32) -> u32 {
+        let new = self.wait_pid(|p| p != old);
+        self.pids.push(new);
+        new
+    }
+
+    /// SIGHUP to the current generation; waits for the next one and returns its pid (the old
+    /// one may still be draining).
+    pub fn upgrade(&mut self) -> u32 {
+        let old = self.hup();
+        self.next(old)
+    }
+
+    /// After [`hup`](Self::hup) to `old`: waits until a new generation is ready and the old
+    /// one has exited with status 0 (it drained cleanly); returns the new pid.
+    pub fn upgraded(&mut self, old: u32) -> u32 {
+        let new = self.next(old);
+        self.retire_old();
+        new
+    }
+
+    /// SIGHUP to the current generation, expecting the upgrade to fail: waits until the old
+    /// process says so (its `n`th failure), then checks it still is the main process.
+    pub fn failed_upgrade(&self, n: usize) -> String {
+        self.hup();
+        let line = self.wait_log("upgrade failed", n);
+        assert_eq!(self.pid(), Some(self.current()), "the pid file changed");
+        assert!(alive(self.current()), "the old process died");
+        line
+    }
+
+    /// Waits until the log holds `needle` `n` times; returns the `n`th line.
+    pub fn wait_log(&self, needle: &str, n: usize) -> String {
+        let t = Instant::now();
+        loop {
+            let log = self.stderr();
+            if let Some(line) = log.lines().filter(|l| l.contains(needle)).nth(n - 1) {
+                return line.to_owned();
+            }
+            assert!(
+                t.elapsed() < PATIENCE,
+                "no {n}th {needle:?} in the log within {PATIENCE:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until every generation before the current one has exited with status 0 (each
+    /// is our child by then: the first one, or re-parented here once its parent exited).
+    pub fn retire_old(&mut self) {
+        let old = self.pids.len() - 1;
+        self.retire(old);
+    }
+
+    /// Like [`retire_old`](Self::retire_old), for the first `generations`.
+    pub fn retire(&mut self, generations: usize) {
+        for (i, &p) in self.pids[..generations].iter().enumerate() {
+            if self.retired.contains(&p) {
+                continue;
+            }
+            let gone = wait_gone(p, PATIENCE);
+            self.retired.insert(p);
+            if gone != Gone::Exited(Some(0)) {
+                panic!(
+                    "generation {i} ({p}) ended with {gone:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+        }
+    }
+
+    /// SIGTERM to the current generation; checks that it and every older one exited
+    /// cleanly (status 0).
+    pub fn stop(mut self) {
+        signal(self.current(), Signal::TERM);
+        self.retire(self.pids.len());
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        // Only after a failure: leave nothing running.
+        for &p in &self.pids {
+            if !self.retired.contains(&p) && alive(p) {
+                let _ = rustix::process::kill_process(pid(p), Signal::KILL);
+                let _ = wait_gone(p, PATIENCE);
+            }
+        }
+        if std::thread::panicking() {
+            let log = self.stderr();
+            // The tail: the log of many upgrades (of a thousand connections) is long.
+            let mut from = log.len().saturating_sub(20_000);
+            while !log.is_char_boundary(from) {
+                from += 1;
+            }
+            let cut = if from > 0 { "…" } else { "" };
+            eprintln!(
+                "service log ({}):\n{cut}{}",
+                self.scratch.0.display(),
+                &log[from..]
+            );
+        }
     }
 }
 
@@ -363,44 +621,47 @@ impl Http {
     }
 
     pub async fn read(&mut self) -> std::io::Result<Response> {
-        tokio::time::timeout(Duration::from_secs(60), self.read_inner())
+        tokio::time::timeout(Duration::from_secs(60), read_response(&mut self.io))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response"))?
     }
 
     /// Reads a response's status line and headers only (its body may still be streaming).
     pub async fn read_head(&mut self) -> std::io::Result<Response> {
-        tokio::time::timeout(Duration::from_secs(60), self.read_head_inner())
+        tokio::time::timeout(Duration::from_secs(60), read_head(&mut self.io))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response"))?
     }
+}
 
-    async fn read_inner(&mut self) -> std::io::Result<Response> {
-        let mut resp = self.read_head_inner().await?;
-        let len = resp.content_length()?;
-        let mut body = vec![0; len];
-        self.io.read_exact(&mut body).await?;
-        resp.body = String::from_utf8_lossy(&body).into_owned();
-        Ok(resp)
-    }
+/// Reads one HTTP/1 response from any buffered stream (a [`Http`] connection, TLS): its head
+/// through [`read_head`], then its `Content-Length` body.
+pub async fn read_response<R: AsyncBufRead + Unpin>(io: &mut R) -> std::io::Result<Response> {
+    let mut resp = read_head(io).await?;
+    let len = resp.content_length()?;
+    let mut body = vec![0; len];
+    io.read_exact(&mut body).await?;
+    resp.body = String::from_utf8_lossy(&body).into_owned();
+    Ok(resp)
+}
 
-    async fn read_head_inner(&mut self) -> std::io::Result<Response> {
-        let mut head = String::new();
-        loop {
-            let before = head.len();
-            if self.io.read_line(&mut head).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            if head[before..].trim_end().is_empty() {
-                return parse_head(&head);
-            }
+/// Reads a response's status line and headers, up to the blank line, through [`parse_head`].
+pub async fn read_head<R: AsyncBufRead + Unpin>(io: &mut R) -> std::io::Result<Response> {
+    let mut head = String::new();
+    loop {
+        let before = head.len();
+        if io.read_line(&mut head).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if head[before..].trim_end().is_empty() {
+            return parse_head(&head);
         }
     }
 }
 
-/// The one HTTP/1 response-head parser of these tests (the async [`Http`] and the blocking
-/// clients of the restart tests read up to the blank line, then call this): the status and
-/// the headers, names lower-cased.
+/// The one HTTP/1 response-head parser of these tests (the async readers above and the
+/// blocking clients of the restart tests read up to the blank line, then call this): the
+/// status and the headers, names lower-cased.
 pub fn parse_head(head: &str) -> std::io::Result<Response> {
     let mut lines = head.lines();
     let line = lines.next().unwrap_or_default();
@@ -430,6 +691,47 @@ pub async fn call(
     body: Option<&str>,
 ) -> std::io::Result<Response> {
     Http::connect(addr).await?.request(method, path, body).await
+}
+
+/// A self-signed certificate for `localhost`.
+pub struct Cert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: CertificateDer<'static>,
+}
+
+pub fn cert() -> Cert {
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    Cert {
+        cert_pem: c.cert.pem(),
+        key_pem: c.key_pair.serialize_pem(),
+        der: c.cert.der().clone(),
+    }
+}
+
+/// A TLS client that trusts only `root` and offers ALPN `http/1.1`.
+pub fn tls_connector(root: CertificateDer<'static>) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    TlsConnector::from(Arc::new(config))
+}
+
+/// A TLS connection to `addr` through `connector`, for the name `localhost`.
+pub async fn tls_connect(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+) -> std::io::Result<BufReader<TlsStream<TcpStream>>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("localhost").unwrap();
+    Ok(BufReader::new(connector.connect(name, tcp).await?))
 }
 
 /// A small deterministic random source for load generators.
