@@ -775,3 +775,61 @@ async fn http2_and_tls_connections_are_not_held_by_the_window() {
     drop(again);
     service.stop();
 }
+
+/// A connection whose last request had a body goes along once the handler read the body to
+/// its end; one whose body was left unread (a `405` answered without reading it: hyper would
+/// still drain it) is closed as without a hand-over, at once: with a 60 s window, the old
+/// process does not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_read_goes_along_and_one_left_unread_closes_at_once() {
+    let mut service = start(
+        TempDir::new(),
+        Path::new(BIN),
+        &["--hand-over-window", "60s"],
+    );
+    let mut read = Http::connect(service.addr).await.unwrap();
+    let created = read
+        .request("POST", "/accounts", Some(r#"{"id":"handed","balance":5}"#))
+        .await
+        .unwrap();
+    assert_eq!(created.status, 201, "{created:?}");
+    assert!(!created.closes());
+    // Head and body in one write: hyper drains the unread body and keeps the connection.
+    let mut unread = Http::connect(service.addr).await.unwrap();
+    let body = r#"{"not":"read"}"#;
+    let head = format!(
+        "POST /whoami HTTP/1.1\r\nHost: grace\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    unread
+        .raw()
+        .get_mut()
+        .write_all(format!("{head}{body}").as_bytes())
+        .await
+        .unwrap();
+    let refused = unread.read().await.unwrap();
+    assert_eq!(refused.status, 405, "{refused:?}");
+    assert!(!refused.closes());
+
+    let t = Instant::now();
+    let new = service.upgraded(service.hup());
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "the old process waited {:?} for the connection with an unread body",
+        t.elapsed()
+    );
+    assert_eq!(
+        whoami(&mut read).await,
+        Ok(new),
+        "the connection whose body was read"
+    );
+    assert!(
+        unread.read().await.is_err(),
+        "the connection whose body was left unread was kept open"
+    );
+    let report = &service.restart_reports()[0];
+    assert_eq!(report["at_start"]["idle"], 2, "{report}");
+    assert_eq!(report["handed_over"], 1, "{report}");
+    assert_eq!(report["closed"], 1, "{report}");
+    service.stop();
+}
