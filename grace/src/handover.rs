@@ -107,16 +107,33 @@ impl Outbox {
         iov.push(IoSlice::new(&tag));
         iov.extend(buffered.iter().map(|b| IoSlice::new(b)));
         let fds = [socket];
-        let sending = self.fd.async_io(Interest::WRITABLE, |fd| {
-            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-            let mut control = SendAncillaryBuffer::new(&mut space);
-            control.push(SendAncillaryMessage::ScmRights(&fds));
-            // NOSIGNAL: a receiver gone is an error here (EPIPE), not a SIGPIPE.
-            rustix::net::sendmsg(fd, &iov, &mut control, SendFlags::NOSIGNAL)
-                .map_err(io::Error::from)
-        });
+        let sending = async {
+            loop {
+                let sent = self.fd.async_io(Interest::WRITABLE, |fd| {
+                    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+                    let mut control = SendAncillaryBuffer::new(&mut space);
+                    control.push(SendAncillaryMessage::ScmRights(&fds));
+                    // NOSIGNAL: a receiver gone is an error here (EPIPE), not a SIGPIPE.
+                    rustix::net::sendmsg(fd, &iov, &mut control, SendFlags::NOSIGNAL)
+                        .map_err(io::Error::from)
+                });
+                match sent.await {
+                    // ETOOMANYREFS: more descriptors in flight than our RLIMIT_NOFILE allows
+                    // (the receiver has not caught up): not an error of this connection, and
+                    // the socket stays writable, so readiness would not wake us. Try again
+                    // shortly (the window bounds it).
+                    Err(e)
+                        if e.raw_os_error()
+                            == Some(rustix::io::Errno::TOOMANYREFS.raw_os_error()) =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    other => return other.map(|_| ()),
+                }
+            }
+        };
         tokio::select! {
-            sent = sending => sent.map(|_| ()),
+            sent = sending => sent,
             _ = self.closed() => Err(ended()),
         }
     }
