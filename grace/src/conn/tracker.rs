@@ -327,10 +327,12 @@ impl Conn {
         match self.state() {
             ConnState::Hijacked | ConnState::Closed => HandOver::Never,
             _ if busy => HandOver::Later,
-            ConnState::Idle if body_open => HandOver::Never,
+            // Answered, its body left unread: what hyper reads now is that body, not a head.
+            _ if body_open => HandOver::Never,
             ConnState::New | ConnState::Idle => HandOver::Now,
             // A head arriving: its bytes go along.
-            ConnState::Active if self.head_pending() && !body_open => HandOver::Now,
+            ConnState::Active if self.head_pending() => HandOver::Now,
+            // Answered, the response not flushed yet.
             ConnState::Active => HandOver::Later,
         }
     }
@@ -869,8 +871,18 @@ mod tests {
         c.request_finished();
         c.on_flush();
         assert_eq!(c.hand_over(), HandOver::Never, "idle, its body left unread");
+        assert!(c.on_read(b"rest of the body"));
+        assert_eq!(
+            c.hand_over(),
+            HandOver::Never,
+            "hyper draining the unread body"
+        );
         c.body_ended();
-        assert_eq!(c.hand_over(), HandOver::Now, "idle, its body read");
+        assert_eq!(
+            c.hand_over(),
+            HandOver::Now,
+            "its body read, a head arriving"
+        );
         // The next request without a body clears what the last one left.
         assert!(c.on_read(b"POST / HTTP/1.1\r\n"));
         c.request_started(
