@@ -823,6 +823,16 @@ async fn a_request_body_read_goes_along_and_one_left_unread_closes_at_once() {
         Ok(new),
         "the connection whose body was read"
     );
+    // The new generation's metrics count what it received.
+    let metrics = read.request("GET", "/metrics", None).await.unwrap();
+    assert!(
+        metrics
+            .body
+            .lines()
+            .any(|l| l == "grace_connections_received_total 1"),
+        "{}",
+        metrics.body
+    );
     assert!(
         unread.read().await.is_err(),
         "the connection whose body was left unread was kept open"

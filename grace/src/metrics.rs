@@ -57,12 +57,16 @@ pub struct ConnSnapshot {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct Totals {
-    /// Connections accepted.
+    /// Connections accepted (and received from the previous generation at an upgrade).
     pub accepted: u64,
     /// Connections closed (their socket closed, whatever the reason).
     pub closed: u64,
     /// Requests whose response was fully written.
     pub requests_completed: u64,
+    /// Connections passed, open, to the next generation at an upgrade.
+    pub handed_over: u64,
+    /// Connections the previous generation passed to this one at the upgrade that started it.
+    pub received: u64,
 }
 
 impl Handle {
@@ -100,14 +104,18 @@ impl Handle {
             .collect()
     }
 
-    /// Connections accepted and closed, and requests completed, since the server started.
+    /// Connections accepted and closed, requests completed, and connections handed over at
+    /// upgrades, since the server started.
     pub fn totals(&self) -> Totals {
         let tracker = &self.shared.tracker;
         let (accepted, closed) = tracker.accepted_closed();
+        let (handed_over, received) = tracker.handed_over_received();
         Totals {
             accepted,
             closed,
             requests_completed: tracker.completed(),
+            handed_over,
+            received,
         }
     }
 
@@ -149,6 +157,8 @@ impl Handle {
         counter!("grace_connections_accepted_total").absolute(totals.accepted);
         counter!("grace_connections_closed_total").absolute(totals.closed);
         counter!("grace_requests_completed_total").absolute(totals.requests_completed);
+        counter!("grace_connections_handed_over_total").absolute(totals.handed_over);
+        counter!("grace_connections_received_total").absolute(totals.received);
         gauge!("grace_draining").set(if self.is_ready() { 0.0 } else { 1.0 });
         gauge!("grace_generation").set(f64::from(self.shared.generation()));
         // Shown (as 0) before anything happened, so that rates and alerts have a series.
@@ -186,6 +196,14 @@ fn describe() {
     describe_counter!(
         "grace_requests_completed_total",
         "Requests whose response was fully written."
+    );
+    describe_counter!(
+        "grace_connections_handed_over_total",
+        "Connections passed, open, to the next generation at an upgrade."
+    );
+    describe_counter!(
+        "grace_connections_received_total",
+        "Connections the previous generation passed to this one."
     );
     describe_gauge!("grace_draining", "1 once a drain was asked for.");
     describe_gauge!(

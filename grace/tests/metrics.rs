@@ -132,6 +132,8 @@ fn assert_matches(handle: &Handle, samples: &BTreeMap<(String, Labels), f64>) {
         ("grace_connections_accepted_total", totals.accepted),
         ("grace_connections_closed_total", totals.closed),
         ("grace_requests_completed_total", totals.requests_completed),
+        ("grace_connections_handed_over_total", totals.handed_over),
+        ("grace_connections_received_total", totals.received),
     ] {
         assert_eq!(value(samples, name, &[]), n as f64, "{name}");
     }
