@@ -57,8 +57,10 @@
 //! same program and hands it the listening sockets as inherited descriptors (systemd's
 //! `LISTEN_FDS` protocol, so [`inherited_listeners`] also serves socket activation). Once
 //! the new process serves, this one drains as above; if it fails, it is killed and this one
-//! keeps serving. The sockets are never closed, so nothing is refused meanwhile. See
-//! [`Restart`] for the flow, and [`systemd`] for `Type=notify`.
+//! keeps serving. The sockets are never closed, so nothing is refused meanwhile, and the
+//! keep-alive HTTP/1.1 connections are handed to the new process between two requests
+//! rather than closed, so no client reconnects. See [`Restart`] for the flow and what is
+//! handed over, and [`systemd`] for `Type=notify`.
 
 #![warn(missing_docs)]
 
