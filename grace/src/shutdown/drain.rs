@@ -113,9 +113,6 @@ pub(crate) async fn run(
         timed(Phase::Drain, t);
     }
 
-    let (handed, _) = tracker.handed_over_received();
-    let handed_over = handed - handed_before;
-    let closed_by_drain = (tracker.ended_total() - ended_before).saturating_sub(handed_over);
     let mut forced = Vec::new();
     if let Some(reason) = &forced_by {
         let t = Instant::now();
@@ -123,6 +120,13 @@ pub(crate) async fn run(
         tracing::warn!(%reason, count = forced.len(), "forcing connections closed");
         timed(Phase::Force, t);
     }
+    // Every connection has ended by now, as far as the drain goes: handed over, forced, or
+    // closed (one caught mid-hand-over by a force is closed).
+    let (handed, _) = tracker.handed_over_received();
+    let handed_over = handed - handed_before;
+    let closed_by_drain = (tracker.ended_total() - ended_before)
+        .saturating_sub(handed_over)
+        .saturating_sub(forced.len() as u64);
 
     // Jobs next: handlers may have handed them work. A force cuts them at once.
     let t = Instant::now();

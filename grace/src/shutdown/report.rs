@@ -171,8 +171,11 @@ pub struct ShutdownReport {
     pub requests_completed: u64,
     /// Connections passed, open, to the new generation (an upgrade with hand-over).
     pub handed_over: u64,
-    /// Connections that closed during the drain, before any was forced (idle ones closed
-    /// by the drain, and those that finished their work), not counting those handed over.
+    /// Connections that closed during the drain: idle ones closed by the drain, those that
+    /// finished their work, and one whose hand-over a force cut short; not those handed
+    /// over, nor those in [`forced`](Self::forced). Together, `handed_over + closed +
+    /// forced.len()` are every connection the drain saw end: those live at its start, and
+    /// any accepted during it (in a pre-stop delay).
     pub closed: u64,
     /// Why connections were forced closed, if any were.
     #[serde(skip_serializing_if = "Option::is_none")]
