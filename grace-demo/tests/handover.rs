@@ -843,3 +843,69 @@ async fn a_request_body_read_goes_along_and_one_left_unread_closes_at_once() {
     assert_eq!(report["closed"], 1, "{report}");
     service.stop();
 }
+
+/// A force (a second SIGTERM) in the middle of a hand-over: whatever went along is answered
+/// by the new process, whatever did not is closed (never answered by the old one, never left
+/// hanging), and the old process's report accounts for every connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_force_during_the_hand_over_leaves_every_connection_accounted_for() {
+    const CONNS: usize = 2000;
+    raise_fd_limit();
+    for round in 0..3 {
+        let mut service = start(TempDir::new(), Path::new(BIN), &[]);
+        let old = service.current();
+        let mut held = Vec::new();
+        for _ in 0..CONNS {
+            let mut http = Http::connect(service.addr).await.unwrap();
+            assert_eq!(whoami(&mut http).await, Ok(old));
+            held.push(http);
+        }
+        service.hup();
+        // The old process takes the new one's readiness as its cue to hand over (a stop
+        // before that wins over the upgrade: another test's matter).
+        service.wait_log("draining this one", 1);
+        let new = service.pid().expect("the new generation's pid");
+        service.pids.push(new);
+        // Two signals a moment apart (the same signal pending twice is delivered once).
+        for _ in 0..2 {
+            common::signal(old, rustix::process::Signal::TERM);
+            tokio::time::sleep(Duration::from_millis(10 * round)).await;
+        }
+        // Each is answered once: by the new process, or by the old one (a request that came
+        // before its connection's turn is served there, then the connection goes or
+        // closes); or its connection is closed (the force).
+        let answers = join_all(held.iter_mut().map(whoami)).await;
+        let by_new = answers.iter().filter(|a| **a == Ok(new)).count();
+        let wrong: Vec<_> = answers
+            .iter()
+            .filter(|a| matches!(a, Ok(p) if *p != new && *p != old))
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "round {round}: answered by another process: {wrong:?}"
+        );
+        let log = service.wait_log("\"trigger\":\"restart\"", 1);
+        let report: Value = serde_json::from_str(&log).unwrap_or_else(|e| panic!("{e}: {log}"));
+        let forced = report["forced"].as_array().map_or(0, Vec::len) as u64;
+        let handed = report["handed_over"].as_u64().unwrap();
+        let closed = report["closed"].as_u64().unwrap();
+        assert_eq!(
+            handed + closed + forced,
+            CONNS as u64,
+            "round {round}: every connection accounted for: {report}"
+        );
+        eprintln!("round {round}: handed over {handed}, closed {closed}, forced {forced}");
+        assert!(
+            by_new as u64 <= handed,
+            "round {round}: {by_new} answered by the new process: {report}"
+        );
+        // Forced or not (status 3 or 0), the old process is gone.
+        let gone = common::wait_gone(old, PATIENCE);
+        assert!(
+            matches!(gone, common::Gone::Exited(Some(0 | 3))),
+            "round {round}: {gone:?}"
+        );
+        service.retired.insert(old);
+        service.stop();
+    }
+}

@@ -18,6 +18,7 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,6 +28,7 @@ use rustix::net::{
 };
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
 
 use crate::latch::Latch;
 
@@ -58,6 +60,21 @@ pub(crate) struct Outbox {
     window: Duration,
     /// Set when the hand-over window ends: the connections left close as without one.
     closed: Latch<()>,
+    /// Hand-overs under way (see [`Outbox::sending`]), and the event of their end.
+    sending: AtomicUsize,
+    settled: Notify,
+}
+
+/// A hand-over under way: the drain counts what was handed over only once none is.
+pub(crate) struct Sending<'a>(&'a Outbox);
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        // AcqRel: the count made under it (handed over or not) is seen by whoever sees 0.
+        if self.0.sending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.settled.notify_waiters();
+        }
+    }
 }
 
 impl Outbox {
@@ -66,6 +83,8 @@ impl Outbox {
             fd: crate::sys::async_fd(fd, Interest::WRITABLE)?,
             window,
             closed: Latch::new(),
+            sending: AtomicUsize::new(0),
+            settled: Notify::new(),
         })
     }
 
@@ -87,6 +106,28 @@ impl Outbox {
     /// Resolves when the window ends.
     pub(crate) async fn closed(&self) {
         self.closed.wait().await;
+    }
+
+    /// Marks a hand-over under way until the guard drops: take it before the connection is
+    /// taken apart, count the outcome under it.
+    pub(crate) fn sending(&self) -> Sending<'_> {
+        self.sending.fetch_add(1, Ordering::AcqRel);
+        Sending(self)
+    }
+
+    /// Once the window has ended: resolves when no hand-over is under way any more (each
+    /// ends promptly then: a send waiting for room gives up), so that what was handed over
+    /// is counted in full.
+    pub(crate) async fn settled(&self) {
+        loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.sending.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Passes `socket` on, with the bytes already read from it (in order). Waits while the
@@ -234,6 +275,22 @@ mod tests {
         assert!(buffered.is_empty());
         drop(outbox);
         assert!(inbox.recv().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn settled_waits_for_the_hand_overs_under_way() {
+        let (ours, _theirs) = pair().unwrap();
+        let outbox = Outbox::new(ours, Duration::from_secs(5)).unwrap();
+        outbox.settled().await; // none under way
+        let one = outbox.sending();
+        let two = outbox.sending();
+        let mut settled = tokio_test::task::spawn(outbox.settled());
+        assert!(settled.poll().is_pending());
+        drop(one);
+        assert!(settled.poll().is_pending(), "one is still under way");
+        drop(two);
+        assert!(settled.is_woken());
+        assert!(settled.poll().is_ready());
     }
 
     #[tokio::test]

@@ -398,6 +398,8 @@ where
             }
         }
     }
+    // Under way from here: the drain counts the hand-overs once none is.
+    let _sending = outbox.sending();
     let Released { io, buffered } = connection.take_for_handover()?;
     // From here no shutdown from outside reaches the socket: the next generation shares it.
     let Some(socket) = conn.socket.take_lent(&io) else {

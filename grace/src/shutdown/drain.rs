@@ -87,6 +87,9 @@ pub(crate) async fn run(
         }
         // The window ends: connections still here close as without a hand-over.
         outbox.close();
+        // The hand-overs under way end (those still waiting for room give up), so that the
+        // report counts each connection once: handed over, or closed.
+        outbox.settled().await;
         let idle = tracker.close_idle();
         let (handed, _) = tracker.handed_over_received();
         tracing::info!(
