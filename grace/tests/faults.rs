@@ -63,3 +63,24 @@ async fn a_panicking_handler_answers_500_and_counts_stay_right() {
     let report = srv.report(Duration::ZERO).await;
     assert!(report.is_clean());
 }
+
+/// A service that panics in `call` itself (not in its future: a middleware's synchronous
+/// part) is answered 500 as well, and the counts stay right.
+#[tokio::test]
+async fn a_service_panicking_in_call_answers_500_and_counts_stay_right() {
+    let boom = tower::service_fn(|_req: axum::extract::Request| -> std::future::Ready<
+        Result<axum::response::Response, std::convert::Infallible>,
+    > { panic!("in call") });
+    let mut srv = start(app().route_service("/boom", boom), |s| s).await;
+    let mut c = Client::connect(srv.addr).await;
+    let resp = c.get("/boom").await.expect("no answer to a panic in call");
+    assert_eq!(resp.status, 500);
+    assert_eq!(resp.header("connection"), Some("close"));
+    assert!(c.closed().await);
+    srv.wait_counts(|c| c.total() == 0).await;
+    let mut after = Client::connect(srv.addr).await;
+    assert_eq!(after.get("/").await.unwrap().status, 200);
+    srv.handle.shutdown();
+    let report = srv.report(Duration::ZERO).await;
+    assert!(report.is_clean());
+}

@@ -64,7 +64,7 @@ where
         let http1 = req.version() < http::Version::HTTP_2;
         let limit = self.body_limit;
         let req = req.map(|body| RequestBody::new(body, limit, now, &self.conn));
-        let guard = Some(RequestGuard {
+        let mut guard = Some(RequestGuard {
             conn: Arc::clone(&self.conn),
         });
         // Most services are always ready: call at once, and the future hyper keeps per
@@ -73,26 +73,32 @@ where
         // task's waker. A panic is caught as in `poll`, answered with 500.
         let mut svc = S::clone(&self.inner);
         let noop = &mut Context::from_waker(Waker::noop());
-        let state = match catch_unwind(AssertUnwindSafe(|| svc.poll_ready(noop))) {
-            Ok(Poll::Ready(Ok(()))) => {
-                match catch_unwind(AssertUnwindSafe(move || svc.call(req))) {
-                    Ok(fut) => State::Called { fut },
-                    Err(_) => State::Panicked,
-                }
-            }
-            Ok(Poll::Ready(Err(e))) => State::Failed {
-                err: Some(e.into()),
-            },
-            Ok(Poll::Pending) => State::Waiting {
-                fut: Box::pin(svc.oneshot(req)),
-            },
-            Err(_) => State::Panicked,
-        };
-        ResponseFuture {
+        let ready = catch_unwind(AssertUnwindSafe(|| svc.poll_ready(noop)));
+        let mut with = |state| ResponseFuture {
             state,
-            guard,
+            guard: guard.take(),
             http1,
             tunnel,
+        };
+        match ready {
+            // The whole future is made inside, so it is moved out once (it holds the
+            // service's future, often hundreds of bytes). The guard is taken only once the
+            // call returned: after a panic it is still there for the 500.
+            Ok(Poll::Ready(Ok(()))) => {
+                match catch_unwind(AssertUnwindSafe(|| {
+                    with(State::Called { fut: svc.call(req) })
+                })) {
+                    Ok(future) => future,
+                    Err(_) => with(State::Panicked),
+                }
+            }
+            Ok(Poll::Ready(Err(e))) => with(State::Failed {
+                err: Some(e.into()),
+            }),
+            Ok(Poll::Pending) => with(State::Waiting {
+                fut: Box::pin(svc.oneshot(req)),
+            }),
+            Err(_) => with(State::Panicked),
         }
     }
 }
