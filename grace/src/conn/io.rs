@@ -68,28 +68,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
-    #[inline]
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    #[inline]
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    #[inline]
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
+    write_through!(inner, except flush);
 
     #[inline]
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -99,9 +78,53 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
         }
         res
     }
-
-    #[inline]
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
+
+/// The methods of `AsyncWrite` for a wrapper that writes through to its field `$field` as
+/// it is (`except flush`: the wrapper has its own `poll_flush`).
+macro_rules! write_through {
+    ($field:tt) => {
+        $crate::conn::io::write_through!($field, except flush);
+
+        #[inline]
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.$field).poll_flush(cx)
+        }
+    };
+    ($field:tt, except flush) => {
+        #[inline]
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.$field).poll_write(cx, buf)
+        }
+
+        #[inline]
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.$field).poll_write_vectored(cx, bufs)
+        }
+
+        #[inline]
+        fn is_write_vectored(&self) -> bool {
+            self.$field.is_write_vectored()
+        }
+
+        #[inline]
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.$field).poll_shutdown(cx)
+        }
+    };
+}
+pub(crate) use write_through;
