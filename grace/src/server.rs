@@ -645,6 +645,9 @@ impl<S> Serve<S> {
             }
         };
         let takes_connections = inbox.is_some();
+        if !takes_connections {
+            shared.tracker.previous_done.set(());
+        }
         let _receiving = inbox.map(|inbox| {
             AbortOnDrop(tokio::spawn(receive_handed(
                 inbox,
@@ -727,6 +730,7 @@ async fn receive_handed<S, B>(
         }
     }
     tracing::debug!("the previous generation has handed over all it will");
+    ctx.tracker.previous_done.set(());
 }
 
 /// Accepts until the drain starts, then drops (closes) the listener.

@@ -415,6 +415,9 @@ pub(crate) struct Tracker {
     handed_over: AtomicU64,
     /// Connections the previous generation handed to this one.
     received: AtomicU64,
+    /// The previous generation has handed over all it will (set at once when it hands
+    /// nothing: see `Serve::run`).
+    pub(crate) previous_done: Latch<()>,
     /// The channel to the next generation, once one that takes connections is ready (see
     /// `restart::spawn`); used only by a drain for a restart.
     outbox: OnceLock<crate::handover::Outbox>,

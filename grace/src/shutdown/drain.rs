@@ -80,8 +80,14 @@ pub(crate) async fn run(
     if let Some(outbox) = tracker.handing_over() {
         let t = Instant::now();
         let window_end = super::budget::after(t, outbox.window()).min(work_deadline);
+        // Until every connection went (or closed), those the previous generation still
+        // hands to this one included: a chain of upgrades passes them along.
+        let all_gone = async {
+            tracker.previous_done.wait().await;
+            tracker.wait_empty().await;
+        };
         tokio::select! {
-            _ = tracker.wait_empty() => {}
+            _ = all_gone => {}
             _ = tokio::time::sleep_until(window_end.into()) => {}
             reason = shared.force.wait() => forced_by = Some(reason.clone()),
         }
