@@ -13,7 +13,8 @@ use serde_json::Value;
 /// What to ask.
 #[derive(clap::Subcommand, Debug, Clone, Copy)]
 pub enum Action {
-    /// Generation, PID, phase, connections per state, the last upgrade's outcome.
+    /// Generation, PID, phase, connections per state, connections handed over at upgrades,
+    /// the last upgrade's outcome.
     Status,
     /// Upgrade with zero downtime and wait for the outcome.
     Upgrade,
@@ -69,7 +70,7 @@ fn text(action: Action, a: &Value) -> String {
                 l => format!("failed: {}", l["error"].as_str().unwrap_or("?")),
             };
             format!(
-                "pid {}\ngeneration {}\nphase {}\nconnections {} (new {}, active {}, idle {}, hijacked {})\nlast upgrade {last}\n",
+                "pid {}\ngeneration {}\nphase {}\nconnections {} (new {}, active {}, idle {}, hijacked {})\nhanded over: received {} from the previous generation, sent {} to the next\nlast upgrade {last}\n",
                 a["pid"],
                 a["generation"],
                 a["phase"].as_str().unwrap_or("?"),
@@ -78,6 +79,8 @@ fn text(action: Action, a: &Value) -> String {
                 c["active"],
                 c["idle"],
                 c["hijacked"],
+                a["handed_over"]["received"],
+                a["handed_over"]["sent"],
             )
         }
         Action::Upgrade if ok => format!("{}\n", a["pid"]),

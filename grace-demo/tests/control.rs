@@ -135,6 +135,12 @@ async fn ctl_reports_status_upgrades_with_an_outcome_and_drains() {
         (status["pid"].as_u64(), status["generation"].as_u64()),
         (Some(new as u64), Some(2))
     );
+    // Both connections went to it: the idle one at once, the busy one after its answer.
+    let text = String::from_utf8_lossy(&ctl(&socket, &["status"]).stdout).into_owned();
+    assert!(
+        text.contains("handed over: received 2 from the previous generation, sent 0 to the next"),
+        "{text}"
+    );
 
     // Drain through the socket: the service stops, the socket file goes.
     let out = ctl(&socket, &["drain"]);
