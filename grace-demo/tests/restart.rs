@@ -757,7 +757,7 @@ fn run_as_new_generation(parent: u32, read_end_open: bool) -> (Option<i32>, Stri
     let reader = read_end_open.then_some(read_end);
     let db = format!("sqlite://{}?mode=rwc", scratch.path("ledger.db").display());
     // The shell lays the descriptors out (dup'ing stdin and stdout to 3 and 4), then execs.
-    let out = Command::new("sh")
+    let mut out = Command::new("sh")
         .arg("-c")
         .arg(format!(
             "exec 3<&0 4>&1 0</dev/null 1>/dev/null; exec {BIN} --listen 127.0.0.1:0 --db '{db}'"
@@ -770,13 +770,29 @@ fn run_as_new_generation(parent: u32, read_end_open: bool) -> (Option<i32>, Stri
         .stdin(std::os::fd::OwnedFd::from(listener))
         .stdout(write_end)
         .stderr(Stdio::piped())
-        .output()
+        .spawn()
         .unwrap();
+    // Bounded: one that serves instead of exiting fails the test rather than hanging it.
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = out.try_wait().unwrap() {
+            break status;
+        }
+        if t.elapsed() > PATIENCE {
+            let _ = out.kill();
+            let _ = out.wait();
+            panic!("the new generation still runs after {PATIENCE:?}: it did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     drop(reader);
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut stderr = String::new();
+    out.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status.code(), stderr)
 }
 
 /// Issue 9, item 1: a new process that cannot report ready (its starter gave up on it and
