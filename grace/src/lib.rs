@@ -84,7 +84,7 @@ pub mod systemd;
 #[cfg(feature = "tls")]
 pub mod tls;
 
-pub use self::metrics::{ConnSnapshot, Totals};
+pub use self::metrics::Totals;
 pub use accept::PeerAddr;
 pub use conn::body::{BodyTimeout, RequestBody};
 pub use conn::request::TrackedBody;
@@ -97,7 +97,8 @@ pub use resources::Resource;
 pub use restart::{Inherited, Restart, inherited_listeners, write_pid_file};
 pub use server::{DEFAULT_IDLE_TIMEOUT, HyperBuilder, Serve, Server};
 pub use shutdown::report::{
-    ActiveRequest, ForcedConn, Outcome, Phase, PhaseTiming, ShutdownReport, TaskReport,
+    ActiveRequest, ConnSnapshot, ForcedConn, Outcome, Phase, PhaseTiming, ShutdownReport,
+    TaskReport,
 };
 pub use shutdown::{ForceReason, Handle, ShutdownNotice, Trigger};
 pub use signal::DEFAULT_SIGNALS;

@@ -14,6 +14,8 @@
 //! | `grace_connections_accepted_total` | counter | | at `Handle::record_metrics` |
 //! | `grace_connections_closed_total` | counter | | at `Handle::record_metrics` |
 //! | `grace_requests_completed_total` | counter | | at `Handle::record_metrics` |
+//! | `grace_connections_handed_over_total` | counter | | at `Handle::record_metrics`: passed, open, to the next generation |
+//! | `grace_connections_received_total` | counter | | at `Handle::record_metrics`: passed to this one by the previous generation |
 //! | `grace_draining` | gauge | | 1 once a drain is asked for, at `Handle::record_metrics` |
 //! | `grace_generation` | gauge | | 1, then one more per upgrade, at `Handle::record_metrics` |
 //! | `grace_drains_total` | counter | `trigger` (`SIGTERM`, `handle`, `restart`…), `outcome`: `clean`, `forced` | when a drain ends |
@@ -31,27 +33,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::conn::{Addr, ConnState};
+use crate::conn::ConnState;
 use crate::shutdown::Handle;
-use crate::shutdown::report::{ActiveRequest, ShutdownReport, ms};
-
-/// One live connection as seen at a moment: from [`Handle::connection_snapshots`].
-#[derive(Clone, Debug, Serialize)]
-#[non_exhaustive]
-pub struct ConnSnapshot {
-    /// The connection's id (as in [`ConnInfo::id`](crate::ConnInfo::id)).
-    pub id: u64,
-    /// The peer's address.
-    pub peer: Addr,
-    /// Its state (never `Closed`: closed connections are not live).
-    pub state: ConnState,
-    /// How long it has been open.
-    #[serde(rename = "age_ms", serialize_with = "ms")]
-    pub age: Duration,
-    /// The request it is serving, if one is running (on HTTP/2, the latest stream's).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub request: Option<ActiveRequest>,
-}
+use crate::shutdown::report::{ConnSnapshot, ShutdownReport};
 
 /// Running totals since the server started: from [`Handle::totals`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -90,18 +74,7 @@ impl Handle {
     /// # Ok(()) }
     /// ```
     pub fn connection_snapshots(&self) -> Vec<ConnSnapshot> {
-        self.shared
-            .tracker
-            .snapshot()
-            .into_iter()
-            .map(|c| ConnSnapshot {
-                id: c.id,
-                peer: c.peer,
-                state: c.state,
-                age: c.age,
-                request: c.request,
-            })
-            .collect()
+        self.shared.tracker.snapshot()
     }
 
     /// Connections accepted and closed, requests completed, and connections handed over at

@@ -16,7 +16,7 @@ use super::{Addr, ConnInfo, ConnState, StateCounts};
 use crate::latch::Latch;
 use crate::lock;
 use crate::shutdown::Trigger;
-use crate::shutdown::report::{ActiveRequest, ForcedConn};
+use crate::shutdown::report::{ActiveRequest, ConnSnapshot};
 use crate::sys::SocketSlot;
 
 /// Whether a connection can be handed to the next generation (see [`Conn::hand_over`]).
@@ -379,13 +379,14 @@ impl Conn {
         }
     }
 
-    fn forced(&self, now: Instant) -> ForcedConn {
+    /// What the connection is doing at `now` (for a snapshot, or the report of a force).
+    fn snapshot(&self, now: Instant) -> ConnSnapshot {
         let request = lock(&self.request).as_ref().map(|r| ActiveRequest {
             method: r.method.to_string(),
             path: r.target.to_string(),
             age: now.saturating_duration_since(r.started),
         });
-        ForcedConn {
+        ConnSnapshot {
             id: self.info.id,
             peer: self.info.peer.clone(),
             state: self.state(),
@@ -708,9 +709,9 @@ impl Tracker {
     }
 
     /// What every live connection is doing now, by id (see `Handle::connection_snapshots`).
-    pub(crate) fn snapshot(&self) -> Vec<ForcedConn> {
+    pub(crate) fn snapshot(&self) -> Vec<ConnSnapshot> {
         let now = Instant::now();
-        let mut all: Vec<_> = self.all().iter().map(|c| c.forced(now)).collect();
+        let mut all: Vec<_> = self.all().iter().map(|c| c.snapshot(now)).collect();
         all.sort_by_key(|c| c.id);
         all
     }
@@ -730,15 +731,15 @@ impl Tracker {
     }
 
     /// Shuts down the socket of every live connection, whatever its state, and says which.
-    pub(crate) fn force_all(&self) -> Vec<ForcedConn> {
+    pub(crate) fn force_all(&self) -> Vec<ConnSnapshot> {
         let now = Instant::now();
-        let mut forced: Vec<ForcedConn> = self
+        let mut forced: Vec<ConnSnapshot> = self
             .all()
             .iter()
             .filter(|c| !c.released.load(Ordering::Acquire))
             .filter_map(|c| {
                 // Read what it was doing first: once shut down, it unwinds at once.
-                let forced = c.forced(now);
+                let forced = c.snapshot(now);
                 let shut = c.socket.shutdown();
                 c.release();
                 shut.then_some(forced)

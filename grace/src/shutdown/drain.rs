@@ -71,13 +71,13 @@ pub(crate) async fn run(
     timed(Phase::CloseListeners, closed);
     let (work_deadline, cut_by) = budget.work_deadline(asked, closed, reserve);
     // An upgrade to a generation that takes connections: hand them over rather than close.
-    let handing_over = tracker.handing_over().is_some();
-    if !handing_over {
+    let outbox = tracker.handing_over();
+    if outbox.is_none() {
         let idle = tracker.close_idle();
         tracing::debug!(idle, "idle connections closed");
     }
     tracker.start_draining();
-    if let Some(outbox) = tracker.handing_over() {
+    if let Some(outbox) = outbox {
         let t = Instant::now();
         let window_end = super::budget::after(t, outbox.window()).min(work_deadline);
         // Until every connection went (or closed), those the previous generation still

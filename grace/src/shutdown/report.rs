@@ -80,23 +80,28 @@ pub struct ActiveRequest {
     pub age: Duration,
 }
 
-/// A connection the drain had to close by force.
+/// One connection as seen at a moment: a live one, from
+/// [`Handle::connection_snapshots`](crate::Handle::connection_snapshots), or one the drain
+/// had to close by force ([`ForcedConn`], in [`ShutdownReport::forced`]), as it was then.
 #[derive(Clone, Debug, Serialize)]
 #[non_exhaustive]
-pub struct ForcedConn {
+pub struct ConnSnapshot {
     /// The connection's id (as in [`ConnInfo::id`](crate::ConnInfo::id)).
     pub id: u64,
     /// The peer's address.
     pub peer: Addr,
-    /// Its state when it was forced.
+    /// Its state (never `Closed`: closed connections are not live).
     pub state: ConnState,
     /// How long it had been open.
     #[serde(rename = "age_ms", serialize_with = "ms")]
     pub age: Duration,
-    /// The request in progress, if one was.
+    /// The request in progress, if one was (on HTTP/2, the latest stream's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request: Option<ActiveRequest>,
 }
+
+/// A connection the drain had to close by force, as it was then.
+pub type ForcedConn = ConnSnapshot;
 
 /// A step of the shutdown, in the order they run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
