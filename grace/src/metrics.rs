@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+#[cfg(feature = "metrics")]
 use crate::conn::ConnState;
 use crate::shutdown::Handle;
 use crate::shutdown::report::{ConnSnapshot, ShutdownReport};

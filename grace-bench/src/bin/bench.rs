@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use grace_bench::{list, median};
 use rustix::process::{Pid, Signal, kill_process};
 
 #[derive(Parser, Debug)]
@@ -159,14 +160,7 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("spawning {cmd:?}"))?;
-        let mut stdout = BufReader::new(child.stdout.take().context("no stdout")?);
-        let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .with_context(|| format!("unexpected first line from server: {line:?}"))?
-            .parse()?;
+        let (addr, stdout) = grace_bench::listening(&mut child)?;
         Ok(Server {
             child,
             stdout,
@@ -176,34 +170,6 @@ impl Server {
 
     fn pid(&self) -> Pid {
         Pid::from_child(&self.child)
-    }
-
-    /// CPU time of all the server's threads so far, in ns (`/proc/PID/task/*/schedstat`).
-    fn cpu_ns(&self) -> Result<u64> {
-        let mut total = 0;
-        for task in std::fs::read_dir(format!("/proc/{}/task", self.child.id()))? {
-            let stat = std::fs::read_to_string(task?.path().join("schedstat"))?;
-            total += stat
-                .split_whitespace()
-                .next()
-                .unwrap_or("0")
-                .parse::<u64>()?;
-        }
-        Ok(total)
-    }
-
-    /// Resident set size in bytes, from `/proc/PID/status`.
-    fn rss(&self) -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .context("no VmRSS")?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()?;
-        Ok(kib * 1024)
     }
 
     /// Sends `sig` and waits for the exit: returns the time from the signal to the reaped
@@ -330,9 +296,9 @@ fn wrk(env: &Env, addr: SocketAddr, conns: usize, duration: &str) -> Result<Thro
 fn throughput_run(env: &Env, args: &Args, mode: &str) -> Result<Throughput> {
     let server = Server::start(env, mode)?;
     wrk(env, server.addr, args.wrk_conns, "1s")?; // warm-up
-    let cpu = server.cpu_ns()?;
+    let cpu = grace_bench::cpu_ns(server.child.id())?;
     let mut t = wrk(env, server.addr, args.wrk_conns, &args.duration)?;
-    t.cpu_us = (server.cpu_ns()? - cpu) as f64 / 1e3 / t.requests;
+    t.cpu_us = (grace_bench::cpu_ns(server.child.id())? - cpu) as f64 / 1e3 / t.requests;
     server.stop(Signal::TERM)?;
     Ok(t)
 }
@@ -371,10 +337,10 @@ fn shutdown_run(
 ) -> Result<ShutdownRun> {
     let server = Server::start(env, mode)?;
     std::thread::sleep(Duration::from_millis(100));
-    let rss_before = server.rss()?;
+    let rss_before = grace_bench::rss(server.child.id())?;
     let holder = Holder::start(env, server.addr, conns, quiet)?;
     std::thread::sleep(Duration::from_millis(300));
-    let rss_after = server.rss()?;
+    let rss_after = grace_bench::rss(server.child.id())?;
     let (exit, printed) = server.stop(sig)?;
     drop(holder);
     let drain = printed.lines().find_map(|l| {
@@ -440,39 +406,7 @@ fn callgrind_ir(
         bail!("h2load did not complete {requests} requests:\n{text}");
     }
     server.stop(Signal::TERM)?;
-    let profile = std::fs::read_to_string(&file)?;
-    if keep.is_none() {
-        let _ = std::fs::remove_file(&file);
-    }
-    let total = profile
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("totals:")
-                .or_else(|| l.strip_prefix("summary:"))
-        })
-        .context("no totals in callgrind output")?;
-    Ok(total
-        .split_whitespace()
-        .next()
-        .context("empty totals")?
-        .parse()?)
-}
-
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-fn list(xs: &[f64], digits: usize) -> String {
-    xs.iter()
-        .map(|x| format!("{x:.digits$}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    grace_bench::callgrind_total(&file, keep.is_some())
 }
 
 fn main() -> Result<()> {

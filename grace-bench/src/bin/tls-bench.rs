@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use grace_bench::{list, median};
 use rustix::process::{Pid, Signal, kill_process};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -289,14 +290,7 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("spawning {cmd:?}"))?;
-        let mut stdout = BufReader::new(child.stdout.take().context("no stdout")?);
-        let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .with_context(|| format!("unexpected first line from server: {line:?}"))?
-            .parse()?;
+        let (addr, stdout) = grace_bench::listening(&mut child)?;
         Ok(Server {
             child,
             addr,
@@ -310,32 +304,6 @@ impl Server {
             sibling("bench-server")?,
             &["--mode", mode, "--tls"],
         ))
-    }
-
-    fn cpu_ns(&self) -> Result<u64> {
-        let mut total = 0;
-        for task in std::fs::read_dir(format!("/proc/{}/task", self.child.id()))? {
-            let stat = std::fs::read_to_string(task?.path().join("schedstat"))?;
-            total += stat
-                .split_whitespace()
-                .next()
-                .unwrap_or("0")
-                .parse::<u64>()?;
-        }
-        Ok(total)
-    }
-
-    fn rss(&self) -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .context("no VmRSS")?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()?;
-        Ok(kib * 1024)
     }
 
     fn stop(mut self) -> Result<()> {
@@ -403,22 +371,7 @@ fn callgrind_ir(
     ))?;
     load(server.addr)?;
     server.stop()?;
-    let profile = std::fs::read_to_string(&file)?;
-    if keep.is_none() {
-        let _ = std::fs::remove_file(&file);
-    }
-    let total = profile
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("totals:")
-                .or_else(|| l.strip_prefix("summary:"))
-        })
-        .context("no totals in callgrind output")?;
-    Ok(total
-        .split_whitespace()
-        .next()
-        .context("empty totals")?
-        .parse()?)
+    grace_bench::callgrind_total(&file, keep.is_some())
 }
 
 fn h2load(addr: SocketAddr, requests: u64) -> Result<()> {
@@ -447,23 +400,6 @@ fn client_handshakes(addr: SocketAddr, extra: &[&str]) -> Result<(u64, f64)> {
         bail!("unexpected client output: {text}");
     };
     Ok((n.parse()?, s.parse()?))
-}
-
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-fn list(xs: &[f64], digits: usize) -> String {
-    xs.iter()
-        .map(|x| format!("{x:.digits$}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Per mode, per round: one figure.
@@ -530,7 +466,7 @@ fn orchestrate(args: &Args) -> Result<()> {
                 server.addr,
                 &["--seconds", "0.5", "--parallel", &args.parallel.to_string()],
             )?;
-            let cpu0 = server.cpu_ns()?;
+            let cpu0 = grace_bench::cpu_ns(server.child.id())?;
             let (n, s) = client_handshakes(
                 server.addr,
                 &[
@@ -540,7 +476,7 @@ fn orchestrate(args: &Args) -> Result<()> {
                     &args.parallel.to_string(),
                 ],
             )?;
-            let cpu = server.cpu_ns()? - cpu0;
+            let cpu = grace_bench::cpu_ns(server.child.id())? - cpu0;
             server.stop()?;
             let (rate, cpu_us) = (n as f64 / s, cpu as f64 / 1e3 / n as f64);
             eprintln!(
@@ -552,7 +488,7 @@ fn orchestrate(args: &Args) -> Result<()> {
             // Memory per idle TLS connection.
             let server = Server::native(mode)?;
             std::thread::sleep(Duration::from_millis(200));
-            let before = server.rss()?;
+            let before = grace_bench::rss(server.child.id())?;
             let addr = server.addr.to_string();
             let conns = args.conns.to_string();
             let mut holder = pinned(
@@ -570,7 +506,7 @@ fn orchestrate(args: &Args) -> Result<()> {
                 bail!("holder: {line:?}");
             }
             std::thread::sleep(Duration::from_millis(500));
-            let with = server.rss()?;
+            let with = grace_bench::rss(server.child.id())?;
             drop(holder.stdin.take());
             let _ = holder.wait();
             server.stop()?;

@@ -599,14 +599,6 @@ fn pct(sorted: &[u32], p: f64) -> f64 {
     sorted[i] as f64
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[(v.len() - 1) / 2]
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -627,7 +619,7 @@ fn figures(args: &Args, r: &Run) -> Vec<(String, f64, usize)> {
     let [b_rate, b50, b99, b_max] = latency(b, r.burst);
     let (_, handed_over, closed) = r.record.reports;
     let per_upgrade = |f: fn(&Upgrade) -> Option<Duration>| {
-        median(r.upgrades.iter().filter_map(f).map(ms).collect())
+        grace_bench::median(&r.upgrades.iter().filter_map(f).map(ms).collect::<Vec<_>>())
     };
     let failed = s.failed + b.failed + is.failed + ib.failed;
     [
@@ -741,7 +733,7 @@ fn report(args: &Args, runs: &[Run]) {
                     let (label, _, d) = &of_mode[0][i];
                     (
                         label.clone(),
-                        median(of_mode.iter().map(|f| f[i].1).collect()),
+                        grace_bench::median(&of_mode.iter().map(|f| f[i].1).collect::<Vec<_>>()),
                         *d,
                     )
                 })
