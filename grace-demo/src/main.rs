@@ -259,6 +259,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .goodbye_spread(args.goodbye_spread)
         // GET /whoami answers the peer as axum's ConnectInfo sees it.
         .peer_addr_in_requests(true)
+        // The report and `ctl status` say which request a forced connection was serving.
+        .record_requests(true)
         .stop_deadline(Some(args.stop_deadline).filter(|d| !d.is_zero()))
         .max_connections(Some(args.max_connections).filter(|&n| n > 0))
         .max_connection_age(Some(args.max_connection_age).filter(|d| !d.is_zero()))

@@ -61,7 +61,8 @@ impl Handle {
     ///
     /// ```no_run
     /// # async fn doc() -> Result<(), grace_http::Error> {
-    /// let server = grace_http::Server::bind("127.0.0.1:8080").await?;
+    /// // Each connection's request is shown when requests are recorded.
+    /// let server = grace_http::Server::bind("127.0.0.1:8080").await?.record_requests(true);
     /// let handle = server.handle();
     /// let app = axum::Router::new().route(
     ///     "/debug/conns",

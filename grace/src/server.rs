@@ -43,6 +43,7 @@ pub(crate) struct Config {
     pub(crate) max_connections: Option<usize>,
     pub(crate) max_connection_age: Option<Duration>,
     pub(crate) peer_in_requests: bool,
+    pub(crate) record_requests: bool,
 }
 
 impl Default for Config {
@@ -62,6 +63,7 @@ impl Default for Config {
             max_connections: None,
             max_connection_age: None,
             peer_in_requests: false,
+            record_requests: false,
         }
     }
 }
@@ -348,6 +350,25 @@ impl Server {
         self
     }
 
+    /// Records each connection's current request (method, target and start) so that the
+    /// shutdown report says what a forced connection was serving
+    /// ([`ConnSnapshot::request`](crate::ConnSnapshot::request)), and so do
+    /// [`Handle::connection_snapshots`](crate::Handle::connection_snapshots). Default `false`:
+    /// like [`peer_addr_in_requests`](Self::peer_addr_in_requests), it is asked for, because
+    /// it costs a clock read, a lock and a copy per request (about 150 instructions, 1 % of
+    /// a request through an axum `Router`; see `docs/benchmarks.md`). Without it the report
+    /// still lists each forced connection, its peer, state and age.
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), grace_http::Error> {
+    /// let server = grace_http::Server::bind("127.0.0.1:8080").await?.record_requests(true);
+    /// # let _ = server; Ok(()) }
+    /// ```
+    pub fn record_requests(mut self, enabled: bool) -> Self {
+        self.config.record_requests = enabled;
+        self
+    }
+
     /// How long an [`acceptor`](Self::acceptor) (a TLS handshake) may take before the
     /// connection is closed. Default 10 s. The header-read timeout still counts from accept.
     pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
@@ -609,6 +630,7 @@ impl<S> Serve<S> {
             handshake_timeout: config.handshake_timeout,
             max_age: config.max_connection_age,
             peer_in_requests: config.peer_in_requests,
+            record_requests: config.record_requests,
         });
         // One limit for all listeners.
         let limit = config

@@ -101,7 +101,10 @@ async fn a_request_arriving_just_after_accept_is_still_served() {
 #[tokio::test]
 async fn deadline_forces_every_state_and_the_report_says_what_was_cut() {
     let deadline = Duration::from_millis(500);
-    let mut srv = start(app(), |s| s.shutdown_timeout(deadline)).await;
+    let mut srv = start(app(), |s| {
+        s.shutdown_timeout(deadline).record_requests(true)
+    })
+    .await;
     // A slow request.
     let mut slow = Client::connect(srv.addr).await;
     slow.send("/sleep/60000").await;
@@ -159,6 +162,22 @@ async fn deadline_forces_every_state_and_the_report_says_what_was_cut() {
             .iter()
             .any(|p| p["name"] == "force")
     );
+}
+
+/// Requests are recorded only when asked for (`Server::record_requests`): by default a
+/// forced connection is reported with its peer, state and age, and no request.
+#[tokio::test]
+async fn without_record_requests_a_forced_connection_has_no_request() {
+    let deadline = Duration::from_millis(300);
+    let mut srv = start(app(), |s| s.shutdown_timeout(deadline)).await;
+    let mut slow = Client::connect(srv.addr).await;
+    slow.send("/sleep/60000").await;
+    srv.wait_counts(|c| c.active == 1).await;
+    srv.handle.shutdown();
+    let report = srv.report(deadline).await;
+    assert_eq!(report.forced.len(), 1, "{report:?}");
+    assert_eq!(report.forced[0].state, ConnState::Active);
+    assert!(report.forced[0].request.is_none(), "{report:?}");
 }
 
 #[tokio::test]

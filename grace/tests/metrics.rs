@@ -142,7 +142,7 @@ fn assert_matches(handle: &Handle, samples: &BTreeMap<(String, Labels), f64>) {
 #[tokio::test]
 async fn snapshots_show_each_connection_with_its_state_peer_age_and_request() {
     let _serial = SERIAL.lock().await;
-    let mut srv = start(app(), |s| s).await;
+    let mut srv = start(app(), |s| s.record_requests(true)).await;
     let mut idle = Client::connect(srv.addr).await;
     assert_eq!(idle.get("/").await.unwrap().status, 200);
     let mut active = Client::connect(srv.addr).await;

@@ -267,6 +267,7 @@ async fn forcing_cuts_tls_connections_on_their_socket_and_the_report_names_them(
     let mut s = start(app(), |s| {
         s.tls(tls_config(&cert))
             .shutdown_timeout(Duration::from_millis(300))
+            .record_requests(true)
     })
     .await;
     let mut c = H1::connect(s.addr, &cert.der).await;

@@ -71,19 +71,19 @@ struct BodyState {
 }
 
 impl RequestBody {
-    /// The body of a request whose head was read at `started`; `conn` is told when it has
-    /// been read to its end.
+    /// The body of a request whose head was read at `started` (now, if not given); `conn`
+    /// is told when it has been read to its end.
     #[inline]
     pub(crate) fn new(
         inner: Incoming,
         limit: Option<BodyLimit>,
-        started: Instant,
+        started: Option<Instant>,
         conn: &Arc<Conn>,
     ) -> RequestBody {
         let state = (!inner.is_end_stream()).then(|| {
             Box::new(BodyState {
                 limit,
-                started,
+                started: started.unwrap_or_else(Instant::now),
                 received: 0,
                 timer: None,
                 open: Some(Arc::clone(conn)),

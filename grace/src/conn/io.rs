@@ -47,7 +47,8 @@ impl<S> Drop for TrackedIo<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
-    #[inline]
+    // Always: otherwise hyper's read path calls it out of line on every read.
+    #[inline(always)]
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -34,6 +34,8 @@ pub(crate) struct ConnService<S> {
     pub(crate) body_limit: Option<BodyLimit>,
     /// Whether to insert the peer's address (see `Server::peer_addr_in_requests`).
     pub(crate) peer: bool,
+    /// Whether to record each request (see `Server::record_requests`).
+    pub(crate) record: bool,
     /// What an acceptor added (see [`Accepted::with_extension`](crate::accept::Accepted::with_extension)), if anything.
     pub(crate) extra: Option<Arc<http::Extensions>>,
 }
@@ -50,9 +52,10 @@ where
 
     #[inline]
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
-        // One clock read for the request's record and its body's deadline.
-        let now = Instant::now();
-        self.conn.request_started(&req, now);
+        // The clock is read for the request's record if it is kept; a body reads it
+        // otherwise for its deadline (one read per request at most).
+        let recorded_at = self.record.then(Instant::now);
+        self.conn.request_started(&req, recorded_at);
         if may_upgrade(&req) {
             req.extensions_mut().insert(self.conn.notice());
         }
@@ -63,7 +66,7 @@ where
         self.insert_conn_info(req.extensions_mut());
         let http1 = req.version() < http::Version::HTTP_2;
         let limit = self.body_limit;
-        let req = req.map(|body| RequestBody::new(body, limit, now, &self.conn));
+        let req = req.map(|body| RequestBody::new(body, limit, recorded_at, &self.conn));
         let mut guard = Some(RequestGuard {
             conn: Arc::clone(&self.conn),
         });

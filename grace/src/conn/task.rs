@@ -87,6 +87,8 @@ pub(crate) struct ConnCtx<S> {
     pub(crate) max_age: Option<Duration>,
     /// Requests carry the peer's address (see `Server::peer_addr_in_requests`).
     pub(crate) peer_in_requests: bool,
+    /// Each connection's request is recorded (see `Server::record_requests`).
+    pub(crate) record_requests: bool,
 }
 
 impl<S> ConnCtx<S> {
@@ -241,6 +243,7 @@ async fn serve_io<I, S, B>(
         conn: Arc::clone(&conn),
         body_limit: ctx.body_limit,
         peer: ctx.peer_in_requests,
+        record: ctx.record_requests,
         extra,
     };
     let mut connection = match handed {

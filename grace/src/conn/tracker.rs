@@ -87,7 +87,10 @@ pub(crate) struct Conn {
     /// Requests (HTTP/1) or streams (HTTP/2) whose response is not fully written yet.
     inflight: AtomicU32,
     http2: AtomicBool,
+    /// The request being served, when requests are recorded (`Server::record_requests`).
     request: Mutex<Option<RequestRecord>>,
+    /// Whether `request` was ever set (so that a server that records nothing never locks it).
+    recorded: AtomicBool,
     /// The tick of the tracker's coarse clock when the connection started waiting for a
     /// request head (accepted, or the first byte of the next HTTP/1 request); 0 when not
     /// waiting. See [`Tracker::tick`].
@@ -214,10 +217,15 @@ impl Conn {
         self.left_new.notified().await;
     }
 
-    /// A request (or stream) began at `now`: its method and URI are kept for the report
-    /// of a forced connection.
+    /// A request (or stream) began. With `recorded_at` (see `Server::record_requests`), its
+    /// method and URI are kept, with that start time, for the report of a forced connection
+    /// and for snapshots.
     #[inline]
-    pub(crate) fn request_started<B: http_body::Body>(&self, req: &http::Request<B>, now: Instant) {
+    pub(crate) fn request_started<B: http_body::Body>(
+        &self,
+        req: &http::Request<B>,
+        recorded_at: Option<Instant>,
+    ) {
         self.head_since.store(0, Ordering::Relaxed);
         // Release, paired with `hand_over`: set before the request is in flight.
         self.body_open
@@ -226,12 +234,16 @@ impl Conn {
         if req.version() == http::Version::HTTP_2 {
             self.http2.store(true, Ordering::Relaxed);
         }
-        let target = Target::of(req.uri());
-        *lock(&self.request) = Some(RequestRecord {
-            method: req.method().clone(),
-            target,
-            started: now,
-        });
+        if let Some(started) = recorded_at {
+            let target = Target::of(req.uri());
+            *lock(&self.request) = Some(RequestRecord {
+                method: req.method().clone(),
+                target,
+                started,
+            });
+            // Relaxed: only this connection's own request wrappers read it (to clear it).
+            self.recorded.store(true, Ordering::Relaxed);
+        }
         self.apply(Event::RequestStarted);
     }
 
@@ -239,7 +251,9 @@ impl Conn {
     pub(crate) fn request_finished(&self) {
         self.tracker.completed.fetch_add(1, Ordering::Relaxed);
         if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *lock(&self.request) = None;
+            if self.recorded.load(Ordering::Relaxed) {
+                *lock(&self.request) = None;
+            }
             if self.http2.load(Ordering::Relaxed) {
                 self.apply(Event::ResponseDone);
                 // A draining HTTP/2 connection may be waiting to close once idle.
@@ -489,6 +503,7 @@ impl Tracker {
             inflight: AtomicU32::new(0),
             http2: AtomicBool::new(false),
             request: Mutex::new(None),
+            recorded: AtomicBool::new(false),
             // A new connection waits for its first head from now; an idle one does not.
             head_since: AtomicU32::new(if state == ConnState::New {
                 self.now()
@@ -856,7 +871,7 @@ mod tests {
         assert_eq!(c.hand_over(), HandOver::Now, "a head arriving goes along");
         c.request_started(
             &http::Request::new(Empty::<bytes::Bytes>::new()),
-            Instant::now(),
+            Some(Instant::now()),
         );
         assert_eq!(c.hand_over(), HandOver::Later, "a request in flight");
         c.request_finished();
@@ -871,7 +886,7 @@ mod tests {
         // A request with a body: not before the body is read to its end.
         assert!(c.on_read(b"POST / HTTP/1.1\r\n"));
         let body = Full::new(bytes::Bytes::from_static(b"x"));
-        c.request_started(&http::Request::new(body), Instant::now());
+        c.request_started(&http::Request::new(body), Some(Instant::now()));
         c.request_finished();
         c.on_flush();
         assert_eq!(c.hand_over(), HandOver::Never, "idle, its body left unread");
@@ -891,14 +906,14 @@ mod tests {
         assert!(c.on_read(b"POST / HTTP/1.1\r\n"));
         c.request_started(
             &http::Request::new(Full::new(bytes::Bytes::from_static(b"y"))),
-            Instant::now(),
+            Some(Instant::now()),
         );
         c.request_finished();
         c.on_flush();
         assert!(c.on_read(b"GET / HTTP/1.1\r\n"));
         c.request_started(
             &http::Request::new(Empty::<bytes::Bytes>::new()),
-            Instant::now(),
+            Some(Instant::now()),
         );
         c.request_finished();
         c.on_flush();
@@ -924,7 +939,7 @@ mod tests {
         assert!(c.on_read(b"GET / HTTP/1.1\r\n\r\n"));
         c.request_started(
             &http::Request::new(http_body_util::Empty::<bytes::Bytes>::new()),
-            Instant::now(),
+            Some(Instant::now()),
         );
         c.request_finished();
         c.on_flush();
@@ -968,7 +983,7 @@ mod tests {
         c.on_read(b"GET / HTTP/1.1\r\n\r\n");
         c.request_started(
             &http::Request::new(http_body_util::Empty::<bytes::Bytes>::new()),
-            Instant::now(),
+            Some(Instant::now()),
         );
         // Four ticks per timeout: not cut within the timeout…
         for _ in 0..4 {

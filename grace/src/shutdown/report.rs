@@ -95,7 +95,8 @@ pub struct ConnSnapshot {
     /// How long it had been open.
     #[serde(rename = "age_ms", serialize_with = "ms")]
     pub age: Duration,
-    /// The request in progress, if one was (on HTTP/2, the latest stream's).
+    /// The request in progress, if one was (on HTTP/2, the latest stream's), when the
+    /// server records requests ([`Server::record_requests`](crate::Server::record_requests)).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request: Option<ActiveRequest>,
 }
