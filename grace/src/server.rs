@@ -636,12 +636,11 @@ impl<S> Serve<S> {
         let limit = config
             .max_connections
             .map(|max| Arc::new(tokio::sync::Semaphore::new(max)));
-        let clock = clock::run(
+        let _clock = clock::start(
             &shared.tracker,
             config.header_read_timeout,
             config.idle_timeout,
-        );
-        let _clock = clock.map(|c| AbortOnDrop(tokio::spawn(c)));
+        )?;
         let listeners: Vec<_> = listeners
             .into_iter()
             .map(|(l, name)| (Arc::new(l), name))

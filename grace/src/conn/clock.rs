@@ -1,8 +1,13 @@
-//! The coarse clock behind the header-read and idle timeouts: one timer per server, not one
-//! per request or connection.
+//! The coarse clock behind the header-read and idle timeouts: one thread per server, not a
+//! timer per request or connection.
+//!
+//! A thread rather than a task on the runtime's timer: a timer in tokio's wheel makes every
+//! park of every worker compute the next deadline (a clock read and a wheel scan, about 50
+//! instructions per request at light load, `docs/benchmarks.md`); this thread sleeps in the
+//! kernel between ticks and costs the runtime nothing.
 
-use std::future::Future;
 use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
 use super::tracker::Tracker;
@@ -11,27 +16,47 @@ use super::tracker::Tracker;
 /// timeouts late.
 const TICKS: u32 = 4;
 
-/// The clock's task, if any timeout is set: it ticks four times per shortest timeout and
-/// cuts connections past either (see `Tracker::tick`).
-pub(crate) fn run(
+/// The running clock; its thread ends when this is dropped.
+pub(crate) struct Clock {
+    // Dropping the sender wakes the thread at once (its wait ends disconnected).
+    _stop: mpsc::Sender<()>,
+    #[cfg_attr(not(test), allow(dead_code))]
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Starts the clock, if any timeout is set: it ticks four times per shortest timeout and cuts
+/// connections past either (see `Tracker::tick`). Its logs go where the caller's do.
+pub(crate) fn start(
     tracker: &Arc<Tracker>,
     header_read: Option<Duration>,
     idle: Option<Duration>,
-) -> Option<impl Future<Output = ()> + use<>> {
-    let period = (header_read.into_iter().chain(idle).min()? / TICKS).max(Duration::from_millis(1));
+) -> std::io::Result<Option<Clock>> {
+    let Some(shortest) = header_read.into_iter().chain(idle).min() else {
+        return Ok(None);
+    };
+    let period = (shortest / TICKS).max(Duration::from_millis(1));
     let (head, idle) = (
         header_read.map(|t| ticks(t, period)),
         idle.map(|t| ticks(t, period)),
     );
     let tracker = Arc::clone(tracker);
-    Some(async move {
-        let mut every = tokio::time::interval(period);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            every.tick().await;
-            tracker.tick(head, idle);
-        }
-    })
+    let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    let (stop, stopped) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("grace-clock".into())
+        .spawn(move || {
+            tracing::dispatcher::with_default(&dispatch, || {
+                // A tick is `period` after the last one ended (a late tick delays the next
+                // rather than bunching up).
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(period) {
+                    tracker.tick(head, idle);
+                }
+            })
+        })?;
+    Ok(Some(Clock {
+        _stop: stop,
+        thread,
+    }))
 }
 
 /// `timeout` in ticks of `period`, rounded up; saturating for absurdly long timeouts (the
@@ -44,6 +69,40 @@ fn ticks(timeout: Duration, period: Duration) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The clock ticks on its own thread (an idle connection past the idle timeout is shut),
+    /// and the thread ends once the clock is dropped.
+    #[test]
+    fn the_clock_ticks_on_its_thread_and_stops_when_dropped() {
+        use std::io::Read;
+        use std::time::Instant;
+        let tracker = Arc::new(Tracker::default());
+        let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let conn = tracker.register(crate::conn::Addr::Unix(None), &ours);
+        conn.on_read(b"GET / HTTP/1.1\r\n\r\n");
+        conn.apply(crate::conn::state::Event::ResponseDone);
+        let clock = start(&tracker, None, Some(Duration::from_millis(20)))
+            .unwrap()
+            .expect("a timeout is set");
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(
+            peer.read(&mut [0; 1]).unwrap(),
+            0,
+            "the idle connection was shut"
+        );
+        let Clock { _stop, thread } = clock;
+        drop(_stop);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !thread.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "the clock's thread outlived the clock"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        tracker.unregister(&conn);
+    }
 
     #[test]
     fn timeouts_in_ticks_round_up_and_saturate() {
