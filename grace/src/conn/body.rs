@@ -70,25 +70,34 @@ struct BodyState {
     open: Option<Arc<Conn>>,
 }
 
+impl BodyState {
+    // Out of line: most requests have no body, and their path stays short.
+    #[inline(never)]
+    fn new(limit: Option<BodyLimit>, started: Option<Instant>, conn: &Arc<Conn>) -> Box<Self> {
+        Box::new(BodyState {
+            limit,
+            started: started.unwrap_or_else(Instant::now),
+            received: 0,
+            timer: None,
+            open: Some(Arc::clone(conn)),
+        })
+    }
+}
+
 impl RequestBody {
     /// The body of a request whose head was read at `started` (now, if not given); `conn`
     /// is told when it has been read to its end.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn new(
         inner: Incoming,
         limit: Option<BodyLimit>,
         started: Option<Instant>,
         conn: &Arc<Conn>,
     ) -> RequestBody {
-        let state = (!inner.is_end_stream()).then(|| {
-            Box::new(BodyState {
-                limit,
-                started: started.unwrap_or_else(Instant::now),
-                received: 0,
-                timer: None,
-                open: Some(Arc::clone(conn)),
-            })
-        });
+        let state = match inner.is_end_stream() {
+            true => None,
+            false => Some(BodyState::new(limit, started, conn)),
+        };
         RequestBody { inner, state }
     }
 
