@@ -518,12 +518,24 @@ fn main() -> Result<()> {
             args.conns,
             if args.quiet_holder { "quiet" } else { "epoll" }
         );
-        println!("| run | exit (ms) | × floor | by round (ms) |");
-        println!("|---|---:|---:|---|");
+        // Paired: each run against the floor of its own round (the machine's state drifts
+        // between rounds more than it does within one), then the median of those ratios.
+        println!("| run | exit (ms) | × floor | × floor, paired by round | by round (ms) |");
+        println!("|---|---:|---:|---:|---|");
         for (i, (label, ..)) in runs_of.iter().enumerate() {
             let xs: Vec<f64> = runs[i].iter().map(ms).collect();
             let m = median(&xs);
-            println!("| {label} | {m:.1} | {:.2} | {} |", m / floor, list(&xs, 1));
+            let paired: Vec<f64> = runs[i]
+                .iter()
+                .zip(&runs[floor_run])
+                .map(|(r, f)| ms(r) / ms(f))
+                .collect();
+            println!(
+                "| {label} | {m:.1} | {:.2} | {:.2} | {} |",
+                m / floor,
+                median(&paired),
+                list(&xs, 1)
+            );
         }
         let drains: Vec<f64> = runs[0]
             .iter()
