@@ -355,9 +355,9 @@ impl Server {
     /// ([`ConnSnapshot::request`](crate::ConnSnapshot::request)), and so do
     /// [`Handle::connection_snapshots`](crate::Handle::connection_snapshots). Default `false`:
     /// like [`peer_addr_in_requests`](Self::peer_addr_in_requests), it is asked for, because
-    /// it costs a clock read, a lock and a copy per request (about 150 instructions, 1 % of
-    /// a request through an axum `Router`; see `docs/benchmarks.md`). Without it the report
-    /// still lists each forced connection, its peer, state and age.
+    /// it costs a clock read, a lock and a copy per request (about 100 instructions, under
+    /// 1 % of a request through an axum `Router`; see `docs/benchmarks.md`). Without it the
+    /// report still lists each forced connection, its peer, state and age.
     ///
     /// ```no_run
     /// # async fn doc() -> Result<(), grace_http::Error> {
