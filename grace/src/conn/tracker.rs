@@ -241,7 +241,10 @@ impl Conn {
                 target,
                 started,
             });
-            // Relaxed: only this connection's own request wrappers read it (to clear it).
+            // Relaxed: a flag that only ever turns on, read to clear the record. HTTP/1 sets
+            // and reads it on the connection's task; on HTTP/2 a stream ending on another
+            // thread at this very instant may miss it and leave this record in place until
+            // the next request replaces it (a snapshot shows it, nothing else reads it).
             self.recorded.store(true, Ordering::Relaxed);
         }
         self.apply(Event::RequestStarted);
