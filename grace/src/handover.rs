@@ -18,7 +18,6 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,8 +27,8 @@ use rustix::net::{
 };
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::Notify;
 
+use crate::count::Count;
 use crate::latch::Latch;
 
 /// The most bytes a connection may carry along (a request head still arriving, pipelined
@@ -60,9 +59,8 @@ pub(crate) struct Outbox {
     window: Duration,
     /// Set when the hand-over window ends: the connections left close as without one.
     closed: Latch<()>,
-    /// Hand-overs under way (see [`Outbox::sending`]), and the event of their end.
-    sending: AtomicUsize,
-    settled: Notify,
+    /// Hand-overs under way (see [`Outbox::sending`]).
+    sending: Count,
 }
 
 /// A hand-over under way: the drain counts what was handed over only once none is.
@@ -70,10 +68,8 @@ pub(crate) struct Sending<'a>(&'a Outbox);
 
 impl Drop for Sending<'_> {
     fn drop(&mut self) {
-        // AcqRel: the count made under it (handed over or not) is seen by whoever sees 0.
-        if self.0.sending.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.settled.notify_waiters();
-        }
+        // The count made under it (handed over or not) is seen by whoever sees none left.
+        self.0.sending.sub();
     }
 }
 
@@ -83,8 +79,7 @@ impl Outbox {
             fd: crate::sys::async_fd(fd, Interest::WRITABLE)?,
             window,
             closed: Latch::new(),
-            sending: AtomicUsize::new(0),
-            settled: Notify::new(),
+            sending: Count::default(),
         })
     }
 
@@ -111,7 +106,7 @@ impl Outbox {
     /// Marks a hand-over under way until the guard drops: take it before the connection is
     /// taken apart, count the outcome under it.
     pub(crate) fn sending(&self) -> Sending<'_> {
-        self.sending.fetch_add(1, Ordering::AcqRel);
+        self.sending.add();
         Sending(self)
     }
 
@@ -119,15 +114,7 @@ impl Outbox {
     /// ends promptly then: a send waiting for room gives up), so that what was handed over
     /// is counted in full.
     pub(crate) async fn settled(&self) {
-        loop {
-            let notified = self.settled.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.sending.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
+        self.sending.zero().await;
     }
 
     /// Passes `socket` on, with the bytes already read from it (in order). Waits while the

@@ -67,6 +67,7 @@
 pub mod accept;
 mod conn;
 pub mod control;
+mod count;
 mod error;
 mod handover;
 mod health;

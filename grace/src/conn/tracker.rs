@@ -13,6 +13,7 @@ use tokio::sync::Notify;
 
 use super::state::{Event, transition};
 use super::{Addr, ConnInfo, ConnState, StateCounts};
+use crate::count::Count;
 use crate::latch::Latch;
 use crate::lock;
 use crate::shutdown::Trigger;
@@ -390,9 +391,7 @@ impl Conn {
         if !self.released.swap(true, Ordering::AcqRel) {
             // Relaxed: a count read for the report, after the drain's wait.
             self.tracker.ended.fetch_add(1, Ordering::Relaxed);
-            if self.tracker.awaited.fetch_sub(1, Ordering::AcqRel) == 1 {
-                self.tracker.empty.notify_waiters();
-            }
+            self.tracker.awaited.sub();
         }
     }
 
@@ -421,7 +420,7 @@ const SHARDS: usize = 16;
 pub(crate) struct Tracker {
     shards: [Mutex<HashMap<u64, Arc<Conn>>>; SHARDS],
     /// Live connections the drain still waits for (see `Conn::released`).
-    awaited: AtomicUsize,
+    awaited: Count,
     counts: [AtomicUsize; 4],
     next_id: AtomicU64,
     /// Connections closed since the server started (one relaxed add per connection).
@@ -452,7 +451,6 @@ pub(crate) struct Tracker {
     /// The window over which notices to long-lived connections are spread (set once, when
     /// serving starts; none by default).
     pub(crate) goodbye_spread: OnceLock<Duration>,
-    empty: Notify,
     pub(crate) hook: OnceLock<Hook>,
 }
 
@@ -524,7 +522,7 @@ impl Tracker {
             left_new: Notify::new(),
             tracker: Arc::clone(self),
         });
-        self.awaited.fetch_add(1, Ordering::AcqRel);
+        self.awaited.add();
         lock(self.shard(conn.info.id)).insert(conn.info.id, Arc::clone(&conn));
         self.counts[state as usize].fetch_add(1, Ordering::Relaxed);
         self.call_hook(&conn.info, state);
@@ -737,15 +735,7 @@ impl Tracker {
     /// Resolves when the drain waits for no connection any more: woken by the last
     /// unregister (or release), not by a timer.
     pub(crate) async fn wait_empty(&self) {
-        loop {
-            let notified = self.empty.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.awaited.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
+        self.awaited.zero().await;
     }
 
     /// Shuts down the socket of every live connection, whatever its state, and says which.
