@@ -591,6 +591,9 @@ impl<S> Serve<S> {
             let _ = shared.tracker.hook.set(hook);
         }
         let _ = shared.tracker.goodbye_spread.set(config.goodbye_spread);
+        if config.record_requests {
+            let _ = shared.tracker.records.set(());
+        }
         let _watchdog = crate::systemd::watchdog_interval()
             .map(|every| AbortOnDrop(tokio::spawn(crate::systemd::watchdog(every))));
         let (control, control_file) = match control {
@@ -630,7 +633,6 @@ impl<S> Serve<S> {
             handshake_timeout: config.handshake_timeout,
             max_age: config.max_connection_age,
             peer_in_requests: config.peer_in_requests,
-            record_requests: config.record_requests,
         });
         // One limit for all listeners.
         let limit = config

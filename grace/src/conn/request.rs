@@ -34,8 +34,6 @@ pub(crate) struct ConnService<S> {
     pub(crate) body_limit: Option<BodyLimit>,
     /// Whether to insert the peer's address (see `Server::peer_addr_in_requests`).
     pub(crate) peer: bool,
-    /// Whether to record each request (see `Server::record_requests`).
-    pub(crate) record: bool,
     /// What an acceptor added (see [`Accepted::with_extension`](crate::accept::Accepted::with_extension)), if anything.
     pub(crate) extra: Option<Arc<http::Extensions>>,
 }
@@ -54,7 +52,7 @@ where
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         // The clock is read for the request's record if it is kept; a body reads it
         // otherwise for its deadline (one read per request at most).
-        let recorded_at = self.record.then(Instant::now);
+        let recorded_at = self.conn.tracker().records().then(Instant::now);
         self.conn.request_started(&req, recorded_at);
         if may_upgrade(&req) {
             req.extensions_mut().insert(self.conn.notice());

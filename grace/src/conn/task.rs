@@ -87,8 +87,6 @@ pub(crate) struct ConnCtx<S> {
     pub(crate) max_age: Option<Duration>,
     /// Requests carry the peer's address (see `Server::peer_addr_in_requests`).
     pub(crate) peer_in_requests: bool,
-    /// Each connection's request is recorded (see `Server::record_requests`).
-    pub(crate) record_requests: bool,
 }
 
 impl<S> ConnCtx<S> {
@@ -243,7 +241,6 @@ async fn serve_io<I, S, B>(
         conn: Arc::clone(&conn),
         body_limit: ctx.body_limit,
         peer: ctx.peer_in_requests,
-        record: ctx.record_requests,
         extra,
     };
     let mut connection = match handed {

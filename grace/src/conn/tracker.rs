@@ -88,10 +88,8 @@ pub(crate) struct Conn {
     /// Requests (HTTP/1) or streams (HTTP/2) whose response is not fully written yet.
     inflight: AtomicU32,
     http2: AtomicBool,
-    /// The request being served, when requests are recorded (`Server::record_requests`).
+    /// The request being served, when requests are recorded (`Tracker::records`).
     request: Mutex<Option<RequestRecord>>,
-    /// Whether `request` was ever set (so that a server that records nothing never locks it).
-    recorded: AtomicBool,
     /// The tick of the tracker's coarse clock when the connection started waiting for a
     /// request head (accepted, or the first byte of the next HTTP/1 request); 0 when not
     /// waiting. See [`Tracker::tick`].
@@ -218,7 +216,7 @@ impl Conn {
         self.left_new.notified().await;
     }
 
-    /// A request (or stream) began. With `recorded_at` (see `Server::record_requests`), its
+    /// A request (or stream) began. With `recorded_at` (see `Tracker::records`), its
     /// method and URI are kept, with that start time, for the report of a forced connection
     /// and for snapshots.
     #[inline]
@@ -242,11 +240,6 @@ impl Conn {
                 target,
                 started,
             });
-            // Relaxed: a flag that only ever turns on, read to clear the record. HTTP/1 sets
-            // and reads it on the connection's task; on HTTP/2 a stream ending on another
-            // thread at this very instant may miss it and leave this record in place until
-            // the next request replaces it (a snapshot shows it, nothing else reads it).
-            self.recorded.store(true, Ordering::Relaxed);
         }
         self.apply(Event::RequestStarted);
     }
@@ -255,7 +248,7 @@ impl Conn {
     pub(crate) fn request_finished(&self) {
         self.tracker.completed.fetch_add(1, Ordering::Relaxed);
         if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            if self.recorded.load(Ordering::Relaxed) {
+            if self.tracker.records() {
                 *lock(&self.request) = None;
             }
             if self.http2.load(Ordering::Relaxed) {
@@ -451,6 +444,9 @@ pub(crate) struct Tracker {
     /// The window over which notices to long-lived connections are spread (set once, when
     /// serving starts; none by default).
     pub(crate) goodbye_spread: OnceLock<Duration>,
+    /// Set (once, when serving starts) if each connection's request is recorded (see
+    /// `Server::record_requests`).
+    pub(crate) records: OnceLock<()>,
     pub(crate) hook: OnceLock<Hook>,
 }
 
@@ -461,6 +457,12 @@ impl Tracker {
             tracker: Arc::clone(self),
             seed,
         }
+    }
+
+    /// Whether each connection's request is recorded (see `Server::record_requests`).
+    #[inline]
+    pub(crate) fn records(&self) -> bool {
+        self.records.get().is_some()
     }
 
     pub(crate) fn goodbye_spread(&self) -> Duration {
@@ -504,7 +506,6 @@ impl Tracker {
             inflight: AtomicU32::new(0),
             http2: AtomicBool::new(false),
             request: Mutex::new(None),
-            recorded: AtomicBool::new(false),
             // A new connection waits for its first head from now; an idle one does not.
             head_since: AtomicU32::new(if state == ConnState::New {
                 self.now()
@@ -862,10 +863,7 @@ mod tests {
         assert_eq!(c.hand_over(), HandOver::Now, "new, silent");
         assert!(c.on_read(b"GET / HT"));
         assert_eq!(c.hand_over(), HandOver::Now, "a head arriving goes along");
-        c.request_started(
-            &http::Request::new(Empty::<bytes::Bytes>::new()),
-            Some(Instant::now()),
-        );
+        c.request_started(&http::Request::new(Empty::<bytes::Bytes>::new()), None);
         assert_eq!(c.hand_over(), HandOver::Later, "a request in flight");
         c.request_finished();
         assert_eq!(
@@ -879,7 +877,7 @@ mod tests {
         // A request with a body: not before the body is read to its end.
         assert!(c.on_read(b"POST / HTTP/1.1\r\n"));
         let body = Full::new(bytes::Bytes::from_static(b"x"));
-        c.request_started(&http::Request::new(body), Some(Instant::now()));
+        c.request_started(&http::Request::new(body), None);
         c.request_finished();
         c.on_flush();
         assert_eq!(c.hand_over(), HandOver::Never, "idle, its body left unread");
@@ -899,15 +897,12 @@ mod tests {
         assert!(c.on_read(b"POST / HTTP/1.1\r\n"));
         c.request_started(
             &http::Request::new(Full::new(bytes::Bytes::from_static(b"y"))),
-            Some(Instant::now()),
+            None,
         );
         c.request_finished();
         c.on_flush();
         assert!(c.on_read(b"GET / HTTP/1.1\r\n"));
-        c.request_started(
-            &http::Request::new(Empty::<bytes::Bytes>::new()),
-            Some(Instant::now()),
-        );
+        c.request_started(&http::Request::new(Empty::<bytes::Bytes>::new()), None);
         c.request_finished();
         c.on_flush();
         assert_eq!(
@@ -932,7 +927,7 @@ mod tests {
         assert!(c.on_read(b"GET / HTTP/1.1\r\n\r\n"));
         c.request_started(
             &http::Request::new(http_body_util::Empty::<bytes::Bytes>::new()),
-            Some(Instant::now()),
+            None,
         );
         c.request_finished();
         c.on_flush();
@@ -976,7 +971,7 @@ mod tests {
         c.on_read(b"GET / HTTP/1.1\r\n\r\n");
         c.request_started(
             &http::Request::new(http_body_util::Empty::<bytes::Bytes>::new()),
-            Some(Instant::now()),
+            None,
         );
         // Four ticks per timeout: not cut within the timeout…
         for _ in 0..4 {
