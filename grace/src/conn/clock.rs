@@ -20,8 +20,6 @@ const TICKS: u32 = 4;
 pub(crate) struct Clock {
     // Dropping the sender wakes the thread at once (its wait ends disconnected).
     _stop: mpsc::Sender<()>,
-    #[cfg_attr(not(test), allow(dead_code))]
-    thread: std::thread::JoinHandle<()>,
 }
 
 /// Starts the clock, if any timeout is set: it ticks four times per shortest timeout and cuts
@@ -42,7 +40,7 @@ pub(crate) fn start(
     let tracker = Arc::clone(tracker);
     let dispatch = tracing::dispatcher::get_default(Clone::clone);
     let (stop, stopped) = mpsc::channel::<()>();
-    let thread = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("grace-clock".into())
         .spawn(move || {
             tracing::dispatcher::with_default(&dispatch, || {
@@ -53,10 +51,7 @@ pub(crate) fn start(
                 }
             })
         })?;
-    Ok(Some(Clock {
-        _stop: stop,
-        thread,
-    }))
+    Ok(Some(Clock { _stop: stop }))
 }
 
 /// `timeout` in ticks of `period`, rounded up; saturating for absurdly long timeouts (the
@@ -91,17 +86,18 @@ mod tests {
             0,
             "the idle connection was shut"
         );
-        let Clock { _stop, thread } = clock;
-        drop(_stop);
+        tracker.unregister(&conn);
+        drop(conn);
+        drop(clock);
+        // The thread holds the tracker until it ends; then ours is the only reference.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !thread.is_finished() {
+        while Arc::strong_count(&tracker) > 1 {
             assert!(
                 Instant::now() < deadline,
                 "the clock's thread outlived the clock"
             );
             std::thread::sleep(Duration::from_millis(1));
         }
-        tracker.unregister(&conn);
     }
 
     #[test]

@@ -209,7 +209,7 @@ where
     }
 }
 
-impl<I, S, B> Future for HttpConn<'_, I, S>
+impl<'b, I, S, B> Future for HttpConn<'b, I, S>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService<Incoming, ResBody = B> + Unpin,
@@ -247,16 +247,16 @@ where
                             break false;
                         }
                     };
-                    let builder: &HyperBuilder = builder;
+                    let builder: &'b HyperBuilder = builder;
                     let (Some(stream), Some(service)) = (io.take(), service.take()) else {
                         return Poll::Ready(Ok(()));
                     };
-                    let io =
-                        TokioIo::new(Rewind::new(stream, Bytes::copy_from_slice(&buf[..*len])));
+                    let read = Bytes::copy_from_slice(&buf[..*len]);
                     *this = if h2 {
+                        let io = TokioIo::new(Rewind::new(stream, read));
                         HttpConn::H2(Box::pin(builder.http2.serve_connection(io, service)))
                     } else {
-                        HttpConn::H1(builder.http1.serve_connection(io, service).with_upgrades())
+                        HttpConn::http1(stream, read, service, builder)
                     };
                 }
                 HttpConn::H1(conn) => return Pin::new(conn).poll(cx).map_err(Into::into),
