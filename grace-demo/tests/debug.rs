@@ -116,11 +116,19 @@ fn conn_serving<'a>(snapshot: &'a Value, path: &str) -> Option<&'a Value> {
         .find(|c| c["request"]["path"] == path)
 }
 
-/// Polls `/debug/conns` on `c` until `f` holds.
-async fn wait_conns(c: &mut Http, f: impl Fn(&Value) -> bool) -> Value {
+/// Polls `/debug/conns` on `c` (a connection to `addr`) until `f` holds. An answer that
+/// closes its connection (from the drain request on, HTTP/1 answers say
+/// `Connection: close`, even one whose snapshot was taken just before) is followed by a new
+/// connection.
+async fn wait_conns(c: &mut Http, addr: SocketAddr, f: impl Fn(&Value) -> bool) -> Value {
     let t = Instant::now();
     loop {
-        let snapshot = get_json(c, "/debug/conns").await;
+        let resp = c.request("GET", "/debug/conns", None).await.unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.body);
+        if resp.closes() {
+            *c = Http::connect(addr).await.unwrap();
+        }
+        let snapshot = resp.json();
         if f(&snapshot) {
             return snapshot;
         }
@@ -147,7 +155,7 @@ async fn metrics_are_prometheus_text_and_match_the_servers_counts() {
     sleeper.send("GET", "/sleep/30000", None).await.unwrap();
     // One connection watches and scrapes throughout: the live counts are then exact.
     let mut watch = Http::connect(demo.addr).await.unwrap();
-    wait_conns(&mut watch, |s| {
+    wait_conns(&mut watch, demo.addr, |s| {
         conn_serving(s, "/sleep/30000").is_some() && s["counts"]["idle"] == 1
     })
     .await;
@@ -299,7 +307,10 @@ async fn debug_conns_and_events_show_a_connection_leave_during_a_drain() {
     let mut sleeper = Http::connect(demo.addr).await.unwrap();
     sleeper.send("GET", "/sleep/3500", None).await.unwrap();
     let mut watch = Http::connect(demo.addr).await.unwrap();
-    let before = wait_conns(&mut watch, |s| conn_serving(s, "/sleep/3500").is_some()).await;
+    let before = wait_conns(&mut watch, demo.addr, |s| {
+        conn_serving(s, "/sleep/3500").is_some()
+    })
+    .await;
     let conn = conn_serving(&before, "/sleep/3500").unwrap();
     let id = conn["id"].clone();
     assert_eq!(conn["state"], "active");
@@ -317,7 +328,7 @@ async fn debug_conns_and_events_show_a_connection_leave_during_a_drain() {
 
     demo.signal(Signal::TERM);
     // The pre-stop delay: still serving, readiness failing, the sleeper still there.
-    let stopping = wait_conns(&mut watch, |s| s["phase"] == "stopping").await;
+    let stopping = wait_conns(&mut watch, demo.addr, |s| s["phase"] == "stopping").await;
     assert_eq!(stopping["ready"], false);
     assert_eq!(conn_serving(&stopping, "/sleep/3500").unwrap()["id"], id);
 
