@@ -125,12 +125,12 @@ async fn wait_conns(c: &mut Http, addr: SocketAddr, f: impl Fn(&Value) -> bool) 
     loop {
         let resp = c.request("GET", "/debug/conns", None).await.unwrap();
         assert_eq!(resp.status, 200, "{}", resp.body);
-        if resp.closes() {
-            *c = Http::connect(addr).await.unwrap();
-        }
         let snapshot = resp.json();
         if f(&snapshot) {
             return snapshot;
+        }
+        if resp.closes() {
+            *c = Http::connect(addr).await.unwrap();
         }
         assert!(t.elapsed() < SOON, "never matched: {snapshot}");
         tokio::time::sleep(Duration::from_millis(20)).await;
