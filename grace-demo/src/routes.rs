@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
@@ -89,8 +90,18 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 /// Any body that is not the expected JSON object is a 400, whatever the content type.
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
-    serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+    serde_json::from_slice(body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("malformed JSON: {e}")))
+}
+
+/// A body that could not be read: `408 Request Timeout` when the client sent it too slowly
+/// (`--request-body-timeout`; the connection closes after it), axum's answer otherwise.
+fn rejected(e: BytesRejection) -> Response {
+    match grace_http::BodyTimeout::find(&e) {
+        Some(timeout) => error(StatusCode::REQUEST_TIMEOUT, &timeout.to_string()),
+        None => e.into_response(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -106,10 +117,13 @@ struct NewTransfer {
     amount: i64,
 }
 
-async fn create_account(State(ledger): State<Arc<Ledger>>, body: Bytes) -> Response {
-    let req: NewAccount = match parse(&body) {
+async fn create_account(
+    State(ledger): State<Arc<Ledger>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let req: NewAccount = match body.map_err(rejected).and_then(|b| parse(&b)) {
         Ok(req) => req,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+        Err(answer) => return answer,
     };
     match ledger.create_account(req.id, req.balance).await {
         Ok(account) => (StatusCode::CREATED, Json(account)).into_response(),
@@ -124,10 +138,13 @@ async fn get_account(State(ledger): State<Arc<Ledger>>, Path(id): Path<String>) 
     }
 }
 
-async fn create_transfer(State(ledger): State<Arc<Ledger>>, body: Bytes) -> Response {
-    let req: NewTransfer = match parse(&body) {
+async fn create_transfer(
+    State(ledger): State<Arc<Ledger>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let req: NewTransfer = match body.map_err(rejected).and_then(|b| parse(&b)) {
         Ok(req) => req,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+        Err(answer) => return answer,
     };
     match ledger.transfer(req.from, req.to, req.amount).await {
         Ok(id) => Json(serde_json::json!({ "id": id })).into_response(),

@@ -1,4 +1,5 @@
-//! `--max-connections` and `--max-connection-age` on a real `grace-demo` process.
+//! `--max-connections`, `--max-connection-age` and `--request-body-timeout` on a real
+//! `grace-demo` process.
 
 mod common;
 
@@ -6,6 +7,7 @@ use std::time::Duration;
 
 use common::{Demo, Http, SOON, TempDir};
 use rustix::process::Signal;
+use tokio::io::AsyncWriteExt;
 
 #[tokio::test]
 async fn max_connections_queues_new_connections_instead_of_refusing_them() {
@@ -50,6 +52,74 @@ async fn max_connection_age_closes_old_keep_alive_connections() {
     let resp = c.read().await.expect("cut at its age");
     assert_eq!(resp.status, 200);
     assert!(resp.closes(), "{:?}", resp.headers);
+    demo.signal(Signal::TERM);
+    let exit = demo.wait_exit(SOON).await;
+    assert_eq!(exit.code, 0, "{}", exit.stderr);
+}
+
+/// A body dribbled below the minimum rate (a byte every 100 ms) is answered
+/// `408 Request Timeout` once `--request-body-timeout` passes, and its connection closes;
+/// a body sent in two pieces at a normal pace on the same server is served.
+#[tokio::test]
+async fn a_dribbled_body_is_answered_408_and_its_connection_closes() {
+    let dir = TempDir::new();
+    let args = ["--request-body-timeout", "1s"].map(String::from);
+    let demo = Demo::start(&dir, &args).await;
+    let head = |len: usize| {
+        format!(
+            "POST /accounts HTTP/1.1\r\nHost: grace\r\nContent-Type: application/json\r\n\
+             Content-Length: {len}\r\n\r\n"
+        )
+    };
+
+    let mut ok = Http::connect(demo.addr).await.unwrap();
+    let body = r#"{"id":"paced","balance":5}"#;
+    let (first, rest) = body.split_at(10);
+    let io = ok.raw().get_mut();
+    io.write_all(format!("{}{first}", head(body.len())).as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    io.write_all(rest.as_bytes()).await.unwrap();
+    let resp = ok.read().await.expect("a paced body was cut");
+    assert_eq!(resp.status, 201, "{}", resp.body);
+
+    let mut slow = Http::connect(demo.addr).await.unwrap();
+    slow.raw()
+        .get_mut()
+        .write_all(format!("{}{{", head(1000)).as_bytes())
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    // A byte at a time until the answer is there (or the server stops taking bytes).
+    loop {
+        assert!(t.elapsed() < SOON, "the dribbled body held its connection");
+        if slow.raw().get_mut().write_all(b" ").await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut probe = [0u8; 1];
+        let peek = slow.raw().get_ref().peek(&mut probe);
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(1), peek).await {
+            break;
+        }
+    }
+    assert!(
+        t.elapsed() >= Duration::from_secs(1),
+        "cut before the timeout"
+    );
+    let resp = slow.read().await.expect("the cut body got no answer");
+    assert_eq!(resp.status, 408, "{}", resp.body);
+    assert!(resp.body.contains("not received in time"), "{}", resp.body);
+    let mut rest = Vec::new();
+    let eof = tokio::time::timeout(
+        SOON,
+        tokio::io::AsyncReadExt::read_to_end(slow.raw(), &mut rest),
+    )
+    .await
+    .expect("the connection stayed open after a cut body");
+    assert!(eof.is_err() || rest.is_empty(), "{rest:?}");
+
     demo.signal(Signal::TERM);
     let exit = demo.wait_exit(SOON).await;
     assert_eq!(exit.code, 0, "{}", exit.stderr);

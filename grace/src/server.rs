@@ -270,7 +270,8 @@ impl Server {
 
     /// How slowly a request body may arrive: it must come within `timeout` of the request's
     /// head, plus one second for every `min_rate` bytes received, else reading it fails with
-    /// a [`BodyTimeout`](crate::BodyTimeout) error (axum's extractors answer 400) and the
+    /// a [`BodyTimeout`](crate::BodyTimeout) error (axum's extractors answer 400; see
+    /// [`BodyTimeout::find`](crate::BodyTimeout::find) to answer 408) and the
     /// connection closes after the response. So a client that sends headers and then
     /// dribbles its body cannot hold a connection forever, while an upload at any reasonable
     /// speed is never cut. `None` turns it off. Default 20 s and 500 bytes/s (Apache's

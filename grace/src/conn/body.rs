@@ -46,6 +46,33 @@ pub struct BodyTimeout {
     elapsed: Duration,
 }
 
+impl BodyTimeout {
+    /// The `BodyTimeout` behind `err`, if reading a body failed because of it: `err` itself
+    /// or any error in its [`source`](std::error::Error::source) chain (as an extractor's
+    /// rejection wraps it). A handler can then answer `408 Request Timeout` instead of its
+    /// framework's 400.
+    ///
+    /// ```
+    /// use axum::{body::Bytes, extract::rejection::BytesRejection, http::StatusCode};
+    ///
+    /// async fn upload(body: Result<Bytes, BytesRejection>) -> Result<String, (StatusCode, String)> {
+    ///     let body = body.map_err(|e| match grace_http::BodyTimeout::find(&e) {
+    ///         Some(timeout) => (StatusCode::REQUEST_TIMEOUT, timeout.to_string()),
+    ///         None => (e.status(), e.body_text()),
+    ///     })?;
+    ///     Ok(format!("{} bytes", body.len()))
+    /// }
+    /// ```
+    pub fn find<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a BodyTimeout> {
+        std::iter::successors(Some(err), |e| e.source()).find_map(|e| e.downcast_ref())
+    }
+
+    /// How much of the body had arrived when it was cut, in bytes.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+}
+
 pin_project_lite::pin_project! {
     /// The body of a request served by grace: hyper's [`Incoming`], cut with a
     /// [`BodyTimeout`] error when the client sends it too slowly. Any `axum::Router` takes
@@ -180,6 +207,28 @@ impl Body for RequestBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn find_sees_a_body_timeout_anywhere_in_a_source_chain() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("wrapped")]
+        struct Wrapper(#[source] Box<dyn std::error::Error + Send + Sync>);
+        let timeout = BodyTimeout {
+            received: 7,
+            elapsed: Duration::from_secs(1),
+        };
+        assert_eq!(
+            BodyTimeout::find(&timeout).map(BodyTimeout::received),
+            Some(7)
+        );
+        let wrapped = Wrapper(Box::new(Wrapper(Box::new(timeout))));
+        assert_eq!(
+            BodyTimeout::find(&wrapped).map(BodyTimeout::received),
+            Some(7)
+        );
+        let other = Wrapper(Box::new(std::io::Error::other("reset")));
+        assert!(BodyTimeout::find(&other).is_none());
+    }
 
     #[test]
     fn the_deadline_grows_with_what_was_received_and_saturates() {
