@@ -90,9 +90,8 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 /// Any body that is not the expected JSON object is a 400, whatever the content type.
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("malformed JSON: {e}")))
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))
 }
 
 /// A body that could not be read: `408 Request Timeout` when the client sent it too slowly
@@ -121,9 +120,10 @@ async fn create_account(
     State(ledger): State<Arc<Ledger>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let req: NewAccount = match body.map_err(rejected).and_then(|b| parse(&b)) {
-        Ok(req) => req,
-        Err(answer) => return answer,
+    let req: NewAccount = match body.map(|b| parse(&b)) {
+        Ok(Ok(req)) => req,
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, &e),
+        Err(e) => return rejected(e),
     };
     match ledger.create_account(req.id, req.balance).await {
         Ok(account) => (StatusCode::CREATED, Json(account)).into_response(),
@@ -142,9 +142,10 @@ async fn create_transfer(
     State(ledger): State<Arc<Ledger>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let req: NewTransfer = match body.map_err(rejected).and_then(|b| parse(&b)) {
-        Ok(req) => req,
-        Err(answer) => return answer,
+    let req: NewTransfer = match body.map(|b| parse(&b)) {
+        Ok(Ok(req)) => req,
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, &e),
+        Err(e) => return rejected(e),
     };
     match ledger.transfer(req.from, req.to, req.amount).await {
         Ok(id) => Json(serde_json::json!({ "id": id })).into_response(),
