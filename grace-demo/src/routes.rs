@@ -5,9 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, FromRequest, Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -89,17 +88,26 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-/// Any body that is not the expected JSON object is a 400, whatever the content type.
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
-    serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))
-}
+/// A request body parsed as JSON, whatever the content type: `400` when it is not the
+/// expected object, `408 Request Timeout` when the client sent it too slowly
+/// (`--request-body-timeout`; the connection closes after it), axum's answer when it could
+/// not be read otherwise.
+struct JsonBody<T>(T);
 
-/// A body that could not be read: `408 Request Timeout` when the client sent it too slowly
-/// (`--request-body-timeout`; the connection closes after it), axum's answer otherwise.
-fn rejected(e: BytesRejection) -> Response {
-    match grace_http::BodyTimeout::find(&e) {
-        Some(timeout) => error(StatusCode::REQUEST_TIMEOUT, &timeout.to_string()),
-        None => e.into_response(),
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+        let body =
+            Bytes::from_request(req, state).await.map_err(
+                |e| match grace_http::BodyTimeout::find(&e) {
+                    Some(timeout) => error(StatusCode::REQUEST_TIMEOUT, &timeout.to_string()),
+                    None => e.into_response(),
+                },
+            )?;
+        serde_json::from_slice(&body)
+            .map(JsonBody)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("malformed JSON: {e}")))
     }
 }
 
@@ -118,13 +126,8 @@ struct NewTransfer {
 
 async fn create_account(
     State(ledger): State<Arc<Ledger>>,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(req): JsonBody<NewAccount>,
 ) -> Response {
-    let req: NewAccount = match body.map(|b| parse(&b)) {
-        Ok(Ok(req)) => req,
-        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, &e),
-        Err(e) => return rejected(e),
-    };
     match ledger.create_account(req.id, req.balance).await {
         Ok(account) => (StatusCode::CREATED, Json(account)).into_response(),
         Err(e) => e.into_response(),
@@ -140,13 +143,8 @@ async fn get_account(State(ledger): State<Arc<Ledger>>, Path(id): Path<String>) 
 
 async fn create_transfer(
     State(ledger): State<Arc<Ledger>>,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(req): JsonBody<NewTransfer>,
 ) -> Response {
-    let req: NewTransfer = match body.map(|b| parse(&b)) {
-        Ok(Ok(req)) => req,
-        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, &e),
-        Err(e) => return rejected(e),
-    };
     match ledger.transfer(req.from, req.to, req.amount).await {
         Ok(id) => Json(serde_json::json!({ "id": id })).into_response(),
         Err(e) => e.into_response(),
