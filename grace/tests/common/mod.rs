@@ -57,7 +57,19 @@ impl Running {
 }
 
 /// Starts a grace server for `app` with `configure` applied to the builder.
-pub async fn start(app: axum::Router, configure: impl FnOnce(Server) -> Server) -> Running {
+pub async fn start<S, B>(app: S, configure: impl FnOnce(Server) -> Server) -> Running
+where
+    S: tower::Service<http::Request<grace_http::RequestBody>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let server = Server::bind("127.0.0.1:0").await.unwrap();
     let addr = server.local_addrs()[0].as_tcp().unwrap();
     let states = Arc::new(Mutex::new(Vec::new()));
