@@ -6,7 +6,9 @@
 //! the deadline. Each job gets a line in the [`ShutdownReport`](crate::ShutdownReport).
 
 use std::future::Future;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Instant;
 
 use tokio::task::JoinHandle;
@@ -48,13 +50,23 @@ impl JobToken {
     }
 }
 
-type Finished = (Result<(), String>, Instant);
+/// A job's run, as a future that says how it ended.
+type Run = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// A job's run, polled by the job's own task while the server runs; the drain takes it
+/// over when it tells the job to stop (see [`Jobs::stop`]). Empty once the run ended in its
+/// task, or was taken over.
+type Slot = Arc<Mutex<Option<Run>>>;
+
+/// A running job: its name, its run, and its task (which says how a run that ended there
+/// ended).
+type Running = (String, Slot, JoinHandle<Result<(), String>>);
 
 /// The running jobs of one server.
 #[derive(Default)]
 pub(crate) struct Jobs {
     token: CancellationToken,
-    running: Mutex<Vec<(String, JoinHandle<Finished>)>>,
+    running: Mutex<Vec<Running>>,
 }
 
 impl Jobs {
@@ -65,14 +77,35 @@ impl Jobs {
         E: std::fmt::Display,
     {
         let run = job(JobToken(self.token.clone()));
-        let handle = tokio::spawn(async move {
-            let result = run.await.map_err(|e| e.to_string());
-            (result, Instant::now())
-        });
-        crate::lock(&self.running).push((name, handle));
+        let slot: Slot = Arc::new(Mutex::new(Some(Box::pin(async move {
+            run.await.map_err(|e| e.to_string())
+        }))));
+        let polled = Arc::clone(&slot);
+        // The slot's lock is held while the run is polled: the drain takes the run between
+        // two polls, never during one. A run that panics here poisons the lock, and the
+        // drain then reads the panic from this task.
+        let handle = tokio::spawn(std::future::poll_fn(move |cx| {
+            let Ok(mut run) = polled.lock() else {
+                return Poll::Ready(Ok(()));
+            };
+            let Some(future) = run.as_mut() else {
+                // Taken over by the drain, which reports how it ends.
+                return Poll::Ready(Ok(()));
+            };
+            let ended = std::task::ready!(future.as_mut().poll(cx));
+            *run = None;
+            Poll::Ready(ended)
+        }));
+        crate::lock(&self.running).push((name, slot, handle));
     }
 
     /// Tells every job to stop and waits for them, each at most until `deadline` or a force.
+    ///
+    /// A job still running is from then on driven here, by the drain's own task, rather than
+    /// by its task: woken directly, its last pass does not wait in the runtime's queue
+    /// behind the connection tasks the drain has just let go (see
+    /// [`bounded`](crate::resources::bounded)). The jobs are driven together, as they were
+    /// told together; each line records when its own job finished.
     pub(crate) async fn stop(
         &self,
         deadline: Instant,
@@ -81,12 +114,143 @@ impl Jobs {
         self.token.cancel();
         let started = Instant::now();
         let running = std::mem::take(&mut *crate::lock(&self.running));
-        let mut reports = Vec::with_capacity(running.len());
-        // All were told at once, so waiting in turn costs nothing: each line records when
-        // its own job finished.
-        for (name, handle) in running {
-            reports.push(bounded(name, started, deadline, handle, force).await);
-        }
-        reports
+        let mut waits: Vec<Pin<Box<dyn Future<Output = TaskReport> + Send + '_>>> = running
+            .into_iter()
+            .map(|(name, slot, handle)| {
+                // Poisoned: the run panicked in its task, which says so.
+                let taken = slot.lock().ok().and_then(|mut run| run.take());
+                let work: Run = match taken {
+                    Some(run) => run,
+                    None => Box::pin(async move {
+                        match handle.await {
+                            Ok(ended) => ended,
+                            Err(e) => Err(format!("panicked: {e}")),
+                        }
+                    }),
+                };
+                Box::pin(bounded(name, started, deadline, work, force)) as Pin<Box<_>>
+            })
+            .collect();
+        let mut reports: Vec<Option<TaskReport>> = waits.iter().map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            let mut pending = false;
+            for (wait, report) in waits.iter_mut().zip(reports.iter_mut()) {
+                if report.is_none() {
+                    match wait.as_mut().poll(cx) {
+                        Poll::Ready(done) => *report = Some(done),
+                        Poll::Pending => pending = true,
+                    }
+                }
+            }
+            if pending {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        reports.into_iter().flatten().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::shutdown::report::Outcome;
+
+    fn one_worker() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// The runtime's only worker is busy (as when thousands of connection tasks were woken at
+    /// once): a job's last pass still runs, driven by the drain's own task, which is not
+    /// queued behind it. Without the takeover the stop waits for the worker, and the busy
+    /// task sees its wait run out.
+    #[test]
+    fn a_jobs_last_pass_runs_while_the_workers_are_busy() {
+        let rt = one_worker();
+        let jobs = Jobs::default();
+        rt.block_on(async {
+            jobs.spawn("last-pass".into(), |token| async move {
+                token.stopping().await;
+                tokio::task::yield_now().await;
+                Ok::<_, std::io::Error>(())
+            })
+        });
+        let (busy_tx, busy) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let waited_out = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&waited_out);
+        rt.spawn(async move {
+            busy_tx.send(()).unwrap();
+            // Blocks the worker until released.
+            if released.recv_timeout(Duration::from_secs(10)).is_err() {
+                flag.store(true, Ordering::SeqCst);
+            }
+        });
+        busy.recv().unwrap();
+        let force = Latch::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let reports = rt.block_on(jobs.stop(deadline, &force));
+        let _ = release.send(());
+        assert!(
+            !waited_out.load(Ordering::SeqCst),
+            "the stop waited for the busy worker"
+        );
+        assert_eq!(reports.len(), 1);
+        assert_eq!(reports[0].outcome, Outcome::Closed, "{reports:?}");
+    }
+
+    /// A job that panics in its last pass is reported failed with its message; one that
+    /// panicked earlier, in its own task, too; a job beside them still finishes.
+    #[test]
+    fn panicking_jobs_are_reported_and_the_others_finish() {
+        let rt = one_worker();
+        let jobs = Jobs::default();
+        let reports = rt.block_on(async {
+            jobs.spawn("late".into(), |token| async move {
+                token.stopping().await;
+                panic!("in the last pass");
+                #[allow(unreachable_code)]
+                Ok::<_, std::io::Error>(())
+            });
+            jobs.spawn("early".into(), |_| async move {
+                panic!("at once");
+                #[allow(unreachable_code)]
+                Ok::<_, std::io::Error>(())
+            });
+            jobs.spawn("fine".into(), |token| async move {
+                token.stopping().await;
+                Ok::<_, std::io::Error>(())
+            });
+            // The early one panics in its task.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            jobs.stop(Instant::now() + Duration::from_secs(60), &Latch::new())
+                .await
+        });
+        let got: Vec<_> = reports
+            .iter()
+            .map(|r| {
+                (
+                    r.name.as_str(),
+                    r.outcome,
+                    r.error.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(got[0].0, "late");
+        assert_eq!(got[0].1, Outcome::Failed);
+        assert!(got[0].2.contains("in the last pass"), "{got:?}");
+        assert_eq!(got[1].0, "early");
+        assert_eq!(got[1].1, Outcome::Failed);
+        assert!(got[1].2.contains("panicked"), "{got:?}");
+        assert_eq!((got[2].0, got[2].1), ("fine", Outcome::Closed));
     }
 }
