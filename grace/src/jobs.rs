@@ -155,28 +155,19 @@ impl Jobs {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
     use super::*;
     use crate::shutdown::report::Outcome;
-
-    fn one_worker() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap()
-    }
+    use crate::testing::one_busy_worker;
 
     /// The runtime's only worker is busy (as when thousands of connection tasks were woken at
     /// once): a job's last pass still runs, driven by the drain's own task, which is not
-    /// queued behind it. Without the takeover the stop waits for the worker, and the busy
-    /// task sees its wait run out.
+    /// queued behind it. Without the takeover the stop waits for the worker.
     #[test]
     fn a_jobs_last_pass_runs_while_the_workers_are_busy() {
-        let rt = one_worker();
         let jobs = Jobs::default();
+        let (rt, busy) = one_busy_worker();
         rt.block_on(async {
             jobs.spawn("last-pass".into(), |token| async move {
                 token.stopping().await;
@@ -184,26 +175,9 @@ mod tests {
                 Ok::<_, std::io::Error>(())
             })
         });
-        let (busy_tx, busy) = std::sync::mpsc::channel();
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let waited_out = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&waited_out);
-        rt.spawn(async move {
-            busy_tx.send(()).unwrap();
-            // Blocks the worker until released.
-            if released.recv_timeout(Duration::from_secs(10)).is_err() {
-                flag.store(true, Ordering::SeqCst);
-            }
-        });
-        busy.recv().unwrap();
-        let force = Latch::new();
         let deadline = Instant::now() + Duration::from_secs(60);
-        let reports = rt.block_on(jobs.stop(deadline, &force));
-        let _ = release.send(());
-        assert!(
-            !waited_out.load(Ordering::SeqCst),
-            "the stop waited for the busy worker"
-        );
+        let reports = rt.block_on(jobs.stop(deadline, &Latch::new()));
+        assert!(!busy.release(), "the stop waited for the busy worker");
         assert_eq!(reports.len(), 1);
         assert_eq!(reports[0].outcome, Outcome::Closed, "{reports:?}");
     }
@@ -212,7 +186,11 @@ mod tests {
     /// panicked earlier, in its own task, too; a job beside them still finishes.
     #[test]
     fn panicking_jobs_are_reported_and_the_others_finish() {
-        let rt = one_worker();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
         let jobs = Jobs::default();
         let reports = rt.block_on(async {
             jobs.spawn("late".into(), |token| async move {

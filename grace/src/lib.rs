@@ -82,6 +82,8 @@ mod shutdown;
 mod signal;
 mod sys;
 pub mod systemd;
+#[cfg(test)]
+mod testing;
 #[cfg(feature = "tls")]
 pub mod tls;
 

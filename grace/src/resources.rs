@@ -250,11 +250,6 @@ mod tests {
     /// at scale), by the drain's own task.
     #[test]
     fn a_panicking_close_is_reported_and_the_next_still_closes_while_workers_are_busy() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
         let resources = Resources::default();
         let closed = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&closed);
@@ -271,23 +266,9 @@ mod tests {
             })
             .depends_on(["db"]),
         );
-        let (busy_tx, busy) = std::sync::mpsc::channel();
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let waited_out = Arc::new(AtomicBool::new(false));
-        let out = Arc::clone(&waited_out);
-        rt.spawn(async move {
-            busy_tx.send(()).unwrap();
-            if released.recv_timeout(Duration::from_secs(10)).is_err() {
-                out.store(true, Ordering::SeqCst);
-            }
-        });
-        busy.recv().unwrap();
+        let (rt, busy) = crate::testing::one_busy_worker();
         let reports = rt.block_on(resources.close_all(None, &Latch::new()));
-        let _ = release.send(());
-        assert!(
-            !waited_out.load(Ordering::SeqCst),
-            "the closes waited for the busy worker"
-        );
+        assert!(!busy.release(), "the closes waited for the busy worker");
         assert_eq!(reports[0].name, "cache");
         assert_eq!(reports[0].outcome, Outcome::Failed);
         let error = reports[0].error.clone().unwrap_or_default();
