@@ -114,42 +114,21 @@ impl Jobs {
         self.token.cancel();
         let started = Instant::now();
         let running = std::mem::take(&mut *crate::lock(&self.running));
-        let mut waits: Vec<Pin<Box<dyn Future<Output = TaskReport> + Send + '_>>> = running
-            .into_iter()
-            .map(|(name, slot, handle)| {
-                // Poisoned: the run panicked in its task, which says so.
-                let taken = slot.lock().ok().and_then(|mut run| run.take());
-                let work: Run = match taken {
-                    Some(run) => run,
-                    None => Box::pin(async move {
-                        match handle.await {
-                            Ok(ended) => ended,
-                            Err(e) => Err(format!("panicked: {e}")),
-                        }
-                    }),
-                };
-                Box::pin(bounded(name, started, deadline, work, force)) as Pin<Box<_>>
-            })
-            .collect();
-        let mut reports: Vec<Option<TaskReport>> = waits.iter().map(|_| None).collect();
-        std::future::poll_fn(|cx| {
-            let mut pending = false;
-            for (wait, report) in waits.iter_mut().zip(reports.iter_mut()) {
-                if report.is_none() {
-                    match wait.as_mut().poll(cx) {
-                        Poll::Ready(done) => *report = Some(done),
-                        Poll::Pending => pending = true,
+        let waits = running.into_iter().map(|(name, slot, handle)| {
+            // Poisoned: the run panicked in its task, which says so.
+            let taken = slot.lock().ok().and_then(|mut run| run.take());
+            let work: Run = match taken {
+                Some(run) => run,
+                None => Box::pin(async move {
+                    match handle.await {
+                        Ok(ended) => ended,
+                        Err(e) => Err(format!("panicked: {e}")),
                     }
-                }
-            }
-            if pending {
-                Poll::Pending
-            } else {
-                Poll::Ready(())
-            }
-        })
-        .await;
-        reports.into_iter().flatten().collect()
+                }),
+            };
+            bounded(name, started, deadline, work, force)
+        });
+        futures_util::future::join_all(waits).await
     }
 }
 
@@ -208,8 +187,10 @@ mod tests {
                 token.stopping().await;
                 Ok::<_, std::io::Error>(())
             });
-            // The early one panics in its task.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // The early one panics in its own task, before the stop.
+            while !crate::lock(&jobs.running)[1].2.is_finished() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             jobs.stop(Instant::now() + Duration::from_secs(60), &Latch::new())
                 .await
         });

@@ -10,11 +10,12 @@
 //! after it and the deadline still holds.
 
 use std::future::Future;
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Mutex;
-use std::task::Poll;
 use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
 
 use crate::latch::Latch;
 use crate::shutdown::ForceReason;
@@ -194,17 +195,12 @@ pub(crate) async fn bounded<F>(
 where
     F: Future<Output = Result<(), String>>,
 {
-    let mut work = std::pin::pin!(work);
-    let caught = std::future::poll_fn(|cx| {
-        match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(result)) => Poll::Ready(result),
-            Err(panic) => Poll::Ready(Err(format!("panicked: {}", panic_message(&*panic)))),
-        }
-    });
+    let caught = AssertUnwindSafe(work).catch_unwind();
     let ended = tokio::select! {
         biased;
-        ended = caught => Some(ended),
+        ended = caught => Some(ended.unwrap_or_else(|panic| {
+            Err(format!("panicked: {}", panic_message(&*panic)))
+        })),
         _ = tokio::time::sleep_until(limit.into()) => None,
         _ = force.wait() => None,
     };
@@ -226,7 +222,7 @@ where
 }
 
 /// What a panic said, when it said it with a string.
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
     panic
         .downcast_ref::<&str>()
         .copied()
