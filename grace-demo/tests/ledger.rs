@@ -429,6 +429,15 @@ async fn postgres_sees_only_clean_disconnects() {
     let prefix = unique_prefix();
     const ABANDONED: &str = "SELECT CAST(sessions_abandoned AS BIGINT) FROM pg_stat_database \
                              WHERE datname = current_database()";
+    // An earlier test's demo may still have backends going away, some abandoned on
+    // purpose (the outage test cuts its connections): let them finish counting first.
+    let earlier =
+        "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name LIKE 'grace-demo-%'";
+    let t = Instant::now();
+    while pg_scalar(&db, earlier).await > 0 && t.elapsed() < SOON {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let abandoned_before = pg_scalar(&db, ABANDONED).await;
     let name = Arc::new(Mutex::new(String::new()));
     let seen = Arc::new(AtomicU64::new(0));
