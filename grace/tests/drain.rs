@@ -283,3 +283,59 @@ async fn the_report_counts_the_connections_it_closed() {
         assert!(c.closed().await, "an idle connection was left open");
     }
 }
+
+/// With thousands of connections the drain shuts idle sockets, and the deadline forces
+/// busy ones, from several threads at once (`conn/fanout.rs`): every one of them is still
+/// closed, counted once and, when forced, reported once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_connections_are_all_closed_or_forced_and_reported_once() {
+    const EACH: usize = 2_100; // idle and busy: 4,200 in all, above the threaded size
+    let needed = 4 * EACH as u64 + 256; // both ends of each connection, and some room
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.maximum.is_some_and(|max| max < needed) {
+        eprintln!("SKIPPED: RLIMIT_NOFILE's hard limit {limit:?} is below {needed}");
+        return;
+    }
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        },
+    )
+    .expect("raising RLIMIT_NOFILE to its hard limit");
+
+    let deadline = Duration::from_secs(2);
+    let mut srv = start(app(), |s| s.shutdown_timeout(deadline)).await;
+    let mut idle = Vec::with_capacity(EACH);
+    let mut busy = Vec::with_capacity(EACH);
+    for _ in 0..EACH {
+        let mut c = Client::connect(srv.addr).await;
+        assert_eq!(c.get("/").await.unwrap().status, 200);
+        idle.push(c);
+        let mut c = Client::connect(srv.addr).await;
+        c.send("/sleep/60000").await;
+        busy.push(c);
+    }
+    srv.wait_counts(|c| c.idle == EACH && c.active == EACH)
+        .await;
+    srv.handle.shutdown();
+    for c in &mut idle {
+        assert!(c.closed().await, "an idle connection was left open");
+    }
+    let report = srv.report(deadline).await;
+    for c in &mut busy {
+        assert!(c.closed().await, "a busy connection was left open");
+    }
+    assert_eq!(report.forced_by, Some(ForceReason::Deadline));
+    assert_eq!(report.forced.len(), EACH, "{:?}", report.at_start);
+    assert!(report.forced.iter().all(|f| f.state == ConnState::Active));
+    let mut ids: Vec<u64> = report.forced.iter().map(|f| f.id).collect();
+    assert!(ids.is_sorted(), "forced connections not in id order");
+    ids.dedup();
+    assert_eq!(ids.len(), EACH, "a forced connection reported twice");
+    // `closed` counts those the drain closed; the forced are in `forced`.
+    assert_eq!(report.closed, EACH as u64);
+    assert_eq!((report.at_start.idle, report.at_start.active), (EACH, EACH));
+}

@@ -10,6 +10,7 @@
 //! - `body`: the request body, with its timeout against dribbling clients.
 //! - `task`: the task of one connection, and how it closes at a drain.
 //! - `clock`: the coarse clock behind the header-read and idle timeouts.
+//! - `fanout`: shutting many sockets at once, split across cores (the drain and the force).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ use std::time::Instant;
 
 pub(crate) mod body;
 pub(crate) mod clock;
+mod fanout;
 pub(crate) mod http;
 pub(crate) mod io;
 pub(crate) mod request;

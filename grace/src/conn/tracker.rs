@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use super::fanout::across_threads;
 use super::state::{Event, transition};
 use super::{Addr, ConnInfo, ConnState, StateCounts};
 use crate::count::Count;
@@ -541,20 +542,24 @@ impl Tracker {
     /// Closes every idle HTTP/1 connection now, from here: its last response is fully
     /// written (see `Conn::on_flush`), so shutting its socket down is exactly what its own
     /// task would do, and the drain need not wait for that task to unwind. The peer sees
-    /// FIN at once, for 10,000 connections in one tight loop.
+    /// FIN at once, for 10,000 connections in a tight loop (split across cores, see
+    /// `fanout`).
     pub(crate) fn close_idle(&self) -> usize {
-        let mut closed = 0;
-        for conn in self.all() {
-            if conn.state() == ConnState::Idle
-                && !conn.http2.load(Ordering::Relaxed)
-                && !conn.closes_itself.load(Ordering::Relaxed)
-                && conn.close_if_idle()
-            {
-                conn.release();
-                closed += 1;
+        let close = |conns: &[Arc<Conn>]| {
+            let mut closed = 0;
+            for conn in conns {
+                if conn.state() == ConnState::Idle
+                    && !conn.http2.load(Ordering::Relaxed)
+                    && !conn.closes_itself.load(Ordering::Relaxed)
+                    && conn.close_if_idle()
+                {
+                    conn.release();
+                    closed += 1;
+                }
             }
-        }
-        closed
+            closed
+        };
+        across_threads(&self.all(), close).into_iter().sum()
     }
 
     fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Arc<Conn>>> {
@@ -742,18 +747,20 @@ impl Tracker {
     /// Shuts down the socket of every live connection, whatever its state, and says which.
     pub(crate) fn force_all(&self) -> Vec<ConnSnapshot> {
         let now = Instant::now();
-        let mut forced: Vec<ConnSnapshot> = self
-            .all()
-            .iter()
-            .filter(|c| !c.released.load(Ordering::Acquire))
-            .filter_map(|c| {
-                // Read what it was doing first: once shut down, it unwinds at once.
-                let forced = c.snapshot(now);
-                let shut = c.socket.shutdown();
-                c.release();
-                shut.then_some(forced)
-            })
-            .collect();
+        let force = |conns: &[Arc<Conn>]| -> Vec<ConnSnapshot> {
+            conns
+                .iter()
+                .filter(|c| !c.released.load(Ordering::Acquire))
+                .filter_map(|c| {
+                    // Read what it was doing first: once shut down, it unwinds at once.
+                    let forced = c.snapshot(now);
+                    let shut = c.socket.shutdown();
+                    c.release();
+                    shut.then_some(forced)
+                })
+                .collect()
+        };
+        let mut forced = across_threads(&self.all(), force).concat();
         forced.sort_by_key(|f| f.id);
         forced
     }
