@@ -279,6 +279,18 @@ async fn the_report_counts_the_connections_it_closed() {
     assert!(report.is_clean(), "{}", report.to_json());
     assert_eq!(report.closed, 300, "{}", report.to_json());
     assert_eq!(report.handed_over, 0);
+    // The phases tile the stop: closing the idle connections is in the drain phase, not
+    // between phases, and nothing goes unaccounted.
+    let phases: Duration = report.phases.iter().map(|p| p.took).sum();
+    assert_eq!(phases, report.total, "{}", report.to_json());
+    assert!(
+        report
+            .phases
+            .iter()
+            .any(|p| p.phase == grace_http::Phase::Drain),
+        "{}",
+        report.to_json()
+    );
     for c in &mut idle {
         assert!(c.closed().await, "an idle connection was left open");
     }

@@ -41,11 +41,16 @@ pub(crate) async fn run(
     crate::systemd::drain_started(&trigger);
     let mut forced_by: Option<ForceReason> = None;
     let mut phases = Vec::new();
-    let mut timed = |phase, since: Instant| {
+    // Each phase runs from the end of the one before it (the first from the request): the
+    // phases tile the stop, and the report's total is their sum, nothing unaccounted.
+    let mut mark = asked;
+    let mut timed = |phase| {
+        let now = Instant::now();
         phases.push(PhaseTiming {
             phase,
-            took: since.elapsed(),
-        })
+            took: now.saturating_duration_since(mark),
+        });
+        mark = now;
     };
     // What the resources declared: held back from the work only under a stop deadline.
     let reserve = shared.resources.budget();
@@ -56,19 +61,18 @@ pub(crate) async fn run(
     // readiness answers there), so there is nothing to move away from, and a drain that
     // waited would keep answering 503 to health checks on the shared address meanwhile.
     if !budget.pre_stop_delay.is_zero() && trigger != Trigger::Restart {
-        let t = Instant::now();
         tokio::select! {
             _ = tokio::time::sleep_until(budget.pre_stop_end(asked, reserve).into()) => {}
             reason = shared.force.wait() => forced_by = Some(reason.clone()),
         }
-        timed(Phase::PreStop, t);
+        timed(Phase::PreStop);
     }
 
     // Close the listeners first (new connections are refused), then tell every connection.
     let closed = Instant::now();
     shared.close_listeners();
     while accepting.join_next().await.is_some() {}
-    timed(Phase::CloseListeners, closed);
+    timed(Phase::CloseListeners);
     let (work_deadline, cut_by) = budget.work_deadline(asked, closed, reserve);
     // An upgrade to a generation that takes connections: hand them over rather than close.
     let outbox = tracker.handing_over();
@@ -103,7 +107,7 @@ pub(crate) async fn run(
             idle,
             "hand-over ended; idle connections left closed"
         );
-        timed(Phase::HandOver, t);
+        timed(Phase::HandOver);
     }
     // systemd: the stop takes up to the work's deadline plus the resources' time (not said
     // by an old generation that handed over: it is no longer the service's main process).
@@ -113,21 +117,19 @@ pub(crate) async fn run(
     }
 
     if forced_by.is_none() {
-        let t = Instant::now();
         tokio::select! {
             _ = tracker.wait_empty() => {}
             _ = tokio::time::sleep_until(work_deadline.into()) => forced_by = Some(cut_by.clone()),
             reason = shared.force.wait() => forced_by = Some(reason.clone()),
         }
-        timed(Phase::Drain, t);
+        timed(Phase::Drain);
     }
 
     let mut forced = Vec::new();
     if let Some(reason) = &forced_by {
-        let t = Instant::now();
         forced = tracker.force_all();
         tracing::warn!(%reason, count = forced.len(), "forcing connections closed");
-        timed(Phase::Force, t);
+        timed(Phase::Force);
     }
     // Every connection has ended by now, as far as the drain goes: handed over, forced, or
     // closed (one caught mid-hand-over by a force is closed).
@@ -138,24 +140,22 @@ pub(crate) async fn run(
         .saturating_sub(forced.len() as u64);
 
     // Jobs next: handlers may have handed them work. A force cuts them at once.
-    let t = Instant::now();
     let jobs_deadline = match forced_by {
         Some(_) => Instant::now(),
         None => work_deadline,
     };
     let jobs = shared.jobs.stop(jobs_deadline, &shared.force).await;
-    timed(Phase::Jobs, t);
+    timed(Phase::Jobs);
     if forced_by.is_none() && jobs.iter().any(|j| j.outcome == Outcome::TimedOut) {
         forced_by = Some(cut_by);
     }
 
-    let t = Instant::now();
     let resources_deadline = budget.resources_deadline(asked);
     let resources = shared
         .resources
         .close_all(resources_deadline, &shared.force)
         .await;
-    timed(Phase::Resources, t);
+    timed(Phase::Resources);
     // A force that came while jobs or resources were closing cut them: say so.
     if forced_by.is_none() {
         forced_by = shared.force.get().cloned();
@@ -171,8 +171,8 @@ pub(crate) async fn run(
         forced,
         jobs,
         resources,
+        total: phases.iter().map(|p| p.took).sum(),
         phases,
-        total: asked.elapsed(),
     };
     report.log();
     crate::metrics::drain_finished(&report);

@@ -115,7 +115,7 @@ pub enum Phase {
     CloseListeners,
     /// An upgrade: idle HTTP/1 connections passed to the new generation.
     HandOver,
-    /// Waiting for in-flight work on connections.
+    /// Idle connections closed, then waiting for in-flight work on the others.
     Drain,
     /// Cutting what was left.
     Force,
@@ -132,7 +132,8 @@ pub struct PhaseTiming {
     /// Which step.
     #[serde(rename = "name")]
     pub phase: Phase,
-    /// How long it took.
+    /// How long it took: from the end of the phase before it (the first phase from the
+    /// request), so that the phases add up to the report's `total`.
     #[serde(rename = "ms", serialize_with = "ms")]
     pub took: Duration,
 }
@@ -192,9 +193,9 @@ pub struct ShutdownReport {
     pub jobs: Vec<TaskReport>,
     /// Resources, in the order they were closed.
     pub resources: Vec<TaskReport>,
-    /// Each phase with its duration.
+    /// Each phase with its duration; they tile the stop, one after the other.
     pub phases: Vec<PhaseTiming>,
-    /// From the trigger to the end.
+    /// From the trigger to the end: the sum of the phases.
     #[serde(rename = "total_ms", serialize_with = "ms")]
     pub total: Duration,
 }
