@@ -351,3 +351,81 @@ async fn thousands_of_connections_are_all_closed_or_forced_and_reported_once() {
     assert_eq!(report.closed, EACH as u64);
     assert_eq!((report.at_start.idle, report.at_start.active), (EACH, EACH));
 }
+
+/// The tasks of the connections the drain shut wait for the stop to be over before they
+/// unwind, so that they do not compete with the jobs and resources for the CPU (and a
+/// process that exits after the report never runs them); then they end. Their sockets are
+/// shut at once (the clients see the end) and they are `Closed` for the counts and the
+/// hook at once; only their descriptors stay open until the stop is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_drain_shut_unwind_once_the_stop_is_over() {
+    const N: usize = 50;
+    let mut srv = start(app(), |s| s).await;
+    // The server's sockets still held by a descriptor: on its port, with an inode (a
+    // closed socket lingering in FIN_WAIT or TIME_WAIT has none). Other tests' sockets,
+    // in this process too, are not counted.
+    let port = format!(":{:04X} ", srv.addr.port());
+    let open_fds = move || {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        table
+            .lines()
+            .skip(1)
+            .filter(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.len() > 9 && format!("{} ", fields[1]).ends_with(&port) && fields[9] != "0"
+            })
+            .count()
+    };
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen2 = std::sync::Arc::clone(&seen);
+    let states = std::sync::Arc::clone(&srv.states);
+    let open_fds2 = open_fds.clone();
+    srv.handle
+        .add_resource(grace_http::Resource::new("probe", move || async move {
+            // Time enough for tasks that were not waiting to unwind and close their sockets.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let closed = states
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, s)| *s == ConnState::Closed)
+                .count();
+            *seen2.lock().unwrap() = Some((open_fds2(), closed));
+            Ok::<_, std::io::Error>(())
+        }));
+    let mut idle = Vec::new();
+    for _ in 0..N {
+        let mut c = Client::connect(srv.addr).await;
+        assert_eq!(c.get("/").await.unwrap().status, 200);
+        idle.push(c);
+    }
+    srv.wait_counts(|c| c.idle == N).await;
+    srv.handle.shutdown();
+    for c in &mut idle {
+        assert!(c.closed().await, "an idle connection was left open");
+    }
+    let report = srv.report(Duration::ZERO).await;
+    assert_eq!(report.closed, N as u64);
+    let (fds_then, closed_then) = seen.lock().unwrap().expect("the probe ran");
+    assert_eq!(
+        closed_then, N,
+        "the hook saw them Closed when the drain shut them"
+    );
+    // Once the stop is over, every task unwinds and closes its descriptor.
+    let t = Instant::now();
+    assert!(
+        fds_then >= N,
+        "{fds_then} of the server's sockets open during the close"
+    );
+    while open_fds() > fds_then - N {
+        assert!(
+            t.elapsed() < SOON,
+            "{} descriptors open during the resources' close, {} now: the tasks had unwound \
+             already, or never did",
+            fds_then,
+            open_fds()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(srv.handle.counts().total(), 0);
+}

@@ -36,12 +36,19 @@ pub(crate) fn across_threads<T: Sync, R: Send>(
     let mut chunks = items.chunks(items.len().div_ceil(threads));
     let first = chunks.next().unwrap_or_default();
     let f = &f;
+    // The helpers run in the caller's runtime context, if any: `f` may call the user's
+    // connection-state hook, which may use tokio.
+    let runtime = tokio::runtime::Handle::try_current().ok();
+    let runtime = &runtime;
     std::thread::scope(|scope| {
         let others: Vec<_> = chunks
             .map(|chunk| {
                 let started = std::thread::Builder::new()
                     .name("grace-shutdown".into())
-                    .spawn_scoped(scope, move || f(chunk));
+                    .spawn_scoped(scope, move || {
+                        let _entered = runtime.as_ref().map(|r| r.enter());
+                        f(chunk)
+                    });
                 (chunk, started)
             })
             .collect();
@@ -109,6 +116,17 @@ mod tests {
             cores.clamp(1, MAX_THREADS).min(10_000 / PER_THREAD)
         );
         assert_eq!(threads.lock().unwrap().len(), parts.len());
+    }
+
+    #[test]
+    fn the_helpers_run_in_the_callers_runtime() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let items = vec![0u8; 4 * PER_THREAD];
+        let in_runtime = across_threads(&items, |_| tokio::runtime::Handle::try_current().is_ok());
+        assert!(in_runtime.iter().all(|&r| r), "{in_runtime:?}");
     }
 
     #[test]

@@ -57,8 +57,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = res {
-            let read = &buf.filled()[before..];
-            if !read.is_empty() && !self.conn.on_read(read) {
+            if buf.filled().len() == before {
+                // The end of the stream. On a socket the drain shut, the task waits for the
+                // stop to be over before it unwinds (see `Tracker::park`).
+                if buf.remaining() > 0
+                    && self.conn.shut_by_drain()
+                    && self.conn.tracker().park(cx.waker())
+                {
+                    return Poll::Pending;
+                }
+            } else if !self.conn.on_read(&buf.filled()[before..]) {
                 // A request began as the connection was closed while idle: it is not read,
                 // and hyper sees the end of the connection instead (see `Conn::on_read`).
                 buf.set_filled(before);

@@ -316,6 +316,11 @@ async fn serve_io<I, S, B>(
             _ = conn.left_new() => {}
         }
     }
+    // The drain shut this one's socket itself (idle): nothing is left to do but unwind,
+    // which waits until the stop is over (see `Tracker::park`).
+    if conn.shut_by_drain() {
+        ctx.tracker.stop_over().await;
+    }
     // Idle (and still silent New) connections close now; HTTP/1 requests in flight finish
     // with `Connection: close`; HTTP/2 sends GOAWAY and lets open streams finish.
     connection.graceful_shutdown();

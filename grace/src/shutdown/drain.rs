@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 use super::budget::Budget;
 use super::report::{ForceReason, Outcome, Phase, PhaseTiming, ShutdownReport};
 use super::{Shared, Trigger};
+use crate::conn::tracker::Tracker;
 
 /// Runs the phases of a shutdown, in order, and says what happened.
 pub(crate) async fn run(
@@ -33,6 +34,7 @@ pub(crate) async fn run(
 ) -> ShutdownReport {
     let asked = Instant::now();
     let tracker = &shared.tracker;
+    let _unpark = Unpark(Arc::clone(tracker));
     let at_start = tracker.counts();
     let completed_before = tracker.completed();
     let (handed_before, _) = tracker.handed_over_received();
@@ -177,4 +179,20 @@ pub(crate) async fn run(
     report.log();
     crate::metrics::drain_finished(&report);
     report
+}
+
+/// When the stop is over (or abandoned), lets the tasks of the connections the drain shut
+/// unwind (see `Tracker::park`).
+struct Unpark(Arc<Tracker>);
+
+impl Drop for Unpark {
+    fn drop(&mut self) {
+        // From a task of its own: waking thousands of tasks takes milliseconds that the
+        // report's caller (often about to exit) need not wait for.
+        let tracker = Arc::clone(&self.0);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(async move { tracker.unpark_all() })),
+            Err(_) => tracker.unpark_all(),
+        }
+    }
 }
