@@ -54,7 +54,8 @@ pub enum ConnState {
     Idle,
     /// Upgraded (WebSocket, `CONNECT`…): the handler owns the byte stream.
     Hijacked,
-    /// Closed. Reported once, as the last state.
+    /// Closed: its socket closed, or shut by the drain or a force (its task may release
+    /// the descriptor later, once the stop is over). Reported once, as the last state.
     Closed,
 }
 
