@@ -344,7 +344,7 @@ impl Ledger {
                         _ = token.stopping() => break,
                     }
                     // A unit of work is never cut half-way by the token: it is one transaction.
-                    match ledger.settle(false).await {
+                    match ledger.settle().await {
                         Ok(n) if n > 0 => tracing::debug!(transfers = n, "settled"),
                         Ok(_) => {}
                         Err(e) => tracing::warn!(error = %e, "settlement failed; will retry"),
@@ -354,7 +354,7 @@ impl Ledger {
                 // let them finish, then settle what the last requests recorded.
                 ledger.in_flight.close();
                 ledger.in_flight.wait().await;
-                let n = ledger.settle(true).await?;
+                let n = ledger.settle().await?;
                 tracing::info!(transfers = n, "final settlement");
                 Ok::<_, LedgerError>(())
             },
@@ -573,25 +573,10 @@ impl Ledger {
     ///
     /// A batch's total must fit in a BIGINT: when the transfers' sum does not, they are
     /// split (in id order) into as many batches as needed, each with its own row.
-    ///
-    /// The `last` pass (at the stop) closes its connection itself instead of giving it
-    /// back: sqlx gives a connection back from a task it spawns, and after a drain at scale
-    /// that task waits in the runtime's queue behind thousands of connection tasks, with
-    /// the pool's close waiting for it (50-85 ms with 10,000 idle connections).
-    pub async fn settle(&self, last: bool) -> Result<u64, LedgerError> {
-        let mut conn = self.pool.acquire().await.map_err(|e| self.classify(e))?;
-        let settled = self.settle_on(&mut conn).await;
-        if last {
-            // Terminate / COM_QUIT now; the pool opens another if one is needed.
-            let _ = conn.close().await;
-        }
-        settled
-    }
-
-    async fn settle_on(&self, conn: &mut sqlx::AnyConnection) -> Result<u64, LedgerError> {
+    pub async fn settle(&self) -> Result<u64, LedgerError> {
         let first = self.ids.next('s');
         let run = async {
-            let mut tx = sqlx::Connection::begin(conn).await?;
+            let mut tx = self.pool.begin().await?;
             let marked = sqlx::query(&self.sql.settle_mark)
                 .bind(first.clone())
                 .execute(&mut *tx)
@@ -1089,35 +1074,5 @@ mod tests {
             }
             assert_eq!(left_open, 0, "{url}: connections left open after the close");
         }
-    }
-
-    /// The stop's last settlement closes its connection itself (see `Ledger::settle`),
-    /// while a routine pass gives it back to the pool.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_last_settlement_closes_its_connection_itself() {
-        let dir = std::env::temp_dir().join(format!("grace-demo-settle-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ledger = Ledger::open(&Config {
-            db_url: format!("sqlite://{}", dir.join("l.db").display()),
-            redis_url: None,
-            audit_file: dir.join("audit.log"),
-            table_prefix: "t_".into(),
-            max_connections: 4,
-            client_name: "test".into(),
-        })
-        .await
-        .unwrap();
-        ledger.settle(false).await.unwrap();
-        let t = std::time::Instant::now();
-        while ledger.pool.num_idle() == 0 && t.elapsed() < Duration::from_secs(5) {
-            tokio::time::sleep(Duration::from_millis(5)).await; // given back by a task
-        }
-        let open = ledger.pool.size();
-        assert!(open >= 1, "no connection after a routine settlement");
-        ledger.settle(true).await.unwrap();
-        // Closed inline: the pool is one connection smaller as soon as the call returns.
-        assert_eq!(ledger.pool.size(), open - 1);
-        close_pool(&ledger.pool).await;
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

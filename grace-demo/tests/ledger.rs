@@ -416,6 +416,17 @@ async fn pg_scalar(url: &str, sql: &str) -> i64 {
     value
 }
 
+/// Polls the count `sql` until it is 0 or `SOON` has passed; returns the last count.
+async fn pg_wait_zero(url: &str, sql: &str) -> i64 {
+    let t = Instant::now();
+    let mut left = pg_scalar(url, sql).await;
+    while left > 0 && t.elapsed() < SOON {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = pg_scalar(url, sql).await;
+    }
+    left
+}
+
 /// Proof 2, PostgreSQL: while serving, the demo's connections show in `pg_stat_activity`
 /// (by `application_name`); afterwards none do, and `sessions_abandoned` (sessions that
 /// ended without the client's Terminate message) did not grow.
@@ -433,10 +444,7 @@ async fn postgres_sees_only_clean_disconnects() {
     // purpose (the outage test cuts its connections): let them finish counting first.
     let earlier =
         "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name LIKE 'grace-demo-%'";
-    let t = Instant::now();
-    while pg_scalar(&db, earlier).await > 0 && t.elapsed() < SOON {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    pg_wait_zero(&db, earlier).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let abandoned_before = pg_scalar(&db, ABANDONED).await;
     let name = Arc::new(Mutex::new(String::new()));
@@ -459,13 +467,11 @@ async fn postgres_sees_only_clean_disconnects() {
         "no connection named {app} while serving"
     );
     let live = format!("SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = '{app}'");
-    let t = Instant::now();
-    let mut left = pg_scalar(&db, &live).await;
-    while left > 0 && t.elapsed() < SOON {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        left = pg_scalar(&db, &live).await;
-    }
-    assert_eq!(left, 0, "the demo's connections outlived it");
+    assert_eq!(
+        pg_wait_zero(&db, &live).await,
+        0,
+        "the demo's connections outlived it"
+    );
     // Session statistics are written as each backend exits; allow for a slow machine.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let abandoned_after = pg_scalar(&db, ABANDONED).await;

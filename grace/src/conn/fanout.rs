@@ -16,6 +16,11 @@ const PER_THREAD: usize = 2048;
 /// At most this many threads work at once (the caller's included).
 const MAX_THREADS: usize = 4;
 
+/// How many threads can run at once here.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
+}
+
 /// Runs `f` over `items` split in contiguous chunks, one per thread, the calling thread
 /// taking the first, and returns what each chunk gave, in order. Blocks until every chunk
 /// is done. A chunk whose thread cannot be started runs on the calling thread; a panic in
@@ -27,8 +32,7 @@ pub(crate) fn across_threads<T: Sync, R: Send>(
     let threads = if items.len() < 2 * PER_THREAD {
         1
     } else {
-        let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
-        cores.min(MAX_THREADS).min(items.len() / PER_THREAD)
+        cores().min(MAX_THREADS).min(items.len() / PER_THREAD)
     };
     if threads <= 1 {
         return vec![f(items)];
@@ -103,7 +107,6 @@ mod tests {
 
     #[test]
     fn a_large_set_is_split_when_there_are_cores() {
-        let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
         let items = vec![0u8; 10_000];
         let threads = Mutex::new(HashSet::new());
         let parts = across_threads(&items, |chunk| {
@@ -113,7 +116,7 @@ mod tests {
         assert_eq!(parts.iter().sum::<usize>(), 10_000);
         assert_eq!(
             parts.len(),
-            cores.clamp(1, MAX_THREADS).min(10_000 / PER_THREAD)
+            cores().clamp(1, MAX_THREADS).min(10_000 / PER_THREAD)
         );
         assert_eq!(threads.lock().unwrap().len(), parts.len());
     }
@@ -140,8 +143,7 @@ mod tests {
                 panic!("in a helper thread");
             })
         });
-        let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
         // With one core nothing runs on another thread, and the first chunk does not panic.
-        assert_eq!(caught.is_err(), cores > 1);
+        assert_eq!(caught.is_err(), cores() > 1);
     }
 }

@@ -828,7 +828,7 @@ impl Tracker {
                 .iter()
                 .filter(|c| !c.released.load(Ordering::Acquire))
                 .filter_map(|c| {
-                    // Read what it was doing first: once shut down, it unwinds at once.
+                    // Read what it was doing first: once shut down, it is `Closed`.
                     let forced = c.snapshot(now);
                     c.shut_by_drain.store(true, Ordering::Release);
                     let shut = c.socket.shutdown();
