@@ -60,6 +60,7 @@ pub enum ConnState {
 }
 
 impl ConnState {
+    #[inline]
     pub(crate) fn from_u8(v: u8) -> ConnState {
         match v {
             0 => ConnState::New,

@@ -34,6 +34,7 @@ pub(crate) enum Event {
 
 /// Where `event` takes a connection in state `from`; `None` when it stays where it is.
 /// `Closed` is final, `Hijacked` is left only for `Closed`.
+#[inline]
 pub(crate) fn transition(from: ConnState, event: Event) -> Option<ConnState> {
     use ConnState::*;
     use Event::*;

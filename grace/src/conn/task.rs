@@ -242,6 +242,7 @@ async fn serve_io<I, S, B>(
         body_limit: ctx.body_limit,
         peer: ctx.peer_in_requests,
         extra,
+        spare: super::request::Spare::new(),
     };
     let mut connection = match handed {
         None => HttpConn::new(io, service, &ctx.builder),

@@ -126,6 +126,7 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
+    #[inline]
     pub(crate) fn tracker(&self) -> &Tracker {
         &self.tracker
     }
@@ -233,7 +234,7 @@ impl Conn {
     /// A request (or stream) began. With `recorded_at` (see `Tracker::records`), its
     /// method and URI are kept, with that start time, for the report of a forced connection
     /// and for snapshots.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn request_started<B: http_body::Body>(
         &self,
         req: &http::Request<B>,
@@ -604,6 +605,7 @@ impl Tracker {
     }
 
     /// The coarse clock's current tick (never 0, which means "not waiting").
+    #[inline]
     fn now(&self) -> u32 {
         self.tick.load(Ordering::Relaxed) | 1
     }
@@ -712,6 +714,7 @@ impl Tracker {
         first
     }
 
+    #[inline]
     fn moved(&self, from: ConnState, to: ConnState, info: &ConnInfo) {
         if from != ConnState::Closed {
             self.counts[from as usize].fetch_sub(1, Ordering::Relaxed);
