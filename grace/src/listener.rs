@@ -552,3 +552,12 @@ pub(crate) fn is_connection_error(e: &io::Error) -> bool {
             | io::ErrorKind::Interrupted
     )
 }
+#[cfg(test)]
+impl Stream {
+    pub(crate) fn from_tcp(s: TcpStream) -> Stream {
+        Stream {
+            io: StreamIo::Tcp(s),
+            slot: None,
+        }
+    }
+}

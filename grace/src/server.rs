@@ -620,7 +620,7 @@ impl<S> Serve<S> {
                 if let Some(configure) = configure_hyper {
                     configure(&mut builder);
                 }
-                builder
+                Arc::new(builder)
             },
             tracker: Arc::clone(&shared.tracker),
             drain: Arc::clone(&shared.drain),

@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
@@ -108,7 +109,7 @@ type Io<I> = TokioIo<Rewind<I>>;
 // connection spends most of its life in: boxing it would cost every connection an
 // allocation and save none of them memory.
 #[allow(clippy::large_enum_variant)]
-pub(crate) enum HttpConn<'b, I, S>
+pub(crate) enum HttpConn<I, S>
 where
     S: HttpService<Incoming>,
 {
@@ -118,7 +119,7 @@ where
         buf: [u8; 24],
         len: usize,
         service: Option<S>,
-        builder: &'b HyperBuilder,
+        builder: Arc<HyperBuilder>,
     },
     H1(http1::UpgradeableConnection<Io<I>, S>),
     /// Boxed: hyper's HTTP/2 connection may not be `Unpin`, and an HTTP/1 one must move out
@@ -135,7 +136,7 @@ pub(crate) struct Released<I> {
     pub(crate) buffered: [Bytes; 2],
 }
 
-impl<'b, I, S, B> HttpConn<'b, I, S>
+impl<I, S, B> HttpConn<I, S>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService<Incoming, ResBody = B> + Unpin,
@@ -144,7 +145,7 @@ where
     TokioExecutor: Http2ServerConnExec<S::Future, B>,
 {
     /// A new connection: its protocol is told by its first bytes.
-    pub(crate) fn new(io: I, service: S, builder: &'b HyperBuilder) -> Self {
+    pub(crate) fn new(io: I, service: S, builder: Arc<HyperBuilder>) -> Self {
         HttpConn::Sniff {
             io: Some(io),
             buf: [0; 24],
@@ -155,7 +156,7 @@ where
     }
 
     /// A connection known to speak HTTP/1 (handed over), with the bytes that came with it.
-    pub(crate) fn http1(io: I, prefix: Bytes, service: S, builder: &'b HyperBuilder) -> Self {
+    pub(crate) fn http1(io: I, prefix: Bytes, service: S, builder: &HyperBuilder) -> Self {
         let io = TokioIo::new(Rewind::new(io, prefix));
         HttpConn::H1(builder.http1.serve_connection(io, service).with_upgrades())
     }
@@ -209,7 +210,7 @@ where
     }
 }
 
-impl<'b, I, S, B> Future for HttpConn<'b, I, S>
+impl<I, S, B> Future for HttpConn<I, S>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService<Incoming, ResBody = B> + Unpin,
@@ -247,7 +248,7 @@ where
                             break false;
                         }
                     };
-                    let builder: &'b HyperBuilder = builder;
+                    let builder = Arc::clone(builder);
                     let (Some(stream), Some(service)) = (io.take(), service.take()) else {
                         return Poll::Ready(Ok(()));
                     };
@@ -256,7 +257,7 @@ where
                         let io = TokioIo::new(Rewind::new(stream, read));
                         HttpConn::H2(Box::pin(builder.http2.serve_connection(io, service)))
                     } else {
-                        HttpConn::http1(stream, read, service, builder)
+                        HttpConn::http1(stream, read, service, &builder)
                     };
                 }
                 HttpConn::H1(conn) => return Pin::new(conn).poll(cx).map_err(Into::into),

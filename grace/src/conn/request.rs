@@ -27,17 +27,32 @@ use super::tracker::Conn;
 /// hyper's service for one connection, around the user's tower service: it tracks each
 /// request, and puts what is known of the connection into the request's extensions.
 pub(crate) struct ConnService<S: tower::Service<Request<RequestBody>>> {
-    // Boxed: hyper's HTTP/1 connection must be `Unpin` to give its socket back for a
-    // hand-over (see `http::HttpConn::take_for_handover`), whatever the user's service is.
-    pub(crate) inner: Box<S>,
+    // Behind a pointer: hyper's HTTP/1 connection must be `Unpin` to give its socket back
+    // for a hand-over (see `http::HttpConn::take_for_handover`), whatever the user's service
+    // is. Shared with the requests' futures, which give their slot back there.
+    pub(crate) inner: Arc<Inner<S>>,
     pub(crate) conn: Arc<Conn>,
     pub(crate) body_limit: Option<BodyLimit>,
     /// Whether to insert the peer's address (see `Server::peer_addr_in_requests`).
     pub(crate) peer: bool,
     /// What an acceptor added (see [`Accepted::with_extension`](crate::accept::Accepted::with_extension)), if anything.
     pub(crate) extra: Option<Arc<http::Extensions>>,
-    /// The box the service's futures run in, kept between requests (see [`Slot`]).
-    pub(crate) spare: Arc<Spare<S::Future>>,
+}
+
+/// A connection's service, and the box its futures run in, kept between requests (see
+/// [`Slot`]): one allocation per connection for both.
+pub(crate) struct Inner<S: tower::Service<Request<RequestBody>>> {
+    service: S,
+    spare: Spare<S::Future>,
+}
+
+impl<S: tower::Service<Request<RequestBody>>> Inner<S> {
+    pub(crate) fn new(service: S) -> Arc<Self> {
+        Arc::new(Inner {
+            service,
+            spare: Spare::new(),
+        })
+    }
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
@@ -73,11 +88,11 @@ where
             let (parts, body) = req.into_parts();
             Request::from_parts(parts, RequestBody::new(body, limit, recorded_at, conn))
         };
-        let spare = &self.spare;
+        let inner = &self.inner;
         let with = |state| ResponseFuture {
             state,
             guard: Some(guard),
-            spare: Arc::clone(spare),
+            inner: Arc::clone(inner),
             http1,
             tunnel,
         };
@@ -85,11 +100,11 @@ where
         // request is the service's own, not a `Oneshot` holding a copy of the request. One
         // that is not ready goes through `Oneshot`, which polls `poll_ready` again with the
         // task's waker. A panic is caught as in `poll`, answered with 500.
-        let mut svc = S::clone(&self.inner);
+        let mut svc = S::clone(&self.inner.service);
         let noop = &mut Context::from_waker(Waker::noop());
         match catch_unwind(AssertUnwindSafe(|| svc.poll_ready(noop))) {
             Ok(Poll::Ready(Ok(()))) => {
-                let mut slot = self.spare.take();
+                let mut slot = self.inner.spare.take();
                 match catch_unwind(AssertUnwindSafe(|| slot.set(Some(svc.call(body(req)))))) {
                     Ok(()) => with(State::Called { slot }),
                     Err(_) => with(State::Panicked),
@@ -165,8 +180,12 @@ type Slot<F> = Pin<Box<Option<F>>>;
 pub(crate) struct Spare<F>(crossbeam_utils::atomic::AtomicCell<Option<Slot<F>>>);
 
 impl<F> Spare<F> {
-    pub(crate) fn new() -> Arc<Self> {
-        Arc::new(Spare(crossbeam_utils::atomic::AtomicCell::new(None)))
+    /// With its slot: allocated with the connection's other state rather than during its
+    /// first request, between that request's own allocations, where it would keep their
+    /// memory from being reused once they are freed.
+    fn new() -> Self {
+        let slot = Box::pin(None);
+        Spare(crossbeam_utils::atomic::AtomicCell::new(Some(slot)))
     }
 
     #[inline]
@@ -203,7 +222,8 @@ enum State<S: tower::Service<Request<RequestBody>>> {
 pub(crate) struct ResponseFuture<S: tower::Service<Request<RequestBody>>> {
     state: State<S>,
     guard: Option<RequestGuard>,
-    spare: Arc<Spare<S::Future>>,
+    // Where the slot goes back (see `Inner`).
+    inner: Arc<Inner<S>>,
     http1: bool,
     // An extended CONNECT (see `ConnService::call`).
     tunnel: bool,
@@ -246,7 +266,7 @@ where
         if let State::Called { mut slot } = std::mem::replace(&mut this.state, State::Done) {
             if polled.is_ok() {
                 slot.set(None);
-                this.spare.put(slot);
+                this.inner.spare.put(slot);
             }
         }
         let Some(guard) = this.guard.take() else {
@@ -359,7 +379,7 @@ mod tests {
 
     #[test]
     fn a_spare_slot_is_the_same_box_from_one_request_to_the_next() {
-        let spare = Spare::<Fut>::new();
+        let spare = Spare::<Fut>(crossbeam_utils::atomic::AtomicCell::new(None));
         let mut first = spare.take();
         first.set(Some(std::future::ready(1)));
         let at = addr(&first);
@@ -375,7 +395,7 @@ mod tests {
 
     #[test]
     fn a_spare_keeps_one_slot_and_frees_the_others() {
-        let spare = Spare::<Fut>::new();
+        let spare = Spare::<Fut>(crossbeam_utils::atomic::AtomicCell::new(None));
         let (a, b) = (spare.take(), spare.take());
         let b_at = addr(&b);
         spare.put(a);
