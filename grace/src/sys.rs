@@ -1,8 +1,8 @@
 //! The one module with `unsafe`: raw file descriptors that syscalls hand us.
 //!
-//! Everything here wraps a syscall that takes or returns a bare descriptor: shutting down a
-//! tracked connection's socket from outside its owner, adopting an inherited listening socket,
-//! and laying out descriptors for a child process.
+//! Everything here wraps a syscall that takes or returns a bare descriptor: shutting down or
+//! closing in place a tracked connection's socket from outside its owner, adopting an
+//! inherited listening socket, and laying out descriptors for a child process.
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
@@ -51,6 +51,28 @@ impl SocketSlot {
         // before it closes the descriptor, so the number cannot have been reused.
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
         let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
+        true
+    }
+
+    /// Closes the socket where it stands: its descriptor is made a copy of `null` (an open
+    /// `/dev/null`), which releases the socket at once (the peer sees FIN, as after
+    /// [`shutdown`](Self::shutdown), and the kernel frees it now, not at exit), while the
+    /// number stays its owner's: socket calls on it fail (`ENOTSOCK`; its task parks on
+    /// that error as on an end of stream, see `TrackedIo`), nothing is ever read from it,
+    /// and the owner's close closes the copy. The slot is emptied: nothing is left to shut. Returns false if the socket
+    /// was already closed, or could not be replaced (then it is shut down instead).
+    pub(crate) fn close_in_place(&self, null: BorrowedFd<'_>) -> bool {
+        let mut guard = crate::lock(&self.0);
+        let Some(fd) = guard.take() else { return false };
+        // SAFETY: `fd` is open (see `shutdown`), and stays its owner's: the `OwnedFd` made
+        // here is never dropped (`ManuallyDrop`), so it closes nothing; `dup3` replaces what
+        // the number refers to in one step, so the number is never free for reuse.
+        let mut target = std::mem::ManuallyDrop::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        if rustix::io::dup3(null, &mut target, rustix::io::DupFlags::CLOEXEC).is_err() {
+            // SAFETY: as in `shutdown`: the lock is held and the number is still the socket's.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
+        }
         true
     }
 }
@@ -148,4 +170,40 @@ pub(crate) fn async_fd(
     // which is closed only when dropped, with the `AsyncFd` (after deregistration).
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
         .map_err(|e| e.into_parts().1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_socket_closed_in_place_is_gone_for_its_peer_and_its_number_stays_its_owners() {
+        let (mut ours, mut peer) = UnixStream::pair().expect("socketpair");
+        let slot = SocketSlot::new(&ours);
+        let null = std::fs::File::open("/dev/null").expect("/dev/null");
+        assert!(slot.close_in_place(null.as_fd()));
+        // The peer sees the end at once: the socket itself is closed, not only shut down.
+        let mut buf = [0u8; 8];
+        assert_eq!(peer.read(&mut buf).expect("read"), 0);
+        assert!(
+            peer.write_all(b"late").is_err() || peer.write_all(b"late").is_err(),
+            "the socket was still there to write to"
+        );
+        // The number is still open, ours, and now /dev/null: end of file, close on exec.
+        let fd = ours.as_fd();
+        assert!(rustix::fs::fstat(fd).is_ok_and(|st| st.st_rdev != 0));
+        assert!(
+            rustix::io::fcntl_getfd(fd).is_ok_and(|f| f.contains(rustix::io::FdFlags::CLOEXEC))
+        );
+        assert_eq!(rustix::io::read(fd, &mut buf).expect("read(2)"), 0);
+        // A socket call on it fails: hyper sees an error, not a request.
+        assert!(ours.read(&mut buf).is_err());
+        // Nothing is left to shut or close from outside; the owner's close closes the copy.
+        assert!(!slot.shutdown());
+        assert!(!slot.close_in_place(null.as_fd()));
+        drop(ours);
+    }
 }

@@ -352,13 +352,14 @@ async fn thousands_of_connections_are_all_closed_or_forced_and_reported_once() {
     assert_eq!((report.at_start.idle, report.at_start.active), (EACH, EACH));
 }
 
-/// The tasks of the connections the drain shut wait for the stop to be over before they
+/// The tasks of the connections the drain closed wait for the stop to be over before they
 /// unwind, so that they do not compete with the jobs and resources for the CPU (and a
 /// process that exits after the report never runs them); then they end. Their sockets are
-/// shut at once (the clients see the end) and they are `Closed` for the counts and the
-/// hook at once; only their descriptors stay open until the stop is over.
+/// closed at once, where they stand (the clients see the end, and the kernel frees them
+/// then, not as the process exits), and they are `Closed` for the counts and the hook at
+/// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_the_drain_shut_unwind_once_the_stop_is_over() {
+async fn connections_the_drain_closed_unwind_once_the_stop_is_over() {
     const N: usize = 50;
     let mut srv = start(app(), |s| s).await;
     // The server's sockets still held by a descriptor: on its port, with an inode (a
@@ -376,13 +377,18 @@ async fn connections_the_drain_shut_unwind_once_the_stop_is_over() {
             })
             .count()
     };
+    let alive = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
     let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
     let seen2 = std::sync::Arc::clone(&seen);
     let states = std::sync::Arc::clone(&srv.states);
     let open_fds2 = open_fds.clone();
     srv.handle
         .add_resource(grace_http::Resource::new("probe", move || async move {
-            // Time enough for tasks that were not waiting to unwind and close their sockets.
+            // Time enough for tasks that were not waiting to unwind.
             tokio::time::sleep(Duration::from_millis(200)).await;
             let closed = states
                 .lock()
@@ -390,7 +396,7 @@ async fn connections_the_drain_shut_unwind_once_the_stop_is_over() {
                 .iter()
                 .filter(|(_, s)| *s == ConnState::Closed)
                 .count();
-            *seen2.lock().unwrap() = Some((open_fds2(), closed));
+            *seen2.lock().unwrap() = Some((open_fds2(), closed, alive()));
             Ok::<_, std::io::Error>(())
         }));
     let mut idle = Vec::new();
@@ -406,24 +412,28 @@ async fn connections_the_drain_shut_unwind_once_the_stop_is_over() {
     }
     let report = srv.report(Duration::ZERO).await;
     assert_eq!(report.closed, N as u64);
-    let (fds_then, closed_then) = seen.lock().unwrap().expect("the probe ran");
+    let (fds_then, closed_then, alive_then) = seen.lock().unwrap().expect("the probe ran");
     assert_eq!(
         closed_then, N,
-        "the hook saw them Closed when the drain shut them"
+        "the hook saw them Closed when the drain closed them"
     );
-    // Once the stop is over, every task unwinds and closes its descriptor.
-    let t = Instant::now();
+    assert_eq!(
+        fds_then, 0,
+        "sockets the drain closed still held by a descriptor during the resources' close"
+    );
     assert!(
-        fds_then >= N,
-        "{fds_then} of the server's sockets open during the close"
+        alive_then >= N,
+        "{alive_then} tasks alive during the resources' close: those of the {N} closed \
+         connections had unwound already"
     );
-    while open_fds() > fds_then - N {
+    // Once the stop is over, every task unwinds.
+    let t = Instant::now();
+    while alive() > alive_then - N {
         assert!(
             t.elapsed() < SOON,
-            "{} descriptors open during the resources' close, {} now: the tasks had unwound \
-             already, or never did",
-            fds_then,
-            open_fds()
+            "{alive_then} tasks alive during the resources' close, {} now: the closed \
+             connections' tasks never ended",
+            alive()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -56,7 +56,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = res {
+        if let Poll::Ready(Err(_)) = res {
+            // A socket the drain closed in place is no socket any more (see
+            // `SocketSlot::close_in_place`): its task parks as at an end of stream.
+            if self.conn.shut_by_drain() && self.conn.tracker().park(cx.waker()) {
+                return Poll::Pending;
+            }
+        } else if let Poll::Ready(Ok(())) = res {
             if buf.filled().len() == before {
                 // The end of the stream. On a socket the drain shut, the task waits for the
                 // stop to be over before it unwinds (see `Tracker::park`).

@@ -5,6 +5,7 @@
 //! the tracker to empty is an event ([`Tracker::wait_empty`]), never a poll.
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -214,10 +215,16 @@ impl Conn {
     /// request whose first bytes race with this is either served in full (we back off) or
     /// never read at all (its bytes are dropped, see `on_read`): never processed without
     /// a way to answer it.
-    pub(crate) fn close_if_idle(&self) -> bool {
+    ///
+    /// With `null` (an open `/dev/null`, see `Tracker::close_idle`) the socket is closed where
+    /// it stands, not only shut down (see `SocketSlot::close_in_place`).
+    pub(crate) fn close_if_idle(&self, null: Option<BorrowedFd<'_>>) -> bool {
         self.closing.store(true, Ordering::SeqCst);
         if ConnState::from_u8(self.state.load(Ordering::SeqCst)) == ConnState::Idle {
-            return self.socket.shutdown();
+            return match null {
+                Some(null) => self.socket.close_in_place(null),
+                None => self.socket.shutdown(),
+            };
         }
         self.closing.store(false, Ordering::SeqCst);
         false
@@ -278,11 +285,12 @@ impl Conn {
         }
     }
 
-    /// Ready once the tracker is draining; otherwise registers the task to be woken by
+    /// Ready once the tracker is draining, or the drain has closed this connection already
+    /// (before waking the others); otherwise registers the task to be woken by
     /// [`Tracker::start_draining`].
     #[inline]
     pub(crate) fn poll_draining(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        self.poll_until(cx, || self.tracker.is_draining())
+        self.poll_until(cx, || self.tracker.is_draining() || self.shut_by_drain())
     }
 
     /// [`poll_draining`](Self::poll_draining) for a task that polls it on every wake-up:
@@ -295,7 +303,7 @@ impl Conn {
         cx: &mut std::task::Context<'_>,
         registered: &mut Option<std::task::Waker>,
     ) -> std::task::Poll<()> {
-        if self.tracker.is_draining() {
+        if self.tracker.is_draining() || self.shut_by_drain() {
             return std::task::Poll::Ready(());
         }
         if registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -569,23 +577,34 @@ impl Tracker {
     /// FIN at once, for 10,000 connections in a tight loop (split across cores, see
     /// `fanout`).
     pub(crate) fn close_idle(&self) -> usize {
+        // The sockets are closed where they stand (freed now, in parallel, rather than one
+        // by one as the process exits); without `/dev/null`, shut down.
+        let null = std::fs::File::open("/dev/null").ok();
+        let null = null.as_ref().map(|f| f.as_fd());
         let close = |conns: &[Arc<Conn>]| {
             let mut closed = 0;
+            let mut wakers = Vec::new();
             for conn in conns {
                 if conn.state() == ConnState::Idle
                     && !conn.http2.load(Ordering::Relaxed)
                     && !conn.closes_itself.load(Ordering::Relaxed)
                 {
-                    // Before the shutdown: the end of stream it causes parks the task.
+                    // Before the close: a task woken from now on parks (see `poll_draining`).
                     conn.shut_by_drain.store(true, Ordering::Release);
-                    if conn.close_if_idle() {
+                    if conn.close_if_idle(null) {
                         self.closed_by_drain(conn);
+                        // A socket closed where it stands wakes no one (it left epoll): its
+                        // task's drain waker goes straight to the parked ones, to run once
+                        // the stop is over, not now. (Taken while its task registers, the
+                        // task is woken by `register` itself, and parks.)
+                        wakers.extend(conn.drain_waker.take());
                         closed += 1;
                     } else {
                         conn.shut_by_drain.store(false, Ordering::Release);
                     }
                 }
             }
+            self.park_all(wakers);
             closed
         };
         across_threads(&self.all(), close).into_iter().sum()
@@ -626,7 +645,7 @@ impl Tracker {
             let idle_long = conn.state() == ConnState::Idle
                 && past(conn.idle_since.load(Ordering::Relaxed), idle);
             let shut = if idle_long && !conn.is_http2() {
-                conn.close_if_idle()
+                conn.close_if_idle(None)
             } else {
                 (slow_head || idle_long) && conn.socket.shutdown()
             };
@@ -660,7 +679,7 @@ impl Tracker {
             .take(n)
             .filter(|c| match c.is_http2() {
                 true => c.socket.shutdown(),
-                false => c.close_if_idle(),
+                false => c.close_if_idle(None),
             })
             .count()
     }
@@ -799,6 +818,17 @@ impl Tracker {
         }
         parked.wakers.push(waker.clone());
         true
+    }
+
+    /// Parks tasks by their wakers (see [`Tracker::park`]); once the stop is over, wakes them.
+    fn park_all(&self, wakers: Vec<std::task::Waker>) {
+        let mut parked = lock(&self.parked);
+        if parked.over {
+            drop(parked);
+            wakers.into_iter().for_each(std::task::Waker::wake);
+            return;
+        }
+        parked.wakers.extend(wakers);
     }
 
     /// Resolves once the stop is over: for the task of a connection the drain shut (see
@@ -1028,7 +1058,7 @@ mod tests {
         // The close comes first: the request's bytes are dropped, nothing is served.
         let (a, _pa) = pair();
         let c = idle_conn(&tracker, &a);
-        assert!(c.close_if_idle());
+        assert!(c.close_if_idle(None));
         assert!(
             !c.on_read(b"POST /transfers"),
             "a request was read on a closed connection"
@@ -1038,7 +1068,7 @@ mod tests {
         let c = idle_conn(&tracker, &b);
         assert!(c.on_read(b"POST /transfers"));
         assert!(
-            !c.close_if_idle(),
+            !c.close_if_idle(None),
             "an active connection was closed as idle"
         );
         assert_eq!(c.state(), ConnState::Active);
