@@ -804,7 +804,7 @@ async fn accept_loop<S, B>(
             Ok((mut stream, peer)) => {
                 backoff = MIN_BACKOFF;
                 stream.hold(slot);
-                tokio::spawn(task::serve(stream, peer, Arc::clone(&ctx)));
+                task::spawn(stream, peer, Arc::clone(&ctx));
             }
             Err(e) if listener::is_connection_error(&e) => {
                 tracing::debug!(error = %e, "accept: connection failed before it was accepted");
