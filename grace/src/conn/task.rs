@@ -54,6 +54,14 @@ impl<S, B> HttpService<B> for S where
 {
 }
 
+/// A stream a connection is served over (a socket, or what an acceptor made of it).
+pub(crate) trait ConnIo:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static
+{
+}
+
+impl<I> ConnIo for I where I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+
 /// A response body hyper can write from any task.
 pub(crate) trait ResponseBody:
     Body<Data: Send, Error: Into<BoxError>> + Send + 'static
@@ -236,7 +244,7 @@ fn serve_io<I, S, B>(
     ctx: Arc<ConnCtx<S>>,
 ) -> impl Future<Output = ()> + Send + 'static
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    I: ConnIo,
     S: HttpService<B>,
     B: ResponseBody,
 {
@@ -264,7 +272,7 @@ fn drive<I, S, B>(
     ctx: Arc<ConnCtx<S>>,
 ) -> impl Future<Output = ()> + Send + 'static
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    I: ConnIo,
     S: HttpService<B>,
     B: ResponseBody,
 {
@@ -396,7 +404,7 @@ async fn hand_over<I, S, B>(
     outbox: &crate::handover::Outbox,
 ) -> Option<Result<(), BoxError>>
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    I: ConnIo,
     S: hyper::service::Service<Request<hyper::body::Incoming>, Response = Response<B>> + Unpin,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
