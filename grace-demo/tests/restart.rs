@@ -559,7 +559,9 @@ fn a_long_response_on_the_old_process_finishes_while_the_new_one_takes_new_conne
     replace_file(&config, "greeting = \"new\"\n", false);
     service.upgrade();
     // Once the new process is ready, the old one stops accepting: every new connection
-    // reaches the new process, while the old one still streams.
+    // reaches the new process, while the old one still streams. (Both accept on the shared
+    // socket until the old one has closed its listeners: a first "new" may come while the
+    // old one still takes a connection or two, so the test waits for that point.)
     let t = Instant::now();
     while service.get() != "new" {
         assert!(
@@ -567,6 +569,7 @@ fn a_long_response_on_the_old_process_finishes_while_the_new_one_takes_new_conne
             "the old process still takes connections"
         );
     }
+    service.wait_log("listeners closed", 1);
     for _ in 0..20 {
         assert_eq!(service.get(), "new");
     }

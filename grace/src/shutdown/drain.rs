@@ -74,6 +74,9 @@ pub(crate) async fn run(
     let closed = Instant::now();
     shared.close_listeners();
     while accepting.join_next().await.is_some() {}
+    // From here no connection is accepted by this process (at an upgrade, the next one
+    // takes every new connection on the shared socket).
+    tracing::info!("listeners closed");
     timed(Phase::CloseListeners);
     let (work_deadline, cut_by) = budget.work_deadline(asked, closed, reserve);
     // An upgrade to a generation that takes connections: hand them over rather than close.
