@@ -305,14 +305,14 @@ where
         let mut closing = false;
         tokio::select! {
             biased;
-            result = &mut connection => return log_end(conn.info.id, result),
+            result = &mut connection => return log_end(&conn, result),
             _ = draining.as_mut() => {}
             _ = soft.as_mut() => {
                 connection.graceful_shutdown();
                 closing = true;
                 tokio::select! {
                     biased;
-                    result = &mut connection => return log_end(conn.info.id, result),
+                    result = &mut connection => return log_end(&conn, result),
                     _ = draining.as_mut() => {}
                 }
             }
@@ -326,7 +326,7 @@ where
                 closing = true;
                 tokio::select! {
                     biased;
-                    result = &mut connection => return log_end(conn.info.id, result),
+                    result = &mut connection => return log_end(&conn, result),
                     _ = draining.as_mut() => {}
                 }
             }
@@ -336,7 +336,7 @@ where
         // (Not one already asked to close: its client may have been told so.)
         if let Some(outbox) = ctx.tracker.handing_over().filter(|_| !closing) {
             if let Some(result) = hand_over(&mut connection, &conn, outbox).await {
-                return log_end(conn.info.id, result);
+                return log_end(&conn, result);
             }
         }
         if conn.state() == ConnState::New {
@@ -344,7 +344,7 @@ where
             // handshake, for TLS) to show up.
             let until = after(ready_at, ctx.first_byte_grace());
             tokio::select! {
-                result = &mut connection => return log_end(conn.info.id, result),
+                result = &mut connection => return log_end(&conn, result),
                 _ = tokio::time::sleep_until(until.into()) => {}
                 _ = conn.left_new() => {}
             }
@@ -363,18 +363,18 @@ where
             // round trip's worth of waiting, the connection closes once it has no open stream.
             let wait = tokio::time::sleep(H2_GOAWAY_ACK_WAIT);
             tokio::select! {
-                result = &mut connection => return log_end(conn.info.id, result),
+                result = &mut connection => return log_end(&conn, result),
                 _ = wait => {}
             }
             // Biased: the connection is polled first on every wake-up, so the frames of a stream
             // that just ended are written to the socket before it is shut.
             tokio::select! {
                 biased;
-                result = &mut connection => return log_end(conn.info.id, result),
+                result = &mut connection => return log_end(&conn, result),
                 _ = std::future::poll_fn(|cx| conn.poll_idle(cx)) => {}
             }
             if let Poll::Ready(result) = poll_once(&mut connection).await {
-                return log_end(conn.info.id, result);
+                return log_end(&conn, result);
             }
             conn.close_now();
         } else if conn.head_pending() {
@@ -382,14 +382,14 @@ where
             // for a whole head before it can close): the first-byte grace to complete it, then
             // the socket is shut. A head that completes in time is served as any in flight.
             tokio::select! {
-                result = &mut connection => return log_end(conn.info.id, result),
+                result = &mut connection => return log_end(&conn, result),
                 _ = tokio::time::sleep(ctx.first_byte_grace()) => {}
             }
             if conn.head_pending() {
                 conn.close_now();
             }
         }
-        log_end(conn.info.id, connection.await);
+        log_end(&conn, connection.await);
     }
 }
 
@@ -474,9 +474,13 @@ async fn poll_once<F: Future + Unpin>(mut fut: F) -> Poll<F::Output> {
     std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await
 }
 
-fn log_end(id: u64, result: Result<(), BoxError>) {
-    if let Err(e) = result {
-        tracing::debug!(conn = id, error = %e, "connection ended with an error");
+fn log_end(conn: &Conn, result: Result<(), BoxError>) {
+    // Not for a connection the drain closed or forced: its error is that (a closed socket is
+    // no socket any more, see `SocketSlot::close_in_place`), and the report says so.
+    if let Err(e) = result
+        && !conn.shut_by_drain()
+    {
+        tracing::debug!(conn = conn.info.id, error = %e, "connection ended with an error");
     }
 }
 
