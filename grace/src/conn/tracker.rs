@@ -285,12 +285,19 @@ impl Conn {
         }
     }
 
+    /// Whether this connection's task has the drain to act on: the tracker is draining, or
+    /// the drain has closed this connection already (before waking the others).
+    #[inline]
+    fn drain_reached(&self) -> bool {
+        self.tracker.is_draining() || self.shut_by_drain()
+    }
+
     /// Ready once the tracker is draining, or the drain has closed this connection already
     /// (before waking the others); otherwise registers the task to be woken by
     /// [`Tracker::start_draining`].
     #[inline]
     pub(crate) fn poll_draining(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        self.poll_until(cx, || self.tracker.is_draining() || self.shut_by_drain())
+        self.poll_until(cx, || self.drain_reached())
     }
 
     /// [`poll_draining`](Self::poll_draining) for a task that polls it on every wake-up:
@@ -303,7 +310,7 @@ impl Conn {
         cx: &mut std::task::Context<'_>,
         registered: &mut Option<std::task::Waker>,
     ) -> std::task::Poll<()> {
-        if self.tracker.is_draining() || self.shut_by_drain() {
+        if self.drain_reached() {
             return std::task::Poll::Ready(());
         }
         if registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
