@@ -997,3 +997,86 @@ async fn an_upgrade_during_a_hand_over_loses_no_request() {
     );
     service.stop();
 }
+
+/// The new generation is killed (SIGKILL) right after it said it was ready, while the old one
+/// hands it 1,000 idle keep-alive connections: the old generation takes back every
+/// connection the new one had not acknowledged, keeps (and reopens) its listeners, and
+/// serves on: no client reconnects, the pid file names it again, the upgrade is reported as
+/// failed. Repeated with the kill at different moments of the hand-over (at once, and a few
+/// milliseconds in; a request in flight holds the hand-over open meanwhile). Then a good
+/// upgrade still hands everything over. (Before: every connection ended with EOF, the port
+/// refused connections, the old process exited 0 and the pid file named the dead one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_generation_killed_during_the_hand_over_gives_every_connection_back() {
+    const CONNS: usize = 1_000;
+    raise_fd_limit();
+    let scratch = TempDir::new();
+    let program = scratch.path("grace-demo");
+    install_real_binary(&program);
+    let mut service = start(scratch, &program, &[]);
+    let first = service.current();
+    let mut held = clients(service.addr, CONNS, first).await;
+    let rounds: [u64; 6] = [0, 0, 2, 5, 10, 30];
+    for (round, &delay_ms) in rounds.iter().enumerate() {
+        // A request in flight: its connection goes only once answered, which holds the
+        // hand-over open (the kill is sure to land in it, whatever the delay).
+        let slow_request = {
+            let addr = service.addr;
+            tokio::spawn(async move {
+                let mut http = Http::connect(addr).await.unwrap();
+                let resp = http.request("GET", "/sleep/1500", None).await;
+                (
+                    resp.map(|r| r.status).map_err(|e| e.to_string()),
+                    whoami(&mut http).await,
+                )
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let new = service.upgrade(); // SIGHUP, then the pid file names the new process
+        if delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        }
+        common::signal(new, rustix::process::Signal::KILL);
+        service.pids.pop(); // reaped by the old generation, not here
+        let line = service.wait_log("went during the hand-over", round + 1);
+        assert!(line.contains("taken_back"), "{line}");
+        service.wait_log("upgrade failed", round + 1);
+        assert_eq!(service.pid(), Some(first), "round {round}: the pid file");
+        assert!(common::alive(first), "round {round}: the old process died");
+        all_answer_from(
+            &mut held,
+            first,
+            &format!("round {round} (kill after {delay_ms} ms)"),
+        )
+        .await;
+        // The port still accepts, and this process answers.
+        let mut fresh = Http::connect(service.addr).await.unwrap();
+        assert_eq!(
+            whoami(&mut fresh).await,
+            Ok(first),
+            "round {round}: a new connection"
+        );
+        let (status, next) = slow_request.await.unwrap();
+        assert_eq!(status, Ok(200), "round {round}: the request in flight");
+        assert_eq!(next, Ok(first), "round {round}: its connection after it");
+        let metrics = fresh.request("GET", "/metrics", None).await.unwrap();
+        let failed = format!("grace_upgrades_total{{outcome=\"failed\"}} {}", round + 1);
+        assert!(
+            metrics.body.lines().any(|l| l == failed),
+            "round {round}: no {failed:?} in\n{}",
+            metrics.body
+        );
+    }
+    assert!(
+        service.restart_reports().is_empty(),
+        "the old process drained"
+    );
+    // A good upgrade after all that hands every connection over.
+    let old = service.hup();
+    let new = service.upgraded(old);
+    all_answer_from(&mut held, new, "after a good upgrade").await;
+    let reports = service.restart_reports();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert_eq!(reports[0]["handed_over"], CONNS, "{}", reports[0]);
+    service.stop();
+}

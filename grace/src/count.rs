@@ -30,6 +30,12 @@ impl Count {
         }
     }
 
+    /// None is under way now.
+    pub(crate) fn is_zero(&self) -> bool {
+        // Acquire, as in `zero`.
+        self.n.load(Ordering::Acquire) == 0
+    }
+
     /// Resolves once none is left (at once if none is).
     pub(crate) async fn zero(&self) {
         loop {

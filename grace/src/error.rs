@@ -82,6 +82,16 @@ pub enum RestartError {
         /// How it ended: `exited with status 1`, `was killed by signal 9`.
         status: String,
     },
+    /// The new process went (exited, was killed, or closed the hand-over channel) after it
+    /// was ready but before it had taken every connection handed over: this server took
+    /// back those it had not, and serves on.
+    #[error("process {pid} {status} during the hand-over (connections taken back)")]
+    HandOver {
+        /// Its pid.
+        pid: u32,
+        /// How it went: `exited with status 1`, `was killed by signal 9`.
+        status: String,
+    },
     /// The new process was not ready in time; it was killed.
     #[error("process {pid} was not ready within {timeout:?} (killed)")]
     NotReady {

@@ -1,23 +1,30 @@
-//! The channel on which one generation passes its idle HTTP/1 connections to the next at an
+//! The channel on which one generation passes its HTTP/1 connections to the next at an
 //! upgrade: a `SOCK_SEQPACKET` Unix socket pair, one message per connection, carrying the
-//! connection's socket (`SCM_RIGHTS`) and the bytes already read from it but not yet parsed.
+//! connection's socket (`SCM_RIGHTS`), what it is known to be, and the bytes already read
+//! from it but not yet parsed; the new generation answers each with an acknowledgement.
 //!
 //! ```text
-//!  old generation                                  new generation
-//!  Outbox::send(socket, buffered)  ── message ──►  Inbox::recv() → (socket, buffered)
-//!      [TAG][buffered bytes…] + SCM_RIGHTS(socket)
+//!  old generation                                        new generation
+//!  Outbox::send(socket, kind, buffered) ── message ──►  Inbox::recv() → Handed
+//!      [TAG][kind][id: u64][buffered bytes…] + SCM_RIGHTS(socket)
+//!  Outbox::acks() (counts it handed over) ◄── [ACK][id] ──  (before it is served)
 //! ```
 //!
 //! A message is atomic (`SEQPACKET`): the socket and its bytes arrive together or not at all.
-//! Once `sendmsg` returns, the kernel holds a reference to the socket in the receiver's
-//! queue: the sender closes its own copy without shutting the socket down (a shutdown would
-//! reach the new generation's copy too). If the receiver dies before reading, the kernel
-//! closes what was queued: its clients see the connection close, as they would have without
-//! a hand-over.
+//! A connection counts as handed over only once the new generation acknowledged it: until
+//! then the old one keeps a copy of its socket (a second descriptor, never shut down: a
+//! shutdown would reach the new generation's copy too), so that if the new generation dies
+//! or hangs up first, the old one takes the connection back ([`Outbox::take_back`]) and
+//! serves it itself. The new generation serves a connection only once its acknowledgement
+//! was sent, or once the old generation closed its end (then the old one keeps no copy):
+//! exactly one of the two serves it.
 
+use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,13 +37,53 @@ use tokio::io::unix::AsyncFd;
 
 use crate::count::Count;
 use crate::latch::Latch;
+use crate::lock;
 
 /// The most bytes a connection may carry along (a request head still arriving, pipelined
-/// requests). A connection with more is not handed over: it is closed as without a hand-over.
+/// requests). A connection with more stays with the old generation.
 pub(crate) const MAX_BUFFERED: usize = 64 * 1024;
 
 /// The first byte of every message: a message is never empty, so an empty read is the end.
 const TAG: u8 = b'C';
+/// The first byte of an acknowledgement.
+const ACK: u8 = b'A';
+/// Tag, kind and id.
+const HEADER: usize = 1 + 1 + 8;
+
+/// What a connection handed over is known to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// HTTP/1, between two requests.
+    Http1,
+    /// Nothing told yet: no byte, or the first bytes of HTTP/2's preface (`P`, `PRI`…),
+    /// which could still be either. The receiver tells it from what comes.
+    Unknown,
+}
+
+impl Kind {
+    fn byte(self) -> u8 {
+        match self {
+            Kind::Http1 => b'1',
+            Kind::Unknown => b'?',
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Kind> {
+        match b {
+            b'1' => Some(Kind::Http1),
+            b'?' => Some(Kind::Unknown),
+            _ => None,
+        }
+    }
+}
+
+/// A connection on its way: its socket, what it is, the bytes read from it but not parsed.
+#[derive(Debug)]
+pub(crate) struct Handed {
+    pub(crate) socket: OwnedFd,
+    pub(crate) kind: Kind,
+    pub(crate) buffered: Bytes,
+}
 
 /// A connected pair: (ours, the new generation's). Both close-on-exec (the child's copy is
 /// passed explicitly) and ours non-blocking.
@@ -55,12 +102,39 @@ pub(crate) fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
 /// in which they may.
 pub(crate) struct Outbox {
     fd: AsyncFd<OwnedFd>,
-    /// How long the drain hands connections over before it closes those left.
+    /// How long connections may be handed over.
     window: Duration,
-    /// Set when the hand-over window ends: the connections left close as without one.
+    /// Set when the window ends: no connection is sent from then on.
     closed: Latch<()>,
     /// Hand-overs under way (see [`Outbox::sending`]).
     sending: Count,
+    next_id: AtomicU64,
+    /// Every connection sent while the hand-over lasts: our copy of each, to take back if
+    /// the receiver goes before the hand-over is complete.
+    pending: Mutex<HashMap<u64, Pending>>,
+    /// Sent and not acknowledged yet.
+    unacknowledged: AtomicUsize,
+}
+
+/// A connection sent: our copy, and what tells whether the receiver read from it.
+struct Pending {
+    handed: Handed,
+    /// Bytes read from the socket when it was sent (see `sys::bytes_consumed`).
+    consumed: Option<u64>,
+    acknowledged: bool,
+}
+
+/// What [`Outbox::take_back`] found.
+#[derive(Debug, Default)]
+pub(crate) struct TakenBack {
+    /// Connections to serve here again: never acknowledged, or acknowledged by a receiver
+    /// that never read from them.
+    pub(crate) back: Vec<Handed>,
+    /// Of those, how many had been acknowledged (and counted as handed over).
+    pub(crate) were_acknowledged: usize,
+    /// Acknowledged, and read from by a receiver that then went: what it read is lost with
+    /// it, so they are shut down (their clients see the end, as without a hand-over).
+    pub(crate) lost: usize,
 }
 
 /// A hand-over under way: the drain counts what was handed over only once none is.
@@ -76,14 +150,17 @@ impl Drop for Sending<'_> {
 impl Outbox {
     pub(crate) fn new(fd: OwnedFd, window: Duration) -> io::Result<Outbox> {
         Ok(Outbox {
-            fd: crate::sys::async_fd(fd, Interest::WRITABLE)?,
+            fd: crate::sys::async_fd(fd, Interest::WRITABLE | Interest::READABLE)?,
             window,
             closed: Latch::new(),
             sending: Count::default(),
+            next_id: AtomicU64::new(0),
+            pending: Mutex::default(),
+            unacknowledged: AtomicUsize::new(0),
         })
     }
 
-    /// How long connections may be handed over, from the start of the drain.
+    /// How long connections may be handed over.
     pub(crate) fn window(&self) -> Duration {
         self.window
     }
@@ -93,7 +170,7 @@ impl Outbox {
         !self.closed.is_set()
     }
 
-    /// Ends the window (once; later calls do nothing).
+    /// Ends the window (once; later calls do nothing): a send waiting for room gives up.
     pub(crate) fn close(&self) {
         self.closed.set(());
     }
@@ -110,16 +187,58 @@ impl Outbox {
         Sending(self)
     }
 
+    /// No hand-over is under way.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.sending.is_zero()
+    }
+
     /// Once the window has ended: resolves when no hand-over is under way any more (each
-    /// ends promptly then: a send waiting for room gives up), so that what was handed over
-    /// is counted in full.
+    /// ends promptly then: a send waiting for room gives up).
     pub(crate) async fn settled(&self) {
         self.sending.zero().await;
     }
 
-    /// Passes `socket` on, with the bytes already read from it (in order). Waits while the
-    /// channel is full, until the window ends.
-    pub(crate) async fn send(&self, socket: BorrowedFd<'_>, buffered: &[&[u8]]) -> io::Result<()> {
+    /// Connections sent and not acknowledged yet.
+    pub(crate) fn unacknowledged(&self) -> usize {
+        // Relaxed: a count to wait on by polling; the map under its lock is the truth.
+        self.unacknowledged.load(Ordering::Relaxed)
+    }
+
+    /// Takes back, once the receiver is gone (dead, so nothing it received is served any
+    /// more), every connection sent that it had not read from: those it never acknowledged,
+    /// and those it did but had not read a byte of yet (a TCP socket's count of bytes read
+    /// tells; elsewhere only the unacknowledged ones come back). Closes the window.
+    pub(crate) fn take_back(&self) -> TakenBack {
+        self.close();
+        let mut taken = TakenBack::default();
+        for (_, p) in lock(&self.pending).drain() {
+            if !p.acknowledged {
+                taken.back.push(p.handed);
+                continue;
+            }
+            let unread = p.consumed.is_some()
+                && crate::sys::bytes_consumed(p.handed.socket.as_fd()) == p.consumed;
+            if unread {
+                taken.were_acknowledged += 1;
+                taken.back.push(p.handed);
+            } else {
+                taken.lost += 1;
+                let _ = rustix::net::shutdown(&p.handed.socket, rustix::net::Shutdown::Both);
+            }
+        }
+        self.unacknowledged.store(0, Ordering::Relaxed);
+        taken
+    }
+
+    /// Passes `socket` on, with what it is and the bytes already read from it (in order),
+    /// keeping a copy until it is acknowledged. Waits while the channel is full, until the
+    /// window ends. On failure the connection is still the caller's.
+    pub(crate) async fn send(
+        &self,
+        socket: BorrowedFd<'_>,
+        kind: Kind,
+        buffered: &[&[u8]],
+    ) -> io::Result<()> {
         if !self.is_open() {
             return Err(ended());
         }
@@ -130,9 +249,31 @@ impl Outbox {
                 format!("{len} buffered bytes: more than a hand-over carries"),
             ));
         }
-        let tag = [TAG];
+        // Our copy, in place before the message can be acknowledged.
+        let copy = socket.try_clone_to_owned()?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut bytes = Vec::with_capacity(len);
+        buffered.iter().for_each(|b| bytes.extend_from_slice(b));
+        let mut header = [0u8; HEADER];
+        header[0] = TAG;
+        header[1] = kind.byte();
+        header[2..].copy_from_slice(&id.to_le_bytes());
+        let consumed = crate::sys::bytes_consumed(copy.as_fd());
+        lock(&self.pending).insert(
+            id,
+            Pending {
+                handed: Handed {
+                    socket: copy,
+                    kind,
+                    buffered: Bytes::from(bytes),
+                },
+                consumed,
+                acknowledged: false,
+            },
+        );
+        self.unacknowledged.fetch_add(1, Ordering::Relaxed);
         let mut iov = Vec::with_capacity(buffered.len() + 1);
-        iov.push(IoSlice::new(&tag));
+        iov.push(IoSlice::new(&header));
         iov.extend(buffered.iter().map(|b| IoSlice::new(b)));
         let fds = [socket];
         let sending = async {
@@ -160,9 +301,72 @@ impl Outbox {
                 }
             }
         };
-        tokio::select! {
+        // Until sent, the copy goes if the send fails or is dropped (the caller still has the
+        // connection).
+        let unsent = Unsent(self, Some(id));
+        let result = tokio::select! {
             sent = sending => sent,
             _ = self.closed() => Err(ended()),
+        };
+        if result.is_ok() {
+            unsent.disarm();
+        }
+        result
+    }
+
+    /// Reads the receiver's acknowledgements, calling `acked` for each connection it now
+    /// has, until the receiver hangs up: then resolves, with the error if the channel
+    /// failed. Our copies stay until the hand-over is complete (the outbox dropped), or are
+    /// taken back ([`take_back`](Self::take_back)).
+    pub(crate) async fn acks(&self, acked: impl Fn()) -> io::Result<()> {
+        let mut buf = [0u8; 64];
+        loop {
+            let n = self
+                .fd
+                .async_io(Interest::READABLE, |fd| {
+                    rustix::net::recv(fd, &mut buf, RecvFlags::empty())
+                        .map(|(n, _)| n)
+                        .map_err(io::Error::from)
+                })
+                .await?;
+            if n == 0 {
+                return Ok(());
+            }
+            if n != HEADER - 1 || buf[0] != ACK {
+                tracing::warn!(len = n, "malformed hand-over acknowledgement: ignored");
+                continue;
+            }
+            let id = u64::from_le_bytes(buf[1..9].try_into().unwrap_or_default());
+            let first = match lock(&self.pending).get_mut(&id) {
+                Some(p) if !p.acknowledged => {
+                    p.acknowledged = true;
+                    true
+                }
+                _ => false,
+            };
+            if first {
+                self.unacknowledged.fetch_sub(1, Ordering::Relaxed);
+                acked();
+            }
+        }
+    }
+}
+
+/// A copy kept for a message not sent yet: removed on drop unless the message went.
+struct Unsent<'a>(&'a Outbox, Option<u64>);
+
+impl Unsent<'_> {
+    fn disarm(mut self) {
+        self.1 = None;
+    }
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.1
+            && lock(&self.0.pending).remove(&id).is_some()
+        {
+            self.0.unacknowledged.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -181,14 +385,14 @@ impl Inbox {
     pub(crate) fn new(fd: OwnedFd) -> io::Result<Inbox> {
         rustix::io::ioctl_fionbio(&fd, true)?;
         Ok(Inbox {
-            fd: crate::sys::async_fd(fd, Interest::READABLE)?,
-            buf: vec![0; MAX_BUFFERED + 1].into_boxed_slice(),
+            fd: crate::sys::async_fd(fd, Interest::READABLE | Interest::WRITABLE)?,
+            buf: vec![0; MAX_BUFFERED + HEADER + 1].into_boxed_slice(),
         })
     }
 
-    /// The next connection handed over, with its buffered bytes; `None` once the old
-    /// generation has closed its end.
-    pub(crate) async fn recv(&mut self) -> io::Result<Option<(OwnedFd, Bytes)>> {
+    /// The next connection handed over, acknowledged (it is ours to serve); `None` once the
+    /// old generation has closed its end.
+    pub(crate) async fn recv(&mut self) -> io::Result<Option<Handed>> {
         loop {
             let Inbox { fd, buf } = self;
             let (n, flags, socket) = fd
@@ -201,13 +405,45 @@ impl Inbox {
                 tracing::warn!("hand-over message without a socket: ignored");
                 continue;
             };
-            if flags.contains(ReturnFlags::TRUNC) || buf[0] != TAG {
+            let kind = buf.get(1).copied().and_then(Kind::from_byte);
+            let (Some(kind), false, true) = (
+                kind,
+                flags.contains(ReturnFlags::TRUNC),
+                n >= HEADER && buf[0] == TAG,
+            ) else {
                 // Never sent by a sender of this version: drop the connection (it closes).
                 tracing::warn!(len = n, "malformed hand-over message: connection closed");
                 continue;
+            };
+            let mut ack = [0u8; HEADER - 1];
+            ack[0] = ACK;
+            ack[1..].copy_from_slice(&buf[2..HEADER]);
+            let buffered = Bytes::copy_from_slice(&buf[HEADER..n]);
+            match self.acknowledge(&ack).await {
+                Ok(()) => {}
+                // The old generation closed its end: it kept no copy, the connection is ours.
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+                Err(e) => {
+                    // Unacknowledged, the old generation takes it back: not ours to serve.
+                    tracing::warn!(error = %e, "cannot acknowledge a connection handed over: left to the old generation");
+                    continue;
+                }
             }
-            return Ok(Some((socket, Bytes::copy_from_slice(&buf[1..n]))));
+            return Ok(Some(Handed {
+                socket,
+                kind,
+                buffered,
+            }));
         }
+    }
+
+    async fn acknowledge(&self, ack: &[u8]) -> io::Result<()> {
+        self.fd
+            .async_io(Interest::WRITABLE, |fd| {
+                rustix::net::send(fd, ack, SendFlags::NOSIGNAL).map_err(io::Error::from)
+            })
+            .await
+            .map(|_| ())
     }
 }
 
@@ -237,31 +473,79 @@ fn receive(
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+    use std::sync::atomic::AtomicUsize;
 
     #[tokio::test]
-    async fn a_socket_and_its_bytes_arrive_together_and_the_end_is_seen() {
+    async fn a_socket_its_kind_and_its_bytes_arrive_together_and_are_acknowledged() {
         let (ours, theirs) = pair().unwrap();
         let outbox = Outbox::new(ours, Duration::from_secs(5)).unwrap();
         let mut inbox = Inbox::new(theirs).unwrap();
         let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         outbox
-            .send(b.as_fd(), &[b"GET / HT", b"TP/1.1\r\n"])
+            .send(b.as_fd(), Kind::Http1, &[b"GET / HT", b"TP/1.1\r\n"])
             .await
             .unwrap();
+        assert_eq!(outbox.unacknowledged(), 1, "kept until acknowledged");
         drop(b); // our copy: the one in flight keeps the socket open
-        let (socket, buffered) = inbox.recv().await.unwrap().unwrap();
-        assert_eq!(&buffered[..], b"GET / HTTP/1.1\r\n");
-        let mut b = std::os::unix::net::UnixStream::from(socket);
+        let handed = inbox.recv().await.unwrap().unwrap();
+        assert_eq!(&handed.buffered[..], b"GET / HTTP/1.1\r\n");
+        assert_eq!(handed.kind, Kind::Http1);
+        let mut b = std::os::unix::net::UnixStream::from(handed.socket);
         a.write_all(b"ping").unwrap();
         let mut got = [0; 4];
         b.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"ping");
-        // An empty buffer still makes a message.
-        outbox.send(a.as_fd(), &[]).await.unwrap();
-        let (_, buffered) = inbox.recv().await.unwrap().unwrap();
-        assert!(buffered.is_empty());
-        drop(outbox);
-        assert!(inbox.recv().await.unwrap().is_none());
+        // An empty buffer still makes a message; a connection not told yet says so.
+        outbox.send(a.as_fd(), Kind::Unknown, &[]).await.unwrap();
+        let handed = inbox.recv().await.unwrap().unwrap();
+        assert!(handed.buffered.is_empty());
+        assert_eq!(handed.kind, Kind::Unknown);
+        // Both acknowledged: counted, copies gone; then the receiver hangs up.
+        let acked = AtomicUsize::new(0);
+        drop(inbox);
+        outbox
+            .acks(|| {
+                acked.fetch_add(1, Ordering::Relaxed);
+            })
+            .await
+            .unwrap();
+        assert_eq!(acked.load(Ordering::Relaxed), 2);
+        assert_eq!(outbox.unacknowledged(), 0);
+        // Kept until the hand-over is complete; a receiver gone that never read from them
+        // gives them back (Unix sockets: read counts cannot be told, so only unacknowledged
+        // ones would come back).
+        let taken = outbox.take_back();
+        assert_eq!((taken.back.len(), taken.lost), (0, 2));
+    }
+
+    #[tokio::test]
+    async fn what_the_receiver_did_not_acknowledge_is_taken_back_with_its_bytes() {
+        let (ours, theirs) = pair().unwrap();
+        let outbox = Outbox::new(ours, Duration::from_secs(5)).unwrap();
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        outbox
+            .send(b.as_fd(), Kind::Unknown, &[b"PR"])
+            .await
+            .unwrap();
+        drop(b);
+        // The receiver dies without reading: the kernel closes what was queued to it.
+        drop(theirs);
+        // The hang-up ends the acknowledgements (ECONNRESET: it left messages unread).
+        let acks = outbox.acks(|| panic!("nothing was acknowledged"));
+        let _ = tokio::time::timeout(Duration::from_secs(10), acks)
+            .await
+            .expect("the hang-up ends the acknowledgements");
+        let mut taken = outbox.take_back();
+        assert_eq!(taken.back.len(), 1);
+        let h = taken.back.pop().unwrap();
+        assert_eq!((h.kind, &h.buffered[..]), (Kind::Unknown, &b"PR"[..]));
+        assert!(!outbox.is_open(), "taking back ends the window");
+        // The connection is alive through our copy.
+        let mut b = std::os::unix::net::UnixStream::from(h.socket);
+        a.write_all(b"I").unwrap();
+        let mut got = [0; 1];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"I");
     }
 
     #[tokio::test]
@@ -271,6 +555,7 @@ mod tests {
         outbox.settled().await; // none under way
         let one = outbox.sending();
         let two = outbox.sending();
+        assert!(!outbox.is_idle());
         let mut settled = tokio_test::task::spawn(outbox.settled());
         assert!(settled.poll().is_pending());
         drop(one);
@@ -278,6 +563,7 @@ mod tests {
         drop(two);
         assert!(settled.is_woken());
         assert!(settled.poll().is_ready());
+        assert!(outbox.is_idle());
     }
 
     #[tokio::test]
@@ -286,14 +572,18 @@ mod tests {
         let outbox = Outbox::new(ours, Duration::from_secs(5)).unwrap();
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let big = vec![b'x'; MAX_BUFFERED + 1];
-        let err = outbox.send(a.as_fd(), &[&big]).await.unwrap_err();
+        let err = outbox
+            .send(a.as_fd(), Kind::Http1, &[&big])
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(outbox.unacknowledged(), 0, "not sent: no copy kept");
         // Nobody reads: the channel fills, and a send waits until the window ends.
         let chunk = vec![b'y'; MAX_BUFFERED];
         let chunks: [&[u8]; 1] = [&chunk];
         let mut sent = 0;
         loop {
-            let send = outbox.send(a.as_fd(), &chunks);
+            let send = outbox.send(a.as_fd(), Kind::Http1, &chunks);
             match tokio::time::timeout(Duration::from_millis(50), send).await {
                 Ok(r) => {
                     r.unwrap();
@@ -303,9 +593,17 @@ mod tests {
                 Err(_) => break,
             }
         }
+        assert_eq!(
+            outbox.unacknowledged(),
+            sent,
+            "the send cut by the timeout left no copy"
+        );
         outbox.close();
         assert!(!outbox.is_open());
-        let err = outbox.send(a.as_fd(), &chunks).await.unwrap_err();
+        let err = outbox
+            .send(a.as_fd(), Kind::Http1, &chunks)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         drop(theirs);
     }

@@ -679,6 +679,12 @@ impl<S> Serve<S> {
                 Arc::clone(&ctx),
             )))
         });
+        // A connection that was on its way to a next generation that went (or that could
+        // not go) is served here again.
+        let _ = shared.tracker.local.set({
+            let (limit, ctx) = (limit.clone(), Arc::clone(&ctx));
+            Box::new(move |handed| serve_handed_here(handed, false, limit.as_ref(), &ctx))
+        });
         let restarts = crate::restart::serving(
             &shared,
             ready_pipe,
@@ -733,7 +739,7 @@ async fn receive_handed<S, B>(
     B: ResponseBody,
 {
     loop {
-        let (fd, buffered) = match inbox.recv().await {
+        let handed = match inbox.recv().await {
             Ok(Some(handed)) => handed,
             Ok(None) => break,
             Err(e) => {
@@ -741,23 +747,48 @@ async fn receive_handed<S, B>(
                 break;
             }
         };
-        match Stream::from_handed(fd) {
-            Ok((mut stream, peer)) => {
-                stream.hold(
-                    limit
-                        .as_ref()
-                        .and_then(|l| Arc::clone(l).try_acquire_owned().ok()),
-                );
-                tokio::spawn(task::serve_handed(stream, peer, buffered, Arc::clone(&ctx)));
-            }
-            Err(e) => tracing::debug!(error = %e, "handed-over descriptor refused"),
-        }
+        serve_handed_here(handed, true, limit.as_ref(), &ctx);
     }
     tracing::debug!("the previous generation has handed over all it will");
     ctx.tracker.previous_done.set(());
 }
 
-/// Accepts until the drain starts, then drops (closes) the listener.
+/// Serves a connection handed over (by the previous generation, or back from an upgrade of
+/// ours that did not take it). Already accepted: one that finds the connection limit reached
+/// is served anyway.
+fn serve_handed_here<S, B>(
+    handed: crate::handover::Handed,
+    from_previous: bool,
+    limit: Option<&Arc<tokio::sync::Semaphore>>,
+    ctx: &Arc<ConnCtx<S>>,
+) where
+    S: HttpService<B>,
+    B: ResponseBody,
+{
+    let crate::handover::Handed {
+        socket,
+        kind,
+        buffered,
+    } = handed;
+    match Stream::from_handed(socket) {
+        Ok((mut stream, peer)) => {
+            stream.hold(limit.and_then(|l| Arc::clone(l).try_acquire_owned().ok()));
+            tokio::spawn(task::serve_handed(
+                stream,
+                peer,
+                kind,
+                buffered,
+                from_previous,
+                Arc::clone(ctx),
+            ));
+        }
+        Err(e) => tracing::debug!(error = %e, "handed-over descriptor refused"),
+    }
+}
+
+/// Accepts until the drain starts, then drops (closes) the listener. Stops accepting (the
+/// listener kept) while an upgrade hands connections over, so that every new connection goes
+/// to the new generation meanwhile.
 async fn accept_loop<S, B>(
     listener: Arc<Listener>,
     limit: Option<Arc<tokio::sync::Semaphore>>,
@@ -798,6 +829,13 @@ async fn accept_loop<S, B>(
         let accepted = tokio::select! {
             biased;
             _ = shared.accepting_stopped() => break,
+            _ = shared.accepting_paused() => {
+                tokio::select! {
+                    biased;
+                    _ = shared.accepting_stopped() => break,
+                    _ = shared.accepting_resumed() => continue,
+                }
+            }
             accepted = listener.accept() => accepted,
         };
         match accepted {

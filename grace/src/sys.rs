@@ -172,6 +172,44 @@ pub(crate) fn async_fd(
         .map_err(|e| e.into_parts().1)
 }
 
+/// How many bytes the application has read from a TCP socket so far (bytes received, less
+/// those still waiting in its receive queue): a connection handed over whose count has not
+/// moved was not read by the process it went to. `None` where this cannot be told (not TCP,
+/// or not Linux).
+#[cfg(target_os = "linux")]
+pub(crate) fn bytes_consumed(fd: BorrowedFd<'_>) -> Option<u64> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `fd` is an open descriptor (borrowed for the call); `info` is a writable
+    // buffer of `len` bytes, zeroed, so a kernel that fills fewer bytes leaves valid zeros
+    // (every field is an integer); getsockopt writes at most `len` bytes and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    // tcpi_bytes_received needs a kernel that fills the structure that far (4.1+).
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
+    if rc != 0 || (len as usize) < needed {
+        return None;
+    }
+    // SAFETY: zero-initialised, then (partly) written by the kernel: every bit pattern of
+    // its integer fields is valid.
+    let info = unsafe { info.assume_init() };
+    let unread = rustix::io::ioctl_fionread(fd).ok()?;
+    Some(info.tcpi_bytes_received.saturating_sub(unread))
+}
+
+/// See the Linux version: elsewhere it cannot be told.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn bytes_consumed(_fd: BorrowedFd<'_>) -> Option<u64> {
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +243,30 @@ mod tests {
         assert!(!slot.shutdown());
         assert!(!slot.close_in_place(null.as_fd()));
         drop(ours);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn bytes_consumed_counts_what_was_read_not_what_waits() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        assert_eq!(super::bytes_consumed(server.as_fd()), Some(0));
+        client.write_all(b"hello").unwrap();
+        // Waits in the receive queue: not read yet.
+        let t = std::time::Instant::now();
+        while rustix::io::ioctl_fionread(server.as_fd()).unwrap() < 5 {
+            assert!(t.elapsed() < std::time::Duration::from_secs(10));
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(super::bytes_consumed(server.as_fd()), Some(0));
+        let mut buf = [0; 3];
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(super::bytes_consumed(server.as_fd()), Some(3));
+        // Not TCP: cannot be told.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(super::bytes_consumed(a.as_fd()), None);
     }
 }

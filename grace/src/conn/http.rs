@@ -120,6 +120,9 @@ where
         len: usize,
         service: Option<S>,
         builder: Arc<HyperBuilder>,
+        /// Asked to close gracefully before its protocol was known: it closes the way that
+        /// protocol does once it is told (its request, begun, is answered).
+        closing: bool,
     },
     H1(http1::UpgradeableConnection<Io<I>, S>),
     /// Boxed: hyper's HTTP/2 connection may not be `Unpin`, and an HTTP/1 one must move out
@@ -132,6 +135,8 @@ where
 /// What an HTTP/1 connection gives back between requests (see [`HttpConn::take_for_handover`]).
 pub(crate) struct Released<I> {
     pub(crate) io: I,
+    /// HTTP/1, or not told yet.
+    pub(crate) kind: crate::handover::Kind,
     /// The bytes read from `io` but not parsed yet, in order.
     pub(crate) buffered: [Bytes; 2],
 }
@@ -146,12 +151,22 @@ where
 {
     /// A new connection: its protocol is told by its first bytes.
     pub(crate) fn new(io: I, service: S, builder: Arc<HyperBuilder>) -> Self {
+        Self::sniffing(io, &[], service, builder)
+    }
+
+    /// A connection whose protocol is still to be told, `read` already read from it (the
+    /// start of HTTP/2's preface at most: see [`take_for_handover`](Self::take_for_handover)).
+    pub(crate) fn sniffing(io: I, read: &[u8], service: S, builder: Arc<HyperBuilder>) -> Self {
+        let mut buf = [0; 24];
+        let len = read.len().min(buf.len());
+        buf[..len].copy_from_slice(&read[..len]);
         HttpConn::Sniff {
             io: Some(io),
-            buf: [0; 24],
-            len: 0,
+            buf,
+            len,
             service: Some(service),
             builder,
+            closing: false,
         }
     }
 
@@ -166,22 +181,22 @@ where
         matches!(self, HttpConn::H2(_))
     }
 
-    /// Gives back an HTTP/1 connection's stream and unparsed bytes, or one still silent.
+    /// Gives back an HTTP/1 connection's stream and unparsed bytes, or one whose protocol
+    /// is not told yet (silent, or the start of HTTP/2's preface: the receiver tells it).
     /// Only between requests: the caller checks that no request is in flight and that the
     /// last response is fully written (see `Conn::hand_over`); hyper is not polled in
-    /// between, so nothing moves meanwhile. `None` for HTTP/2, or the start of its preface
-    /// (left as it was), or after an upgrade.
+    /// between, so nothing moves meanwhile. `None` for HTTP/2, or after an upgrade.
     pub(crate) fn take_for_handover(&mut self) -> Option<Released<I>> {
         match self {
             HttpConn::Sniff { io, buf, len, .. } => {
-                if *len > 0 && buf[..*len] == H2_PREFACE[..*len] {
-                    // Part of HTTP/2's preface: not an HTTP/1 connection to hand over.
-                    return None;
-                }
                 let io = io.take()?;
                 let buffered = [Bytes::copy_from_slice(&buf[..*len]), Bytes::new()];
                 *self = HttpConn::Done;
-                Some(Released { io, buffered })
+                Some(Released {
+                    io,
+                    kind: crate::handover::Kind::Unknown,
+                    buffered,
+                })
             }
             HttpConn::H1(_) => {
                 let HttpConn::H1(conn) = std::mem::replace(self, HttpConn::Done) else {
@@ -191,6 +206,7 @@ where
                 let (io, rest) = parts.io.into_inner().into_parts();
                 Some(Released {
                     io,
+                    kind: crate::handover::Kind::Http1,
                     buffered: [parts.read_buf, rest],
                 })
             }
@@ -198,11 +214,14 @@ where
         }
     }
 
-    /// Asks the connection to close gracefully: hyper's own graceful shutdown; a connection
-    /// whose protocol is not known yet ends at once.
+    /// Asks the connection to close gracefully: hyper's own graceful shutdown. A connection
+    /// that has sent nothing ends at once; one that sent the first bytes of HTTP/2's
+    /// preface (`P`, `PR`… which could as well begin `POST`) closes as its protocol does
+    /// once told, so the request it began is answered.
     pub(crate) fn graceful_shutdown(&mut self) {
         match self {
-            HttpConn::Sniff { .. } => *self = HttpConn::Done,
+            HttpConn::Sniff { len: 0, .. } => *self = HttpConn::Done,
+            HttpConn::Sniff { closing, .. } => *closing = true,
             HttpConn::H1(conn) => Pin::new(conn).graceful_shutdown(),
             HttpConn::H2(conn) => conn.as_mut().graceful_shutdown(),
             HttpConn::Done => {}
@@ -230,6 +249,7 @@ where
                     len,
                     service,
                     builder,
+                    closing,
                 } => {
                     let Some(stream) = io.as_mut() else {
                         return Poll::Ready(Ok(()));
@@ -237,6 +257,9 @@ where
                     let h2 = loop {
                         if *len == H2_PREFACE.len() {
                             break true;
+                        }
+                        if buf[..*len] != H2_PREFACE[..*len] {
+                            break false; // what came with a connection handed over
                         }
                         let mut read = ReadBuf::new(&mut buf[*len..]);
                         ready!(Pin::new(&mut *stream).poll_read(cx, &mut read))?;
@@ -253,12 +276,16 @@ where
                         return Poll::Ready(Ok(()));
                     };
                     let read = Bytes::copy_from_slice(&buf[..*len]);
+                    let closing = *closing;
                     *this = if h2 {
                         let io = TokioIo::new(Rewind::new(stream, read));
                         HttpConn::H2(Box::pin(builder.http2.serve_connection(io, service)))
                     } else {
                         HttpConn::http1(stream, read, service, &builder)
                     };
+                    if closing {
+                        this.graceful_shutdown();
+                    }
                 }
                 HttpConn::H1(conn) => return Pin::new(conn).poll(cx).map_err(Into::into),
                 HttpConn::H2(conn) => return conn.as_mut().poll(cx).map_err(Into::into),

@@ -134,19 +134,25 @@ where
     tokio::spawn(serve_io(io, conn, accepted_at, None, None, ctx));
 }
 
-/// Serves a connection the previous generation handed over between two requests, with the
-/// bytes it had read from it but not parsed (see `crate::handover`): HTTP/1, `Idle`.
+/// Serves a connection handed over between two requests, with the bytes read from it but
+/// not parsed (see `crate::handover`): HTTP/1, `Idle`, or one whose protocol is still to be
+/// told, `New`. `from_previous`: it comes from the previous generation (else it comes back
+/// from a hand-over of this process's own that did not happen).
 pub(crate) fn serve_handed<S, B>(
     stream: Stream,
     peer: Addr,
+    kind: crate::handover::Kind,
     buffered: Bytes,
+    from_previous: bool,
     ctx: Arc<ConnCtx<S>>,
 ) -> impl Future<Output = ()> + Send + 'static
 where
     S: HttpService<B>,
     B: ResponseBody,
 {
-    let conn = ctx.tracker.register_handed(peer, &stream);
+    let conn = ctx
+        .tracker
+        .register_handed(peer, &stream, kind, from_previous);
     if !buffered.is_empty() {
         // They were read from the socket, as far as the connection's state goes: the next
         // request's head has begun.
@@ -154,7 +160,17 @@ where
     }
     let io = TrackedIo::registered(stream, Arc::clone(&conn));
     let now = std::time::Instant::now();
-    serve_io(io, conn, now, None, Some(buffered), ctx)
+    let handed = match kind {
+        crate::handover::Kind::Http1 => Handed::Http1(buffered),
+        crate::handover::Kind::Unknown => Handed::Unknown(buffered),
+    };
+    serve_io(io, conn, now, None, Some(handed), ctx)
+}
+
+/// What came with a connection handed over (see [`serve_handed`]).
+enum Handed {
+    Http1(Bytes),
+    Unknown(Bytes),
 }
 
 /// A connection through the acceptor (see [`spawn`]).
@@ -180,7 +196,7 @@ where
         tokio::select! {
             biased;
             accepted = accepting.as_mut() => accepted,
-            _ = std::future::poll_fn(|cx| conn.poll_draining(cx)) => {
+            _ = std::future::poll_fn(|cx| conn.poll_drain_started(cx)) => {
                 // Draining: a handshake under way gets the first-byte grace (counted from
                 // accept), like a silent plain connection; one that is not done by then closes.
                 let until = after(conn.info.accepted_at, ctx.first_byte_grace());
@@ -240,7 +256,7 @@ fn serve_io<I, S, B>(
     conn: Arc<Conn>,
     ready_at: std::time::Instant,
     extra: Option<Arc<http::Extensions>>,
-    handed: Option<Bytes>,
+    handed: Option<Handed>,
     ctx: Arc<ConnCtx<S>>,
 ) -> impl Future<Output = ()> + Send + 'static
 where
@@ -257,7 +273,10 @@ where
     };
     let connection = match handed {
         None => HttpConn::new(io, service, Arc::clone(&ctx.builder)),
-        Some(buffered) => HttpConn::http1(io, buffered, service, &ctx.builder),
+        Some(Handed::Http1(buffered)) => HttpConn::http1(io, buffered, service, &ctx.builder),
+        Some(Handed::Unknown(read)) => {
+            HttpConn::sniffing(io, &read, service, Arc::clone(&ctx.builder))
+        }
     };
     drive(connection, conn, ready_at, ctx)
 }
@@ -280,63 +299,78 @@ where
     // an `async fn` would move its arguments into locals of their own, the connection
     // (hundreds of bytes) stored twice.
     async move {
-        let mut registered = None;
-        let draining = std::future::poll_fn(|cx| conn.poll_draining_cached(cx, &mut registered));
-        tokio::pin!(draining);
-
         // Boxed: a timer inline would be in every connection's memory, and most servers set no
         // maximum age.
         let mut old = ctx.max_age.map(|age| {
             let at = after(conn.info.accepted_at, jittered(age, conn.info.id));
             Box::pin(tokio::time::sleep_until(at.into()))
         });
-        // The soft drain: once a drain is asked for (the pre-stop delay, the listener still
-        // accepting), an HTTP/2 connection gets its GOAWAY at once, so its client opens its next
-        // streams on another instance; HTTP/1 answers say `Connection: close` (`request.rs`).
-        let soft = async {
-            conn.left_new().await; // the first bytes tell HTTP/2 apart
-            if !conn.is_http2() {
-                return std::future::pending().await;
-            }
-            ctx.drain.wait().await;
-        };
-        tokio::pin!(soft);
         // Asked to close before the drain (the soft drain, or old age).
         let mut closing = false;
-        tokio::select! {
-            biased;
-            result = &mut connection => return log_end(&conn, result),
-            _ = draining.as_mut() => {}
-            _ = soft.as_mut() => {
-                connection.graceful_shutdown();
-                closing = true;
-                tokio::select! {
-                    biased;
-                    result = &mut connection => return log_end(&conn, result),
-                    _ = draining.as_mut() => {}
+        loop {
+            let mut registered = None;
+            let draining =
+                std::future::poll_fn(|cx| conn.poll_draining_cached(cx, &mut registered));
+            tokio::pin!(draining);
+            // The soft drain: once a drain is asked for (the pre-stop delay, the listener still
+            // accepting), an HTTP/2 connection gets its GOAWAY at once, so its client opens its
+            // next streams on another instance; HTTP/1 answers say `Connection: close`
+            // (`request.rs`).
+            let soft = async {
+                conn.left_new().await; // the first bytes tell HTTP/2 apart
+                if !conn.is_http2() {
+                    return std::future::pending().await;
+                }
+                ctx.drain.wait().await;
+            };
+            tokio::pin!(soft);
+            tokio::select! {
+                biased;
+                result = &mut connection => return log_end(&conn, result),
+                _ = draining.as_mut() => {}
+                _ = soft.as_mut(), if !closing => {
+                    connection.graceful_shutdown();
+                    closing = true;
+                    tokio::select! {
+                        biased;
+                        result = &mut connection => return log_end(&conn, result),
+                        _ = draining.as_mut() => {}
+                    }
+                }
+                // Old enough: `Connection: close` on the next HTTP/1 response (an idle
+                // connection closes now), GOAWAY on HTTP/2; the drain may still come meanwhile.
+                _ = std::future::poll_fn(|cx| match old.as_mut() {
+                    Some(sleep) => sleep.as_mut().poll(cx),
+                    None => Poll::Pending,
+                }), if old.is_some() && !closing => {
+                    connection.graceful_shutdown();
+                    closing = true;
+                    tokio::select! {
+                        biased;
+                        result = &mut connection => return log_end(&conn, result),
+                        _ = draining.as_mut() => {}
+                    }
                 }
             }
-            // Old enough: `Connection: close` on the next HTTP/1 response (an idle connection
-            // closes now), GOAWAY on HTTP/2; the drain may still come meanwhile.
-            _ = std::future::poll_fn(|cx| match old.as_mut() {
-                Some(sleep) => sleep.as_mut().poll(cx),
-                None => Poll::Pending,
-            }), if old.is_some() => {
-                connection.graceful_shutdown();
-                closing = true;
-                tokio::select! {
-                    biased;
-                    result = &mut connection => return log_end(&conn, result),
-                    _ = draining.as_mut() => {}
+            // An upgrade: HTTP/1 connections go to the next generation at their next moment
+            // between requests, until the hand-over window ends. (Not one already asked to
+            // close: its client may have been told so.)
+            let number = ctx.tracker.hand_over_number();
+            if let Some(outbox) = ctx.tracker.handing_over().filter(|_| !closing) {
+                if let Some(result) = hand_over(&mut connection, &conn, &outbox, &ctx).await {
+                    return log_end(&conn, result);
                 }
             }
-        }
-        // An upgrade's drain: HTTP/1 connections go to the next generation at their next moment
-        // between requests, until the hand-over window ends.
-        // (Not one already asked to close: its client may have been told so.)
-        if let Some(outbox) = ctx.tracker.handing_over().filter(|_| !closing) {
-            if let Some(result) = hand_over(&mut connection, &conn, outbox).await {
-                return log_end(&conn, result);
+            if conn.drain_started() {
+                break;
+            }
+            // A hand-over this connection is not part of (HTTP/2, TLS, upgraded…), or that
+            // ended without it: it goes on as it was until the hand-over is over, then waits
+            // for the drain (or the next hand-over) again.
+            tokio::select! {
+                biased;
+                result = &mut connection => return log_end(&conn, result),
+                _ = std::future::poll_fn(|cx| conn.poll_hand_over_ended(cx, number)) => {}
             }
         }
         if conn.state() == ConnState::New {
@@ -395,13 +429,14 @@ where
 
 /// Hands an HTTP/1 connection to the next generation at its next moment between requests
 /// (polling it meanwhile, so a request in flight finishes, with keep-alive), while the
-/// hand-over window is open. `Some`: the connection is done here (handed over, or it ended
-/// meanwhile); `None`: it is still ours (HTTP/2, TLS, upgraded, or the window ended), to
-/// close as without a hand-over.
-async fn hand_over<I, S, B>(
+/// hand-over window is open. `Some`: the connection is done here (handed over, given back to
+/// this server as a fresh task, or it ended meanwhile); `None`: it is still ours as it was
+/// (HTTP/2, TLS, upgraded, or the window ended first).
+async fn hand_over<I, S, B, Svc>(
     connection: &mut HttpConn<TrackedIo<I>, S>,
     conn: &Conn,
     outbox: &crate::handover::Outbox,
+    ctx: &ConnCtx<Svc>,
 ) -> Option<Result<(), BoxError>>
 where
     I: ConnIo,
@@ -437,26 +472,38 @@ where
             }
         }
     }
-    // Under way from here: the drain counts the hand-overs once none is.
+    // Under way from here: the hand-over is complete only once none is.
     let _sending = outbox.sending();
-    let Released { io, buffered } = connection.take_for_handover()?;
+    let Released { io, kind, buffered } = connection.take_for_handover()?;
     // From here no shutdown from outside reaches the socket: the next generation shares it.
     let Some(socket) = conn.socket.take_lent(&io) else {
         return Some(Ok(())); // shut meanwhile (idle timeout): it closes, as it would have
     };
-    match outbox.send(socket, &[&buffered[0], &buffered[1]]).await {
-        Ok(()) => {
-            conn.tracker().count_handed_over();
-            tracing::trace!(
-                conn = conn.info.id,
-                buffered = buffered[0].len() + buffered[1].len(),
-                "handed over"
-            );
+    let parts = [&buffered[0][..], &buffered[1][..]];
+    match outbox.send(socket, kind, &parts).await {
+        Ok(()) => tracing::trace!(conn = conn.info.id, ?kind, "sent to the next generation"),
+        Err(e) => {
+            // Still ours: served again here, from a copy of its socket, as a fresh task (the
+            // window ended, or its buffered bytes are more than a hand-over carries).
+            tracing::debug!(conn = conn.info.id, error = %e, "not handed over: served here");
+            match socket.try_clone_to_owned() {
+                Ok(copy) => {
+                    let mut bytes = Vec::with_capacity(parts[0].len() + parts[1].len());
+                    bytes.extend_from_slice(parts[0]);
+                    bytes.extend_from_slice(parts[1]);
+                    ctx.tracker.serve_local(crate::handover::Handed {
+                        socket: copy,
+                        kind,
+                        buffered: Bytes::from(bytes),
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(conn = conn.info.id, error = %e, "cannot keep it: closed")
+                }
+            }
         }
-        // Its socket closes with `io` below, as without a hand-over.
-        Err(e) => tracing::debug!(conn = conn.info.id, error = %e, "not handed over: closed"),
     }
-    // Our copy of the socket closes (without a shutdown: the next generation's stays open).
+    // Our copy of the socket closes (without a shutdown: the other copy stays open).
     drop(io);
     Some(Ok(()))
 }

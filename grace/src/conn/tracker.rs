@@ -30,6 +30,25 @@ pub(crate) enum HandOver {
     Never,
 }
 
+/// When a hand-over started (`handed_over` and the connections then), and how long it took
+/// once it ended with a drain to follow.
+#[derive(Default)]
+struct HandOverMark {
+    handed_before: u64,
+    at_start: StateCounts,
+    took: Option<Duration>,
+}
+
+/// What the last hand-over did, for the report of the drain that followed it.
+pub(crate) struct HandOverDone {
+    pub(crate) handed_over: u64,
+    pub(crate) took: Duration,
+    pub(crate) at_start: StateCounts,
+}
+
+/// Serves, in this process, a connection that was on its way to the next generation.
+pub(crate) type LocalServe = Box<dyn Fn(crate::handover::Handed) + Send + Sync + 'static>;
+
 /// The user's observer of state changes.
 pub(crate) type Hook = Box<dyn Fn(&ConnInfo, ConnState) + Send + Sync + 'static>;
 
@@ -286,10 +305,32 @@ impl Conn {
     }
 
     /// Whether this connection's task has the drain to act on: the tracker is draining, or
-    /// the drain has closed this connection already (before waking the others).
+    /// the drain has closed this connection already (before waking the others), or an
+    /// upgrade hands connections over.
     #[inline]
     fn drain_reached(&self) -> bool {
+        self.drain_started() || self.tracker.is_handing_over()
+    }
+
+    /// The drain itself (not a hand-over) has reached this connection.
+    #[inline]
+    pub(crate) fn drain_started(&self) -> bool {
         self.tracker.is_draining() || self.shut_by_drain()
+    }
+
+    /// Ready once the drain has started, or hand-over number `number` (see
+    /// [`Tracker::hand_over_number`]), which this connection was woken for and is not part
+    /// of, has ended (the next one may have started already).
+    pub(crate) fn poll_hand_over_ended(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        number: u64,
+    ) -> std::task::Poll<()> {
+        self.poll_until(cx, || {
+            self.drain_started()
+                || !self.tracker.is_handing_over()
+                || self.tracker.hand_over_number() != number
+        })
     }
 
     /// Ready once the tracker is draining, or the drain has closed this connection already
@@ -300,23 +341,39 @@ impl Conn {
         self.poll_until(cx, || self.drain_reached())
     }
 
+    /// Ready once the drain itself has started (a hand-over does not count).
+    pub(crate) fn poll_drain_started(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        self.poll_until(cx, || self.drain_started())
+    }
+
     /// [`poll_draining`](Self::poll_draining) for a task that polls it on every wake-up:
-    /// `registered` remembers the waker last registered, which is not registered again.
-    /// (The drain waker is only ever woken, and so emptied, once the tracker is draining,
-    /// which the first check sees.)
+    /// `registered` remembers the waker last registered, which is not registered again
+    /// while no wake-up of every connection happened since (see [`Tracker::wake_all`]: the
+    /// end of a hand-over wakes, and so empties, the drain wakers of connections that then
+    /// have nothing to do).
     #[inline]
     pub(crate) fn poll_draining_cached(
         &self,
         cx: &mut std::task::Context<'_>,
-        registered: &mut Option<std::task::Waker>,
+        registered: &mut Option<(std::task::Waker, u64)>,
     ) -> std::task::Poll<()> {
         if self.drain_reached() {
             return std::task::Poll::Ready(());
         }
-        if registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        // Read before registering: a wake-up of all that takes the waker registered below
+        // counts itself after it wakes, so the next poll sees a new count and registers
+        // again.
+        let wakes = self.tracker.wakes.load(Ordering::Acquire);
+        if registered
+            .as_ref()
+            .is_some_and(|(w, n)| *n == wakes && w.will_wake(cx.waker()))
+        {
             return std::task::Poll::Pending;
         }
-        *registered = Some(cx.waker().clone());
+        *registered = Some((cx.waker().clone(), wakes));
         self.poll_draining(cx)
     }
 
@@ -458,9 +515,21 @@ pub(crate) struct Tracker {
     /// The previous generation has handed over all it will (set at once when it hands
     /// nothing: see `Serve::run`).
     pub(crate) previous_done: Latch<()>,
-    /// The channel to the next generation, once one that takes connections is ready (see
-    /// `restart::spawn`); used only by a drain for a restart.
-    outbox: OnceLock<crate::handover::Outbox>,
+    /// The channel to the next generation, while an upgrade hands connections over (see
+    /// `restart::spawn`); replaced at each upgrade.
+    outbox: Mutex<Option<Arc<crate::handover::Outbox>>>,
+    /// An upgrade is handing connections over: every HTTP/1 connection goes at its next
+    /// moment between requests. Reversible (a new generation that dies ends it).
+    handing: AtomicBool,
+    /// Hand-overs started since the server started: tells one that ended from the next.
+    hand_overs: AtomicU64,
+    /// Wake-ups of every connection's task so far (see `Conn::poll_draining_cached`).
+    wakes: AtomicU64,
+    /// The last hand-over, for the report of the drain that follows.
+    hand_over_mark: Mutex<HandOverMark>,
+    /// Serves a connection taken back from an interrupted hand-over in this process (set
+    /// once, when serving starts).
+    pub(crate) local: OnceLock<LocalServe>,
     completed: AtomicU64,
     /// A coarse clock for the header-read and idle timeouts, advanced by [`Tracker::tick`].
     tick: AtomicU32,
@@ -519,13 +588,23 @@ impl Tracker {
 
     /// Registers a connection the previous generation handed over, between two requests:
     /// `Idle`, its idle time counted from now.
+    /// `New` instead if it had not told its protocol yet; not counted as received if it
+    /// comes back from an interrupted hand-over of this process's own.
     pub(crate) fn register_handed(
         self: &Arc<Self>,
         peer: Addr,
         socket: &impl std::os::fd::AsRawFd,
+        kind: crate::handover::Kind,
+        from_previous: bool,
     ) -> Arc<Conn> {
-        self.received.fetch_add(1, Ordering::Relaxed);
-        self.register_in(peer, socket, ConnState::Idle)
+        if from_previous {
+            self.received.fetch_add(1, Ordering::Relaxed);
+        }
+        let state = match kind {
+            crate::handover::Kind::Http1 => ConnState::Idle,
+            crate::handover::Kind::Unknown => ConnState::New,
+        };
+        self.register_in(peer, socket, state)
     }
 
     fn register_in(
@@ -691,22 +770,101 @@ impl Tracker {
             .count()
     }
 
-    /// Installs the channel to the next generation (once: a server hands over at most once).
-    pub(crate) fn set_outbox(&self, outbox: crate::handover::Outbox) {
-        let _ = self.outbox.set(outbox);
+    /// Starts handing connections over through `outbox`, then wakes every connection's
+    /// task: each HTTP/1 one goes at its next moment between requests.
+    pub(crate) fn start_hand_over(&self, outbox: Arc<crate::handover::Outbox>) {
+        *lock(&self.outbox) = Some(outbox);
+        self.hand_overs.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.hand_over_mark) = HandOverMark {
+            handed_before: self.handed_over.load(Ordering::Relaxed),
+            at_start: self.counts(),
+            took: None,
+        };
+        // Release, paired with the Acquire in `is_handing_over`: a task that sees the flag
+        // finds the outbox in place.
+        self.handing.store(true, Ordering::Release);
+        self.wake_all();
     }
 
-    /// The channel to the next generation, while connections may be handed over: a drain
-    /// for a restart, within the hand-over window.
+    /// Ends the hand-over (its window closed, it completed, or the next generation went):
+    /// connections not handed over stay here and are woken to go on as they were. `took`:
+    /// how long it took, for the report of a drain that follows.
+    pub(crate) fn end_hand_over(&self, took: Option<Duration>) {
+        self.handing.store(false, Ordering::Release);
+        if let Some(outbox) = lock(&self.outbox).take() {
+            outbox.close();
+        }
+        lock(&self.hand_over_mark).took = took;
+        self.wake_all();
+    }
+
+    /// What the last hand-over did, if one ended with a drain to follow.
+    pub(crate) fn last_hand_over(&self) -> Option<HandOverDone> {
+        let mark = lock(&self.hand_over_mark);
+        mark.took.map(|took| HandOverDone {
+            handed_over: self.handed_over.load(Ordering::Relaxed) - mark.handed_before,
+            took,
+            at_start: mark.at_start,
+        })
+    }
+
+    /// Which hand-over is (or was last) under way (see [`Conn::poll_hand_over_ended`]).
+    pub(crate) fn hand_over_number(&self) -> u64 {
+        // Relaxed: published by the Release store of `handing` that follows it.
+        self.hand_overs.load(Ordering::Relaxed)
+    }
+
+    /// True while an upgrade hands connections over.
     #[inline]
-    pub(crate) fn handing_over(&self) -> Option<&crate::handover::Outbox> {
-        let outbox = self.outbox.get()?;
-        (self.drain_asked.get() == Some(&Trigger::Restart) && outbox.is_open()).then_some(outbox)
+    pub(crate) fn is_handing_over(&self) -> bool {
+        self.handing.load(Ordering::Acquire)
+    }
+
+    /// The channel to the next generation, while connections may be handed over.
+    pub(crate) fn handing_over(&self) -> Option<Arc<crate::handover::Outbox>> {
+        if !self.is_handing_over() {
+            return None;
+        }
+        lock(&self.outbox).clone().filter(|o| o.is_open())
+    }
+
+    /// True while some connection may still be handed over: one is between requests or
+    /// will be, or the previous generation still hands some to this one.
+    pub(crate) fn hand_over_left(&self) -> bool {
+        !self.previous_done.is_set()
+            || self.shards.iter().any(|shard| {
+                lock(shard)
+                    .values()
+                    .any(|c| c.hand_over() != HandOver::Never)
+            })
+    }
+
+    /// Serves `handed` again in this process (see `local`); without a server to serve it,
+    /// it closes.
+    pub(crate) fn serve_local(&self, handed: crate::handover::Handed) {
+        match self.local.get() {
+            Some(serve) => serve(handed),
+            None => tracing::warn!("no server to take a connection back: closed"),
+        }
+    }
+
+    fn wake_all(&self) {
+        for conn in self.all() {
+            conn.drain_waker.wake();
+        }
+        // After the wakes, Release: a task that registered before one of them took its
+        // waker reads a new count at its next poll (see `Conn::poll_draining_cached`).
+        self.wakes.fetch_add(1, Ordering::Release);
     }
 
     /// A connection went to the next generation.
     pub(crate) fn count_handed_over(&self) {
         self.handed_over.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections counted as handed over came back (see `Outbox::take_back`).
+    pub(crate) fn uncount_handed_over(&self, n: u64) {
+        self.handed_over.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// Connections handed to the next generation, and received from the previous one.
@@ -733,9 +891,7 @@ impl Tracker {
     pub(crate) fn start_draining(&self) -> bool {
         let first = self.draining.set(());
         if first {
-            for conn in self.all() {
-                conn.drain_waker.wake();
-            }
+            self.wake_all();
         }
         first
     }

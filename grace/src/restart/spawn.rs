@@ -207,19 +207,28 @@ async fn attempt(
             // Taking over and a stop that came meanwhile are decided in one step: if the
             // stop won, the new process is stopped too.
             Ok(n) if n > 0 => {
-                // It takes our connections if it says so; the channel is in place before the
-                // drain is asked for, which reads it (see `Tracker::handing_over`).
+                // It takes our connections if it says so: hand them over first, watching it
+                // all along; the drain comes once they are, or not at all if it went.
                 let takes = std::str::from_utf8(&buf[..n])
                     .is_ok_and(|s| s.split_whitespace().any(|w| w == TAKES_CONNECTIONS));
-                if let (true, Some((ours, window))) = (takes, handover) {
-                    match crate::handover::Outbox::new(ours, window) {
-                        Ok(outbox) => shared.tracker.set_outbox(outbox),
-                        Err(e) => tracing::warn!(error = %e, "no hand-over: connections will close"),
-                    }
-                }
-                match shared.request_drain(Trigger::Restart) {
-                    true => return Ok(pid),
-                    false => RestartError::Stopped { pid },
+                let outbox = match (takes, handover) {
+                    (true, Some((ours, window))) => crate::handover::Outbox::new(ours, window)
+                        .inspect_err(|e| tracing::warn!(error = %e, "no hand-over: connections will close"))
+                        .ok(),
+                    _ => None,
+                };
+                let handed = match outbox {
+                    Some(outbox) => hand_over(shared, Arc::new(outbox), &mut child, pid, stop_timeout).await,
+                    None => Ok(()),
+                };
+                match handed {
+                    // Taking over and a stop that came meanwhile are decided in one step: if
+                    // the stop won, the new process is stopped too.
+                    Ok(()) => match shared.request_drain(Trigger::Restart) {
+                        true => return Ok(pid),
+                        false => RestartError::Stopped { pid },
+                    },
+                    Err(failure) => failure,
                 }
             }
             // Closed without a word: usually it is exiting; say how, if it does soon.
@@ -237,6 +246,112 @@ async fn attempt(
     };
     end(&mut child, pid, &failure, stop_timeout).await;
     Err(failure)
+}
+
+/// How long the old generation waits, once the hand-over window has ended, for the new one
+/// to acknowledge the connections already sent (it reads them as fast as it can: this
+/// bounds only a new generation that hangs).
+const ACK_WAIT: Duration = Duration::from_secs(2);
+
+/// How often the hand-over checks whether a connection is left to hand over.
+const HAND_OVER_CHECK: Duration = Duration::from_millis(2);
+
+/// The hand-over: every HTTP/1 connection goes to the new generation at its next moment
+/// between requests (this process accepts nothing meanwhile), until none is left or the
+/// window ends. The one loop that watches the new generation throughout: if it dies or
+/// hangs up before it has acknowledged every connection sent, the connections it has not
+/// are taken back and served here, accepting resumes, and the upgrade fails (this process
+/// keeps serving, no drain is asked for). A stop that comes meanwhile ends the hand-over
+/// (what was acknowledged stays with the new generation, which is then stopped too).
+async fn hand_over(
+    shared: &Arc<Shared>,
+    outbox: Arc<crate::handover::Outbox>,
+    child: &mut tokio::process::Child,
+    pid: u32,
+    stop_timeout: Duration,
+) -> Result<(), RestartError> {
+    let tracker = &shared.tracker;
+    let started = Instant::now();
+    let window_end = crate::shutdown::budget::after(started, outbox.window().min(stop_timeout));
+    shared.pause_accepting(true);
+    tracker.start_hand_over(Arc::clone(&outbox));
+    let acks = outbox.acks(|| tracker.count_handed_over());
+    tokio::pin!(acks);
+    let mut died = None;
+    let mut stopped = false;
+    // Sending, until none is left to send or the window ends.
+    loop {
+        tokio::select! {
+            biased;
+            status = child.wait() => { died = Some(status.map(describe)); break; }
+            hung_up = &mut acks => { died = Some(hung_up.map(|()| "closed the hand-over channel".into())); break; }
+            _ = shared.drain_asked() => { stopped = true; break; }
+            _ = tokio::time::sleep_until(window_end.into()) => break,
+            _ = tokio::time::sleep(HAND_OVER_CHECK) => {
+                if !tracker.hand_over_left() && outbox.is_idle() {
+                    break;
+                }
+            }
+        }
+    }
+    // No more sends; those under way end (a connection not sent stays here, served anew).
+    outbox.close();
+    if died.is_none() {
+        let settled = async {
+            outbox.settled().await;
+            while outbox.unacknowledged() > 0 {
+                tokio::time::sleep(HAND_OVER_CHECK).await;
+            }
+        };
+        tokio::select! {
+            biased;
+            status = child.wait() => died = Some(status.map(describe)),
+            hung_up = &mut acks => died = Some(hung_up.map(|()| "closed the hand-over channel".into())),
+            _ = settled => {}
+            _ = tokio::time::sleep(ACK_WAIT) => {
+                tracing::warn!(unacknowledged = outbox.unacknowledged(), "the new process has not acknowledged every connection sent: left to it");
+            }
+        }
+    }
+    let Some(died) = died else {
+        tracker.end_hand_over(Some(started.elapsed()));
+        let (handed, _) = tracker.handed_over_received();
+        tracing::info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            handed_over_total = handed,
+            "hand-over complete"
+        );
+        return Ok(());
+    };
+    // The new generation went. Make sure it is gone (one that only hung up is killed,
+    // with its group): nothing it received is served any more, so every connection it did
+    // not read from is ours again.
+    let status = died.unwrap_or_else(|e| format!("could not be watched ({e})"));
+    if let Some(group) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+    }
+    let reaped = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    outbox.settled().await;
+    let taken = match reaped {
+        Ok(Ok(_)) => outbox.take_back(),
+        _ => {
+            tracing::error!(
+                pid,
+                "the new process could not be reaped: its connections are left to it"
+            );
+            Default::default()
+        }
+    };
+    let taken_back = taken.back.len();
+    tracker.uncount_handed_over(taken.were_acknowledged as u64);
+    taken.back.into_iter().for_each(|h| tracker.serve_local(h));
+    tracker.end_hand_over(None);
+    shared.pause_accepting(false);
+    tracing::error!(pid, %status, taken_back, lost = taken.lost, "the new process went during the hand-over: serving on");
+    if stopped {
+        return Err(RestartError::Stopped { pid });
+    }
+    Err(RestartError::HandOver { pid, status })
 }
 
 /// Spawns, retrying a few times on ETXTBSY: a binary just written (a deployment) may still

@@ -7,9 +7,8 @@
 //!  → close idle HTTP/1 connections from here; mark the drain started (every connection
 //!    task wakes: HTTP/1 finishes with `Connection: close`, HTTP/2 sends GOAWAY, upgraded
 //!    connections get their notice)
-//!    — an upgrade with hand-over instead passes each HTTP/1 connection to the new
-//!    generation at its next moment between requests, until the window ends; those left
-//!    then close as above
+//!    (an upgrade with hand-over passed each HTTP/1 connection it could to the new
+//!    generation before asking for this drain: see `restart::spawn`)
 //!  → wait until no connection is left (an event), or the work deadline, or a force
 //!  → force what is left (shutdown(2) on each socket)
 //!  → stop the jobs (same deadline), close the resources (their own timeouts)
@@ -37,12 +36,24 @@ pub(crate) async fn run(
     let _unpark = Unpark(Arc::clone(tracker));
     let at_start = tracker.counts();
     let completed_before = tracker.completed();
-    let (handed_before, _) = tracker.handed_over_received();
     let ended_before = tracker.ended_total();
     tracing::info!(%trigger, ?at_start, "drain started");
     crate::systemd::drain_started(&trigger);
     let mut forced_by: Option<ForceReason> = None;
     let mut phases = Vec::new();
+    // An upgrade's drain follows its hand-over: the report starts with it.
+    let mut at_start = at_start;
+    let handed_over = match (&trigger, tracker.last_hand_over()) {
+        (Trigger::Restart, Some(done)) => {
+            phases.push(PhaseTiming {
+                phase: Phase::HandOver,
+                took: done.took,
+            });
+            at_start = done.at_start;
+            done.handed_over
+        }
+        _ => 0,
+    };
     // Each phase runs from the end of the one before it (the first from the request): the
     // phases tile the stop, and the report's total is their sum, nothing unaccounted.
     let mut mark = asked;
@@ -79,41 +90,9 @@ pub(crate) async fn run(
     tracing::info!("listeners closed");
     timed(Phase::CloseListeners);
     let (work_deadline, cut_by) = budget.work_deadline(asked, closed, reserve);
-    // An upgrade to a generation that takes connections: hand them over rather than close.
-    let outbox = tracker.handing_over();
-    if outbox.is_none() {
-        let idle = tracker.close_idle();
-        tracing::debug!(idle, "idle connections closed");
-    }
+    let idle = tracker.close_idle();
+    tracing::debug!(idle, "idle connections closed");
     tracker.start_draining();
-    if let Some(outbox) = outbox {
-        let t = Instant::now();
-        let window_end = super::budget::after(t, outbox.window()).min(work_deadline);
-        // Until every connection went (or closed), those the previous generation still
-        // hands to this one included: a chain of upgrades passes them along.
-        let all_gone = async {
-            tracker.previous_done.wait().await;
-            tracker.wait_empty().await;
-        };
-        tokio::select! {
-            _ = all_gone => {}
-            _ = tokio::time::sleep_until(window_end.into()) => {}
-            reason = shared.force.wait() => forced_by = Some(reason.clone()),
-        }
-        // The window ends: connections still here close as without a hand-over.
-        outbox.close();
-        // The hand-overs under way end (those still waiting for room give up), so that the
-        // report counts each connection once: handed over, or closed.
-        outbox.settled().await;
-        let idle = tracker.close_idle();
-        let (handed, _) = tracker.handed_over_received();
-        tracing::info!(
-            handed_over = handed - handed_before,
-            idle,
-            "hand-over ended; idle connections left closed"
-        );
-        timed(Phase::HandOver);
-    }
     // systemd: the stop takes up to the work's deadline plus the resources' time (not said
     // by an old generation that handed over: it is no longer the service's main process).
     if trigger != Trigger::Restart {
@@ -136,13 +115,10 @@ pub(crate) async fn run(
         tracing::warn!(%reason, count = forced.len(), "forcing connections closed");
         timed(Phase::Force);
     }
-    // Every connection has ended by now, as far as the drain goes: handed over, forced, or
-    // closed (one caught mid-hand-over by a force is closed).
-    let (handed, _) = tracker.handed_over_received();
-    let handed_over = handed - handed_before;
-    let closed_by_drain = (tracker.ended_total() - ended_before)
-        .saturating_sub(handed_over)
-        .saturating_sub(forced.len() as u64);
+    // Every connection has ended by now, as far as the drain goes: forced, or closed. (Those
+    // handed over went before the drain, in the upgrade's hand-over: see `restart::spawn`.)
+    let closed_by_drain =
+        (tracker.ended_total() - ended_before).saturating_sub(forced.len() as u64);
 
     // Jobs next: handlers may have handed them work. A force cuts them at once.
     let jobs_deadline = match forced_by {

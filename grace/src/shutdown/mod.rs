@@ -56,6 +56,9 @@ pub(crate) struct Shared {
     pub(crate) restart: OnceLock<crate::restart::Control>,
     /// Which generation of the service this process is: 1, then one more at each upgrade.
     pub(crate) generation: OnceLock<u32>,
+    /// The accept loops pause (keeping their listeners) while an upgrade hands connections
+    /// over: true while paused.
+    accept_paused: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -71,7 +74,23 @@ impl Shared {
             listeners: Mutex::default(),
             restart: OnceLock::new(),
             generation: OnceLock::new(),
+            accept_paused: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Pauses the accept loops (`true`), or lets them accept again.
+    pub(crate) fn pause_accepting(&self, paused: bool) {
+        self.accept_paused.send_replace(paused);
+    }
+
+    /// Resolves once accepting is paused.
+    pub(crate) async fn accepting_paused(&self) {
+        let _ = self.accept_paused.subscribe().wait_for(|p| *p).await;
+    }
+
+    /// Resolves once accepting is no longer paused.
+    pub(crate) async fn accepting_resumed(&self) {
+        let _ = self.accept_paused.subscribe().wait_for(|p| !*p).await;
     }
 
     /// Stops accepting: the accept loops drop their listeners (which then close, unless a
