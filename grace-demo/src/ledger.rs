@@ -9,6 +9,13 @@
 //! HTTP drain ─► job "settlement" (last pass) ─► "audit-file" flush + fsync
 //!                                            ─► "redis" QUIT ─► "db" pool.close()
 //! ```
+//!
+//! A transfer commits only through the [`Recorders`] gate, which it holds from just before
+//! its commit until its audit line (and event) is written. The audit file and Redis close
+//! the gate first and wait for the transfers inside it: so every committed transfer is
+//! recorded, and a transfer still running when they close (a forced drain, with the
+//! database slow or its write lock held elsewhere) is rolled back rather than committed
+//! unrecorded during the database's close.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -225,6 +232,8 @@ pub struct Ledger {
     ids: Ids,
     /// Transfers being processed (see [`Ledger::transfer`]).
     in_flight: TaskTracker,
+    /// Transfers between their commit and their last record (see [`Recorders`]).
+    recorders: Recorders,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -293,6 +302,7 @@ impl Ledger {
             events,
             ids: Ids::new(),
             in_flight: TaskTracker::new(),
+            recorders: Recorders::default(),
         }))
     }
 
@@ -315,6 +325,8 @@ impl Ledger {
             let ledger = Arc::clone(self);
             handle.add_resource(
                 grace_http::Resource::new("redis", move || async move {
+                    // No transfer commits from now on; those committed push their event first.
+                    ledger.recorders.close().await;
                     match &ledger.events {
                         Some(events) => events.close().await,
                         None => Ok(()),
@@ -326,10 +338,9 @@ impl Ledger {
         }
         let ledger = Arc::clone(self);
         handle.add_resource(
-            grace_http::Resource::new(
-                "audit-file",
-                move || async move { ledger.audit.close().await },
-            )
+            grace_http::Resource::new("audit-file", move || async move {
+                ledger.audit.close(&ledger.recorders).await
+            })
             .timeout(Duration::from_secs(2))
             .depends_on(["db"]),
         );
@@ -459,9 +470,10 @@ impl Ledger {
         let id = self.ids.next('t');
         let now = now_ms();
         let mut attempt = 1;
-        loop {
+        // Held until the transfer is recorded: the audit file and Redis do not close before.
+        let _recording = loop {
             match self.transfer_tx(&id, &from, &to, amount, now).await {
-                Ok(()) => break,
+                Ok(recording) => break recording,
                 Err(Failure::Db(e)) if attempt < ATTEMPTS && self.is_transient(&e) => {
                     tracing::debug!(error = %e, attempt, "transfer retried");
                     tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
@@ -470,7 +482,7 @@ impl Ledger {
                 Err(Failure::Db(e)) => return Err(self.classify(e)),
                 Err(Failure::Refused(e)) => return Err(e),
             }
-        }
+        };
 
         let line = serde_json::json!({
             "id": id, "from": from, "to": to, "amount": amount, "at_ms": now,
@@ -488,7 +500,9 @@ impl Ledger {
     }
 
     /// One attempt at the transfer transaction. Rows are locked in id order, so two
-    /// opposite transfers cannot deadlock each other.
+    /// opposite transfers cannot deadlock each other. Commits only once inside the
+    /// [`Recorders`] gate, and returns its pass; rolls back when the gate is closed (the
+    /// audit file is closing: the transfer could no longer be recorded).
     async fn transfer_tx(
         &self,
         id: &str,
@@ -496,7 +510,7 @@ impl Ledger {
         to: &str,
         amount: i64,
         now: i64,
-    ) -> Result<(), Failure> {
+    ) -> Result<Recording<'_>, Failure> {
         let mut tx = self.pool.begin().await?;
         let steps = if from < to {
             [true, false]
@@ -564,8 +578,15 @@ impl Ledger {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+        let Some(recording) = self.recorders.enter().await else {
+            tx.rollback().await?;
+            tracing::warn!(id, "transfer rolled back: the audit file is closing");
+            return Err(Failure::Refused(LedgerError::Unavailable(
+                "shutting down: transfer not made".into(),
+            )));
+        };
         tx.commit().await?;
-        Ok(())
+        Ok(recording)
     }
 
     /// One unit of the settlement job: every unsettled transfer goes into a new settlement
@@ -791,11 +812,48 @@ impl Ids {
     }
 }
 
+/// The gate between a transfer's commit and its records (the audit line, the Redis event).
+///
+/// A transfer enters just before its commit and leaves once recorded; [`Recorders::close`]
+/// shuts the gate (a transfer that comes later rolls back) and waits for those inside. So
+/// a closed audit file or Redis connection never has a committed transfer still to record.
+#[derive(Default)]
+struct Recorders {
+    /// `true` once closed. Readers are transfers inside; the closer takes it for writing,
+    /// which waits for them (tokio's lock is fair: a transfer that asks after the closer
+    /// waits behind it, then finds it closed).
+    closed: tokio::sync::RwLock<bool>,
+}
+
+/// A transfer's pass through [`Recorders`]: the gate does not close while it lives.
+type Recording<'a> = tokio::sync::RwLockReadGuard<'a, bool>;
+
+impl Recorders {
+    /// A pass, or `None` once closed.
+    async fn enter(&self) -> Option<Recording<'_>> {
+        let pass = self.closed.read().await;
+        (!*pass).then_some(pass)
+    }
+
+    /// Closes the gate once every transfer inside has been recorded (idempotent).
+    async fn close(&self) {
+        *self.closed.write().await = true;
+    }
+}
+
 /// The audit file: one JSON line per transfer, through a 64 KiB buffer that is written out
 /// when full and flushed and fsynced on shutdown. A process killed with `kill -9` loses
 /// what is still in the buffer.
 struct Audit {
-    writer: Mutex<Option<BufWriter<std::fs::File>>>,
+    writer: Mutex<AuditWriter>,
+}
+
+struct AuditWriter {
+    /// `None` once closed.
+    out: Option<BufWriter<std::fs::File>>,
+    /// The close has begun: each line is written out at once, so none is left in the
+    /// buffer if the close is cut at its timeout while it waits for transfers.
+    write_through: bool,
 }
 
 impl Audit {
@@ -805,8 +863,15 @@ impl Audit {
             .append(true)
             .open(path)?;
         Ok(Audit {
-            writer: Mutex::new(Some(BufWriter::with_capacity(AUDIT_BUFFER, file))),
+            writer: Mutex::new(AuditWriter {
+                out: Some(BufWriter::with_capacity(AUDIT_BUFFER, file)),
+                write_through: false,
+            }),
         })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AuditWriter> {
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Appends `line` and a newline in one piece: the buffer only ever writes whole lines,
@@ -815,25 +880,35 @@ impl Audit {
         let mut record = String::with_capacity(line.len() + 1);
         record.push_str(line);
         record.push('\n');
-        let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let writer = writer
+        let mut writer = self.lock();
+        let write_through = writer.write_through;
+        let out = writer
+            .out
             .as_mut()
             .ok_or_else(|| std::io::Error::other("audit file closed"))?;
-        writer.write_all(record.as_bytes())
+        out.write_all(record.as_bytes())?;
+        if write_through {
+            out.flush()?;
+        }
+        Ok(())
     }
 
-    /// Flushes the buffer and fsyncs the file; later appends fail.
-    async fn close(&self) -> std::io::Result<()> {
-        let writer = self
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let Some(writer) = writer else {
+    /// Writes out what is buffered, waits for the transfers still to be recorded (see
+    /// [`Recorders`]), then flushes and fsyncs the file; later appends fail.
+    async fn close(&self, recorders: &Recorders) -> std::io::Result<()> {
+        {
+            let mut writer = self.lock();
+            writer.write_through = true;
+            if let Some(out) = writer.out.as_mut() {
+                out.flush()?;
+            }
+        }
+        recorders.close().await;
+        let Some(out) = self.lock().out.take() else {
             return Ok(());
         };
         tokio::task::spawn_blocking(move || {
-            let file = writer.into_inner().map_err(|e| e.into_error())?;
+            let file = out.into_inner().map_err(|e| e.into_error())?;
             file.sync_all()
         })
         .await

@@ -119,7 +119,9 @@ pub struct Args {
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// At most this many connections at once (`0`: no limit); at the limit new connections
-    /// wait in the kernel's accept queue until one closes.
+    /// wait in the kernel's accept queue until one closes, or make room by closing the
+    /// connection idle longest, or those that sent nothing within 200 ms of their accept
+    /// (never one with a request in flight).
     #[arg(long, default_value_t = 0)]
     max_connections: usize,
     /// Close connections gracefully at about this age (±10 %): HTTP/1 `Connection: close`,

@@ -1171,3 +1171,118 @@ async fn sqlite_file_is_created_when_missing() {
     let snap = snapshot(&db, &prefix, true).await;
     assert_eq!(snap.transfers.len(), 1);
 }
+
+/// Issue 20, item 5: with the SQLite write lock held by another connection, a transfer is
+/// in flight (blocked in its first UPDATE) when a forced drain (`--shutdown-timeout 1s`)
+/// closes the audit file; the lock is released only then, while the database closes. The
+/// transfer must not commit without its audit line: every transfer in the database has
+/// one (it is rolled back, since the audit file can no longer record it). Before the fix,
+/// it committed during the database's close and its audit line was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_running_past_a_forced_drain_is_never_committed_unrecorded_sqlite() {
+    let dir = TempDir::new();
+    let db = sqlite_url(&dir);
+    let prefix = unique_prefix();
+    let audit = dir.path("audit.log");
+    let demo = Demo::start(
+        &dir,
+        &args(&[
+            "--db",
+            &db,
+            "--table-prefix",
+            &prefix,
+            "--audit-file",
+            audit.to_str().unwrap(),
+            "--shutdown-timeout",
+            "1s",
+            "--settle-interval",
+            "1h",
+        ]),
+    )
+    .await;
+    create_accounts(demo.addr, 2, 1_000).await;
+    let mut c = Http::connect(demo.addr).await.unwrap();
+    let r = c
+        .request(
+            "POST",
+            "/transfers",
+            Some(r#"{"from":"acct0","to":"acct1","amount":1}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Another writer holds the database's write lock (as another process would).
+    sqlx::any::install_default_drivers();
+    let mut holder = sqlx::AnyConnection::connect(&db).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let blocked = tokio::spawn(async move {
+        c.request(
+            "POST",
+            "/transfers",
+            Some(r#"{"from":"acct0","to":"acct1","amount":7}"#),
+        )
+        .await
+    });
+    // In flight: waiting for the lock (SQLite's busy timeout is 5 s).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !blocked.is_finished(),
+        "the transfer did not wait for the lock"
+    );
+    demo.signal(Signal::TERM);
+    let t = Instant::now();
+    while !demo.stderr().contains("forcing connections closed") {
+        assert!(t.elapsed() < SOON, "no forced drain:\n{}", demo.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The job is cut and the audit file closes at once after the force; the database's
+    // close then waits (up to 5 s) for the connection the transfer holds.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    holder.close().await.unwrap();
+
+    let exit = demo.wait_exit(SOON).await;
+    println!("exit {} in {:?}: {}", exit.code, exit.took, exit.report);
+    assert_eq!(exit.code, 3, "the drain was not forced:\n{}", exit.stderr);
+    let answer = blocked.await.unwrap();
+    assert!(
+        answer.as_ref().map_or(true, |r| r.status != 200),
+        "answered 200 after the force: {answer:?}"
+    );
+    let order: Vec<String> = exit.resources().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(order, ["audit-file", "db"], "{}", exit.report);
+    // The case under test happened: the lock came free only after the audit file closed.
+    assert!(
+        exit.stderr.contains("transfer rolled back"),
+        "the transfer did not outlive the audit file:\n{}",
+        exit.stderr
+    );
+
+    let snap = snapshot(&db, &prefix, true).await;
+    let recorded: HashSet<String> = audit_ids(&audit).into_iter().collect();
+    let unrecorded: Vec<&str> = snap
+        .transfers
+        .iter()
+        .map(|t| t.id.as_str())
+        .filter(|id| !recorded.contains(*id))
+        .collect();
+    assert!(
+        unrecorded.is_empty(),
+        "committed without an audit line: {unrecorded:?}\n{}",
+        exit.stderr
+    );
+    assert_eq!(
+        recorded.len(),
+        snap.transfers.len(),
+        "audit lines without a transfer"
+    );
+    // Nothing half applied: the balances are those of the recorded transfers.
+    let balances: HashMap<_, _> = snap.accounts.into_iter().collect();
+    let moved: i64 = snap.transfers.iter().map(|t| t.amount).sum();
+    assert_eq!(balances["acct0"], 1_000 - moved);
+    assert_eq!(balances["acct1"], 1_000 + moved);
+}

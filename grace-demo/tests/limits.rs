@@ -7,16 +7,16 @@ use std::time::Duration;
 
 use common::{Demo, Http, SOON, TempDir};
 use rustix::process::Signal;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn max_connections_queues_new_connections_instead_of_refusing_them() {
     let dir = TempDir::new();
     let args = ["--max-connections", "1"].map(String::from);
     let demo = Demo::start(&dir, &args).await;
+    // The first is busy (a request in flight): it keeps its place.
     let mut first = Http::connect(demo.addr).await.unwrap();
-    first.send("GET", "/", None).await.unwrap();
-    assert_eq!(first.read().await.unwrap().status, 200);
+    first.send("GET", "/sleep/1500", None).await.unwrap();
 
     let mut second = Http::connect(demo.addr)
         .await
@@ -24,6 +24,7 @@ async fn max_connections_queues_new_connections_instead_of_refusing_them() {
     second.send("GET", "/", None).await.unwrap();
     let early = tokio::time::timeout(Duration::from_millis(400), second.read()).await;
     assert!(early.is_err(), "served over the limit");
+    assert_eq!(first.read().await.unwrap().status, 200);
     drop(first);
     let resp = tokio::time::timeout(SOON, second.read())
         .await
@@ -120,6 +121,117 @@ async fn a_dribbled_body_is_answered_408_and_its_connection_closes() {
     .expect("the connection stayed open after a cut body");
     assert!(eof.is_err() || rest.is_empty(), "{rest:?}");
 
+    demo.signal(Signal::TERM);
+    let exit = demo.wait_exit(SOON).await;
+    assert_eq!(exit.code, 0, "{}", exit.stderr);
+}
+
+/// `--max-connections 50` and `n` more connections waiting: how long an honest `GET /`
+/// (connected after them all) waits for its answer.
+async fn honest_get(demo: &Demo) -> Duration {
+    let t = std::time::Instant::now();
+    let mut honest = Http::connect(demo.addr).await.expect("connect");
+    honest.send("GET", "/", None).await.unwrap();
+    let resp = tokio::time::timeout(HONEST_BOUND, honest.read())
+        .await
+        .unwrap_or_else(|_| panic!("the honest request waited more than {HONEST_BOUND:?}"))
+        .expect("the honest request was cut");
+    assert_eq!(resp.status, 200);
+    t.elapsed()
+}
+
+/// How long an honest client may wait at the limit, on a loaded machine (it waited 45 s
+/// behind 1,000 silent connections, and the idle timeout, 75 s, behind 50 idle ones).
+const HONEST_BOUND: Duration = Duration::from_secs(8);
+
+/// Issue 20, item 6 (a): 1,000 connections that never send a byte do not keep an honest
+/// client out: at the limit, silent connections past the first-byte grace are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_at_max_connections_give_way_to_an_honest_client() {
+    let dir = TempDir::new();
+    let args = ["--max-connections", "50"].map(String::from);
+    let demo = Demo::start(&dir, &args).await;
+    let mut silent = Vec::new();
+    for _ in 0..1_000 {
+        silent.push(tokio::net::TcpStream::connect(demo.addr).await.unwrap());
+    }
+    let waited = honest_get(&demo).await;
+    println!("honest GET behind 1,000 silent connections: {waited:?}");
+    drop(silent);
+    demo.signal(Signal::TERM);
+    let exit = demo.wait_exit(SOON).await;
+    assert_eq!(exit.code, 0, "{}", exit.stderr);
+}
+
+/// Issue 20, item 6 (b): 50 idle keep-alive connections (each served one request) do not
+/// keep an honest client waiting for the idle timeout: the one idle longest is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_at_max_connections_give_way_to_an_honest_client() {
+    let dir = TempDir::new();
+    let args = ["--max-connections", "50"].map(String::from);
+    let demo = Demo::start(&dir, &args).await;
+    let mut idle = Vec::new();
+    for _ in 0..50 {
+        let mut c = Http::connect(demo.addr).await.unwrap();
+        let resp = c.request("GET", "/", None).await.unwrap();
+        assert_eq!(resp.status, 200);
+        idle.push(c);
+    }
+    let waited = honest_get(&demo).await;
+    println!("honest GET behind 50 idle connections: {waited:?}");
+    // The one idle longest made room; the others are still open.
+    let mut first = idle.remove(0);
+    let mut byte = [0u8; 1];
+    let eof = tokio::time::timeout(SOON, first.raw().read(&mut byte)).await;
+    assert!(
+        matches!(eof, Ok(Ok(0) | Err(_))),
+        "the longest idle connection was not the one closed: {eof:?}"
+    );
+    let last = idle.last_mut().unwrap();
+    let resp = last
+        .request("GET", "/", None)
+        .await
+        .expect("a recent one was closed");
+    assert_eq!(resp.status, 200);
+    drop(idle);
+    demo.signal(Signal::TERM);
+    let exit = demo.wait_exit(SOON).await;
+    assert_eq!(exit.code, 0, "{}", exit.stderr);
+}
+
+/// Issue 20, item 6 (c): a connection with a request in flight is never closed to make
+/// room: 50 slow requests at the limit all complete, and the honest client is served once
+/// one of them has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_at_max_connections_are_never_cut() {
+    let dir = TempDir::new();
+    let args = ["--max-connections", "50"].map(String::from);
+    let demo = Demo::start(&dir, &args).await;
+    let mut busy = Vec::new();
+    for _ in 0..50 {
+        let mut c = Http::connect(demo.addr).await.unwrap();
+        c.send("GET", "/sleep/3000", None).await.unwrap();
+        busy.push(c);
+    }
+    let t = std::time::Instant::now();
+    let mut honest = Http::connect(demo.addr).await.unwrap();
+    honest.send("GET", "/", None).await.unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(1_500), honest.read()).await;
+    assert!(early.is_err(), "served over the limit: {early:?}");
+    for (i, c) in busy.iter_mut().enumerate() {
+        let resp = tokio::time::timeout(SOON, c.read())
+            .await
+            .unwrap_or_else(|_| panic!("slow request {i} never answered"))
+            .unwrap_or_else(|e| panic!("slow request {i} was cut: {e}"));
+        assert_eq!(resp.status, 200, "slow request {i}");
+    }
+    let resp = tokio::time::timeout(SOON, honest.read())
+        .await
+        .expect("the honest request was never served")
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    println!("honest GET behind 50 slow requests: {:?}", t.elapsed());
+    drop((busy, honest));
     demo.signal(Signal::TERM);
     let exit = demo.wait_exit(SOON).await;
     assert_eq!(exit.code, 0, "{}", exit.stderr);

@@ -168,7 +168,13 @@ impl AsyncRead for Socket {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            // A handshake under way is not a silent connection (see `Tracker::shed_for_new`).
+            self.conn.heard();
+        }
+        res
     }
 }
 

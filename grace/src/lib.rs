@@ -73,6 +73,7 @@ mod handover;
 mod health;
 mod jobs;
 mod latch;
+mod limit;
 mod listener;
 pub mod metrics;
 mod resources;

@@ -391,10 +391,21 @@ impl Server {
     /// limit. At the limit the server stops accepting until a connection closes: new
     /// connections wait in the kernel's accept queue (they are not refused, and are served
     /// in turn), so a burst costs latency, not errors. Every live connection counts,
-    /// keep-alive and upgraded ones included, until its socket closes; idle ones make room
-    /// at the idle timeout. Each listener takes its place before it accepts (that is what
-    /// leaves the next connection in the kernel's queue, where an upgrade hands it on), so
-    /// with several listeners, up to one place per idle listener is held back.
+    /// keep-alive and upgraded ones included, until its socket closes. Each listener takes
+    /// its place before it accepts (that is what leaves the next connection in the kernel's
+    /// queue, where an upgrade hands it on), so with several listeners, up to one place per
+    /// idle listener is held back.
+    ///
+    /// So that idle or silent clients cannot hold every place, a client waiting in the
+    /// accept queue while no place frees up (the queue is looked at every 50 ms) makes room:
+    /// the connection idle longest is closed (oldest first among equals; HTTP/1 as the
+    /// idle timeout closes it, never under a request that has begun), else every connection
+    /// that has sent nothing since it was accepted more than the
+    /// [`new_connection_grace`](Self::new_connection_grace) ago (200 ms by default; no byte
+    /// read, none waiting in its socket, no TLS handshake under way). A connection with a
+    /// request in flight, or upgraded, is never closed to make room: when every place is
+    /// busy, new clients wait. Behind `n` silent connections already queued, a client waits
+    /// about `n / max` grace periods, as each batch is accepted and given its grace.
     pub fn max_connections(mut self, max: impl Into<Option<usize>>) -> Self {
         self.config.max_connections = max.into();
         self
@@ -807,7 +818,7 @@ async fn accept_loop<S, B>(
     let mut said_full: Option<std::time::Instant> = None;
     loop {
         // A place under the connection limit first: until one is free, new connections wait
-        // in the kernel's accept queue.
+        // in the kernel's accept queue, and make room for themselves (see `limit`).
         let slot = match &limit {
             None => None,
             Some(limit) => {
@@ -816,13 +827,14 @@ async fn accept_loop<S, B>(
                 {
                     said_full = Some(std::time::Instant::now());
                     tracing::warn!(
-                        "max_connections reached: new connections wait in the accept queue"
+                        "max_connections reached: new connections wait in the accept queue; \
+                         idle and silent connections make room for them"
                     );
                 }
                 tokio::select! {
                     biased;
                     _ = shared.accepting_stopped() => break,
-                    slot = Arc::clone(limit).acquire_owned() => slot.ok(),
+                    slot = crate::limit::place(limit, &*listener, &shared.tracker, ctx.grace) => slot,
                 }
             }
         };

@@ -54,6 +54,17 @@ impl SocketSlot {
         true
     }
 
+    /// Whether bytes wait unread in the socket (`FIONREAD`): a client's first bytes that
+    /// its task has not read yet. False once the socket is closed, or if the kernel cannot
+    /// say.
+    pub(crate) fn has_unread(&self) -> bool {
+        let guard = crate::lock(&self.0);
+        let Some(fd) = *guard else { return false };
+        // SAFETY: as in `shutdown`: the lock is held, so the number is still the socket's.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        rustix::io::ioctl_fionread(fd).is_ok_and(|n| n > 0)
+    }
+
     /// Closes the socket where it stands: its descriptor is made a copy of `null` (an open
     /// `/dev/null`), which releases the socket at once (the peer sees FIN, as after
     /// [`shutdown`](Self::shutdown), and the kernel frees it now, not at exit), while the
@@ -75,6 +86,24 @@ impl SocketSlot {
         }
         true
     }
+}
+
+/// Whether a connection waits in the accept queue of `listener`, a listening socket:
+/// `poll(2)` without waiting. False if the kernel cannot say.
+pub(crate) fn has_pending_connection(listener: &impl AsRawFd) -> bool {
+    // SAFETY: `listener` is borrowed for this call, so its descriptor stays open while the
+    // borrowed one (used only by the poll below) lives.
+    let fd = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) };
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
+    let now = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(rustix::event::poll(&mut fds, Some(&now)), Ok(n) if n > 0)
+        && fds[0].revents().contains(rustix::event::PollFlags::IN)
 }
 
 /// Takes ownership of a descriptor this process inherited (systemd's `LISTEN_FDS` protocol,

@@ -15,11 +15,12 @@ use tokio::net::TcpStream;
 #[tokio::test]
 async fn at_max_connections_new_connections_wait_in_the_queue_and_are_served_in_turn() {
     let mut s = start(app(), |s| s.max_connections(2)).await;
+    // Both busy (a request in flight each): they keep their places.
     let mut c1 = Client::connect(s.addr).await;
     let mut c2 = Client::connect(s.addr).await;
-    assert_eq!(c1.get("/").await.unwrap().status, 200);
-    assert_eq!(c2.get("/").await.unwrap().status, 200);
-    s.wait_counts(|c| c.idle == 2).await;
+    c1.send("/sleep/1500").await;
+    c2.send("/sleep/1500").await;
+    s.wait_counts(|c| c.active == 2).await;
 
     // The third connects (the kernel completes the handshake) but is not accepted yet.
     let mut c3 = Client::connect(s.addr).await;
@@ -29,6 +30,7 @@ async fn at_max_connections_new_connections_wait_in_the_queue_and_are_served_in_
     assert_eq!(s.handle.counts().total(), 2);
 
     // One closes: the waiting one is accepted and served.
+    assert_eq!(c1.read().await.unwrap().status, 200);
     let t = Instant::now();
     drop(c1);
     let resp = tokio::time::timeout(SOON, c3.read())
@@ -127,4 +129,69 @@ async fn configure_hyper_reaches_hyper() {
     drop(c);
     s.handle.shutdown();
     s.report(Duration::ZERO).await;
+}
+
+/// At the limit, a waiting client gets the place of the connection idle longest: it is
+/// served at once, not at the idle timeout, and the more recent idle connection stays.
+#[tokio::test]
+async fn at_max_connections_the_connection_idle_longest_makes_room() {
+    let mut s = start(app(), |s| s.max_connections(2)).await;
+    let mut c1 = Client::connect(s.addr).await;
+    assert_eq!(c1.get("/").await.unwrap().status, 200);
+    let mut c2 = Client::connect(s.addr).await;
+    assert_eq!(c2.get("/").await.unwrap().status, 200);
+    s.wait_counts(|c| c.idle == 2).await;
+
+    let t = Instant::now();
+    let mut c3 = Client::connect(s.addr).await;
+    let resp = tokio::time::timeout(SOON, c3.get("/"))
+        .await
+        .expect("the waiting client was not served")
+        .expect("cut instead of served");
+    assert_eq!(resp.status, 200);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(c1.closed().await, "the connection idle longest stayed open");
+    assert_eq!(
+        c2.get("/").await.unwrap().status,
+        200,
+        "the recent one was closed"
+    );
+
+    drop((c2, c3));
+    s.handle.shutdown();
+    let report = s.report(Duration::ZERO).await;
+    assert!(report.is_clean(), "{}", report.to_json());
+}
+
+/// At the limit, connections that have sent nothing within the first-byte grace make room;
+/// one whose request has begun (part of its head read) keeps its place and is served.
+#[tokio::test]
+async fn at_max_connections_silent_connections_make_room_and_begun_requests_stay() {
+    let grace = Duration::from_millis(200);
+    let mut s = start(app(), |s| s.max_connections(2).new_connection_grace(grace)).await;
+    let mut begun = Client::connect(s.addr).await;
+    begun.write(b"GET / HT").await;
+    s.wait_counts(|c| c.active == 1).await;
+    let mut silent = Client::connect(s.addr).await;
+    s.wait_counts(|c| c.new == 1).await;
+
+    let t = Instant::now();
+    let mut waiting = Client::connect(s.addr).await;
+    let resp = tokio::time::timeout(SOON, waiting.get("/"))
+        .await
+        .expect("the waiting client was not served")
+        .expect("cut instead of served");
+    assert_eq!(resp.status, 200);
+    let waited = t.elapsed();
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    assert!(silent.closed().await, "the silent connection stayed open");
+
+    begun.write(b"TP/1.1\r\nHost: x\r\n\r\n").await;
+    let resp = begun.read().await.expect("a begun request was cut");
+    assert_eq!(resp.status, 200);
+
+    drop((begun, waiting));
+    s.handle.shutdown();
+    let report = s.report(Duration::ZERO).await;
+    assert!(report.is_clean(), "{}", report.to_json());
 }

@@ -520,11 +520,15 @@ async fn at_max_connections_a_tls_client_waits_for_a_place_and_closing_one_makes
     let mut s = start(app(), |s| s.tls(tls_config(&cert)).max_connections(1)).await;
     let mut first = H1::connect(s.addr, &cert.der).await;
     assert_eq!(first.get("/").await.status, 200);
+    // Busy (a request in flight): it keeps its place (an idle one would make room).
+    first.send("/sleep/1000").await;
+    s.wait_counts(|c| c.active == 1).await;
     // Not accepted yet: its ClientHello waits in the kernel, the handshake does not finish.
     let (addr, root) = (s.addr, cert.der.clone());
     let second = tokio::spawn(async move { connect_tls(addr, &root, &[b"http/1.1"]).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!second.is_finished(), "accepted over the limit");
+    assert_eq!(first.read().await.expect("cut").status, 200);
     drop(first);
     let tls = tokio::time::timeout(SOON, second)
         .await

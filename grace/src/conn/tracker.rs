@@ -141,6 +141,10 @@ pub(crate) struct Conn {
     /// Closed by its own task at a drain, never shut from outside while idle: its stream
     /// says goodbye first (TLS `close_notify`, see `accept`).
     closes_itself: AtomicBool,
+    /// Through an acceptor: the socket has delivered bytes (a handshake under way), though
+    /// the connection is `New` until the acceptor's stream delivers some. Never shed as
+    /// silent (see [`Tracker::shed_for_new`]).
+    heard: AtomicBool,
     left_new: Notify,
     tracker: Arc<Tracker>,
 }
@@ -207,6 +211,11 @@ impl Conn {
                     self.apply(Event::Preface);
                 }
                 self.left_new.notify_one();
+                // SeqCst, paired with `close_if_silent`: either it sees us `Active` and
+                // keeps the socket, or we see `closing` and drop the bytes unread.
+                if self.closing.load(Ordering::SeqCst) {
+                    return false;
+                }
             }
             ConnState::Idle if !self.http2.load(Ordering::Relaxed) => {
                 self.head_since.store(self.tracker.now(), Ordering::Relaxed);
@@ -247,6 +256,30 @@ impl Conn {
         }
         self.closing.store(false, Ordering::SeqCst);
         false
+    }
+
+    /// Shuts a connection that has sent nothing (`New`, nothing read, nothing waiting in
+    /// its socket), unless its first bytes arrive meanwhile: they are then dropped unread
+    /// (see `on_read`), never served on a socket being shut.
+    fn close_if_silent(&self) -> bool {
+        self.closing.store(true, Ordering::SeqCst);
+        if ConnState::from_u8(self.state.load(Ordering::SeqCst)) == ConnState::New
+            && !self.socket.has_unread()
+        {
+            return self.socket.shutdown();
+        }
+        self.closing.store(false, Ordering::SeqCst);
+        false
+    }
+
+    /// The socket delivered bytes to the acceptor (see `heard`).
+    #[inline]
+    pub(crate) fn heard(&self) {
+        // Relaxed: a hint for shedding only. Read first: one write per connection, not
+        // one per read.
+        if !self.heard.load(Ordering::Relaxed) {
+            self.heard.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Resolves once the connection has left `New` (at once if it already has).
@@ -492,6 +525,15 @@ impl Conn {
     }
 }
 
+/// What [`Tracker::shed_for_new`] did.
+#[derive(Debug, Default)]
+pub(crate) struct Shed {
+    /// Connections closed to make room.
+    pub(crate) closed: usize,
+    /// How long until the next silent connection passes its grace, if one is younger.
+    pub(crate) next: Option<Duration>,
+}
+
 /// Shards of the registry: connections closing at once on several threads rarely meet.
 const SHARDS: usize = 16;
 
@@ -639,6 +681,7 @@ impl Tracker {
             drain_waker: atomic_waker::AtomicWaker::new(),
             socket: SocketSlot::new(socket),
             closes_itself: AtomicBool::new(false),
+            heard: AtomicBool::new(false),
             left_new: Notify::new(),
             tracker: Arc::clone(self),
         });
@@ -768,6 +811,69 @@ impl Tracker {
                 false => c.close_if_idle(None),
             })
             .count()
+    }
+
+    /// At the connection limit, with a client waiting in the accept queue: makes room by
+    /// closing the connection idle longest (the oldest first among equals) or, with none
+    /// idle, every connection that has sent nothing since it was accepted more than `grace`
+    /// ago (no byte read, none waiting in its socket). Never one with a request in flight
+    /// (`Active`) or upgraded (`Hijacked`). Each closed socket's task ends, and its place
+    /// under the limit comes free.
+    pub(crate) fn shed_for_new(&self, grace: Duration) -> Shed {
+        let tick = self.now();
+        let now = Instant::now();
+        let mut longest: Option<(u32, u64, Arc<Conn>)> = None;
+        let mut silent = Vec::new();
+        let mut next: Option<Duration> = None;
+        for conn in self.all() {
+            // Relaxed: a hint (set once a shed has begun closing it); a stale `false` only
+            // means another attempt, which `close_if_*` makes harmless.
+            if conn.closing.load(Ordering::Relaxed) {
+                continue;
+            }
+            match conn.state() {
+                ConnState::Idle => {
+                    // Relaxed: the coarse clock's tick, compared within a tick's error.
+                    let idle = tick.wrapping_sub(conn.idle_since.load(Ordering::Relaxed));
+                    let id = conn.info.id;
+                    if longest.as_ref().is_none_or(|(i, first, _)| {
+                        (idle, std::cmp::Reverse(id)) > (*i, std::cmp::Reverse(*first))
+                    }) {
+                        longest = Some((idle, id, conn));
+                    }
+                }
+                // Relaxed: see `heard`.
+                ConnState::New if !conn.heard.load(Ordering::Relaxed) => {
+                    let age = now.saturating_duration_since(conn.info.accepted_at);
+                    match grace.checked_sub(age).filter(|left| !left.is_zero()) {
+                        Some(left) => next = Some(next.map_or(left, |n| n.min(left))),
+                        None => silent.push(conn),
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some((_, _, conn)) = longest {
+            let closed = if conn.is_http2() {
+                // Relaxed: read only as the hint above, by later sheds.
+                conn.closing.store(true, Ordering::Relaxed);
+                conn.socket.shutdown()
+            } else {
+                conn.close_if_idle(None)
+            };
+            if closed {
+                tracing::debug!(conn = conn.info.id, peer = %conn.info.peer, "closed the connection idle longest to make room");
+                return Shed { closed: 1, next };
+            }
+        }
+        let mut closed = 0;
+        for conn in silent {
+            if conn.close_if_silent() {
+                tracing::debug!(conn = conn.info.id, peer = %conn.info.peer, "closed a silent connection to make room");
+                closed += 1;
+            }
+        }
+        Shed { closed, next }
     }
 
     /// Starts handing connections over through `outbox`, then wakes every connection's
