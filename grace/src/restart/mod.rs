@@ -39,6 +39,7 @@ pub(crate) const DEFAULT_NAME: &str = "grace";
 ///   │    fds 3.. = listening sockets (same sockets,     LISTEN_FDNAMES, GRACE_LISTEN_PPID),
 ///   │    never closed), 3+n = ready pipe               GRACE_READY_FD = 3+n,
 ///   │    3+n+1 = hand-over socket                      GRACE_HANDOVER_FD = 3+n+1
+///   │    then the control socket, if any               GRACE_CONTROL_FD (see `control`)
 ///   │                                                  load config, open resources…
 ///   │  (both accept from the one shared socket)        serve(): accept loops running,
 ///   │                                                   pid file rewritten, READY=1,
@@ -384,6 +385,12 @@ async fn drive(
         };
         crate::metrics::upgrade_finished(result.is_ok(), started.elapsed());
         *lock(&control.last) = Some(result.as_ref().copied().map_err(ToString::to_string));
+        if let Ok(&pid) = result.as_ref() {
+            // Control requests go to the new generation now, unless it dies while this one
+            // could still take back what it hands over (see `control`).
+            let watch = config.hand_over.unwrap_or(DEFAULT_HAND_OVER_WINDOW);
+            shared.control.taken_over(pid, watch);
+        }
         if let Some(reply) = reply {
             let _ = reply.send(result);
         }

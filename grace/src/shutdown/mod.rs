@@ -56,6 +56,8 @@ pub(crate) struct Shared {
     pub(crate) restart: OnceLock<crate::restart::Control>,
     /// Which generation of the service this process is: 1, then one more at each upgrade.
     pub(crate) generation: OnceLock<u32>,
+    /// The control socket, as restarts see it (passed on, taken over).
+    pub(crate) control: crate::control::Link,
 }
 
 impl Shared {
@@ -71,6 +73,7 @@ impl Shared {
             listeners: Mutex::default(),
             restart: OnceLock::new(),
             generation: OnceLock::new(),
+            control: crate::control::Link::default(),
         })
     }
 
