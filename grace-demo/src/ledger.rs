@@ -258,6 +258,9 @@ impl Ledger {
         );
         sqlx::any::install_default_drivers();
         let backend = Backend::from_url(&config.db_url)?;
+        if backend == Backend::Sqlite {
+            check_sqlite_files(&config.db_url)?;
+        }
         let url = connect_url(backend, &config.db_url, &config.client_name);
         let pool = AnyPoolOptions::new()
             .max_connections(config.max_connections.max(1))
@@ -774,6 +777,60 @@ fn connect_url(backend: Backend, url: &str, client_name: &str) -> String {
     format!("{url}{separator}{key}={value}")
 }
 
+/// The file of an SQLite URL (`sqlite://FILE?…`, `sqlite:FILE`), `None` for an in-memory
+/// database.
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let (file, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let memory = query.split('&').any(|pair| pair == "mode=memory");
+    (!(file.is_empty() || file == ":memory:" || memory)).then(|| PathBuf::from(file))
+}
+
+/// SQLite opens its database and the files beside it (`-wal`, `-shm`, `-journal`) with
+/// `O_CREAT`, following symbolic links: a link planted at one of those names (in a
+/// directory others may write to) would have it write database pages into any file we may
+/// write. Refuses to start when one is a link or not a regular file, and warns when others
+/// may write to the directory (a link planted after this check cannot be refused here:
+/// keep the database in a directory only the service writes to).
+fn check_sqlite_files(url: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(db) = sqlite_file(url) else {
+        return Ok(());
+    };
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut path = db.clone().into_os_string();
+        path.push(suffix);
+        let path = PathBuf::from(path);
+        match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+            Ok(meta) if meta.file_type().is_symlink() => anyhow::bail!(
+                "{} is a symbolic link: SQLite would write through it; not opened",
+                path.display()
+            ),
+            Ok(meta) if !meta.file_type().is_file() => {
+                anyhow::bail!("{} is not a regular file: not opened", path.display())
+            }
+            Ok(_) => {}
+        }
+    }
+    let dir = match db.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if let Ok(meta) = std::fs::metadata(dir) {
+        if meta.permissions().mode() & 0o022 != 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                "others may write to the database's directory: they could plant links at its file names"
+            );
+        }
+    }
+    Ok(())
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -857,11 +914,39 @@ struct AuditWriter {
 }
 
 impl Audit {
+    /// Opens (or creates) the audit file for appending. Never through a symbolic link, and
+    /// only a regular file: a link planted at the path (the directory may be shared) would
+    /// have us append to any file we may write, a FIFO would block the start.
     fn open(path: &Path) -> std::io::Result<Audit> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(path)?;
+            .custom_flags(flags.bits() as i32)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                // O_NOFOLLOW on a link: ELOOP, which says nothing to a person.
+                Some(code) if code == rustix::io::Errno::LOOP.raw_os_error() => {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "it is a symbolic link: not followed",
+                    )
+                }
+                // A FIFO nobody reads (opened without waiting for one: O_NONBLOCK).
+                Some(code) if code == rustix::io::Errno::NXIO.raw_os_error() => {
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")
+                }
+                _ => e,
+            })?;
+        if !file.metadata()?.file_type().is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        // Blocking writes from here (O_NONBLOCK only kept the open from waiting on a FIFO).
+        rustix::fs::fcntl_setfl(&file, rustix::fs::OFlags::APPEND)?;
         Ok(Audit {
             writer: Mutex::new(AuditWriter {
                 out: Some(BufWriter::with_capacity(AUDIT_BUFFER, file)),

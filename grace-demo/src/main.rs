@@ -295,7 +295,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .layer(axum::Extension(settings.greeting));
     let mut serve = server.serve(app).with_signals().with_restart(restart);
     if let Some(path) = &args.control_socket {
-        serve = serve.with_control(path);
+        // Refused (a live socket, a file, a link at the path) before we say we listen.
+        serve = serve.try_with_control(path)?;
     }
     // Signal handlers are installed: now scripts may read the address and signal us.
     // An upgrade's new process inherits stdout, which may be gone by then (a closed

@@ -149,3 +149,214 @@ async fn ctl_reports_status_upgrades_with_an_outcome_and_drains() {
     assert!(!alive(new));
     assert!(!socket.exists(), "the control socket outlived the service");
 }
+
+/// `ctl` with a bound: a socket nobody answers on must fail the test, not hang it.
+fn ctl_within(socket: &Path, args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(BIN)
+        .args(["ctl", "--socket"])
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run grace-demo ctl");
+    let t = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("ctl {args:?} got no answer within {limit:?}: {out:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Runs the demo with `args` in `dir` until it exits (it must, within `PATIENCE`): its exit
+/// code and stderr.
+fn refused(dir: &TempDir, args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .current_dir(&dir.0)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            "sqlite://refused.db?mode=rwc",
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn grace-demo");
+    let t = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > common::PATIENCE {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("the demo served: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("listening on"),
+        "said it listens: {stdout}"
+    );
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Issue 20, item 3: the control path is treated as a Unix listener's is: a stale socket is
+/// replaced; a regular file, a link or a live socket (another instance's) is refused with
+/// the path named, left as it is, and the first instance keeps its control socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_path_is_never_taken_from_a_file_a_link_or_a_live_socket() {
+    let dir = TempDir::new();
+    let socket = dir.path("control.sock");
+
+    // A regular file: refused, its content kept.
+    std::fs::write(&socket, "someone's data\n").unwrap();
+    let path = socket.to_str().unwrap();
+    let (code, stderr) = refused(&dir, &["--control-socket", path]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains(path), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&socket).unwrap(),
+        "someone's data\n"
+    );
+    std::fs::remove_file(&socket).unwrap();
+
+    // A symbolic link (to a file): refused, the link and its target kept.
+    let victim = dir.path("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    std::os::unix::fs::symlink(&victim, &socket).unwrap();
+    let (code, stderr) = refused(&dir, &["--control-socket", path]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("symbolic link"), "{stderr}");
+    assert!(std::fs::symlink_metadata(&socket).unwrap().is_symlink());
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    std::fs::remove_file(&socket).unwrap();
+
+    // A stale socket (its process died): replaced.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let args: Vec<String> = [
+        "--control-socket",
+        path,
+        "--db",
+        "sqlite://first.db?mode=rwc",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    let first = Demo::start(&dir, &args).await;
+    let status = json(&ctl_within(&socket, &["--json", "status"], SOON));
+    assert_eq!(status["pid"], first.pid);
+
+    // A second instance at the same path: refused, the first still answers there.
+    let (code, stderr) = refused(&dir, &["--control-socket", path]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(path) && stderr.contains("in use"),
+        "{stderr}"
+    );
+    for _ in 0..3 {
+        let status = json(&ctl_within(&socket, &["--json", "status"], SOON));
+        assert_eq!(status["pid"], first.pid, "another process answered");
+    }
+    let out = ctl_within(&socket, &["drain"], SOON);
+    assert!(out.status.success(), "{out:?}");
+    let exit = first.wait_exit(common::PATIENCE).await;
+    assert_eq!(exit.code, 0, "{}", exit.stderr);
+    assert!(!socket.exists(), "the control socket outlived the service");
+}
+
+/// Issue 20, item 3: an upgrade that fails changes nothing about the control socket, one
+/// that succeeds hands it over: the new process exits at start (after it would have bound
+/// the socket), or dies right after it reported ready, and `ctl status` still reaches the
+/// old process; after a good upgrade it reaches the new one at once, and the socket file
+/// stays when the old one exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_upgrade_leaves_the_control_socket_with_the_old_generation() {
+    subreaper();
+    let dir = TempDir::new();
+    let socket = dir.path("control.sock");
+    let pid_file = dir.path("demo.pid");
+    let program = dir.path("grace-demo");
+    install(&program, None);
+    let args: Vec<String> = [
+        "--control-socket",
+        socket.to_str().unwrap(),
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "--ready-timeout",
+        "10s",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    let demo = Demo::start_with(tokio::process::Command::new(&program), &dir, &args).await;
+    let first = demo.pid;
+    let status = |expected: u32, why: &str| {
+        let out = ctl_within(&socket, &["--json", "status"], SOON);
+        assert!(out.status.success(), "{why}: {out:?}\n{}", demo.stderr());
+        let status = json(&out);
+        assert_eq!(status["pid"], expected, "{why}: {status}");
+    };
+
+    // Serving (its control socket answers only from then on, after the pid file is written).
+    status(first, "at start");
+    // The new process exits at start, once it has set up everything but its pid file (a
+    // directory now: it cannot replace it).
+    std::fs::remove_file(&pid_file).unwrap();
+    std::fs::create_dir(&pid_file).unwrap();
+    let out = ctl_within(&socket, &["upgrade"], common::PATIENCE);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    status(first, "after a new process that exited at start");
+    std::fs::remove_dir(&pid_file).unwrap();
+
+    // A good upgrade: the new process answers at once, while the old one still drains.
+    let mut busy = Http::connect(demo.addr).await.unwrap();
+    busy.send("GET", "/sleep/4000", None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = ctl_within(&socket, &["upgrade"], common::PATIENCE);
+    assert!(out.status.success(), "{out:?}");
+    let second: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(alive(first), "the old process no longer drains");
+    for _ in 0..5 {
+        status(second, "right after a good upgrade");
+    }
+    assert_eq!(busy.read().await.unwrap().status, 200);
+    assert_eq!(
+        wait_gone(first, common::PATIENCE),
+        common::Gone::Exited(Some(0))
+    );
+    assert!(
+        socket.exists(),
+        "the old generation removed the new one's socket"
+    );
+    status(second, "after the old one exited");
+
+    // The next new process dies right after it reported ready: the old one (still there,
+    // finishing a request) answers again.
+    let mut busy = Http::connect(demo.addr).await.unwrap();
+    busy.send("GET", "/sleep/6000", None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = ctl_within(&socket, &["upgrade"], common::PATIENCE);
+    assert!(out.status.success(), "{out:?}");
+    let third: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    common::signal(third, rustix::process::Signal::KILL);
+    status(second, "after the new process died right after ready");
+    assert!(alive(second));
+    // Stop what is left: the socket file goes with the last generation.
+    let _ = ctl_within(&socket, &["drain"], SOON);
+    assert_eq!(
+        wait_gone(second, common::PATIENCE),
+        common::Gone::Exited(Some(0))
+    );
+    assert!(!socket.exists(), "the control socket outlived the service");
+}

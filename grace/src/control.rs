@@ -11,17 +11,40 @@
 //! | `upgrade` | waits for the outcome: `{"ok":true,"pid":<new>}` or `{"ok":false,"kind":"exited","error":"process 42 exited with status 1 before it was ready"}` |
 //! | `drain`   | `{"ok":true}` once the drain is asked for |
 //!
-//! Each generation binds the socket under a temporary name and renames it over the path
-//! once bound, so the path always leads to a live generation: during an upgrade, the new
-//! one takes the path over while the old one still answers the connections it has.
+//! # The socket's file
+//!
+//! The path is treated as a Unix-domain listener's is (see [`Listener`](crate::Listener)):
+//! a *stale* socket there (one nobody accepts on: connecting is refused) is replaced; a live
+//! socket (another instance's control socket), a regular file, a symbolic link or anything
+//! else is left alone and the server does not start ([`Error::Control`](crate::Error::Control),
+//! naming the path). The last generation removes the file when it stops for good.
+//!
+//! # At an upgrade
+//!
+//! The listening socket itself is passed to the new generation with the others
+//! ([`Serve::with_restart`](crate::Serve::with_restart)), so the path never changes hands
+//! and nothing is ever bound or renamed at it during an upgrade:
+//!
+//! - the new generation starts answering once it has reported ready (before that, it takes
+//!   no control request: one that fails to start changes nothing);
+//! - the old one stops accepting control requests once it hears that the new one is ready
+//!   (it still answers the ones it accepted, the `upgrade` request included), and watches the
+//!   new process for the hand-over window (5 s by default): if the new process dies in
+//!   that time, the old one answers again; afterwards it closes its copy of the socket;
+//! - an upgrade that fails (the new process exits, is never ready, or dies right after
+//!   ready) thus leaves `status` reaching the old process, and one that succeeds, the new.
+//!
+//! A new generation configured with another path (or none) does not take the socket: it
+//! binds its own path, and the old one's closes with it.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
 
 use crate::error::RestartError;
 use crate::listener::{self, Listener, SocketFile};
@@ -35,13 +58,69 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A bound control socket and the claim on its file.
 pub(crate) type Bound = (UnixListener, SocketFile);
 
-/// Binds the control socket at `path` (owner-only), taking the path over atomically.
-pub(crate) fn bind(path: &Path) -> std::io::Result<Bound> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let (listener, file) = listener::bind_unix(&tmp, Some(0o600))?;
-    let file = file.moved_to(path)?;
+/// What a server's restarts need to know of its control socket (kept in [`Shared`]).
+#[derive(Default)]
+pub(crate) struct Link {
+    /// The listening socket while this process answers on it, for an upgrade to pass on
+    /// (the task that accepts holds it; once it lets go, there is nothing to pass).
+    socket: Mutex<Weak<UnixListener>>,
+    /// The new generation that took over at an upgrade, and how long to watch it.
+    successor: watch::Sender<Option<(u32, Duration)>>,
+    /// The socket went to a new generation (which removes its file in turn).
+    passed: std::sync::atomic::AtomicBool,
+}
+
+impl Link {
+    /// The socket to pass to a new generation, if this process answers on one. Keep it until
+    /// the new process has started.
+    pub(crate) fn to_pass(&self) -> Option<Arc<UnixListener>> {
+        crate::lock(&self.socket).upgrade()
+    }
+
+    /// A new generation (`pid`) took over: it answers from now on, unless it dies within
+    /// `watch` (then this one answers again).
+    pub(crate) fn taken_over(&self, pid: u32, watch: Duration) {
+        if self.to_pass().is_none() {
+            return;
+        }
+        self.passed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.successor.send_replace(Some((pid, watch)));
+    }
+
+    /// The socket's file is the new generation's now (it took the socket, and lives): not
+    /// ours to remove.
+    pub(crate) fn handed_on(&self) -> bool {
+        self.passed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Binds the control socket at `path` (owner-only), or takes the one the previous
+/// generation passed (`inherited`) if it is at the same path. A stale socket at the path is
+/// replaced; anything else there is an error, and is left alone.
+pub(crate) fn bind(path: &Path, inherited: Option<UnixListener>) -> std::io::Result<Bound> {
+    if let Some(socket) = inherited {
+        let at = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(absolute));
+        if at.as_deref() == Some(absolute(path).as_path()) {
+            let socket = Listener::Unix(socket);
+            if let Some(file) = SocketFile::handed_over(&socket) {
+                let Listener::Unix(socket) = socket else {
+                    unreachable!("made a Unix listener above");
+                };
+                tracing::info!(path = %path.display(), "control socket (from the previous generation)");
+                return Ok((socket, file));
+            }
+        }
+        tracing::info!(
+            path = %path.display(),
+            previous = ?at,
+            "the previous generation's control socket is elsewhere (or its file is gone): binding anew"
+        );
+    }
+    let (listener, file) = listener::bind_unix(path, Some(0o600))?;
     let Listener::Unix(listener) = listener else {
         unreachable!("bind_unix makes a Unix listener");
     };
@@ -49,14 +128,77 @@ pub(crate) fn bind(path: &Path) -> std::io::Result<Bound> {
     Ok((listener, file))
 }
 
-/// Answers requests on the control socket until the server is done.
+fn absolute(path: &Path) -> PathBuf {
+    match std::env::current_dir() {
+        Ok(dir) if path.is_relative() => dir.join(path),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Answers requests on the control socket until the server is done, or until a new
+/// generation has taken over for good (see the module's docs).
 pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    let listener = Arc::new(listener);
+    *crate::lock(&shared.control.socket) = Arc::downgrade(&listener);
+    let mut successor = shared.control.successor.subscribe();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        tokio::spawn(answer(stream, Arc::clone(&shared)));
+        tokio::select! {
+            biased;
+            changed = successor.changed() => {
+                if changed.is_err() {
+                    // Never: `shared` holds the sender.
+                    std::future::pending::<()>().await;
+                }
+                let Some((pid, window)) = *successor.borrow_and_update() else {
+                    continue;
+                };
+                tracing::info!(pid, "control requests go to the new generation from now on");
+                if outlives(pid, window).await {
+                    tracing::debug!(pid, "the new generation holds the control socket: closing ours");
+                    return;
+                }
+                shared.control.passed.store(false, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(pid, "the new generation is gone: this one answers control requests again");
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(answer(stream, Arc::clone(&shared)));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "control socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Whether process `pid` is still alive after `window` (false: it ended before). A process
+/// that cannot be watched (no pidfd: Linux before 5.3) is taken to live.
+async fn outlives(pid: u32, window: Duration) -> bool {
+    let Some(p) = rustix::process::Pid::from_raw(pid as i32) else {
+        return true;
+    };
+    let fd = match rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::SRCH) => return false,
+        Err(e) => {
+            tracing::debug!(pid, error = %e, "cannot watch the new process: taken to live");
+            return true;
+        }
+    };
+    // Readable once the process has ended.
+    let fd = match crate::sys::async_fd(fd, tokio::io::Interest::READABLE) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::debug!(pid, error = %e, "cannot watch the new process: taken to live");
+            return true;
+        }
+    };
+    tokio::select! {
+        // An error says nothing of the process: taken to live.
+        readable = fd.readable() => readable.is_err(),
+        _ = tokio::time::sleep(window) => true,
     }
 }
 

@@ -15,6 +15,17 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The control socket could not be set up (see [`Serve::with_control`](crate::Serve::with_control)):
+    /// something other than a stale socket is at its path (a live socket, a regular file, a
+    /// symbolic link), which is left as it is, or binding failed.
+    #[error("cannot set up the control socket {}: {source}", path.display())]
+    Control {
+        /// The control socket's path.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
     /// Installing a signal handler failed.
     #[error("cannot install the handler for {signal}: {source}")]
     Signal {

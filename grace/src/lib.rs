@@ -69,6 +69,7 @@ mod conn;
 pub mod control;
 mod count;
 mod error;
+mod files;
 mod handover;
 mod health;
 mod jobs;

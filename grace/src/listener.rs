@@ -237,6 +237,15 @@ fn make_way(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         other => other?,
     };
+    if meta.file_type().is_symlink() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "{} is a symbolic link, not a socket: not followed, not removed",
+                path.display()
+            ),
+        ));
+    }
     if !meta.file_type().is_socket() {
         return Err(io::Error::new(
             io::ErrorKind::AddrInUse,
@@ -388,19 +397,6 @@ impl SocketFile {
         path.as_ref()
             .and_then(|a| a.as_pathname())
             .is_some_and(|p| absolute(p) == self.path)
-    }
-
-    /// Renames the file to `path` (atomically replacing what was there) and claims it at
-    /// its new place.
-    pub(crate) fn moved_to(self, path: &Path) -> io::Result<SocketFile> {
-        let path = absolute(path);
-        std::fs::rename(&self.path, &path)?;
-        self.disarm();
-        // A rename changes the file's change time: its identity is taken afresh.
-        let file = FileId::socket_at(&path).ok_or_else(|| {
-            io::Error::other(format!("{} was replaced while moving", path.display()))
-        })?;
-        Ok(SocketFile::new(path, file, true))
     }
 
     pub(crate) fn arm(&self) {

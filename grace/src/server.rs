@@ -93,6 +93,8 @@ pub struct Server {
     ready_pipe: Option<std::os::fd::OwnedFd>,
     /// The socket on which the previous generation hands connections over, if it does.
     handover: Option<std::os::fd::OwnedFd>,
+    /// The previous generation's control socket (see [`Serve::with_control`]).
+    control: Option<tokio::net::UnixListener>,
     /// The Unix-domain socket files this server removes when it stops for good.
     files: Vec<SocketFile>,
     shared: Arc<Shared>,
@@ -178,6 +180,7 @@ impl Server {
             listeners: named.collect(),
             ready_pipe: None,
             handover: None,
+            control: None,
             files: Vec::new(),
             shared: Shared::new(),
             hook: None,
@@ -202,6 +205,7 @@ impl Server {
         }
         server.ready_pipe = inherited.ready;
         server.handover = inherited.handover;
+        server.control = inherited.control;
         if let Some(generation) = inherited.generation {
             let _ = server.shared.generation.set(generation);
         }
@@ -527,14 +531,30 @@ impl<S> Serve<S> {
 
     /// Answers an operator's commands on a Unix socket at `path` (owner-only): status,
     /// upgrade (waiting for its outcome), drain. See [`control`](crate::control) for the
-    /// protocol and a client. The socket is bound now, within the current tokio runtime (a
-    /// path that cannot be bound makes `serve` fail), taken over by each new generation,
-    /// and removed by the last.
+    /// protocol and a client. The socket is bound now, within the current tokio runtime: a
+    /// stale socket at `path` is replaced, but a live one (another instance's), a regular
+    /// file, a symbolic link or anything else is left alone and makes `serve` fail with
+    /// [`Error::Control`]. A new generation takes the very socket over from the previous one
+    /// (passed with the listeners), and the last removes its file.
     pub fn with_control(mut self, path: impl Into<PathBuf>) -> Self {
         let path = path.into();
-        let bound = crate::control::bind(&path);
+        let inherited = self.server.control.take();
+        let bound = crate::control::bind(&path, inherited);
         self.control = Some((path, bound));
         self
+    }
+
+    /// Like [`with_control`](Self::with_control), failing now rather than when served if
+    /// the control socket cannot be set up, so a program can say so before it says it serves.
+    pub fn try_with_control(self, path: impl Into<PathBuf>) -> Result<Self> {
+        let mut serve = self.with_control(path);
+        match serve.control.take() {
+            Some((path, Err(source))) => Err(Error::Control { path, source }),
+            bound => {
+                serve.control = bound;
+                Ok(serve)
+            }
+        }
     }
 
     /// A handle to the server (the same as [`Server::handle`]).
@@ -592,6 +612,7 @@ impl<S> Serve<S> {
             listeners,
             ready_pipe,
             handover,
+            control: inherited_control,
             files,
             shared,
             hook,
@@ -599,6 +620,9 @@ impl<S> Serve<S> {
             configure_hyper,
             config,
         } = server;
+        // Passed by the previous generation, not taken (no `with_control`, or another path):
+        // ours closes now, the previous generation's goes with it.
+        drop(inherited_control);
         if let Some(hook) = hook {
             let _ = shared.tracker.hook.set(hook);
         }
@@ -608,14 +632,12 @@ impl<S> Serve<S> {
         }
         let _watchdog = crate::systemd::watchdog_interval()
             .map(|every| AbortOnDrop(tokio::spawn(crate::systemd::watchdog(every))));
-        let (control, control_file) = match control {
+        // Bound (or taken over) now, answered once serving: a new generation that fails
+        // before it is ready never takes a control request.
+        let (control_socket, control_file) = match control {
             Some((path, bound)) => {
-                let (socket, file) = bound.map_err(|source| Error::Bind {
-                    addr: path.display().to_string(),
-                    source,
-                })?;
-                let task = tokio::spawn(crate::control::serve(socket, Arc::clone(&shared)));
-                (Some(AbortOnDrop(task)), Some(file))
+                let (socket, file) = bound.map_err(|source| Error::Control { path, source })?;
+                (Some(socket), Some(file))
             }
             None => (None, None),
         };
@@ -705,6 +727,13 @@ impl<S> Serve<S> {
         .map(AbortOnDrop);
         // Serving: the files are ours to remove when we stop, whoever bound them.
         files.iter().for_each(SocketFile::arm);
+        control_file.iter().for_each(SocketFile::arm);
+        let control = control_socket.map(|socket| {
+            AbortOnDrop(tokio::spawn(crate::control::serve(
+                socket,
+                Arc::clone(&shared),
+            )))
+        });
         let mut accepting = JoinSet::new();
         for (l, _) in listeners {
             if let Ok(addr) = l.local_addr() {
@@ -731,9 +760,12 @@ impl<S> Serve<S> {
             files.iter().for_each(SocketFile::disarm);
         }
         drop(files);
-        // The control socket answers until the very end (status during the drain); a new
-        // generation has taken its path over if there was a hand-over.
+        // The control socket answers until the very end (status during the drain), unless a
+        // new generation took it over; then its file is the new generation's to remove.
         drop(control);
+        if shared.control.handed_on() {
+            control_file.iter().for_each(SocketFile::disarm);
+        }
         drop(control_file);
         Ok(report)
     }

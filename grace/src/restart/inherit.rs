@@ -11,6 +11,7 @@
 //! | `GRACE_LISTEN_PPID` | instead of `LISTEN_PID`: meant for the child of this process    |
 //! | `GRACE_READY_FD`    | a pipe to write to once serving (a grace restart sets it)       |
 //! | `GRACE_HANDOVER_FD` | a socket on which connections are handed over (see `handover`)  |
+//! | `GRACE_CONTROL_FD`  | the control socket's listening socket (see `control`)           |
 //!
 //! `LISTEN_PID` guards against a grandchild adopting descriptors that were never meant for
 //! it. The old process of a restart cannot know its child's pid when it builds the child's
@@ -35,6 +36,8 @@ pub(crate) const GRACE_READY_FD: &str = "GRACE_READY_FD";
 /// The socket on which the previous generation hands its idle connections over (see
 /// `crate::handover`); this generation says it takes them in its ready message.
 pub(crate) const GRACE_HANDOVER_FD: &str = "GRACE_HANDOVER_FD";
+/// The control socket's listener, passed apart from the others (it is not served as HTTP).
+pub(crate) const GRACE_CONTROL_FD: &str = "GRACE_CONTROL_FD";
 /// The listeners (by index, comma-separated) whose socket files go with them: the receiving
 /// generation removes them when it stops for good.
 pub(crate) const GRACE_SOCKET_FILES: &str = "GRACE_SOCKET_FILES";
@@ -64,6 +67,7 @@ pub(crate) struct Vars {
     pub(crate) listen_ppid: Option<String>,
     pub(crate) ready_fd: Option<String>,
     pub(crate) handover_fd: Option<String>,
+    pub(crate) control_fd: Option<String>,
     pub(crate) socket_files: Option<String>,
 }
 
@@ -77,6 +81,8 @@ pub(crate) struct Plan {
     pub(crate) ready_fd: Option<RawFd>,
     /// The hand-over socket (only with a readiness pipe: an upgrade).
     pub(crate) handover_fd: Option<RawFd>,
+    /// The control socket (only with a readiness pipe: an upgrade).
+    pub(crate) control_fd: Option<RawFd>,
     /// Per socket: its file goes with it (see [`GRACE_SOCKET_FILES`]).
     pub(crate) owns_file: Vec<bool>,
 }
@@ -91,6 +97,7 @@ impl Vars {
             listen_ppid: var(GRACE_LISTEN_PPID),
             ready_fd: var(GRACE_READY_FD),
             handover_fd: var(GRACE_HANDOVER_FD),
+            control_fd: var(GRACE_CONTROL_FD),
             socket_files: var(GRACE_SOCKET_FILES),
         }
     }
@@ -167,6 +174,23 @@ impl Vars {
             },
             _ => None,
         };
+        let control_fd = match (&self.control_fd, ready_fd) {
+            (Some(s), Some(ready)) => match s.trim().parse::<RawFd>() {
+                Ok(fd)
+                    if fd >= FIRST_FD + count as RawFd
+                        && fd != ready
+                        && Some(fd) != handover_fd =>
+                {
+                    Some(fd)
+                }
+                _ => {
+                    return Err(Error::Inherit(format!(
+                        "{GRACE_CONTROL_FD} is not a descriptor after the listeners: {s:?}"
+                    )));
+                }
+            },
+            _ => None,
+        };
         let mut owns_file = vec![false; count];
         for i in self.socket_files.iter().flat_map(|s| s.split(',')) {
             if let Some(owned) = i
@@ -183,6 +207,7 @@ impl Vars {
             names,
             ready_fd,
             handover_fd,
+            control_fd,
             owns_file,
         }))
     }
@@ -210,6 +235,8 @@ pub struct Inherited {
     pub(crate) handover: Option<OwnedFd>,
     /// Set by a grace upgrade: the old generation's plus one.
     pub(crate) generation: Option<u32>,
+    /// The previous generation's control socket (see `control`).
+    pub(crate) control: Option<tokio::net::UnixListener>,
 }
 
 impl Inherited {
@@ -280,6 +307,21 @@ pub fn inherited_listeners() -> Result<Option<Inherited>> {
     };
     // Not open (a starter that did not pass one after all): no hand-over, nothing worse.
     let handover = plan.handover_fd.and_then(sys::adopt_inherited);
+    // Not a listening Unix socket after all: no control socket passed, this one binds its own.
+    let control = plan
+        .control_fd
+        .and_then(sys::adopt_inherited)
+        .and_then(|fd| match Listener::from_fd(fd) {
+            Ok(Listener::Unix(l)) => Some(l),
+            Ok(Listener::Tcp(_)) => {
+                tracing::warn!("{GRACE_CONTROL_FD} is not a Unix socket: ignored");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "{GRACE_CONTROL_FD}: ignored");
+                None
+            }
+        });
     let mut listeners = Vec::with_capacity(plan.count);
     for ((i, name), owns_file) in plan.names.into_iter().enumerate().zip(plan.owns_file) {
         let fd = FIRST_FD + i as RawFd;
@@ -302,7 +344,26 @@ pub fn inherited_listeners() -> Result<Option<Inherited>> {
         ready,
         handover,
         generation,
+        control,
     }))
+}
+
+/// Passes this server's control socket, if it answers on one, to the new process `cmd` of
+/// an upgrade, after the descriptors already in `fds`. Returns the socket: keep it until
+/// the process has started.
+pub(crate) fn pass_control(
+    shared: &crate::shutdown::Shared,
+    fds: &mut Vec<RawFd>,
+    cmd: &mut std::process::Command,
+) -> Option<std::sync::Arc<tokio::net::UnixListener>> {
+    cmd.env_remove(GRACE_CONTROL_FD);
+    let socket = shared.control.to_pass()?;
+    cmd.env(
+        GRACE_CONTROL_FD,
+        (FIRST_FD + fds.len() as RawFd).to_string(),
+    );
+    fds.push(socket.as_raw_fd());
+    Some(socket)
 }
 
 /// Tells the process that started us that we are ready, and closes the pipe. An error
@@ -341,7 +402,24 @@ mod tests {
             listen_ppid: ppid.map(Into::into),
             ready_fd: None,
             handover_fd: None,
+            control_fd: None,
             socket_files: None,
+        }
+    }
+
+    #[test]
+    fn a_control_socket_comes_only_with_an_upgrade_and_apart_from_the_others() {
+        let mut v = vars("1", None, None, Some("7"));
+        v.control_fd = Some("6".into());
+        // Without a readiness pipe (not an upgrade): ignored.
+        assert_eq!(v.plan(42, Some(7)).unwrap().unwrap().control_fd, None);
+        v.ready_fd = Some("4".into());
+        v.handover_fd = Some("5".into());
+        assert_eq!(v.plan(42, Some(7)).unwrap().unwrap().control_fd, Some(6));
+        // Not one of the other descriptors.
+        for bad in ["3", "4", "5", "x"] {
+            v.control_fd = Some(bad.into());
+            assert!(v.plan(42, Some(7)).is_err(), "{bad}");
         }
     }
 

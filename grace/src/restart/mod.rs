@@ -39,6 +39,7 @@ pub(crate) const DEFAULT_NAME: &str = "grace";
 ///   │    fds 3.. = listening sockets (same sockets,     LISTEN_FDNAMES, GRACE_LISTEN_PPID),
 ///   │    never closed), 3+n = ready pipe               GRACE_READY_FD = 3+n,
 ///   │    3+n+1 = hand-over socket                      GRACE_HANDOVER_FD = 3+n+1
+///   │    then the control socket, if any               GRACE_CONTROL_FD (see `control`)
 ///   │                                                  load config, open resources…
 ///   │  (both accept from the one shared socket)        serve(): accept loops running,
 ///   │                                                   pid file rewritten, READY=1,
@@ -328,9 +329,7 @@ pub(crate) fn finished(shared: &Shared, handed_over: bool) {
     if handed_over {
         return;
     }
-    let ours = std::fs::read_to_string(path)
-        .is_ok_and(|s| s.trim().parse::<u32>().ok() == Some(std::process::id()));
-    if ours {
+    if read_pid_file(path) == Some(std::process::id()) {
         if let Err(e) = std::fs::remove_file(path) {
             tracing::warn!(path = %path.display(), error = %e, "cannot remove the pid file");
         }
@@ -386,40 +385,41 @@ async fn drive(
         };
         crate::metrics::upgrade_finished(result.is_ok(), started.elapsed());
         *lock(&control.last) = Some(result.as_ref().copied().map_err(ToString::to_string));
+        if let Ok(&pid) = result.as_ref() {
+            // Control requests go to the new generation now, unless it dies while this one
+            // could still take back what it hands over (see `control`).
+            let watch = config.hand_over.unwrap_or(DEFAULT_HAND_OVER_WINDOW);
+            shared.control.taken_over(pid, watch);
+        }
         if let Some(reply) = reply {
             let _ = reply.send(result);
         }
     }
 }
 
-/// Writes this process's pid to `path` atomically: a temporary file in the same directory,
-/// then a rename over `path`, so a reader never sees a partial file.
+/// Writes this process's pid to `path` atomically: a new file in the same directory, then a
+/// rename over `path`, so a reader never sees a partial file.
+///
+/// Safe in a directory others may write to: the temporary file is created exclusively under
+/// a random name (never opened if anything is already there, a symbolic link included), and
+/// the rename replaces whatever is at `path` — a link itself, never what it points to. So a
+/// link planted at either name cannot make this write to another file.
 ///
 /// ```no_run
 /// grace_http::write_pid_file("/run/my-service.pid")?;
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub fn write_pid_file(path: impl AsRef<Path>) -> std::io::Result<()> {
-    let path = path.as_ref();
-    let name = path.file_name().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "pid file path has no name",
-        )
-    })?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
     let pid = std::process::id();
-    let mut tmp_name = OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".{pid}.tmp"));
-    let tmp = dir.join(tmp_name);
-    std::fs::write(&tmp, format!("{pid}\n"))?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
+    crate::files::replace(path.as_ref(), format!("{pid}\n").as_bytes(), 0o644)
+}
+
+/// The pid in the pid file at `path`, read without following a link or opening anything but
+/// a regular file (a FIFO planted there must not block the exit).
+fn read_pid_file(path: &Path) -> Option<u32> {
+    crate::files::read_regular(path, 64)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
 }
 
 #[cfg(test)]
@@ -435,6 +435,35 @@ mod tests {
         assert_eq!(got, format!("{}\n", std::process::id()));
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Issue 20, item 1: the temporary name used to be `.NAME.<pid>.tmp`, written with
+    /// `std::fs::write`, so a link planted there had its target truncated and overwritten.
+    #[test]
+    fn a_link_planted_at_the_old_temporary_name_or_the_pid_file_is_not_written_through() {
+        let dir = std::env::temp_dir().join(format!("grace-pid-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious\n").unwrap();
+        let path = dir.join("x.pid");
+        let predictable = dir.join(format!(".x.pid.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &predictable).unwrap();
+        super::write_pid_file(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        assert_eq!(super::read_pid_file(&path), Some(std::process::id()));
+        // The pid file itself a link: replaced, its target untouched.
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        super::write_pid_file(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        assert!(
+            std::fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_file()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -173,6 +173,8 @@ async fn attempt(
     if handover.is_some() {
         cmd.env(GRACE_HANDOVER_FD, (FIRST_FD + n as RawFd + 1).to_string());
     }
+    // The control socket, if any, goes after the others (kept open until the spawn).
+    let _control = super::inherit::pass_control(shared, &mut fds, &mut cmd);
     // Its own process group: a rollback ends whatever it started too (a helper process
     // that inherited the listening socket would otherwise keep it open).
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);

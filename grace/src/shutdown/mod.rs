@@ -59,6 +59,8 @@ pub(crate) struct Shared {
     /// The accept loops pause (keeping their listeners) while an upgrade hands connections
     /// over: true while paused.
     accept_paused: tokio::sync::watch::Sender<bool>,
+    /// The control socket, as restarts see it (passed on, taken over).
+    pub(crate) control: crate::control::Link,
 }
 
 impl Shared {
@@ -75,6 +77,7 @@ impl Shared {
             restart: OnceLock::new(),
             generation: OnceLock::new(),
             accept_paused: tokio::sync::watch::Sender::new(false),
+            control: crate::control::Link::default(),
         })
     }
 
