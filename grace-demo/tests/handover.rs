@@ -1080,3 +1080,101 @@ async fn a_new_generation_killed_during_the_hand_over_gives_every_connection_bac
     assert_eq!(reports[0]["handed_over"], CONNS, "{}", reports[0]);
     service.stop();
 }
+
+/// Reads one HTTP/2 frame header (9 bytes) from `stream`: its type, or what came instead.
+async fn first_frame_type(stream: &mut tokio::net::TcpStream) -> Result<u8, String> {
+    let mut head = [0u8; 9];
+    match tokio::time::timeout(PATIENCE, stream.read_exact(&mut head)).await {
+        Ok(Ok(_)) if &head[..4] == b"HTTP" => Err(format!(
+            "answered as HTTP/1: {:?}",
+            String::from_utf8_lossy(&head)
+        )),
+        Ok(Ok(_)) => Ok(head[3]),
+        Ok(Err(e)) => Err(format!("read failed: {e}")),
+        Err(_) => Err("nothing within the patience".into()),
+    }
+}
+
+/// HTTP/2's connection preface, then an empty SETTINGS frame.
+const H2_START: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+/// Issue 20, item 4. Connections whose protocol was not told yet at an upgrade: a silent one
+/// whose h2c (prior knowledge) client sends its preface only after the upgrade, and one that
+/// sent just `PR`, are sniffed by the new generation, which speaks HTTP/2 on them (before:
+/// the silent one was served as HTTP/1, and the `PR` one was closed). A request head of
+/// 70 KiB, more than a hand-over carries, stays with the old generation, which answers it
+/// (before: EOF). And at a drain (SIGTERM), a connection that sent only `P` is answered
+/// once its request completes (before: EOF, where `G` was answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_not_told_yet_are_sniffed_by_the_new_generation_and_a_large_head_stays() {
+    let scratch = TempDir::new();
+    let program = scratch.path("grace-demo");
+    install_real_binary(&program);
+    let mut service = start(scratch, &program, &[]);
+    let first = service.current();
+    let mut silent = tokio::net::TcpStream::connect(service.addr).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(service.addr).await.unwrap();
+    partial.write_all(b"PR").await.unwrap();
+    let mut big = tokio::net::TcpStream::connect(service.addr).await.unwrap();
+    let head = format!(
+        "GET /whoami HTTP/1.1\r\nHost: grace\r\nX-Big: {}\r\n",
+        "a".repeat(70 * 1024)
+    );
+    big.write_all(head.as_bytes()).await.unwrap();
+    // Let the server read what was sent before the upgrade.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let old = service.hup();
+    let new = service.next(old);
+    // The big head completes: the old generation answers it (and closes it: it drains).
+    big.write_all(b"\r\n").await.unwrap();
+    let mut reader = tokio::io::BufReader::new(&mut big);
+    let answered = read_response(&mut reader)
+        .await
+        .expect("the 70 KiB head was answered");
+    assert_eq!(answered.status, 200, "{answered:?}");
+    assert_eq!(
+        answered.json()["pid"].as_u64(),
+        Some(u64::from(first)),
+        "answered by the old generation: {answered:?}"
+    );
+    service.retire_old();
+    // The h2c clients go on: the new generation speaks HTTP/2 to both.
+    silent.write_all(H2_START).await.unwrap();
+    assert_eq!(
+        first_frame_type(&mut silent).await,
+        Ok(0x4),
+        "silent: SETTINGS"
+    );
+    partial.write_all(&H2_START[2..]).await.unwrap();
+    assert_eq!(
+        first_frame_type(&mut partial).await,
+        Ok(0x4),
+        "`PR`: SETTINGS"
+    );
+    let status = service.status().await;
+    assert!(
+        status["handed_over"]["received"].as_u64() >= Some(2),
+        "{status}"
+    );
+    assert_eq!(status["pid"], new, "{status}");
+
+    // At a drain: `P`, then the rest of a POST once the drain has begun.
+    let mut p = tokio::net::TcpStream::connect(service.addr).await.unwrap();
+    p.write_all(b"P").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    common::signal(new, rustix::process::Signal::TERM);
+    service.wait_log("drain started", 2);
+    let body = r#"{"id":"late","balance":1}"#;
+    let rest = format!(
+        "OST /accounts HTTP/1.1\r\nHost: grace\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    p.write_all(rest.as_bytes()).await.unwrap();
+    let mut reader = tokio::io::BufReader::new(&mut p);
+    let answered = read_response(&mut reader)
+        .await
+        .expect("`P` then a POST, at a drain");
+    assert_eq!(answered.status, 201, "{answered:?}");
+    assert!(answered.closes(), "{answered:?}");
+    service.retire(service.pids.len());
+}

@@ -13,7 +13,7 @@
 //!
 //! # The socket's file
 //!
-//! The path is treated as a Unix-domain listener's is (see [`Listener`](crate::Listener)):
+//! The path is treated as a Unix-domain listener's is (see [`Listener`]):
 //! a *stale* socket there (one nobody accepts on: connecting is refused) is replaced; a live
 //! socket (another instance's control socket), a regular file, a symbolic link or anything
 //! else is left alone and the server does not start ([`Error::Control`](crate::Error::Control),

@@ -83,6 +83,9 @@ pub(crate) struct Handed {
     pub(crate) socket: OwnedFd,
     pub(crate) kind: Kind,
     pub(crate) buffered: Bytes,
+    /// Served here again because it cannot go (more bytes than a hand-over carries): it
+    /// stays with this generation, not offered at the next moment between requests.
+    pub(crate) stays: bool,
 }
 
 /// A connected pair: (ours, the new generation's). Both close-on-exec (the child's copy is
@@ -266,6 +269,7 @@ impl Outbox {
                     socket: copy,
                     kind,
                     buffered: Bytes::from(bytes),
+                    stays: false,
                 },
                 consumed,
                 acknowledged: false,
@@ -433,6 +437,7 @@ impl Inbox {
                 socket,
                 kind,
                 buffered,
+                stays: false,
             }));
         }
     }

@@ -812,6 +812,7 @@ fn serve_handed_here<S, B>(
         socket,
         kind,
         buffered,
+        stays,
     } = handed;
     match Stream::from_handed(socket) {
         Ok((mut stream, peer)) => {
@@ -822,6 +823,7 @@ fn serve_handed_here<S, B>(
                 kind,
                 buffered,
                 from_previous,
+                stays,
                 Arc::clone(ctx),
             ));
         }

@@ -281,7 +281,7 @@ impl Service {
 
     /// After [`hup`](Self::hup) to `old`: waits until the pid file names a new generation (it
     /// is ready); records and returns its pid.
-    fn next(&mut self, old: u32) -> u32 {
+    pub fn next(&mut self, old: u32) -> u32 {
         let new = self.wait_pid(|p| p != old);
         self.pids.push(new);
         new

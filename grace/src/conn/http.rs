@@ -217,7 +217,8 @@ where
     /// Asks the connection to close gracefully: hyper's own graceful shutdown. A connection
     /// that has sent nothing ends at once; one that sent the first bytes of HTTP/2's
     /// preface (`P`, `PR`… which could as well begin `POST`) closes as its protocol does
-    /// once told, so the request it began is answered.
+    /// once told (HTTP/2: GOAWAY; HTTP/1: its answer says `Connection: close`), so the
+    /// request it began is answered.
     pub(crate) fn graceful_shutdown(&mut self) {
         match self {
             HttpConn::Sniff { len: 0, .. } => *self = HttpConn::Done,
@@ -283,7 +284,10 @@ where
                     } else {
                         HttpConn::http1(stream, read, service, &builder)
                     };
-                    if closing {
+                    // HTTP/2 says GOAWAY now. HTTP/1 is not told here: hyper, which has not
+                    // read the head yet, would close at once; its answer carries
+                    // `Connection: close` instead (the drain was asked for: `request.rs`).
+                    if closing && h2 {
                         this.graceful_shutdown();
                     }
                 }

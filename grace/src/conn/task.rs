@@ -144,6 +144,7 @@ pub(crate) fn serve_handed<S, B>(
     kind: crate::handover::Kind,
     buffered: Bytes,
     from_previous: bool,
+    stays: bool,
     ctx: Arc<ConnCtx<S>>,
 ) -> impl Future<Output = ()> + Send + 'static
 where
@@ -153,6 +154,10 @@ where
     let conn = ctx
         .tracker
         .register_handed(peer, &stream, kind, from_previous);
+    if stays {
+        // Never offered again (see `Handed::stays`): its task closes it at a drain.
+        conn.set_closes_itself();
+    }
     if !buffered.is_empty() {
         // They were read from the socket, as far as the connection's state goes: the next
         // request's head has begun.
@@ -495,6 +500,7 @@ where
                         socket: copy,
                         kind,
                         buffered: Bytes::from(bytes),
+                        stays: e.kind() == std::io::ErrorKind::InvalidInput,
                     });
                 }
                 Err(e) => {

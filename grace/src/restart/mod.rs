@@ -46,13 +46,16 @@ pub(crate) const DEFAULT_NAME: &str = "grace";
 ///   │  ◄──── "ready <pid> takes-connections" ───────── write to ready pipe
 ///   │  systemd: MAINPID=<new>, READY=1
 ///   ▼
+///  hand-over: stop accepting (listeners kept);
+///  each HTTP/1 connection between requests       ───►  acknowledge it, serve it from
+///  (socket + kind + unparsed bytes), a copy             its next request
+///  kept until complete (none left, all acknowledged)
 ///  drain (Trigger::Restart): close our copy of the
-///  listeners; hand each idle HTTP/1 connection   ───►  serve it from its next request
-///  over (socket + unparsed bytes), within the
-///  window; finish in-flight requests, close the
+///  listeners; finish in-flight requests, close the
 ///  idle connections left, run jobs and resources, exit
 ///
-///  on failure (new process exits, crashes, or is not ready within the timeout):
+///  on failure (new process exits, crashes, or is not ready within the timeout; or dies
+///  during the hand-over: what it had not read from is taken back and served here):
 ///  kill it if it runs, reap it, log why, systemd READY=1 — and keep serving.
 /// ```
 ///
