@@ -1038,8 +1038,8 @@ async fn a_new_generation_killed_during_the_hand_over_gives_every_connection_bac
         }
         common::signal(new, rustix::process::Signal::KILL);
         service.pids.pop(); // reaped by the old generation, not here
-        let line = service.wait_log("went during the hand-over", round + 1);
-        assert!(line.contains("taken_back"), "{line}");
+        // Killed at once, it may die before its ready message is read: then the upgrade
+        // fails as before ready (nothing was handed over). Either way it fails.
         service.wait_log("upgrade failed", round + 1);
         assert_eq!(service.pid(), Some(first), "round {round}: the pid file");
         assert!(common::alive(first), "round {round}: the old process died");
@@ -1067,6 +1067,17 @@ async fn a_new_generation_killed_during_the_hand_over_gives_every_connection_bac
             metrics.body
         );
     }
+    // The request in flight holds the hand-over open for 1.5 s: a kill a few milliseconds
+    // after the pid file names the new process lands in it.
+    let in_hand_over = service
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("went during the hand-over") && l.contains("taken_back"))
+        .count();
+    assert!(
+        in_hand_over >= 3,
+        "{in_hand_over} of 6 kills landed in the hand-over"
+    );
     assert!(
         service.restart_reports().is_empty(),
         "the old process drained"
