@@ -319,14 +319,14 @@ async fn a_failed_upgrade_leaves_the_control_socket_with_the_old_generation() {
     status(first, "after a new process that exited at start");
     std::fs::remove_dir(&pid_file).unwrap();
 
-    // A good upgrade: the new process answers at once, while the old one still drains.
+    // A good upgrade (a request in flight holds its hand-over open a while): the new process
+    // answers as soon as `ctl upgrade` says it succeeded.
     let mut busy = Http::connect(demo.addr).await.unwrap();
-    busy.send("GET", "/sleep/4000", None).await.unwrap();
+    busy.send("GET", "/sleep/1000", None).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let out = ctl_within(&socket, &["upgrade"], common::PATIENCE);
     assert!(out.status.success(), "{out:?}");
     let second: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-    assert!(alive(first), "the old process no longer drains");
     for _ in 0..5 {
         status(second, "right after a good upgrade");
     }
@@ -341,16 +341,40 @@ async fn a_failed_upgrade_leaves_the_control_socket_with_the_old_generation() {
     );
     status(second, "after the old one exited");
 
-    // The next new process dies right after it reported ready: the old one (still there,
-    // finishing a request) answers again.
+    // The next new process dies during the hand-over (held open by a request in flight),
+    // right after its pid file names it: `ctl upgrade` says the upgrade failed, and the old
+    // process (serving on, its request answered) still answers control requests.
     let mut busy = Http::connect(demo.addr).await.unwrap();
-    busy.send("GET", "/sleep/6000", None).await.unwrap();
+    busy.send("GET", "/sleep/3000", None).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let out = ctl_within(&socket, &["upgrade"], common::PATIENCE);
-    assert!(out.status.success(), "{out:?}");
-    let third: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let upgrade = {
+        let socket = socket.clone();
+        tokio::task::spawn_blocking(move || ctl_within(&socket, &["upgrade"], common::PATIENCE))
+    };
+    let t = std::time::Instant::now();
+    let third = loop {
+        let named = std::fs::read_to_string(&pid_file).ok();
+        if let Some(p) = named
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .filter(|&p| p != second)
+        {
+            break p;
+        }
+        assert!(
+            t.elapsed() < common::PATIENCE,
+            "no new process named in the pid file"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
     common::signal(third, rustix::process::Signal::KILL);
-    status(second, "after the new process died right after ready");
+    let out = upgrade.await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    // (Killed at once, it may go before its ready message is read: "before it was ready".)
+    assert!(said.contains("killed by signal 9"), "{said}");
+    status(second, "after the new process died during the hand-over");
+    assert_eq!(busy.read().await.unwrap().status, 200);
     assert!(alive(second));
     // Stop what is left: the socket file goes with the last generation.
     let _ = ctl_within(&socket, &["drain"], SOON);

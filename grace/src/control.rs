@@ -27,12 +27,12 @@
 //!
 //! - the new generation starts answering once it has reported ready (before that, it takes
 //!   no control request: one that fails to start changes nothing);
-//! - the old one stops accepting control requests once it hears that the new one is ready
-//!   (it still answers the ones it accepted, the `upgrade` request included), and watches the
-//!   new process for the hand-over window (5 s by default): if the new process dies in
-//!   that time, the old one answers again; afterwards it closes its copy of the socket;
-//! - an upgrade that fails (the new process exits, is never ready, or dies right after
-//!   ready) thus leaves `status` reaching the old process, and one that succeeds, the new.
+//! - the old one closes its copy once the upgrade has succeeded — the new process ready and
+//!   the connections handed over (it still answers the requests it accepted, the `upgrade`
+//!   request included);
+//! - an upgrade that fails (the new process exits, is never ready, or dies during the
+//!   hand-over: see [`Restart`](crate::Restart)) thus leaves `status` reaching the old
+//!   process, and one that succeeds, the new.
 //!
 //! A new generation configured with another path (or none) does not take the socket: it
 //! binds its own path, and the old one's closes with it.
@@ -44,9 +44,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::watch;
 
 use crate::error::RestartError;
+use crate::latch::Latch;
 use crate::listener::{self, Listener, SocketFile};
 use crate::shutdown::{Handle, Shared};
 
@@ -64,10 +64,9 @@ pub(crate) struct Link {
     /// The listening socket while this process answers on it, for an upgrade to pass on
     /// (the task that accepts holds it; once it lets go, there is nothing to pass).
     socket: Mutex<Weak<UnixListener>>,
-    /// The new generation that took over at an upgrade, and how long to watch it.
-    successor: watch::Sender<Option<(u32, Duration)>>,
-    /// The socket went to a new generation (which removes its file in turn).
-    passed: std::sync::atomic::AtomicBool,
+    /// The socket went to a new generation that took over (which answers on it, and removes
+    /// its file in turn).
+    passed: Latch<()>,
 }
 
 impl Link {
@@ -77,21 +76,16 @@ impl Link {
         crate::lock(&self.socket).upgrade()
     }
 
-    /// A new generation (`pid`) took over: it answers from now on, unless it dies within
-    /// `watch` (then this one answers again).
-    pub(crate) fn taken_over(&self, pid: u32, watch: Duration) {
-        if self.to_pass().is_none() {
-            return;
+    /// A new generation took over (the upgrade succeeded): it answers from now on.
+    pub(crate) fn taken_over(&self) {
+        if self.to_pass().is_some() {
+            self.passed.set(());
         }
-        self.passed
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        self.successor.send_replace(Some((pid, watch)));
     }
 
-    /// The socket's file is the new generation's now (it took the socket, and lives): not
-    /// ours to remove.
+    /// The socket's file is the new generation's now: not ours to remove.
     pub(crate) fn handed_on(&self) -> bool {
-        self.passed.load(std::sync::atomic::Ordering::Relaxed)
+        self.passed.is_set()
     }
 }
 
@@ -136,29 +130,16 @@ fn absolute(path: &Path) -> PathBuf {
 }
 
 /// Answers requests on the control socket until the server is done, or until a new
-/// generation has taken over for good (see the module's docs).
+/// generation has taken over (see the module's docs).
 pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     let listener = Arc::new(listener);
     *crate::lock(&shared.control.socket) = Arc::downgrade(&listener);
-    let mut successor = shared.control.successor.subscribe();
     loop {
         tokio::select! {
             biased;
-            changed = successor.changed() => {
-                if changed.is_err() {
-                    // Never: `shared` holds the sender.
-                    std::future::pending::<()>().await;
-                }
-                let Some((pid, window)) = *successor.borrow_and_update() else {
-                    continue;
-                };
-                tracing::info!(pid, "control requests go to the new generation from now on");
-                if outlives(pid, window).await {
-                    tracing::debug!(pid, "the new generation holds the control socket: closing ours");
-                    return;
-                }
-                shared.control.passed.store(false, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(pid, "the new generation is gone: this one answers control requests again");
+            _ = shared.control.passed.wait() => {
+                tracing::debug!("control requests go to the new generation: closing ours");
+                return;
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
@@ -170,35 +151,6 @@ pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>) {
                 }
             },
         }
-    }
-}
-
-/// Whether process `pid` is still alive after `window` (false: it ended before). A process
-/// that cannot be watched (no pidfd: Linux before 5.3) is taken to live.
-async fn outlives(pid: u32, window: Duration) -> bool {
-    let Some(p) = rustix::process::Pid::from_raw(pid as i32) else {
-        return true;
-    };
-    let fd = match rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()) {
-        Ok(fd) => fd,
-        Err(rustix::io::Errno::SRCH) => return false,
-        Err(e) => {
-            tracing::debug!(pid, error = %e, "cannot watch the new process: taken to live");
-            return true;
-        }
-    };
-    // Readable once the process has ended.
-    let fd = match crate::sys::async_fd(fd, tokio::io::Interest::READABLE) {
-        Ok(fd) => fd,
-        Err(e) => {
-            tracing::debug!(pid, error = %e, "cannot watch the new process: taken to live");
-            return true;
-        }
-    };
-    tokio::select! {
-        // An error says nothing of the process: taken to live.
-        readable = fd.readable() => readable.is_err(),
-        _ = tokio::time::sleep(window) => true,
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! The one primitive behind each "wait until none is left" of the server: the connections the
 //! drain still waits for (`Tracker::wait_empty`), the hand-overs still being sent
-//! (`Outbox::settled`).
+//! (`Outbox::settled`), the connections sent and not acknowledged yet
+//! (`Outbox::acknowledged`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -30,10 +31,15 @@ impl Count {
         }
     }
 
+    /// How many are under way now.
+    pub(crate) fn get(&self) -> usize {
+        // Acquire, as in `zero`.
+        self.n.load(Ordering::Acquire)
+    }
+
     /// None is under way now.
     pub(crate) fn is_zero(&self) -> bool {
-        // Acquire, as in `zero`.
-        self.n.load(Ordering::Acquire) == 0
+        self.get() == 0
     }
 
     /// Resolves once none is left (at once if none is).

@@ -24,7 +24,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -83,9 +83,37 @@ pub(crate) struct Handed {
     pub(crate) socket: OwnedFd,
     pub(crate) kind: Kind,
     pub(crate) buffered: Bytes,
-    /// Served here again because it cannot go (more bytes than a hand-over carries): it
-    /// stays with this generation, not offered at the next moment between requests.
-    pub(crate) stays: bool,
+    pub(crate) origin: Origin,
+}
+
+impl Handed {
+    /// A copy of `socket` (a second descriptor), with its bytes joined.
+    pub(crate) fn copy_of(
+        socket: BorrowedFd<'_>,
+        kind: Kind,
+        buffered: &[&[u8]],
+        origin: Origin,
+    ) -> io::Result<Handed> {
+        Ok(Handed {
+            socket: socket.try_clone_to_owned()?,
+            kind,
+            buffered: Bytes::from(buffered.concat()),
+            origin,
+        })
+    }
+}
+
+/// Where a connection served from a hand-over comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// The previous generation (counted as received).
+    Previous,
+    /// Back from a hand-over of this process's own that did not take it (the window ended,
+    /// or the next generation went): offered again at the next hand-over.
+    Back,
+    /// Back because it cannot go (more bytes than a hand-over carries): it stays here, never
+    /// offered again.
+    Stays,
 }
 
 /// A connected pair: (ours, the new generation's). Both close-on-exec (the child's copy is
@@ -116,7 +144,7 @@ pub(crate) struct Outbox {
     /// the receiver goes before the hand-over is complete.
     pending: Mutex<HashMap<u64, Pending>>,
     /// Sent and not acknowledged yet.
-    unacknowledged: AtomicUsize,
+    unacknowledged: Count,
 }
 
 /// A connection sent: our copy, and what tells whether the receiver read from it.
@@ -159,7 +187,7 @@ impl Outbox {
             sending: Count::default(),
             next_id: AtomicU64::new(0),
             pending: Mutex::default(),
-            unacknowledged: AtomicUsize::new(0),
+            unacknowledged: Count::default(),
         })
     }
 
@@ -203,8 +231,12 @@ impl Outbox {
 
     /// Connections sent and not acknowledged yet.
     pub(crate) fn unacknowledged(&self) -> usize {
-        // Relaxed: a count to wait on by polling; the map under its lock is the truth.
-        self.unacknowledged.load(Ordering::Relaxed)
+        self.unacknowledged.get()
+    }
+
+    /// Resolves once every connection sent was acknowledged (or taken back).
+    pub(crate) async fn acknowledged(&self) {
+        self.unacknowledged.zero().await;
     }
 
     /// Takes back, once the receiver is gone (dead, so nothing it received is served any
@@ -216,6 +248,7 @@ impl Outbox {
         let mut taken = TakenBack::default();
         for (_, p) in lock(&self.pending).drain() {
             if !p.acknowledged {
+                self.unacknowledged.sub();
                 taken.back.push(p.handed);
                 continue;
             }
@@ -229,7 +262,6 @@ impl Outbox {
                 let _ = rustix::net::shutdown(&p.handed.socket, rustix::net::Shutdown::Both);
             }
         }
-        self.unacknowledged.store(0, Ordering::Relaxed);
         taken
     }
 
@@ -253,29 +285,22 @@ impl Outbox {
             ));
         }
         // Our copy, in place before the message can be acknowledged.
-        let copy = socket.try_clone_to_owned()?;
+        let handed = Handed::copy_of(socket, kind, buffered, Origin::Back)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut bytes = Vec::with_capacity(len);
-        buffered.iter().for_each(|b| bytes.extend_from_slice(b));
         let mut header = [0u8; HEADER];
         header[0] = TAG;
         header[1] = kind.byte();
         header[2..].copy_from_slice(&id.to_le_bytes());
-        let consumed = crate::sys::bytes_consumed(copy.as_fd());
+        let consumed = crate::sys::bytes_consumed(handed.socket.as_fd());
         lock(&self.pending).insert(
             id,
             Pending {
-                handed: Handed {
-                    socket: copy,
-                    kind,
-                    buffered: Bytes::from(bytes),
-                    stays: false,
-                },
+                handed,
                 consumed,
                 acknowledged: false,
             },
         );
-        self.unacknowledged.fetch_add(1, Ordering::Relaxed);
+        self.unacknowledged.add();
         let mut iov = Vec::with_capacity(buffered.len() + 1);
         iov.push(IoSlice::new(&header));
         iov.extend(buffered.iter().map(|b| IoSlice::new(b)));
@@ -349,7 +374,7 @@ impl Outbox {
                 _ => false,
             };
             if first {
-                self.unacknowledged.fetch_sub(1, Ordering::Relaxed);
+                self.unacknowledged.sub();
                 acked();
             }
         }
@@ -370,7 +395,7 @@ impl Drop for Unsent<'_> {
         if let Some(id) = self.1
             && lock(&self.0.pending).remove(&id).is_some()
         {
-            self.0.unacknowledged.fetch_sub(1, Ordering::Relaxed);
+            self.0.unacknowledged.sub();
         }
     }
 }
@@ -437,7 +462,7 @@ impl Inbox {
                 socket,
                 kind,
                 buffered,
-                stays: false,
+                origin: Origin::Previous,
             }));
         }
     }

@@ -716,7 +716,7 @@ impl<S> Serve<S> {
         // not go) is served here again.
         let _ = shared.tracker.local.set({
             let (limit, ctx) = (limit.clone(), Arc::clone(&ctx));
-            Box::new(move |handed| serve_handed_here(handed, false, limit.as_ref(), &ctx))
+            Box::new(move |handed| serve_handed_here(handed, limit.as_ref(), &ctx))
         });
         let restarts = crate::restart::serving(
             &shared,
@@ -790,10 +790,16 @@ async fn receive_handed<S, B>(
                 break;
             }
         };
-        serve_handed_here(handed, true, limit.as_ref(), &ctx);
+        serve_handed_here(handed, limit.as_ref(), &ctx);
     }
     tracing::debug!("the previous generation has handed over all it will");
     ctx.tracker.previous_done.set(());
+}
+
+/// Resolves once accepting is paused (`true`) or no longer paused (`false`).
+async fn wait_paused(paused: &mut tokio::sync::watch::Receiver<bool>, to: bool) {
+    // An error: the sender (in `Shared`) is gone, which it never is while we accept.
+    let _ = paused.wait_for(|p| *p == to).await;
 }
 
 /// Serves a connection handed over (by the previous generation, or back from an upgrade of
@@ -801,7 +807,6 @@ async fn receive_handed<S, B>(
 /// is served anyway.
 fn serve_handed_here<S, B>(
     handed: crate::handover::Handed,
-    from_previous: bool,
     limit: Option<&Arc<tokio::sync::Semaphore>>,
     ctx: &Arc<ConnCtx<S>>,
 ) where
@@ -812,7 +817,7 @@ fn serve_handed_here<S, B>(
         socket,
         kind,
         buffered,
-        stays,
+        origin,
     } = handed;
     match Stream::from_handed(socket) {
         Ok((mut stream, peer)) => {
@@ -822,8 +827,7 @@ fn serve_handed_here<S, B>(
                 peer,
                 kind,
                 buffered,
-                from_previous,
-                stays,
+                origin,
                 Arc::clone(ctx),
             ));
         }
@@ -850,6 +854,7 @@ async fn accept_loop<S, B>(
     let mut backoff = MIN_BACKOFF;
     // When the connection limit was last said to be reached (said at most once a second).
     let mut said_full: Option<std::time::Instant> = None;
+    let mut paused = shared.accept_pause();
     loop {
         // A place under the connection limit first: until one is free, new connections wait
         // in the kernel's accept queue, and make room for themselves (see `limit`).
@@ -875,11 +880,11 @@ async fn accept_loop<S, B>(
         let accepted = tokio::select! {
             biased;
             _ = shared.accepting_stopped() => break,
-            _ = shared.accepting_paused() => {
+            _ = wait_paused(&mut paused, true) => {
                 tokio::select! {
                     biased;
                     _ = shared.accepting_stopped() => break,
-                    _ = shared.accepting_resumed() => continue,
+                    _ = wait_paused(&mut paused, false) => continue,
                 }
             }
             accepted = listener.accept() => accepted,

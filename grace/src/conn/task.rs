@@ -19,6 +19,7 @@ use super::request::ConnService;
 use super::tracker::{Conn, HandOver, Tracker};
 use super::{Addr, ConnState};
 use crate::accept::{Acceptor, Socket};
+use crate::handover::{Handed, Kind, Origin};
 use crate::latch::Latch;
 use crate::listener::Stream;
 use crate::shutdown::Trigger;
@@ -136,15 +137,14 @@ where
 
 /// Serves a connection handed over between two requests, with the bytes read from it but
 /// not parsed (see `crate::handover`): HTTP/1, `Idle`, or one whose protocol is still to be
-/// told, `New`. `from_previous`: it comes from the previous generation (else it comes back
-/// from a hand-over of this process's own that did not happen).
+/// told, `New`; from the previous generation, or back from a hand-over of this process's
+/// own that did not happen (see [`Origin`]).
 pub(crate) fn serve_handed<S, B>(
     stream: Stream,
     peer: Addr,
-    kind: crate::handover::Kind,
+    kind: Kind,
     buffered: Bytes,
-    from_previous: bool,
-    stays: bool,
+    origin: Origin,
     ctx: Arc<ConnCtx<S>>,
 ) -> impl Future<Output = ()> + Send + 'static
 where
@@ -153,9 +153,9 @@ where
 {
     let conn = ctx
         .tracker
-        .register_handed(peer, &stream, kind, from_previous);
-    if stays {
-        // Never offered again (see `Handed::stays`): its task closes it at a drain.
+        .register_handed(peer, &stream, kind, origin == Origin::Previous);
+    if origin == Origin::Stays {
+        // Never offered again: its task closes it at a drain.
         conn.set_closes_itself();
     }
     if !buffered.is_empty() {
@@ -165,17 +165,7 @@ where
     }
     let io = TrackedIo::registered(stream, Arc::clone(&conn));
     let now = std::time::Instant::now();
-    let handed = match kind {
-        crate::handover::Kind::Http1 => Handed::Http1(buffered),
-        crate::handover::Kind::Unknown => Handed::Unknown(buffered),
-    };
-    serve_io(io, conn, now, None, Some(handed), ctx)
-}
-
-/// What came with a connection handed over (see [`serve_handed`]).
-enum Handed {
-    Http1(Bytes),
-    Unknown(Bytes),
+    serve_io(io, conn, now, None, Some((kind, buffered)), ctx)
 }
 
 /// A connection through the acceptor (see [`spawn`]).
@@ -261,7 +251,7 @@ fn serve_io<I, S, B>(
     conn: Arc<Conn>,
     ready_at: std::time::Instant,
     extra: Option<Arc<http::Extensions>>,
-    handed: Option<Handed>,
+    handed: Option<(Kind, Bytes)>,
     ctx: Arc<ConnCtx<S>>,
 ) -> impl Future<Output = ()> + Send + 'static
 where
@@ -278,8 +268,8 @@ where
     };
     let connection = match handed {
         None => HttpConn::new(io, service, Arc::clone(&ctx.builder)),
-        Some(Handed::Http1(buffered)) => HttpConn::http1(io, buffered, service, &ctx.builder),
-        Some(Handed::Unknown(read)) => {
+        Some((Kind::Http1, buffered)) => HttpConn::http1(io, buffered, service, &ctx.builder),
+        Some((Kind::Unknown, read)) => {
             HttpConn::sniffing(io, &read, service, Arc::clone(&ctx.builder))
         }
     };
@@ -329,25 +319,23 @@ where
                 ctx.drain.wait().await;
             };
             tokio::pin!(soft);
+            // Old enough: `Connection: close` on the next HTTP/1 response (an idle connection
+            // closes now), GOAWAY on HTTP/2.
+            let close_asked = std::future::poll_fn(|cx| {
+                if soft.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+                match old.as_mut() {
+                    Some(sleep) => sleep.as_mut().poll(cx),
+                    None => Poll::Pending,
+                }
+            });
             tokio::select! {
                 biased;
                 result = &mut connection => return log_end(&conn, result),
                 _ = draining.as_mut() => {}
-                _ = soft.as_mut(), if !closing => {
-                    connection.graceful_shutdown();
-                    closing = true;
-                    tokio::select! {
-                        biased;
-                        result = &mut connection => return log_end(&conn, result),
-                        _ = draining.as_mut() => {}
-                    }
-                }
-                // Old enough: `Connection: close` on the next HTTP/1 response (an idle
-                // connection closes now), GOAWAY on HTTP/2; the drain may still come meanwhile.
-                _ = std::future::poll_fn(|cx| match old.as_mut() {
-                    Some(sleep) => sleep.as_mut().poll(cx),
-                    None => Poll::Pending,
-                }), if old.is_some() && !closing => {
+                // Neither is polled again once it fired (`closing`); the drain may still come.
+                _ = close_asked, if !closing => {
                     connection.graceful_shutdown();
                     closing = true;
                     tokio::select! {
@@ -360,7 +348,7 @@ where
             // An upgrade: HTTP/1 connections go to the next generation at their next moment
             // between requests, until the hand-over window ends. (Not one already asked to
             // close: its client may have been told so.)
-            let number = ctx.tracker.hand_over_number();
+            let seen = ctx.tracker.wake_count();
             if let Some(outbox) = ctx.tracker.handing_over().filter(|_| !closing) {
                 if let Some(result) = hand_over(&mut connection, &conn, &outbox, &ctx).await {
                     return log_end(&conn, result);
@@ -375,7 +363,7 @@ where
             tokio::select! {
                 biased;
                 result = &mut connection => return log_end(&conn, result),
-                _ = std::future::poll_fn(|cx| conn.poll_hand_over_ended(cx, number)) => {}
+                _ = std::future::poll_fn(|cx| conn.poll_hand_over_ended(cx, seen)) => {}
             }
         }
         if conn.state() == ConnState::New {
@@ -491,18 +479,13 @@ where
             // Still ours: served again here, from a copy of its socket, as a fresh task (the
             // window ended, or its buffered bytes are more than a hand-over carries).
             tracing::debug!(conn = conn.info.id, error = %e, "not handed over: served here");
-            match socket.try_clone_to_owned() {
-                Ok(copy) => {
-                    let mut bytes = Vec::with_capacity(parts[0].len() + parts[1].len());
-                    bytes.extend_from_slice(parts[0]);
-                    bytes.extend_from_slice(parts[1]);
-                    ctx.tracker.serve_local(crate::handover::Handed {
-                        socket: copy,
-                        kind,
-                        buffered: Bytes::from(bytes),
-                        stays: e.kind() == std::io::ErrorKind::InvalidInput,
-                    });
-                }
+            // More than a hand-over carries: it stays here for good.
+            let origin = match e.kind() {
+                std::io::ErrorKind::InvalidInput => Origin::Stays,
+                _ => Origin::Back,
+            };
+            match Handed::copy_of(socket, kind, &parts, origin) {
+                Ok(handed) => ctx.tracker.serve_local(handed),
                 Err(e) => {
                     tracing::debug!(conn = conn.info.id, error = %e, "cannot keep it: closed")
                 }

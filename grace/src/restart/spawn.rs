@@ -255,16 +255,20 @@ async fn attempt(
 /// bounds only a new generation that hangs).
 const ACK_WAIT: Duration = Duration::from_secs(2);
 
-/// How often the hand-over checks whether a connection is left to hand over.
+/// How often the hand-over looks whether a connection is left to hand over (a scan of the
+/// connections' states: there is no event for "none left between requests").
 const HAND_OVER_CHECK: Duration = Duration::from_millis(2);
+
+/// How the new generation went during a hand-over: its exit status, or why it was given up.
+type Went = std::io::Result<String>;
 
 /// The hand-over: every HTTP/1 connection goes to the new generation at its next moment
 /// between requests (this process accepts nothing meanwhile), until none is left or the
-/// window ends. The one loop that watches the new generation throughout: if it dies or
-/// hangs up before it has acknowledged every connection sent, the connections it has not
-/// are taken back and served here, accepting resumes, and the upgrade fails (this process
-/// keeps serving, no drain is asked for). A stop that comes meanwhile ends the hand-over
-/// (what was acknowledged stays with the new generation, which is then stopped too).
+/// window ends, and every one sent is acknowledged. The one loop that watches the new
+/// generation throughout: if it dies or hangs up first, [`take_back`] what it had not read
+/// and the upgrade fails (this process keeps serving, no drain is asked for). A stop that
+/// comes meanwhile ends the hand-over (what was acknowledged stays with the new
+/// generation, which is then stopped too).
 async fn hand_over(
     shared: &Arc<Shared>,
     outbox: Arc<crate::handover::Outbox>,
@@ -279,56 +283,69 @@ async fn hand_over(
     tracker.start_hand_over(Arc::clone(&outbox));
     let acks = outbox.acks(|| tracker.count_handed_over());
     tokio::pin!(acks);
-    let mut died = None;
-    let mut stopped = false;
-    // Sending, until none is left to send or the window ends.
-    loop {
-        tokio::select! {
-            biased;
-            status = child.wait() => { died = Some(status.map(describe)); break; }
-            hung_up = &mut acks => { died = Some(hung_up.map(|()| "closed the hand-over channel".into())); break; }
-            _ = shared.drain_asked() => { stopped = true; break; }
-            _ = tokio::time::sleep_until(window_end.into()) => break,
-            _ = tokio::time::sleep(HAND_OVER_CHECK) => {
-                if !tracker.hand_over_left() && outbox.is_idle() {
-                    break;
-                }
+    let hung_up = |r: std::io::Result<()>| r.map(|()| "closed the hand-over channel".to_owned());
+    let sent = async {
+        loop {
+            tokio::time::sleep(HAND_OVER_CHECK).await;
+            if !tracker.hand_over_left() && outbox.is_idle() {
+                return;
             }
         }
-    }
+    };
+    let mut stopped = false;
+    let mut went: Option<Went> = tokio::select! {
+        biased;
+        status = child.wait() => Some(status.map(describe)),
+        r = &mut acks => Some(hung_up(r)),
+        _ = shared.drain_asked() => { stopped = true; None }
+        _ = tokio::time::sleep_until(window_end.into()) => None,
+        _ = sent => None,
+    };
     // No more sends; those under way end (a connection not sent stays here, served anew).
     outbox.close();
-    if died.is_none() {
+    if went.is_none() {
         let settled = async {
             outbox.settled().await;
-            while outbox.unacknowledged() > 0 {
-                tokio::time::sleep(HAND_OVER_CHECK).await;
-            }
+            outbox.acknowledged().await;
         };
-        tokio::select! {
+        went = tokio::select! {
             biased;
-            status = child.wait() => died = Some(status.map(describe)),
-            hung_up = &mut acks => died = Some(hung_up.map(|()| "closed the hand-over channel".into())),
-            _ = settled => {}
+            status = child.wait() => Some(status.map(describe)),
+            r = &mut acks => Some(hung_up(r)),
+            _ = settled => None,
             _ = tokio::time::sleep(ACK_WAIT) => {
                 tracing::warn!(unacknowledged = outbox.unacknowledged(), "the new process has not acknowledged every connection sent: left to it");
+                None
             }
-        }
+        };
     }
-    let Some(died) = died else {
+    let Some(went) = went else {
         tracker.end_hand_over(Some(started.elapsed()));
-        let (handed, _) = tracker.handed_over_received();
         tracing::info!(
             took_ms = started.elapsed().as_millis() as u64,
-            handed_over_total = handed,
             "hand-over complete"
         );
         return Ok(());
     };
-    // The new generation went. Make sure it is gone (one that only hung up is killed,
-    // with its group): nothing it received is served any more, so every connection it did
-    // not read from is ours again.
-    let status = died.unwrap_or_else(|e| format!("could not be watched ({e})"));
+    let status = went.unwrap_or_else(|e| format!("could not be watched ({e})"));
+    take_back(shared, &outbox, child, pid, &status).await;
+    match stopped {
+        true => Err(RestartError::Stopped { pid }),
+        false => Err(RestartError::HandOver { pid, status }),
+    }
+}
+
+/// The new generation went during the hand-over. Makes sure it is gone (one that only hung
+/// up is killed, with its group): nothing it received is served any more, so every
+/// connection it did not read from is ours again, served here; accepting resumes.
+async fn take_back(
+    shared: &Shared,
+    outbox: &crate::handover::Outbox,
+    child: &mut tokio::process::Child,
+    pid: u32,
+    status: &str,
+) {
+    let tracker = &shared.tracker;
     if let Some(group) = rustix::process::Pid::from_raw(pid as i32) {
         let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
     }
@@ -350,10 +367,6 @@ async fn hand_over(
     tracker.end_hand_over(None);
     shared.pause_accepting(false);
     tracing::error!(pid, %status, taken_back, lost = taken.lost, "the new process went during the hand-over: serving on");
-    if stopped {
-        return Err(RestartError::Stopped { pid });
-    }
-    Err(RestartError::HandOver { pid, status })
 }
 
 /// Spawns, retrying a few times on ETXTBSY: a binary just written (a deployment) may still

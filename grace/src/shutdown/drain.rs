@@ -42,18 +42,16 @@ pub(crate) async fn run(
     let mut forced_by: Option<ForceReason> = None;
     let mut phases = Vec::new();
     // An upgrade's drain follows its hand-over: the report starts with it.
-    let mut at_start = at_start;
-    let handed_over = match (&trigger, tracker.last_hand_over()) {
-        (Trigger::Restart, Some(done)) => {
-            phases.push(PhaseTiming {
-                phase: Phase::HandOver,
-                took: done.took,
-            });
-            at_start = done.at_start;
-            done.handed_over
-        }
-        _ => 0,
+    let hand_over = match trigger {
+        Trigger::Restart => tracker.last_hand_over(),
+        _ => None,
     };
+    if let Some(done) = &hand_over {
+        phases.push(PhaseTiming {
+            phase: Phase::HandOver,
+            took: done.took,
+        });
+    }
     // Each phase runs from the end of the one before it (the first from the request): the
     // phases tile the stop, and the report's total is their sum, nothing unaccounted.
     let mut mark = asked;
@@ -144,9 +142,9 @@ pub(crate) async fn run(
 
     let report = ShutdownReport {
         trigger,
-        at_start,
+        at_start: hand_over.as_ref().map_or(at_start, |h| h.at_start),
         requests_completed: tracker.completed() - completed_before,
-        handed_over,
+        handed_over: hand_over.map_or(0, |h| h.handed_over),
         closed: closed_by_drain,
         forced_by,
         forced,

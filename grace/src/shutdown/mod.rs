@@ -86,14 +86,10 @@ impl Shared {
         self.accept_paused.send_replace(paused);
     }
 
-    /// Resolves once accepting is paused.
-    pub(crate) async fn accepting_paused(&self) {
-        let _ = self.accept_paused.subscribe().wait_for(|p| *p).await;
-    }
-
-    /// Resolves once accepting is no longer paused.
-    pub(crate) async fn accepting_resumed(&self) {
-        let _ = self.accept_paused.subscribe().wait_for(|p| !*p).await;
+    /// Whether accepting is paused, for an accept loop to watch (one per loop, not one per
+    /// connection accepted).
+    pub(crate) fn accept_pause(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.accept_paused.subscribe()
     }
 
     /// Stops accepting: the accept loops drop their listeners (which then close, unless a
