@@ -150,41 +150,10 @@ async fn ctl_reports_status_upgrades_with_an_outcome_and_drains() {
     assert!(!socket.exists(), "the control socket outlived the service");
 }
 
-/// `ctl` with a bound: a socket nobody answers on must fail the test, not hang it.
-fn ctl_within(socket: &Path, args: &[&str], limit: Duration) -> Output {
-    let mut child = Command::new(BIN)
-        .args(["ctl", "--socket"])
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run grace-demo ctl");
-    let t = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("ctl {args:?} got no answer within {limit:?}: {out:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
-/// Runs the demo with `args` in `dir` until it exits (it must, within `PATIENCE`): its exit
-/// code and stderr.
-fn refused(dir: &TempDir, args: &[&str]) -> (Option<i32>, String) {
-    let mut child = Command::new(BIN)
-        .current_dir(&dir.0)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--db",
-            "sqlite://refused.db?mode=rwc",
-        ])
-        .args(args)
+/// Runs `cmd` to its end, which must come within `limit` (else the test fails with
+/// `what`, and the child's stderr).
+fn output_within(cmd: &mut Command, limit: Duration, what: &str) -> Output {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -192,14 +161,39 @@ fn refused(dir: &TempDir, args: &[&str]) -> (Option<i32>, String) {
         .expect("spawn grace-demo");
     let t = std::time::Instant::now();
     while child.try_wait().unwrap().is_none() {
-        if t.elapsed() > common::PATIENCE {
+        if t.elapsed() > limit {
             let _ = child.kill();
             let out = child.wait_with_output().unwrap();
-            panic!("the demo served: {}", String::from_utf8_lossy(&out.stderr));
+            panic!(
+                "{what} within {limit:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `ctl` with a bound: a socket nobody answers on must fail the test, not hang it.
+fn ctl_within(socket: &Path, args: &[&str], limit: Duration) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["ctl", "--socket"]).arg(socket).args(args);
+    output_within(&mut cmd, limit, &format!("ctl {args:?} got no answer"))
+}
+
+/// Runs the demo with `args` in `dir` until it exits (it must, within `PATIENCE`): its exit
+/// code and stderr.
+fn refused(dir: &TempDir, args: &[&str]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(&dir.0)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            "sqlite://refused.db?mode=rwc",
+        ])
+        .args(args);
+    let out = output_within(&mut cmd, common::PATIENCE, "the demo did not exit");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         !stdout.contains("listening on"),
