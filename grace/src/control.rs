@@ -45,8 +45,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::base::latch::Latch;
 use crate::error::RestartError;
-use crate::latch::Latch;
 use crate::listener::{self, Listener, SocketFile};
 use crate::shutdown::{Handle, Shared};
 
@@ -73,7 +73,7 @@ impl Link {
     /// The socket to pass to a new generation, if this process answers on one. Keep it until
     /// the new process has started.
     pub(crate) fn to_pass(&self) -> Option<Arc<UnixListener>> {
-        crate::lock(&self.socket).upgrade()
+        crate::base::lock(&self.socket).upgrade()
     }
 
     /// A new generation took over (the upgrade succeeded): it answers from now on.
@@ -133,7 +133,7 @@ fn absolute(path: &Path) -> PathBuf {
 /// generation has taken over (see the module's docs).
 pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     let listener = Arc::new(listener);
-    *crate::lock(&shared.control.socket) = Arc::downgrade(&listener);
+    *crate::base::lock(&shared.control.socket) = Arc::downgrade(&listener);
     loop {
         tokio::select! {
             biased;

@@ -35,9 +35,9 @@ use rustix::net::{
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::count::Count;
-use crate::latch::Latch;
-use crate::lock;
+use crate::base::count::Count;
+use crate::base::latch::Latch;
+use crate::base::lock;
 
 /// The most bytes a connection may carry along (a request head still arriving, pipelined
 /// requests). A connection with more stays with the old generation.

@@ -13,8 +13,8 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::latch::Latch;
-use crate::shutdown::Trigger;
+use crate::base::latch::Latch;
+use crate::base::report::Trigger;
 
 /// A tower service answering readiness probes: `200 ready` or `503 draining`.
 ///

@@ -33,10 +33,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::base::report::{ConnSnapshot, ShutdownReport};
 #[cfg(feature = "metrics")]
 use crate::conn::ConnState;
 use crate::shutdown::Handle;
-use crate::shutdown::report::{ConnSnapshot, ShutdownReport};
 
 /// Running totals since the server started: from [`Handle::totals`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

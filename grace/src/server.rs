@@ -14,15 +14,16 @@ use tokio::signal::unix::SignalKind;
 use tokio::task::JoinSet;
 
 use crate::accept::Acceptor;
+use crate::base::budget::Budget;
+use crate::base::report::ShutdownReport;
+use crate::base::report::Trigger;
 use crate::conn::body::{BodyLimit, RequestBody};
 use crate::conn::task::{self, BoxError, ConnCtx, HttpService, ResponseBody};
 use crate::conn::tracker::Hook;
 use crate::conn::{Addr, ConnInfo, ConnState, clock};
 use crate::error::{Error, Result};
 use crate::listener::{self, Listener, SocketFile, Stream};
-use crate::shutdown::budget::Budget;
-use crate::shutdown::report::ShutdownReport;
-use crate::shutdown::{Handle, Named, Shared, Trigger, drain};
+use crate::shutdown::{Handle, Named, Shared, drain};
 use crate::signal::{DEFAULT_SIGNALS, Signals};
 
 /// How long a keep-alive connection may stay idle by default: nginx's 75 s, longer than the

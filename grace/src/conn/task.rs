@@ -19,11 +19,11 @@ use super::request::ConnService;
 use super::tracker::{Conn, HandOver, Tracker};
 use super::{Addr, ConnState};
 use crate::accept::{Acceptor, Socket};
+use crate::base::budget::after;
+use crate::base::latch::Latch;
+use crate::base::report::Trigger;
 use crate::handover::{Handed, Kind, Origin};
-use crate::latch::Latch;
 use crate::listener::Stream;
-use crate::shutdown::Trigger;
-use crate::shutdown::budget::after;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -15,11 +15,11 @@ use tokio::sync::Notify;
 use super::fanout::across_threads;
 use super::state::{Event, transition};
 use super::{Addr, ConnInfo, ConnState, StateCounts};
-use crate::count::Count;
-use crate::latch::Latch;
-use crate::lock;
-use crate::shutdown::Trigger;
-use crate::shutdown::report::{ActiveRequest, ConnSnapshot};
+use crate::base::count::Count;
+use crate::base::latch::Latch;
+use crate::base::lock;
+use crate::base::report::Trigger;
+use crate::base::report::{ActiveRequest, ConnSnapshot};
 use crate::sys::SocketSlot;
 
 /// Whether a connection can be handed to the next generation (see [`Conn::hand_over`]).
@@ -156,7 +156,7 @@ impl Conn {
     }
 
     /// A notice of the drain, for a handler that takes the connection over.
-    pub(crate) fn notice(&self) -> crate::ShutdownNotice {
+    pub(crate) fn notice(&self) -> super::notice::ShutdownNotice {
         self.tracker.notice(self.info.id)
     }
 
@@ -601,8 +601,8 @@ struct Parked {
 
 impl Tracker {
     /// A notice of the drain, placed in the goodbye spread by `seed`.
-    pub(crate) fn notice(self: &Arc<Self>, seed: u64) -> crate::ShutdownNotice {
-        crate::shutdown::ShutdownNotice {
+    pub(crate) fn notice(self: &Arc<Self>, seed: u64) -> super::notice::ShutdownNotice {
+        super::notice::ShutdownNotice {
             tracker: Arc::clone(self),
             seed,
         }

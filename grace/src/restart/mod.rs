@@ -11,8 +11,8 @@ use std::time::Duration;
 use tokio::signal::unix::{Signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::base::lock;
 use crate::error::{Error, RestartError, Result};
-use crate::lock;
 use crate::server::Serve;
 use crate::shutdown::{Handle, Shared};
 

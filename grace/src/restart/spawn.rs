@@ -13,8 +13,9 @@ use super::inherit::{
     FIRST_FD, GRACE_GENERATION, GRACE_HANDOVER_FD, GRACE_LISTEN_PPID, GRACE_READY_FD,
     GRACE_SOCKET_FILES, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID, TAKES_CONNECTIONS,
 };
+use crate::base::report::Trigger;
 use crate::error::RestartError;
-use crate::shutdown::{Named, Shared, Trigger};
+use crate::shutdown::{Named, Shared};
 use crate::{sys, systemd};
 
 /// The program to start on a restart, resolved now (at start-up).
@@ -259,8 +260,30 @@ const ACK_WAIT: Duration = Duration::from_secs(2);
 /// connections' states: there is no event for "none left between requests").
 const HAND_OVER_CHECK: Duration = Duration::from_millis(2);
 
-/// How the new generation went during a hand-over: its exit status, or why it was given up.
-type Went = std::io::Result<String>;
+/// How the new generation went during a hand-over: it exited, or it hung up the channel.
+enum Went {
+    Exited(std::io::Result<std::process::ExitStatus>),
+    HungUp(std::io::Result<()>),
+}
+
+impl Went {
+    /// What to say of it. A hang-up usually means it is exiting (the channel closes as the
+    /// process dies, often before its exit is seen): its exit status, if it comes soon.
+    async fn describe(self, child: &mut tokio::process::Child) -> String {
+        let hung_up = match self {
+            Went::Exited(Ok(status)) => return describe(status),
+            Went::Exited(Err(e)) => return format!("could not be watched ({e})"),
+            Went::HungUp(r) => r,
+        };
+        match tokio::time::timeout(Duration::from_millis(200), child.wait()).await {
+            Ok(Ok(status)) => describe(status),
+            _ => match hung_up {
+                Ok(()) => "closed the hand-over channel".to_owned(),
+                Err(e) => format!("broke the hand-over channel ({e})"),
+            },
+        }
+    }
+}
 
 /// The hand-over: every HTTP/1 connection goes to the new generation at its next moment
 /// between requests (this process accepts nothing meanwhile), until none is left or the
@@ -278,12 +301,11 @@ async fn hand_over(
 ) -> Result<(), RestartError> {
     let tracker = &shared.tracker;
     let started = Instant::now();
-    let window_end = crate::shutdown::budget::after(started, outbox.window().min(stop_timeout));
+    let window_end = crate::base::budget::after(started, outbox.window().min(stop_timeout));
     shared.pause_accepting(true);
     tracker.start_hand_over(Arc::clone(&outbox));
     let acks = outbox.acks(|| tracker.count_handed_over());
     tokio::pin!(acks);
-    let hung_up = |r: std::io::Result<()>| r.map(|()| "closed the hand-over channel".to_owned());
     let sent = async {
         loop {
             tokio::time::sleep(HAND_OVER_CHECK).await;
@@ -295,8 +317,8 @@ async fn hand_over(
     let mut stopped = false;
     let mut went: Option<Went> = tokio::select! {
         biased;
-        status = child.wait() => Some(status.map(describe)),
-        r = &mut acks => Some(hung_up(r)),
+        status = child.wait() => Some(Went::Exited(status)),
+        r = &mut acks => Some(Went::HungUp(r)),
         _ = shared.drain_asked() => { stopped = true; None }
         _ = tokio::time::sleep_until(window_end.into()) => None,
         _ = sent => None,
@@ -310,8 +332,8 @@ async fn hand_over(
         };
         went = tokio::select! {
             biased;
-            status = child.wait() => Some(status.map(describe)),
-            r = &mut acks => Some(hung_up(r)),
+            status = child.wait() => Some(Went::Exited(status)),
+            r = &mut acks => Some(Went::HungUp(r)),
             _ = settled => None,
             _ = tokio::time::sleep(ACK_WAIT) => {
                 tracing::warn!(unacknowledged = outbox.unacknowledged(), "the new process has not acknowledged every connection sent: left to it");
@@ -327,7 +349,7 @@ async fn hand_over(
         );
         return Ok(());
     };
-    let status = went.unwrap_or_else(|e| format!("could not be watched ({e})"));
+    let status = went.describe(child).await;
     take_back(shared, &outbox, child, pid, &status).await;
     match stopped {
         true => Err(RestartError::Stopped { pid }),

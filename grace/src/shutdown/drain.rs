@@ -19,9 +19,9 @@ use std::time::Instant;
 
 use tokio::task::JoinSet;
 
-use super::budget::Budget;
-use super::report::{ForceReason, Outcome, Phase, PhaseTiming, ShutdownReport};
 use super::{Shared, Trigger};
+use crate::base::budget::Budget;
+use crate::base::report::{ForceReason, Outcome, Phase, PhaseTiming, ShutdownReport};
 use crate::conn::tracker::Tracker;
 
 /// Runs the phases of a shutdown, in order, and says what happened.

@@ -1,8 +1,7 @@
 //! Shutdown coordination: the state a server shares with its connections and handles, the
-//! [`Handle`], the notice handlers get, the drain itself ([`drain`]), its time budget
-//! ([`budget`]) and the [`ShutdownReport`](report::ShutdownReport).
+//! [`Handle`], the notice handlers get, and the drain itself ([`drain`]).
 //!
-//! Each fact of a server's life is one [`Latch`](crate::latch::Latch), set once:
+//! Each fact of a server's life is one [`Latch`](crate::base::latch::Latch), set once:
 //!
 //! | fact | latch | set by | read by |
 //! |---|---|---|---|
@@ -15,19 +14,18 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::base::latch::Latch;
 use crate::conn::StateCounts;
 use crate::conn::tracker::Tracker;
 use crate::health::Readiness;
 use crate::jobs::{JobToken, Jobs};
-use crate::latch::Latch;
 use crate::listener::Listener;
 use crate::resources::{Resource, Resources};
 
-pub(crate) mod budget;
 pub(crate) mod drain;
-pub(crate) mod report;
 
-pub use report::{ForceReason, Trigger};
+use crate::base::report::{ForceReason, Trigger};
+use crate::conn::notice::ShutdownNotice;
 
 /// A listener as a restart passes it on: its name (`LISTEN_FDNAMES`), and whether its
 /// socket file goes with it (the new generation removes it when it stops for good).
@@ -105,7 +103,7 @@ impl Shared {
     }
 
     pub(crate) fn set_listeners(&self, listeners: Vec<Named>) {
-        let mut guard = crate::lock(&self.listeners);
+        let mut guard = crate::base::lock(&self.listeners);
         let old = std::mem::replace(&mut *guard, listeners);
         drop(guard);
         drop(old);
@@ -117,7 +115,7 @@ impl Shared {
 
     /// The listeners while serving (none once draining).
     pub(crate) fn listeners(&self) -> Vec<Named> {
-        crate::lock(&self.listeners).clone()
+        crate::base::lock(&self.listeners).clone()
     }
 
     pub(crate) fn notice(&self) -> ShutdownNotice {
@@ -251,78 +249,5 @@ impl Handle {
     /// ```
     pub fn add_resource(&self, resource: Resource) {
         self.shared.resources.add(resource);
-    }
-}
-
-/// Tells a handler that the server is draining, so it can say goodbye properly.
-///
-/// Every request that asks for an upgrade (an `Upgrade` header, or `CONNECT`) carries one in
-/// its extensions, so a WebSocket handler can send a close frame (`1001 Going Away`) when the
-/// drain starts instead of being cut at the deadline. Any code can get one from
-/// [`Handle::notice`].
-///
-/// ```
-/// # async fn doc(req: http::Request<()>) {
-/// if let Some(notice) = req.extensions().get::<grace_http::ShutdownNotice>() {
-///     notice.wait().await; // say goodbye to the client here
-/// }
-/// # }
-/// ```
-#[derive(Clone)]
-pub struct ShutdownNotice {
-    pub(crate) tracker: Arc<Tracker>,
-    /// Places this notice in the goodbye spread (a connection's id).
-    pub(crate) seed: u64,
-}
-
-impl std::fmt::Debug for ShutdownNotice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShutdownNotice")
-            .field("draining", &self.is_draining())
-            .field("seed", &self.seed)
-            .finish()
-    }
-}
-
-impl ShutdownNotice {
-    /// True once the drain has started.
-    pub fn is_draining(&self) -> bool {
-        self.tracker.is_draining()
-    }
-
-    /// Resolves when the drain starts (at once if it has) — or, with a goodbye spread
-    /// ([`Server::goodbye_spread`](crate::Server::goodbye_spread)), at this notice's place
-    /// in the spread after that, so long-lived connections do not all say goodbye (and
-    /// reconnect) at the same instant.
-    pub async fn wait(&self) {
-        self.tracker.draining.wait().await;
-        let delay = self.spread_delay();
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-    }
-
-    /// This notice's delay within the spread window: the fractional part of the seed times
-    /// the golden ratio, so successive connections fill the window evenly.
-    fn spread_delay(&self) -> std::time::Duration {
-        let window = self.tracker.goodbye_spread();
-        if window.is_zero() {
-            return window;
-        }
-        let frac =
-            (self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
-        window.mul_f64(frac)
-    }
-
-    /// Why the server is draining, once it is: a [`Trigger::Restart`] means a new
-    /// generation serves already (a client should come back: WebSocket close code 1012,
-    /// "service restart"); anything else means the service is going away (1001).
-    pub fn reason(&self) -> Option<Trigger> {
-        self.tracker.drain_asked.get().cloned()
-    }
-
-    /// True when the drain hands over to a new generation (see [`reason`](Self::reason)).
-    pub fn is_restart(&self) -> bool {
-        self.reason() == Some(Trigger::Restart)
     }
 }
