@@ -2,7 +2,7 @@
 //! [`Serve`] runs when asked to stop.
 
 use std::future::{Future, IntoFuture};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -484,6 +484,7 @@ impl Server {
             service: routes_ready(service),
             signals: None,
             control: None,
+            restart: None,
         }
     }
 }
@@ -515,6 +516,7 @@ pub struct Serve<S> {
     service: S,
     signals: Option<Result<Signals>>,
     control: Option<(PathBuf, std::io::Result<crate::control::Bound>)>,
+    restart: Option<crate::restart::Control>,
 }
 
 impl<S> Serve<S> {
@@ -556,6 +558,28 @@ impl<S> Serve<S> {
                 Ok(serve)
             }
         }
+    }
+
+    /// Restarts with zero downtime on `restart`'s signal (default SIGHUP) or
+    /// [`Handle::restart`]: starts the new process with the listening sockets, waits until
+    /// it is ready, then drains this one with [`Trigger::Restart`](crate::Trigger::Restart).
+    /// If the new process fails, kills it (with its process group) and keeps serving. One
+    /// restart at a time: a request during one is logged and refused.
+    ///
+    /// A stop (a drain signal, [`Handle::shutdown`]) that comes while a new process is
+    /// starting wins: the new process is told to stop as well (SIGTERM, so it drains what
+    /// it may have accepted; SIGKILL to its group after the shutdown timeout) and reaped
+    /// before `serve` returns, so a stop never leaves a generation behind, and the pid file
+    /// names a live process or is gone.
+    ///
+    /// The signal handler is installed now, within the current tokio runtime, so the
+    /// signal cannot kill the process from here on. See [`Restart`](crate::Restart) for an
+    /// example.
+    pub fn with_restart(mut self, restart: crate::Restart) -> Self {
+        if let Some(control) = crate::restart::Control::enable(&self.server.shared, restart) {
+            self.restart = Some(control);
+        }
+        self
     }
 
     /// A handle to the server (the same as [`Server::handle`]).
@@ -608,6 +632,7 @@ impl<S> Serve<S> {
             service,
             signals,
             control,
+            restart,
         } = self;
         let Server {
             listeners,
@@ -719,8 +744,12 @@ impl<S> Serve<S> {
             let (limit, ctx) = (limit.clone(), Arc::clone(&ctx));
             Box::new(move |handed| serve_handed_here(handed, limit.as_ref(), &ctx))
         });
+        let pid_file = restart
+            .as_ref()
+            .and_then(|r| r.pid_file().map(Path::to_path_buf));
         let restarts = crate::restart::serving(
             &shared,
+            restart,
             ready_pipe,
             takes_connections,
             config.budget.shutdown_timeout,
@@ -755,7 +784,7 @@ impl<S> Serve<S> {
         if let Some(restarts) = restarts {
             restarts.finish().await;
         }
-        crate::restart::finished(&shared, report.trigger == Trigger::Restart);
+        crate::restart::finished(pid_file.as_deref(), report.trigger == Trigger::Restart);
         if report.trigger == Trigger::Restart {
             // The new generation serves on them, and removes them when it stops.
             files.iter().for_each(SocketFile::disarm);

@@ -19,8 +19,9 @@ use std::time::Instant;
 
 use tokio::task::JoinSet;
 
-use super::{Shared, Trigger};
+use super::Shared;
 use crate::base::budget::Budget;
+use crate::base::report::Trigger;
 use crate::base::report::{ForceReason, Outcome, Phase, PhaseTiming, ShutdownReport};
 use crate::conn::tracker::Tracker;
 
