@@ -33,8 +33,9 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    /// False from the moment a drain is asked for (see `Shared::request_drain`).
-    fn is_ready(&self) -> bool {
+    /// True while serving; false from the moment a drain is asked for (before any
+    /// pre-stop delay).
+    pub fn is_ready(&self) -> bool {
         !self.drain.is_set()
     }
 }

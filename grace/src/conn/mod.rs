@@ -5,6 +5,7 @@
 //! - `tracker`: the one owner of every live connection and of the counts per state.
 //! - `http`: which HTTP a connection speaks, and hyper's connection for it (one that can give
 //!   its socket back between requests, for a hand-over).
+//! - `h1`, `h2`: how each protocol closes at a drain (and HTTP/1 hands over at an upgrade).
 //! - `io`: the socket wrapper that sees a connection's bytes and can be shut from outside.
 //! - `request`: the per-request service and body wrappers (Active ↔ Idle, Hijacked, panics).
 //! - `notice`: what handlers see of the stop ([`ShutdownNotice`](notice::ShutdownNotice)).
@@ -16,6 +17,8 @@
 pub(crate) mod body;
 pub(crate) mod clock;
 mod fanout;
+mod h1;
+mod h2;
 pub(crate) mod http;
 pub(crate) mod io;
 pub(crate) mod notice;

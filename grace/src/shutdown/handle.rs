@@ -40,7 +40,7 @@ impl std::fmt::Debug for Handle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Handle")
             .field("counts", &self.counts())
-            .field("draining", &self.is_draining())
+            .field("draining", &self.notice().is_draining())
             .finish()
     }
 }
@@ -56,37 +56,21 @@ impl Handle {
         self.shared.request_force(ForceReason::Handle);
     }
 
-    /// Live connections per state.
+    /// Live connections per state (all of them: [`StateCounts::total`]).
     pub fn counts(&self) -> StateCounts {
         self.shared.tracker.counts()
     }
 
-    /// All live connections.
-    pub fn connections(&self) -> usize {
-        self.shared.tracker.len()
-    }
-
-    /// True once a drain has started.
-    pub fn is_draining(&self) -> bool {
-        self.shared.tracker.is_draining()
-    }
-
-    /// A notice that resolves when the drain starts, for long-running handlers and jobs.
+    /// The drain as handlers and jobs see it: [`is_draining`](ShutdownNotice::is_draining)
+    /// once it started, [`wait`](ShutdownNotice::wait) for it, and why
+    /// ([`reason`](ShutdownNotice::reason)).
     pub fn notice(&self) -> ShutdownNotice {
         self.shared.notice()
     }
 
-    /// Resolves once a drain has started.
-    pub async fn draining(&self) {
-        self.notice().wait().await;
-    }
-
-    /// False from the moment a drain is asked for (before any pre-stop delay).
-    pub fn is_ready(&self) -> bool {
-        !self.shared.drain.is_set()
-    }
-
-    /// A tower service for a readiness probe: `200` while serving, `503` once draining.
+    /// Readiness: a tower service for a probe (`200` while serving, `503` from the moment a
+    /// drain is asked for, before any pre-stop delay), and
+    /// [`is_ready`](Readiness::is_ready) for code.
     pub fn readiness(&self) -> Readiness {
         Readiness {
             drain: Arc::clone(&self.shared.drain),
