@@ -720,7 +720,7 @@ impl<S> Serve<S> {
         // generation that cannot report ready fails here, having accepted nothing.
         // Connections the previous generation hands over are served from before we say we
         // are ready (it hands them over only once we have).
-        let inbox = match handover.map(crate::handover::Inbox::new).transpose() {
+        let inbox = match handover.map(crate::handover::inbox::Inbox::new).transpose() {
             Ok(inbox) => inbox,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot receive handed-over connections: none taken");
@@ -804,7 +804,7 @@ impl<S> Serve<S> {
 /// Serves the connections the previous generation hands over, until it closes its end.
 /// They are already accepted: one that finds the connection limit reached is served anyway.
 async fn receive_handed<S, B>(
-    mut inbox: crate::handover::Inbox,
+    mut inbox: crate::handover::inbox::Inbox,
     limit: Option<Arc<tokio::sync::Semaphore>>,
     ctx: Arc<ConnCtx<S>>,
 ) where

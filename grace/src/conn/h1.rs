@@ -49,7 +49,7 @@ where
 pub(super) async fn hand_over<I, S, B>(
     connection: &mut HttpConn<TrackedIo<I>, S>,
     conn: &Conn,
-    outbox: &crate::handover::Outbox,
+    outbox: &crate::handover::outbox::Outbox,
     tracker: &Tracker,
 ) -> Option<Result<(), BoxError>>
 where

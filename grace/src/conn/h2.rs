@@ -23,6 +23,7 @@ const GOAWAY_ACK_WAIT: Duration = Duration::from_secs(1);
 /// asked for. Never for HTTP/1 (its responses say `Connection: close` instead).
 // An `async` block, not an `async fn`: it uses its captures in place (an `async fn` would
 // keep its arguments beside the locals they are moved into, in every connection's memory).
+#[allow(clippy::manual_async_fn)]
 pub(super) fn soft_drain<'a>(
     conn: &'a Conn,
     drain: &'a Latch<Trigger>,

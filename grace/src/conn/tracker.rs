@@ -560,7 +560,7 @@ pub(crate) struct Tracker {
     pub(crate) previous_done: Latch<()>,
     /// The channel to the next generation, while an upgrade hands connections over (see
     /// `restart::spawn`); replaced at each upgrade.
-    outbox: Mutex<Option<Arc<crate::handover::Outbox>>>,
+    outbox: Mutex<Option<Arc<crate::handover::outbox::Outbox>>>,
     /// An upgrade is handing connections over: every HTTP/1 connection goes at its next
     /// moment between requests. Reversible (a new generation that dies ends it).
     handing: AtomicBool,
@@ -877,7 +877,7 @@ impl Tracker {
 
     /// Starts handing connections over through `outbox`, then wakes every connection's
     /// task: each HTTP/1 one goes at its next moment between requests.
-    pub(crate) fn start_hand_over(&self, outbox: Arc<crate::handover::Outbox>) {
+    pub(crate) fn start_hand_over(&self, outbox: Arc<crate::handover::outbox::Outbox>) {
         *lock(&self.outbox) = Some(outbox);
         *lock(&self.hand_over_mark) = HandOverMark {
             handed_before: self.handed_over.load(Ordering::Relaxed),
@@ -926,7 +926,7 @@ impl Tracker {
     }
 
     /// The channel to the next generation, while connections may be handed over.
-    pub(crate) fn handing_over(&self) -> Option<Arc<crate::handover::Outbox>> {
+    pub(crate) fn handing_over(&self) -> Option<Arc<crate::handover::outbox::Outbox>> {
         if !self.is_handing_over() {
             return None;
         }
@@ -1185,7 +1185,7 @@ mod tests {
         // A hand-over that ends (the next generation went) wakes it; it has nothing to do.
         let outbox = || {
             let (ours, _theirs) = crate::handover::pair().unwrap();
-            Arc::new(crate::handover::Outbox::new(ours, Duration::from_secs(5)).unwrap())
+            Arc::new(crate::handover::outbox::Outbox::new(ours, Duration::from_secs(5)).unwrap())
         };
         tracker.start_hand_over(outbox());
         assert!(waiter.is_woken());

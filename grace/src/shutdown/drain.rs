@@ -252,7 +252,7 @@ impl<'a> Stop<'a> {
     fn deadline(&self) -> (Instant, ForceReason) {
         self.work_deadline
             .clone()
-            .unwrap_or_else(|| (self.asked, ForceReason::Deadline))
+            .unwrap_or((self.asked, ForceReason::Deadline))
     }
 
     fn report(self, phases: Vec<PhaseTiming>) -> ShutdownReport {
