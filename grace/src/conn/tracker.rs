@@ -608,6 +608,18 @@ impl Tracker {
         }
     }
 
+    /// Set once, as serving starts: the state hook, the window of the goodbye spread, and
+    /// whether each connection's request is recorded.
+    pub(crate) fn configure(&self, hook: Option<Hook>, goodbye_spread: Duration, records: bool) {
+        if let Some(hook) = hook {
+            let _ = self.hook.set(hook);
+        }
+        let _ = self.goodbye_spread.set(goodbye_spread);
+        if records {
+            let _ = self.records.set(());
+        }
+    }
+
     /// Whether each connection's request is recorded (see `Server::record_requests`).
     #[inline]
     pub(crate) fn records(&self) -> bool {
