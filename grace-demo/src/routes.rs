@@ -47,10 +47,10 @@ pub fn router(ledger: Arc<Ledger>, handle: &grace_http::Handle) -> Router {
 }
 
 /// Who the client is, as the handler sees it: the peer address (axum's `ConnectInfo`
-/// extractor for TCP, grace's `PeerAddr` for any listener) and, over TLS, the ALPN protocol
+/// extractor for TCP, grace's `ConnAddrs` for any listener) and, over TLS, the ALPN protocol
 /// and the server name the client asked for.
 async fn whoami(
-    Extension(grace_http::PeerAddr(peer)): Extension<grace_http::PeerAddr>,
+    Extension(addrs): Extension<grace_http::ConnAddrs>,
     connect_info: Option<Extension<ConnectInfo<SocketAddr>>>,
     tls: Option<Extension<grace_http::tls::TlsInfo>>,
 ) -> Json<serde_json::Value> {
@@ -64,7 +64,7 @@ async fn whoami(
     Json(serde_json::json!({
         // Which process answered: across upgrades, a kept connection meets each generation.
         "pid": std::process::id(),
-        "peer": peer.to_string(),
+        "peer": addrs.peer().to_string(),
         "connect_info": connect_info.map(|Extension(ConnectInfo(a))| a.to_string()),
         "tls": tls,
     }))

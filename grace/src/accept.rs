@@ -203,11 +203,3 @@ impl AsyncWrite for Socket {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
-
-/// The peer's address, in the extensions of every request (`axum::Extension<PeerAddr>`).
-/// With the crate feature `axum`, a TCP peer is also there as
-/// `axum::extract::ConnectInfo<SocketAddr>`, so axum's `ConnectInfo` extractor works
-/// without `into_make_service_with_connect_info`. Turned off by
-/// [`Server::peer_addr_in_requests(false)`](crate::Server::peer_addr_in_requests).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct PeerAddr(pub Addr);

@@ -21,6 +21,13 @@ use crate::resources::bounded;
 
 /// Given to every background job: says when the server is stopping.
 ///
+/// It is a [`CancellationToken`] (tokio-util's) underneath, and reads as one:
+/// [`cancelled`](Self::cancelled) and [`is_cancelled`](Self::is_cancelled) are
+/// [`stopping`](Self::stopping) and [`is_stopping`](Self::is_stopping) under that token's
+/// names, so a job written for a `CancellationToken` keeps its `token.cancelled().await`;
+/// one that takes a `CancellationToken` gets one with
+/// [`cancellation_token`](Self::cancellation_token) or `.into()`.
+///
 /// ```no_run
 /// # async fn doc(handle: grace_http::Handle) {
 /// handle.spawn_job("settlement", |token: grace_http::JobToken| async move {
@@ -47,6 +54,59 @@ impl JobToken {
     /// Resolves when the job is asked to stop.
     pub async fn stopping(&self) {
         self.0.cancelled().await
+    }
+
+    /// Resolves when the job is asked to stop: [`stopping`](Self::stopping), as
+    /// [`CancellationToken::cancelled`] reads.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: grace_http::Handle) {
+    /// handle.spawn_job("outbox", |token: grace_http::JobToken| async move {
+    ///     loop {
+    ///         tokio::select! {
+    ///             _ = token.cancelled() => break,
+    ///             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => { /* one batch */ }
+    ///         }
+    ///     }
+    ///     Ok::<_, std::io::Error>(())
+    /// });
+    /// # }
+    /// ```
+    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.0.cancelled()
+    }
+
+    /// True once the job has been asked to stop: [`is_stopping`](Self::is_stopping), as
+    /// [`CancellationToken::is_cancelled`] reads.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.is_cancelled()
+    }
+
+    /// A [`CancellationToken`] cancelled when the job is asked to stop, for code that takes
+    /// one. It is a child of the server's: cancelling it stops what holds it, never the
+    /// server's other jobs.
+    ///
+    /// ```no_run
+    /// use tokio_util::sync::CancellationToken;
+    ///
+    /// async fn consume(stop: CancellationToken) -> Result<(), std::io::Error> {
+    ///     stop.cancelled().await;
+    ///     Ok(())
+    /// }
+    ///
+    /// # async fn doc(handle: grace_http::Handle) {
+    /// handle.spawn_job("consumer", |token: grace_http::JobToken| consume(token.cancellation_token()));
+    /// # }
+    /// ```
+    pub fn cancellation_token(&self) -> CancellationToken {
+        self.0.child_token()
+    }
+}
+
+impl From<JobToken> for CancellationToken {
+    /// [`JobToken::cancellation_token`].
+    fn from(token: JobToken) -> Self {
+        token.cancellation_token()
     }
 }
 

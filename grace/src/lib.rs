@@ -62,7 +62,24 @@
 //! rather than closed, so no client reconnects. See [`Restart`] for the flow and what is
 //! handed over, and [`systemd`] for `Type=notify`.
 
+//!
+//! ## Features
+//!
+//! | feature | default | what it turns on |
+//! |---|---|---|
+//! | `axum` | yes | axum 0.8 served as `axum::serve` serves it: `axum::extract::ConnectInfo<SocketAddr>` in every request from a TCP peer (see [`ConnAddrs`], and [`Server::peer_addr_in_requests`] to leave the addresses out), and an `axum::Router` served with its routes made ready once ([`Server::serve`]) |
+//! | `ring` | yes | with `tls`, the *ring* crypto provider for the configurations grace makes from PEM; without `tls` it builds nothing (turn it off when you bring another provider) |
+//! | `tls` | no | TLS termination with rustls: `Server::tls` and the `tls` module (PEM files or your own `rustls::ServerConfig`, reloaded while serving) |
+//! | `metrics` | no | the [`metrics`] module's numbers through the `metrics` facade (`Handle::record_metrics`) |
+//!
+//! A service on another framework than axum depends on it with `default-features = false`
+//! (and `features = ["ring"]` if it uses `tls` with grace's provider). Without `axum`,
+//! [`ConnAddrs`] is still in every request, and a `Router` is served like any other
+//! `tower::Service` (pass `router.with_state(())` to spare each request a boxed clone of
+//! its handler).
+
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod accept;
 mod base;
@@ -89,8 +106,7 @@ mod testing;
 pub mod tls;
 
 pub use self::metrics::Totals;
-pub use accept::PeerAddr;
-pub use base::conn::{Addr, ConnInfo, ConnState, StateCounts};
+pub use base::conn::{Addr, ConnAddrs, ConnInfo, ConnState, StateCounts};
 pub use base::report::{
     ActiveRequest, ConnSnapshot, ForceReason, ForcedConn, Outcome, Phase, PhaseTiming,
     ShutdownReport, TaskReport, Trigger,

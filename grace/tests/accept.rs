@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use axum::routing::get;
 use common::{Client, start};
 use grace_http::accept::{Accepted, Acceptor, BoxFuture, Socket};
-use grace_http::{ConnState, PeerAddr};
+use grace_http::{ConnAddrs, ConnState};
 use tokio::io::AsyncReadExt;
 
 /// The client's address as the proxy in front of us saw it.
@@ -53,8 +53,8 @@ fn app() -> axum::Router {
         "/who",
         get(
             |axum::Extension(ClientAddr(client)): axum::Extension<ClientAddr>,
-             axum::Extension(PeerAddr(peer)): axum::Extension<PeerAddr>| async move {
-                format!("{client} via {peer}")
+             axum::Extension(addrs): axum::Extension<ConnAddrs>| async move {
+                format!("{client} via {}", addrs.peer())
             },
         ),
     )
@@ -62,7 +62,7 @@ fn app() -> axum::Router {
 
 #[tokio::test]
 async fn an_acceptor_wraps_connections_and_they_are_tracked_and_drained() {
-    let mut s = start(app(), |s| s.acceptor(ProxyV1).peer_addr_in_requests(true)).await;
+    let mut s = start(app(), |s| s.acceptor(ProxyV1)).await;
     let mut c = Client::connect(s.addr).await;
     let me = c.io.get_ref().local_addr().unwrap();
     // The header alone is not a request: still New.
@@ -136,7 +136,9 @@ async fn an_acceptor_that_never_finishes_is_cut_by_the_handshake_timeout_or_forc
 async fn the_peer_address_can_be_left_out_of_requests() {
     let app = axum::Router::new().route(
         "/peer",
-        get(|peer: Option<axum::Extension<PeerAddr>>| async move { format!("{}", peer.is_some()) }),
+        get(
+            |peer: Option<axum::Extension<ConnAddrs>>| async move { format!("{}", peer.is_some()) },
+        ),
     );
     let mut s = start(app.clone(), |s| s.peer_addr_in_requests(false)).await;
     let mut c = Client::connect(s.addr).await;
@@ -147,11 +149,7 @@ async fn the_peer_address_can_be_left_out_of_requests() {
 
     let mut s = start(app.clone(), |s| s).await;
     let mut c = Client::connect(s.addr).await;
-    assert_eq!(
-        c.get("/peer").await.unwrap().body,
-        "false",
-        "off by default"
-    );
+    assert_eq!(c.get("/peer").await.unwrap().body, "true", "on by default");
     drop(c);
     s.handle.shutdown();
     s.report(Duration::ZERO).await;

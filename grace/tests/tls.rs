@@ -16,7 +16,7 @@ use axum::extract::ConnectInfo;
 use axum::routing::get;
 use common::{SOON, start};
 use grace_http::tls::{TlsConfig, TlsError, TlsInfo, default_crypto_provider};
-use grace_http::{ConnState, PeerAddr};
+use grace_http::{ConnAddrs, ConnState};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -102,8 +102,8 @@ fn app() -> axum::Router {
             "/whoami",
             get(
                 |ConnectInfo(peer): ConnectInfo<SocketAddr>,
-                 axum::Extension(PeerAddr(addr)): axum::Extension<PeerAddr>| async move {
-                    format!("{peer} {addr}")
+                 axum::Extension(addrs): axum::Extension<ConnAddrs>| async move {
+                    format!("{peer} {}", addrs.peer())
                 },
             ),
         )
@@ -412,9 +412,9 @@ async fn a_reload_serves_new_handshakes_keeps_old_connections_and_refuses_bad_pa
 
 #[tokio::test]
 async fn connect_info_and_peer_addr_report_the_real_client_address() {
-    // Plain TCP: `ConnectInfo<SocketAddr>` works without `into_make_service_with_connect_info`
-    // once asked for (as axum asks for it).
-    let mut plain = start(app(), |s| s.peer_addr_in_requests(true)).await;
+    // Plain TCP: `ConnectInfo<SocketAddr>` works without `into_make_service_with_connect_info`,
+    // with nothing asked for.
+    let mut plain = start(app(), |s| s).await;
     let mut c = common::Client::connect(plain.addr).await;
     let local = c.io.get_ref().local_addr().unwrap();
     let resp = c.get("/whoami").await.unwrap();
@@ -425,10 +425,7 @@ async fn connect_info_and_peer_addr_report_the_real_client_address() {
 
     // TLS, over HTTP/2.
     let cert = cert();
-    let mut s = start(app(), |s| {
-        s.tls(tls_config(&cert)).peer_addr_in_requests(true)
-    })
-    .await;
+    let mut s = start(app(), |s| s.tls(tls_config(&cert))).await;
     let tls = connect_tls(s.addr, &cert.der, &[b"h2"]).await.unwrap();
     let local = tls.get_ref().0.local_addr().unwrap();
     let (_, body) = hyper_get(tls, "/whoami").await;

@@ -1,4 +1,4 @@
-//! `bench-server --mode grace|hyper|axum|axum-server [--handler router|bare] [--tls] --listen 127.0.0.1:0`
+//! `bench-server --mode grace|grace-no-conn-info|hyper|axum|axum-connect-info|axum-server [--handler router|bare] [--tls] --listen 127.0.0.1:0`
 //!
 //! Serves `GET /` → `200 hello` with the same handler in every mode and prints
 //! `listening on ADDR` on stdout once bound and ready for signals. The handler is
@@ -8,7 +8,10 @@
 //! hyper-util's auto builder detects the version. On SIGTERM:
 //!
 //! - `grace`: `grace_http::Server` with `.with_signals()` drains, then prints
-//!   `drained: clean=… conns=… total_us=…` on stdout and exits;
+//!   `drained: clean=… conns=… total_us=…` on stdout and exits; `grace-no-conn-info` the
+//!   same with `.peer_addr_in_requests(false)` (no `ConnectInfo`, `ConnAddrs` in
+//!   requests);
+//! - `axum-connect-info`: `axum` serving `into_make_service_with_connect_info::<SocketAddr>()`;
 //! - `axum`: `axum::serve(..).with_graceful_shutdown(sigterm)` drains and exits;
 //! - `hyper`: a bare `hyper_util` auto-builder accept loop; it has no drain, it stops
 //!   accepting and returns from `main`, which drops every connection with the runtime;
@@ -45,10 +48,16 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 enum Mode {
     /// `grace_http::Server` with `.with_signals()`.
     Grace,
+    /// `grace` with `.peer_addr_in_requests(false)`: requests without the connection's
+    /// addresses (`ConnectInfo`, `ConnAddrs`), to measure what they cost.
+    GraceNoConnInfo,
     /// Bare `hyper_util::server::conn::auto::Builder` accept loop, no drain.
     Hyper,
     /// `axum::serve` with graceful shutdown on SIGTERM.
     Axum,
+    /// `axum` serving `into_make_service_with_connect_info::<SocketAddr>()`: axum's
+    /// `ConnectInfo` in every request, as grace puts it there by default.
+    AxumConnectInfo,
     /// `hyper` with grace's HTTP/1 timer and 10 s header read timeout.
     HyperTimer,
     /// `axum_server` (with `--tls`: `axum_server::tls_rustls`), graceful shutdown on SIGTERM.
@@ -101,15 +110,21 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let tls = args.tls.then(tls_config).transpose()?;
     anyhow::ensure!(
-        tls.is_none() || matches!(args.mode, Mode::Grace | Mode::AxumServer),
+        tls.is_none()
+            || matches!(
+                args.mode,
+                Mode::Grace | Mode::GraceNoConnInfo | Mode::AxumServer
+            ),
         "--tls is for modes grace and axum-server"
     );
 
     match args.mode {
-        Mode::Grace => {
-            let mut server = grace_http::Server::from_listener(listener).drain_policy(
-                grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(30)),
-            );
+        Mode::Grace | Mode::GraceNoConnInfo => {
+            let mut server = grace_http::Server::from_listener(listener)
+                .drain_policy(
+                    grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(30)),
+                )
+                .peer_addr_in_requests(matches!(args.mode, Mode::Grace));
             if let Some(tls) = tls {
                 server = server.tls(tls);
             }
@@ -141,10 +156,10 @@ async fn main() -> anyhow::Result<()> {
             // dropping the runtime and whatever tasks are still unwinding.
             std::process::exit(0);
         }
-        Mode::Axum => {
+        Mode::Axum | Mode::AxumConnectInfo => {
             anyhow::ensure!(
                 args.handler == Handler::Router,
-                "axum mode serves the router only"
+                "axum modes serve the router only"
             );
             let app = grace_bench::router();
             let mut term = signal(SignalKind::terminate())?;
@@ -153,11 +168,19 @@ async fn main() -> anyhow::Result<()> {
             let listener = listener.tap_io(|s| {
                 let _ = s.set_nodelay(true);
             });
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    term.recv().await;
-                })
-                .await?;
+            let stop = async move {
+                term.recv().await;
+            };
+            if let Mode::AxumConnectInfo = args.mode {
+                let app = app.into_make_service_with_connect_info::<SocketAddr>();
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await?;
+            } else {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await?;
+            }
             // The same exit as grace's.
             std::process::exit(0);
         }

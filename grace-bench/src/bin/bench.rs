@@ -85,19 +85,25 @@ const CALLGRIND_CASES: [CallgrindCase; 3] = [
         label: "axum Router, HTTP/1.1 (h2load --h1 -c4)",
         handler: "router",
         http2: false,
-        modes: &["grace", "axum", "hyper"],
+        modes: &[
+            "grace",
+            "grace-no-conn-info",
+            "axum",
+            "axum-connect-info",
+            "hyper",
+        ],
     },
     CallgrindCase {
         label: "bare handler, HTTP/1.1 (h2load --h1 -c4)",
         handler: "bare",
         http2: false,
-        modes: &["grace", "hyper"],
+        modes: &["grace", "grace-no-conn-info", "hyper"],
     },
     CallgrindCase {
         label: "bare handler, HTTP/2 cleartext (h2load -c8 -m10)",
         handler: "bare",
         http2: true,
-        modes: &["grace", "hyper"],
+        modes: &["grace", "grace-no-conn-info", "hyper"],
     },
 ];
 

@@ -99,6 +99,68 @@ impl serde::Serialize for Addr {
     }
 }
 
+/// The addresses of a request's connection: its peer's, and the one it came in on. In the
+/// extensions of every request by default, on every kind of listener: read them with
+/// `axum::Extension<ConnAddrs>` or `request.extensions().get::<ConnAddrs>()`.
+///
+/// With the crate feature `axum` (a default feature), a TCP peer is also there as
+/// `axum::extract::ConnectInfo<SocketAddr>`, so axum's `ConnectInfo` extractor works as
+/// under `into_make_service_with_connect_info`, with nothing to ask for. A Unix-domain peer
+/// has no `SocketAddr`: it gets `ConnAddrs` (its peer `Addr::Unix`, usually unnamed) and
+/// no `ConnectInfo<SocketAddr>`, whose extractor then answers 500 as axum's does (take
+/// `Extension<ConnAddrs>`, or `Option<Extension<ConnectInfo<SocketAddr>>>`, where both
+/// kinds are served). Both are left out with
+/// [`Server::peer_addr_in_requests(false)`](crate::Server::peer_addr_in_requests).
+///
+/// Shared by the connection's requests: a request gets a reference, not a copy.
+///
+/// ```no_run
+/// use std::net::SocketAddr;
+/// use axum::{Extension, extract::ConnectInfo, routing::get};
+/// use grace_http::ConnAddrs;
+///
+/// # async fn doc() -> Result<(), grace_http::Error> {
+/// let app = axum::Router::new()
+///     // axum's own extractor: TCP peers.
+///     .route("/ip", get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move {
+///         peer.ip().to_string()
+///     }))
+///     // grace's: any peer, and the address the connection came in on.
+///     .route("/whoami", get(|Extension(addrs): Extension<ConnAddrs>| async move {
+///         format!("{} -> {}", addrs.peer(), addrs.local().map_or("?".into(), |a| a.to_string()))
+///     }));
+/// grace_http::Server::bind("127.0.0.1:8080").await?.serve(app).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ConnAddrs(std::sync::Arc<Addrs>);
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Addrs {
+    peer: Addr,
+    local: Option<Addr>,
+}
+
+impl ConnAddrs {
+    pub(crate) fn new(peer: Addr, local: Option<Addr>) -> ConnAddrs {
+        ConnAddrs(std::sync::Arc::new(Addrs { peer, local }))
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> &Addr {
+        &self.0.peer
+    }
+
+    /// The address the connection came in on: for TCP, the connection's local end (the
+    /// server's IP the client reached, even on a listener bound to `0.0.0.0`, and the
+    /// port); for a Unix-domain socket, its path. Read once per connection when it is
+    /// accepted (`getsockname`, as Go's `net/http` does for `LocalAddrContextKey`); `None`
+    /// in the unlikely case that failed.
+    pub fn local(&self) -> Option<&Addr> {
+        self.0.local.as_ref()
+    }
+}
+
 /// What is known of a connection when its state changes.
 #[derive(Clone, Debug)]
 pub struct ConnInfo {

@@ -17,6 +17,8 @@ pub enum Trigger {
     Handle,
     /// A new process took over the listeners (zero-downtime restart).
     Restart,
+    /// The future given to [`Serve::with_shutdown`](crate::Serve::with_shutdown) resolved.
+    ShutdownFuture,
 }
 
 /// Why connections were forced closed.
@@ -52,6 +54,7 @@ impl fmt::Display for Trigger {
             Trigger::Signal(name) => f.write_str(name),
             Trigger::Handle => f.write_str("handle"),
             Trigger::Restart => f.write_str("restart"),
+            Trigger::ShutdownFuture => f.write_str("shutdown future"),
         }
     }
 }

@@ -23,6 +23,7 @@ use super::body::{BodyLimit, RequestBody};
 use super::state::Event;
 use super::task::BoxError;
 use super::tracker::Conn;
+use crate::base::conn::ConnAddrs;
 
 /// hyper's service for one connection, around the user's tower service: it tracks each
 /// request, and puts what is known of the connection into the request's extensions.
@@ -33,10 +34,9 @@ pub(crate) struct ConnService<S: tower::Service<Request<RequestBody>>> {
     pub(crate) inner: Arc<Inner<S>>,
     pub(crate) conn: Arc<Conn>,
     pub(crate) body_limit: Option<BodyLimit>,
-    /// Whether to insert the peer's address (see `Server::peer_addr_in_requests`).
-    pub(crate) peer: bool,
-    /// What an acceptor added (see [`Accepted::with_extension`](crate::accept::Accepted::with_extension)), if anything.
-    pub(crate) extra: Option<Arc<http::Extensions>>,
+    /// What every request of the connection gets in its extensions (see [`per_request`]),
+    /// if anything.
+    pub(crate) extensions: Option<http::Extensions>,
 }
 
 /// A connection's service, and the box its futures run in, kept between requests (see
@@ -120,21 +120,59 @@ where
 }
 
 impl<S: tower::Service<Request<RequestBody>>> ConnService<S> {
-    /// The peer's address (if asked for) and what the acceptor added.
+    /// The connection's addresses (unless asked not to) and what the acceptor added: a copy
+    /// of the map made for the connection, moved in whole when the request has none yet (it
+    /// has one only for an upgrade or an HTTP/2 extended `CONNECT`).
     #[inline]
     fn insert_conn_info(&self, ext: &mut http::Extensions) {
-        if self.peer {
-            let peer = &self.conn.info.peer;
-            #[cfg(feature = "axum")]
-            if let super::Addr::Tcp(addr) = peer {
-                ext.insert(axum::extract::ConnectInfo(*addr));
-            }
-            ext.insert(crate::PeerAddr(peer.clone()));
-        }
-        if let Some(extra) = &self.extra {
-            ext.extend((**extra).clone());
+        if let Some(extensions) = &self.extensions {
+            ext.extend(extensions.clone());
         }
     }
+}
+
+/// What every request of a connection gets in its extensions, made once per connection: its
+/// addresses, unless `addrs` is `None` (axum's `ConnectInfo<SocketAddr>` for a TCP peer,
+/// with the crate feature `axum`, and [`ConnAddrs`]), then what the acceptor added (which
+/// wins over the former if it brings the same type, as a PROXY protocol reader may).
+///
+/// Each request gets a clone of this map: a box for the map, one for its table, one per
+/// value (`http::Extensions` boxes each), and no hashing, where inserting the values one by
+/// one hashes each and builds the table as they come. The map's table is made with room
+/// for seven values, so that the service's own (an axum `Router` adds `UrlParams`, and
+/// `MatchedPath` with axum's default features) fit without the table growing again in
+/// every request: the first table of a `HashMap` holds three.
+pub(crate) fn per_request(
+    addrs: Option<ConnAddrs>,
+    extra: Option<http::Extensions>,
+) -> Option<http::Extensions> {
+    let mut ext = http::Extensions::new();
+    if let Some(addrs) = addrs {
+        #[cfg(feature = "axum")]
+        if let super::Addr::Tcp(addr) = addrs.peer() {
+            ext.insert(axum::extract::ConnectInfo(*addr));
+        }
+        ext.insert(addrs);
+    }
+    if let Some(extra) = extra {
+        ext.extend(extra);
+    }
+    if ext.is_empty() {
+        return None;
+    }
+    // Four markers more make the table grow to 8 buckets (room for 7); removed, they leave
+    // it as it is. Zero-sized, they are boxed without an allocation.
+    #[derive(Clone)]
+    struct Room<const N: usize>;
+    ext.insert(Room::<0>);
+    ext.insert(Room::<1>);
+    ext.insert(Room::<2>);
+    ext.insert(Room::<3>);
+    ext.remove::<Room<0>>();
+    ext.remove::<Room<1>>();
+    ext.remove::<Room<2>>();
+    ext.remove::<Room<3>>();
+    Some(ext)
 }
 
 /// Marks its request finished when dropped.
@@ -391,6 +429,38 @@ mod tests {
         // Taken: the next request (an overlapping HTTP/2 stream) gets a box of its own.
         let third = spare.take();
         assert_ne!(addr(&third), at);
+    }
+
+    /// A request's extensions: the connection's addresses, then what the acceptor added
+    /// (winning over the same type), and nothing else; nothing at all when there is nothing.
+    #[test]
+    fn the_extensions_of_every_request() {
+        use std::net::SocketAddr;
+
+        use crate::base::conn::Addr;
+
+        assert!(per_request(None, None).is_none());
+        assert!(per_request(None, Some(http::Extensions::new())).is_none());
+        let (peer, local): (SocketAddr, SocketAddr) = (
+            "203.0.113.7:5000".parse().unwrap(),
+            "10.0.0.1:443".parse().unwrap(),
+        );
+        let addrs = ConnAddrs::new(Addr::Tcp(peer), Some(Addr::Tcp(local)));
+        let mut extra = http::Extensions::new();
+        extra.insert("tls");
+        let proxied: SocketAddr = "198.51.100.1:1234".parse().unwrap();
+        extra.insert(axum::extract::ConnectInfo(proxied));
+        let ext = per_request(Some(addrs.clone()), Some(extra)).unwrap();
+        assert_eq!(ext.len(), 3);
+        assert_eq!(ext.get::<ConnAddrs>(), Some(&addrs));
+        assert_eq!(ext.get::<&str>(), Some(&"tls"));
+        let axum::extract::ConnectInfo(connect_info) =
+            ext.get::<axum::extract::ConnectInfo<SocketAddr>>().unwrap();
+        assert_eq!(*connect_info, proxied, "the acceptor's value wins");
+
+        let unix = ConnAddrs::new(Addr::Unix(None), None);
+        let ext = per_request(Some(unix), None).unwrap();
+        assert_eq!(ext.len(), 1, "no ConnectInfo<SocketAddr> for a Unix peer");
     }
 
     #[test]

@@ -124,10 +124,26 @@ where
         tokio::spawn(serve_accepted(stream, peer, ctx));
         return;
     }
+    let local = local_addr(&stream, &ctx);
     let io = TrackedIo::new(stream, peer, &ctx.tracker);
     let conn = Arc::clone(io.conn());
     let accepted_at = conn.info.accepted_at;
-    tokio::spawn(serve_io(io, conn, accepted_at, None, None, ctx));
+    tokio::spawn(serve_io(io, conn, accepted_at, local, None, None, ctx));
+}
+
+/// The connection's local address for its requests' [`ConnAddrs`](crate::ConnAddrs), if
+/// they carry it (one `getsockname` per connection).
+fn local_addr<S>(stream: &Stream, ctx: &ConnCtx<S>) -> Option<Addr> {
+    if !ctx.peer_in_requests {
+        return None;
+    }
+    match stream.local_addr() {
+        Ok(local) => Some(local),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read a connection's local address: its requests go without");
+            None
+        }
+    }
 }
 
 /// Serves a connection handed over between two requests, with the bytes read from it but
@@ -158,9 +174,10 @@ where
         // request's head has begun.
         conn.on_read(&buffered);
     }
+    let local = local_addr(&stream, &ctx);
     let io = TrackedIo::registered(stream, Arc::clone(&conn));
     let now = std::time::Instant::now();
-    serve_io(io, conn, now, None, Some((kind, buffered)), ctx)
+    serve_io(io, conn, now, local, None, Some((kind, buffered)), ctx)
 }
 
 /// A connection through the acceptor (see [`spawn`]).
@@ -172,6 +189,7 @@ where
     let Some(acceptor) = ctx.acceptor.clone() else {
         return;
     };
+    let local = local_addr(&stream, &ctx);
     // Tracked from now on: `New` during the handshake, forced through the TCP socket.
     let conn = ctx.tracker.register(peer, &stream);
     conn.set_closes_itself();
@@ -211,9 +229,9 @@ where
             return;
         }
     };
-    let extra = (!accepted.extensions.is_empty()).then(|| Arc::new(accepted.extensions));
+    let extra = (!accepted.extensions.is_empty()).then_some(accepted.extensions);
     let io = TrackedIo::registered(accepted.io, registered.take());
-    serve_io(io, conn, std::time::Instant::now(), extra, None, ctx).await;
+    serve_io(io, conn, std::time::Instant::now(), local, extra, None, ctx).await;
 }
 
 /// A connection registered before its acceptor ran: unregistered if the acceptor fails
@@ -245,7 +263,8 @@ fn serve_io<I, S, B>(
     io: TrackedIo<I>,
     conn: Arc<Conn>,
     ready_at: std::time::Instant,
-    extra: Option<Arc<http::Extensions>>,
+    local: Option<Addr>,
+    extra: Option<http::Extensions>,
     handed: Option<(Kind, Bytes)>,
     ctx: Arc<ConnCtx<S>>,
 ) -> impl Future<Output = ()> + Send + 'static
@@ -258,8 +277,11 @@ where
         inner: super::request::Inner::new(ctx.service.clone()),
         conn: Arc::clone(&conn),
         body_limit: ctx.body_limit,
-        peer: ctx.peer_in_requests,
-        extra,
+        extensions: super::request::per_request(
+            ctx.peer_in_requests
+                .then(|| crate::ConnAddrs::new(conn.info.peer.clone(), local)),
+            extra,
+        ),
     };
     let connection = match handed {
         None => HttpConn::new(io, service, Arc::clone(&ctx.builder)),
@@ -475,6 +497,7 @@ mod tests {
             io,
             conn,
             now,
+            None,
             None,
             None,
             Arc::clone(&ctx),

@@ -24,13 +24,25 @@ pub use serve::Serve;
 pub use settings::{DEFAULT_IDLE_TIMEOUT, DrainPolicy, Limits, Timeouts};
 
 /// Settings of a server, set through [`Server`]'s builder methods.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(crate) struct Config {
     pub(crate) timeouts: Timeouts,
     pub(crate) limits: Limits,
     pub(crate) drain: DrainPolicy,
     pub(crate) peer_in_requests: bool,
     pub(crate) record_requests: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            timeouts: Timeouts::default(),
+            limits: Limits::default(),
+            drain: DrainPolicy::default(),
+            peer_in_requests: true,
+            record_requests: false,
+        }
+    }
 }
 
 /// A graceful HTTP/1.1 + HTTP/2 server that owns its listeners.
@@ -254,23 +266,40 @@ impl Server {
         self
     }
 
-    /// Whether every request carries the peer's address in its extensions:
-    /// [`PeerAddr`](crate::PeerAddr), and with the crate feature `axum`,
-    /// `axum::extract::ConnectInfo<SocketAddr>` for TCP peers. Default `false`: like axum's
-    /// `into_make_service_with_connect_info`, it is asked for, because it costs an
-    /// allocation per request (about 650 instructions, 7 % of a bare handler's request;
-    /// see `docs/benchmarks.md`). What an acceptor adds (TLS's `TlsInfo`) is always there.
+    /// Whether every request carries its connection's addresses in its extensions. Default
+    /// `true`: with the crate feature `axum` (a default feature), a TCP peer's address as
+    /// `axum::extract::ConnectInfo<SocketAddr>`, so axum's `ConnectInfo` extractor works as
+    /// under `into_make_service_with_connect_info`; on every listener,
+    /// [`ConnAddrs`](crate::ConnAddrs), the peer's address and the local one (a Unix-domain
+    /// peer gets only this one). What an acceptor adds (TLS's `TlsInfo`) is there either
+    /// way.
+    ///
+    /// `false` leaves the addresses out, for a service that never reads them. Each request
+    /// gets a copy of them (a map made once per connection, cloned: each value is boxed);
+    /// under callgrind that is about 460 instructions per request through a one-route axum
+    /// `Router` (3.5 %; `axum::serve` with `into_make_service_with_connect_info` pays 340
+    /// for its one value) and 930 with a bare `tower` handler (11 %, where the request has
+    /// no other extension), and about 680 bytes per connection (see `docs/benchmarks.md`).
     ///
     /// ```no_run
+    /// use std::net::SocketAddr;
+    /// use axum::extract::ConnectInfo;
+    ///
     /// # async fn doc() -> Result<(), grace_http::Error> {
+    /// // Nothing to ask for: `ConnectInfo` is there.
     /// let app: axum::Router = axum::Router::new().route(
     ///     "/whoami",
-    ///     axum::routing::get(|axum::Extension(peer): axum::Extension<grace_http::PeerAddr>| async move {
-    ///         peer.0.to_string()
+    ///     axum::routing::get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move {
+    ///         peer.to_string()
     ///     }),
     /// );
-    /// let server = grace_http::Server::bind("127.0.0.1:8080").await?.peer_addr_in_requests(true);
-    /// # let _ = (server, app); Ok(()) }
+    /// grace_http::Server::bind("127.0.0.1:8080").await?.serve(app).await?;
+    ///
+    /// // A service that never reads them saves their cost.
+    /// let ping = axum::Router::new().route("/", axum::routing::get(|| async { "pong" }));
+    /// let server = grace_http::Server::bind("127.0.0.1:8081").await?.peer_addr_in_requests(false);
+    /// server.serve(ping).await?;
+    /// # Ok(()) }
     /// ```
     pub fn peer_addr_in_requests(mut self, enabled: bool) -> Self {
         self.config.peer_in_requests = enabled;
@@ -281,10 +310,10 @@ impl Server {
     /// shutdown report says what a forced connection was serving
     /// ([`ConnSnapshot::request`](crate::ConnSnapshot::request)), and so do
     /// [`Handle::connection_snapshots`](crate::Handle::connection_snapshots). Default `false`:
-    /// like [`peer_addr_in_requests`](Self::peer_addr_in_requests), it is asked for, because
-    /// it costs a clock read, a lock and a copy per request (about 100 instructions, under
-    /// 1 % of a request through an axum `Router`; see `docs/benchmarks.md`). Without it the
-    /// report still lists each forced connection, its peer, state and age.
+    /// it is asked for, because it costs a clock read, a lock and a copy per request (about
+    /// 100 instructions, under 1 % of a request through an axum `Router`; see
+    /// `docs/benchmarks.md`). Without it the report still lists each forced connection, its
+    /// peer, state and age.
     ///
     /// ```no_run
     /// # async fn doc() -> Result<(), grace_http::Error> {
@@ -335,8 +364,8 @@ impl Server {
     /// after [`Serve::with_signals`].
     ///
     /// Any `tower::Service<Request<RequestBody>>` that can be cloned works, an
-    /// `axum::Router` included. With the crate feature `axum`, a `Router` has its routes
-    /// made ready once, here, as `axum::serve` does per connection
+    /// `axum::Router` included. With the crate feature `axum` (a default feature), a
+    /// `Router` has its routes made ready once, here, as `axum::serve` does per connection
     /// (`Router::with_state(())`); without it, pass `router.with_state(())` to spare every
     /// request the boxed clone of its handler that axum otherwise makes.
     pub fn serve<S, B>(self, service: S) -> Serve<S>
@@ -354,6 +383,7 @@ impl Server {
             signals: None,
             control: None,
             restart: None,
+            shutdown: Vec::new(),
         }
     }
 }

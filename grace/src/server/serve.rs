@@ -51,7 +51,12 @@ pub struct Serve<S> {
     pub(super) signals: Option<Result<Signals>>,
     pub(super) control: Option<(PathBuf, std::io::Result<crate::control::Bound>)>,
     pub(super) restart: Option<crate::restart::Control>,
+    /// The futures given to `with_shutdown`.
+    pub(super) shutdown: Vec<ShutdownFuture>,
 }
+
+/// A future that starts the drain when it resolves (see [`Serve::with_shutdown`]).
+pub(super) type ShutdownFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl<S> Serve<S> {
     /// Drains on SIGTERM or SIGINT; a second signal during the drain forces.
@@ -63,6 +68,36 @@ impl<S> Serve<S> {
     /// Like [`with_signals`](Self::with_signals), with your own set of signals.
     pub fn with_signals_from(mut self, signals: &[SignalKind]) -> Self {
         self.signals = Some(Signals::install(signals));
+        self
+    }
+
+    /// Drains when `signal` resolves, as axum's `with_graceful_shutdown(signal)` does: the
+    /// report's trigger is then [`Trigger::ShutdownFuture`](crate::Trigger::ShutdownFuture).
+    /// The future is polled on a task of its own from the moment serving starts. Whatever
+    /// else asks first wins (a signal of [`with_signals`](Self::with_signals), a
+    /// [`Handle`], a restart) and names the trigger; a future that resolves during the
+    /// drain changes nothing (force with [`Handle::force`], or the second signal). Called
+    /// more than once, the first future to resolve starts the drain.
+    ///
+    /// ```no_run
+    /// # async fn doc(app: axum::Router) -> Result<(), grace_http::Error> {
+    /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    /// # let _ = stop;
+    /// let report = grace_http::Server::bind("127.0.0.1:8080")
+    ///     .await?
+    ///     .serve(app)
+    ///     .with_shutdown(async move {
+    ///         let _ = stopped.await; // sent, or its sender dropped
+    ///     })
+    ///     .await?;
+    /// assert_eq!(report.trigger, grace_http::Trigger::ShutdownFuture);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_shutdown<F>(mut self, signal: F) -> Self
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.shutdown.push(Box::pin(signal));
         self
     }
 
@@ -202,6 +237,7 @@ impl<S> Serve<S> {
             signals,
             control,
             restart,
+            shutdown,
         } = self;
         let Server {
             listeners,
@@ -228,6 +264,15 @@ impl<S> Serve<S> {
         let (control_socket, control_file) = control_socket(control)?;
         if let Some(signals) = signals {
             tasks.push(AbortOnDrop::spawn(signals?.drive(Arc::clone(&shared))));
+        }
+        for signal in shutdown {
+            let shared = Arc::clone(&shared);
+            tasks.push(AbortOnDrop::spawn(async move {
+                signal.await;
+                if shared.request_drain(Trigger::ShutdownFuture) {
+                    tracing::info!("the shutdown future resolved: draining");
+                }
+            }));
         }
         let ctx = conn_ctx(service, &shared, &config, acceptor, configure_hyper);
         // One limit for all listeners.
