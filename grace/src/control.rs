@@ -157,10 +157,10 @@ async fn dispatch(request: &str, shared: &Arc<Shared>) -> Value {
 }
 
 fn status(shared: &Shared) -> Value {
-    let counts = shared.tracker.counts();
+    let counts = shared.tracker.stats.counts();
     // Connections handed over at upgrades: received from the previous generation, sent to
     // the next.
-    let (sent, received) = shared.tracker.handed_over_received();
+    let (sent, received) = shared.tracker.stats.handed_over_received();
     let phase = match (shared.drain.is_set(), shared.tracker.is_draining()) {
         (false, _) => "serving",
         (true, false) => "stopping",

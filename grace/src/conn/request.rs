@@ -20,9 +20,9 @@ use tower::ServiceExt;
 use tower::util::Oneshot;
 
 use super::body::{BodyLimit, RequestBody};
+use super::record::Conn;
 use super::state::Event;
 use super::task::BoxError;
-use super::tracker::Conn;
 
 /// hyper's service for one connection, around the user's tower service: it tracks each
 /// request, and puts what is known of the connection into the request's extensions.

@@ -15,8 +15,9 @@ use http_body::Body;
 use super::body::{BodyLimit, RequestBody};
 use super::http::{HttpConn, HyperBuilder};
 use super::io::TrackedIo;
+use super::record::Conn;
 use super::request::ConnService;
-use super::tracker::{Conn, Tracker};
+use super::tracker::Tracker;
 use super::{Addr, ConnState};
 use crate::accept::{Acceptor, Socket};
 use crate::base::budget::after;
@@ -486,6 +487,6 @@ mod tests {
             "the task's future is {size} bytes, its connection {conn}"
         );
         drop((task, client));
-        assert_eq!(ctx.tracker.len(), 0);
+        assert_eq!(ctx.tracker.stats.len(), 0);
     }
 }

@@ -218,11 +218,11 @@ impl<S> Serve<S> {
         // Passed by the previous generation, not taken (no `with_control`, or another path):
         // ours closes now, the previous generation's goes with it.
         drop(inherited_control);
-        shared.tracker.configure(
+        shared.tracker.configure(crate::conn::tracker::Settings {
             hook,
-            config.drain.goodbye_spread.unwrap_or_default(),
-            config.record_requests,
-        );
+            goodbye_spread: config.drain.goodbye_spread.unwrap_or_default(),
+            records: config.record_requests,
+        });
         let watchdog = crate::systemd::watchdog_interval().map(crate::systemd::watchdog);
         let mut tasks: Vec<_> = watchdog.into_iter().map(AbortOnDrop::spawn).collect();
         let (control_socket, control_file) = control_socket(control)?;

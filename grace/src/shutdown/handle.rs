@@ -58,7 +58,7 @@ impl Handle {
 
     /// Live connections per state (all of them: [`StateCounts::total`]).
     pub fn counts(&self) -> StateCounts {
-        self.shared.tracker.counts()
+        self.shared.tracker.stats.counts()
     }
 
     /// The drain as handlers and jobs see it: [`is_draining`](ShutdownNotice::is_draining)
@@ -149,12 +149,12 @@ impl Handle {
     /// upgrades, since the server started.
     pub fn totals(&self) -> Totals {
         let tracker = &self.shared.tracker;
-        let (accepted, closed) = tracker.accepted_closed();
-        let (handed_over, received) = tracker.handed_over_received();
+        let (accepted, closed) = tracker.stats.accepted_closed();
+        let (handed_over, received) = tracker.stats.handed_over_received();
         Totals {
             accepted,
             closed,
-            requests_completed: tracker.completed(),
+            requests_completed: tracker.stats.completed(),
             handed_over,
             received,
         }
