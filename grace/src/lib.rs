@@ -94,7 +94,7 @@ pub use accept::PeerAddr;
 pub use conn::body::{BodyTimeout, RequestBody};
 pub use conn::request::TrackedBody;
 pub use conn::{Addr, ConnInfo, ConnState, StateCounts};
-pub use error::{Error, RestartError, Result};
+pub use error::{Error, InheritedFdError, RestartError, Result};
 pub use health::{Liveness, Readiness};
 pub use jobs::JobToken;
 pub use listener::Listener;
