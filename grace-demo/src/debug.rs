@@ -103,15 +103,15 @@ async fn metrics(State(ctx): State<Ctx>) -> Response {
 /// `rows` connections (by id).
 fn snapshot(handle: &Handle, rows: usize) -> (serde_json::Value, Vec<ConnSnapshot>) {
     let conns = handle.connection_snapshots();
-    let phase = match (handle.is_ready(), handle.is_draining()) {
+    let phase = match (handle.readiness().is_ready(), handle.notice().is_draining()) {
         (true, _) => "serving",
         (false, false) => "stopping",
         (false, true) => "draining",
     };
     let json = serde_json::json!({
         "phase": phase,
-        "ready": handle.is_ready(),
-        "draining": handle.is_draining(),
+        "ready": handle.readiness().is_ready(),
+        "draining": handle.notice().is_draining(),
         "counts": handle.counts(),
         "totals": handle.totals(),
         "total_connections": conns.len(),
@@ -165,7 +165,7 @@ async fn events(State(ctx): State<Ctx>) -> Response {
             // What changed while we waited is in the snapshot below.
             rx.borrow_and_update();
             let (json, conns) = snapshot(&handle, LIVE_ROWS);
-            let next = if handle.is_draining() && conns.iter().all(is_viewer) {
+            let next = if handle.notice().is_draining() && conns.iter().all(is_viewer) {
                 Step::Goodbye
             } else {
                 Step::Wait

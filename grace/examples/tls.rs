@@ -59,6 +59,8 @@ async fn main() -> anyhow::Result<()> {
     let report = grace_http::Server::bind("127.0.0.1:8443")
         .await?
         .tls(tls)
+        // `/whoami`'s `ConnectInfo`: the peer address is in requests only when asked for.
+        .peer_addr_in_requests(true)
         .shutdown_timeout(Duration::from_secs(10))
         .serve(app)
         .with_signals()

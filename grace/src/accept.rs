@@ -37,8 +37,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::base::conn::{Addr, ConnInfo};
 use crate::conn::tracker::Conn;
-use crate::conn::{Addr, ConnInfo};
 use crate::listener::Stream;
 
 /// A boxed future, as [`Acceptor::accept`] returns.

@@ -58,13 +58,12 @@
 //! binds its own path, and the old one's closes with it.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::latch::Latch;
 use crate::listener::{self, Listener, SocketFile};
 use crate::shutdown::{Handle, Shared};
 
@@ -82,37 +81,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A bound control socket and the claim on its file.
 pub(crate) type Bound = (UnixListener, SocketFile);
-
-/// What a server's restarts need to know of its control socket (kept in [`Shared`]).
-#[derive(Default)]
-pub(crate) struct Link {
-    /// The listening socket while this process answers on it, for an upgrade to pass on
-    /// (the task that accepts holds it; once it lets go, there is nothing to pass).
-    socket: Mutex<Weak<UnixListener>>,
-    /// The socket went to a new generation that took over (which answers on it, and removes
-    /// its file in turn).
-    passed: Latch<()>,
-}
-
-impl Link {
-    /// The socket to pass to a new generation, if this process answers on one. Keep it until
-    /// the new process has started.
-    pub(crate) fn to_pass(&self) -> Option<Arc<UnixListener>> {
-        crate::lock(&self.socket).upgrade()
-    }
-
-    /// A new generation took over (the upgrade succeeded): it answers from now on.
-    pub(crate) fn taken_over(&self) {
-        if self.to_pass().is_some() {
-            self.passed.set(());
-        }
-    }
-
-    /// The socket's file is the new generation's now: not ours to remove.
-    pub(crate) fn handed_on(&self) -> bool {
-        self.passed.is_set()
-    }
-}
 
 /// Binds the control socket at `path` (owner-only), or takes the one the previous
 /// generation passed (`inherited`) if it is at the same path. A stale socket at the path is
@@ -158,7 +126,7 @@ fn absolute(path: &Path) -> PathBuf {
 /// generation has taken over (see the module's docs).
 pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     let listener = Arc::new(listener);
-    *crate::lock(&shared.control.socket) = Arc::downgrade(&listener);
+    *crate::base::lock(&shared.control.socket) = Arc::downgrade(&listener);
     loop {
         tokio::select! {
             biased;
@@ -223,7 +191,7 @@ fn status_of(shared: &Shared) -> Status {
         (true, false) => ServerPhase::Stopping,
         (true, true) => ServerPhase::Draining,
     };
-    let last = crate::restart::last_outcome(shared).map(|r| match r {
+    let last = shared.upgrades.last().map(|r| match r {
         Ok(pid) => UpgradeOutcome::Upgraded { pid },
         Err(error) => UpgradeOutcome::Failed { kind: None, error },
     });

@@ -13,8 +13,8 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::latch::Latch;
-use crate::shutdown::Trigger;
+use crate::base::latch::Latch;
+use crate::base::report::Trigger;
 
 /// A tower service answering readiness probes: `200 ready` or `503 draining`.
 ///
@@ -33,8 +33,9 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    /// False from the moment a drain is asked for (see `Shared::request_drain`).
-    fn is_ready(&self) -> bool {
+    /// True while serving; false from the moment a drain is asked for (before any
+    /// pre-stop delay).
+    pub fn is_ready(&self) -> bool {
         !self.drain.is_set()
     }
 }

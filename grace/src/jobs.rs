@@ -14,10 +14,10 @@ use std::time::Instant;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::latch::Latch;
+use crate::base::latch::Latch;
+use crate::base::report::ForceReason;
+use crate::base::report::TaskReport;
 use crate::resources::bounded;
-use crate::shutdown::ForceReason;
-use crate::shutdown::report::TaskReport;
 
 /// Given to every background job: says when the server is stopping.
 ///
@@ -96,7 +96,7 @@ impl Jobs {
             *run = None;
             Poll::Ready(ended)
         }));
-        crate::lock(&self.running).push((name, slot, handle));
+        crate::base::lock(&self.running).push((name, slot, handle));
     }
 
     /// Tells every job to stop and waits for them, each at most until `deadline` or a force.
@@ -113,7 +113,7 @@ impl Jobs {
     ) -> Vec<TaskReport> {
         self.token.cancel();
         let started = Instant::now();
-        let running = std::mem::take(&mut *crate::lock(&self.running));
+        let running = std::mem::take(&mut *crate::base::lock(&self.running));
         let waits = running.into_iter().map(|(name, slot, handle)| {
             // Poisoned: the run panicked in its task, which says so.
             let taken = slot.lock().ok().and_then(|mut run| run.take());
@@ -137,7 +137,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::shutdown::report::Outcome;
+    use crate::base::report::Outcome;
     use crate::testing::one_busy_worker;
 
     /// The runtime's only worker is busy (as when thousands of connection tasks were woken at
@@ -188,7 +188,7 @@ mod tests {
                 Ok::<_, std::io::Error>(())
             });
             // The early one panics in its own task, before the stop.
-            while !crate::lock(&jobs.running)[1].2.is_finished() {
+            while !crate::base::lock(&jobs.running)[1].2.is_finished() {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             jobs.stop(Instant::now() + Duration::from_secs(60), &Latch::new())

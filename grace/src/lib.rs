@@ -65,15 +65,14 @@
 #![warn(missing_docs)]
 
 pub mod accept;
+mod base;
 mod conn;
 pub mod control;
-mod count;
 mod error;
 mod files;
 mod handover;
 mod health;
 mod jobs;
-mod latch;
 mod limit;
 mod listener;
 pub mod metrics;
@@ -91,9 +90,14 @@ pub mod tls;
 
 pub use self::metrics::Totals;
 pub use accept::PeerAddr;
+pub use base::conn::{Addr, ConnInfo, ConnState, StateCounts};
+pub use base::report::{
+    ActiveRequest, ConnSnapshot, ForceReason, ForcedConn, Outcome, Phase, PhaseTiming,
+    ShutdownReport, TaskReport, Trigger,
+};
 pub use conn::body::{BodyTimeout, RequestBody};
+pub use conn::notice::ShutdownNotice;
 pub use conn::request::TrackedBody;
-pub use conn::{Addr, ConnInfo, ConnState, StateCounts};
 pub use error::{Error, InheritedFdError, RestartError, Result};
 pub use health::{Liveness, Readiness};
 pub use jobs::JobToken;
@@ -101,16 +105,6 @@ pub use listener::Listener;
 pub use resources::Resource;
 pub use restart::{Inherited, Restart, inherited_listeners, write_pid_file};
 pub use server::{DEFAULT_IDLE_TIMEOUT, HyperBuilder, Serve, Server};
-pub use shutdown::report::{
-    ActiveRequest, ConnSnapshot, ForcedConn, Outcome, Phase, PhaseTiming, ShutdownReport,
-    TaskReport,
-};
-pub use shutdown::{ForceReason, Handle, ShutdownNotice, Trigger};
+pub use shutdown::Handle;
 pub use signal::DEFAULT_SIGNALS;
 pub use tokio::signal::unix::SignalKind;
-
-/// Locks `m`, whatever a panicking holder left: every value behind these mutexes stays
-/// consistent across a panic (single assignments and collections of whole entries).
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
-use crate::conn::Addr;
+use crate::base::conn::Addr;
 use crate::error::InheritedFdError;
 
 /// The kernel's accept queue length we ask for (Linux caps it at `net.core.somaxconn`).

@@ -1,5 +1,5 @@
 //! What a server is doing, for people and for dashboards: a snapshot of every live
-//! connection ([`Handle::connection_snapshots`]), running totals ([`Handle::totals`]) and,
+//! connection ([`Handle::connection_snapshots`](crate::Handle::connection_snapshots)), running totals ([`Handle::totals`](crate::Handle::totals)) and,
 //! with the `metrics` cargo feature, the same numbers through the
 //! [`metrics`](https://docs.rs/metrics) facade (`Handle::record_metrics`), so that any
 //! exporter (Prometheus, StatsD, OpenTelemetry…) serves them.
@@ -34,9 +34,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 #[cfg(feature = "metrics")]
-use crate::conn::ConnState;
-use crate::shutdown::Handle;
-use crate::shutdown::report::{ConnSnapshot, ShutdownReport};
+use crate::base::conn::{ConnState, StateCounts};
+use crate::base::report::ShutdownReport;
 
 /// Running totals since the server started: from [`Handle::totals`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -54,93 +53,31 @@ pub struct Totals {
     pub received: u64,
 }
 
-impl Handle {
-    /// What every live connection is doing now, by id: its state, peer, age and the request
-    /// it is serving. Each call takes a fresh look (a short lock per shard of the registry);
-    /// meant for debug pages and admin endpoints, not for every request.
-    ///
-    /// ```no_run
-    /// # async fn doc() -> Result<(), grace_http::Error> {
-    /// // Each connection's request is shown when requests are recorded.
-    /// let server = grace_http::Server::bind("127.0.0.1:8080").await?.record_requests(true);
-    /// let handle = server.handle();
-    /// let app = axum::Router::new().route(
-    ///     "/debug/conns",
-    ///     axum::routing::get(move || async move {
-    ///         // [{"id":0,"peer":"127.0.0.1:40312","state":"active","age_ms":12.5,
-    ///         //   "request":{"method":"GET","path":"/debug/conns","age_ms":0.1}}]
-    ///         axum::Json(handle.connection_snapshots())
-    ///     }),
-    /// );
-    /// server.serve(app).with_signals().await?;
-    /// # Ok(()) }
-    /// ```
-    pub fn connection_snapshots(&self) -> Vec<ConnSnapshot> {
-        self.shared.tracker.snapshot()
+/// Sets the `grace_*` gauges and counters to a server's live values (see
+/// `Handle::record_metrics`).
+#[cfg(feature = "metrics")]
+pub(crate) fn record(counts: StateCounts, totals: Totals, draining: bool, generation: u32) {
+    use ::metrics::{counter, gauge};
+    describe();
+    for state in [
+        ConnState::New,
+        ConnState::Active,
+        ConnState::Idle,
+        ConnState::Hijacked,
+    ] {
+        gauge!("grace_connections", "state" => state_label(state)).set(counts.get(state) as f64);
     }
-
-    /// Connections accepted and closed, requests completed, and connections handed over at
-    /// upgrades, since the server started.
-    pub fn totals(&self) -> Totals {
-        let tracker = &self.shared.tracker;
-        let (accepted, closed) = tracker.accepted_closed();
-        let (handed_over, received) = tracker.handed_over_received();
-        Totals {
-            accepted,
-            closed,
-            requests_completed: tracker.completed(),
-            handed_over,
-            received,
-        }
-    }
-
-    /// Sets the `grace_*` gauges and counters (see the [module docs](crate::metrics)) to
-    /// this server's live values through the installed `metrics` recorder. Call it right
-    /// before an exporter renders (at each scrape), or on a timer for a push exporter.
-    ///
-    /// ```no_run
-    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
-    /// // metrics-exporter-prometheus without its HTTP listener: the app serves /metrics.
-    /// let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
-    /// let server = grace_http::Server::bind("127.0.0.1:8080").await?;
-    /// let handle = server.handle();
-    /// let app = axum::Router::new().route(
-    ///     "/metrics",
-    ///     axum::routing::get(move || async move {
-    ///         handle.record_metrics(); // the live counts and totals, read now
-    ///         prometheus.render()
-    ///     }),
-    /// );
-    /// server.serve(app).with_signals().await?;
-    /// # Ok(()) }
-    /// ```
-    #[cfg(feature = "metrics")]
-    pub fn record_metrics(&self) {
-        use ::metrics::{counter, gauge};
-        describe();
-        let counts = self.counts();
-        for state in [
-            ConnState::New,
-            ConnState::Active,
-            ConnState::Idle,
-            ConnState::Hijacked,
-        ] {
-            gauge!("grace_connections", "state" => state_label(state))
-                .set(counts.get(state) as f64);
-        }
-        let totals = self.totals();
-        counter!("grace_connections_accepted_total").absolute(totals.accepted);
-        counter!("grace_connections_closed_total").absolute(totals.closed);
-        counter!("grace_requests_completed_total").absolute(totals.requests_completed);
-        counter!("grace_connections_handed_over_total").absolute(totals.handed_over);
-        counter!("grace_connections_received_total").absolute(totals.received);
-        gauge!("grace_draining").set(if self.is_ready() { 0.0 } else { 1.0 });
-        gauge!("grace_generation").set(f64::from(self.shared.generation()));
-        // Shown (as 0) before anything happened, so that rates and alerts have a series.
-        counter!("grace_connections_forced_total").increment(0);
-        for outcome in ["ok", "failed"] {
-            counter!("grace_upgrades_total", "outcome" => outcome).increment(0);
-        }
+    counter!("grace_connections_accepted_total").absolute(totals.accepted);
+    counter!("grace_connections_closed_total").absolute(totals.closed);
+    counter!("grace_requests_completed_total").absolute(totals.requests_completed);
+    counter!("grace_connections_handed_over_total").absolute(totals.handed_over);
+    counter!("grace_connections_received_total").absolute(totals.received);
+    gauge!("grace_draining").set(if draining { 1.0 } else { 0.0 });
+    gauge!("grace_generation").set(f64::from(generation));
+    // Shown (as 0) before anything happened, so that rates and alerts have a series.
+    counter!("grace_connections_forced_total").increment(0);
+    for outcome in ["ok", "failed"] {
+        counter!("grace_upgrades_total", "outcome" => outcome).increment(0);
     }
 }
 

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 
-use crate::latch::Latch;
-use crate::shutdown::ForceReason;
-use crate::shutdown::budget::after;
-use crate::shutdown::report::{Outcome, TaskReport};
+use crate::base::budget::after;
+use crate::base::latch::Latch;
+use crate::base::report::ForceReason;
+use crate::base::report::{Outcome, TaskReport};
 
 type CloseFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
@@ -97,12 +97,12 @@ pub(crate) struct Resources(Mutex<Vec<Resource>>);
 
 impl Resources {
     pub(crate) fn add(&self, resource: Resource) {
-        crate::lock(&self.0).push(resource);
+        crate::base::lock(&self.0).push(resource);
     }
 
     /// The time all closes may take together.
     pub(crate) fn budget(&self) -> Duration {
-        total(crate::lock(&self.0).iter())
+        total(crate::base::lock(&self.0).iter())
     }
 
     /// Closes every resource in order, each within its own timeout, and none later than
@@ -112,7 +112,7 @@ impl Resources {
         deadline: Option<Instant>,
         force: &Latch<ForceReason>,
     ) -> Vec<TaskReport> {
-        let all = std::mem::take(&mut *crate::lock(&self.0));
+        let all = std::mem::take(&mut *crate::base::lock(&self.0));
         let mut reports = Vec::with_capacity(all.len());
         let order = close_order(all);
         // The timeouts of the resources not yet closed, this one included.

@@ -5,8 +5,9 @@ use std::task::Poll;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
+use crate::base::report::{ForceReason, Trigger};
 use crate::error::{Error, Result};
-use crate::shutdown::{ForceReason, Shared, Trigger};
+use crate::shutdown::Shared;
 
 /// The signals [`Serve::with_signals`](crate::Serve::with_signals) listens to: SIGTERM and SIGINT.
 pub const DEFAULT_SIGNALS: [SignalKind; 2] = [SignalKind::terminate(), SignalKind::interrupt()];

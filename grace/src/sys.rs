@@ -26,7 +26,7 @@ impl SocketSlot {
 
     /// Called by the owner right before the socket is closed.
     pub(crate) fn release(&self) {
-        *crate::lock(&self.0) = None;
+        *crate::base::lock(&self.0) = None;
     }
 
     /// Takes the descriptor out of the slot for a hand-over to the next generation: from
@@ -35,7 +35,7 @@ impl SocketSlot {
     /// is borrowed; `owner` must be the stream that owns it (the one whose drop releases
     /// this slot). `None` if the slot was already released.
     pub(crate) fn take_lent<'a, T: ?Sized>(&self, owner: &'a T) -> Option<BorrowedFd<'a>> {
-        let fd = crate::lock(&self.0).take()?;
+        let fd = crate::base::lock(&self.0).take()?;
         let _ = owner;
         // SAFETY: the slot held `fd`, so the socket owning it was open (the invariant above);
         // its owner is `owner` (this function's contract), borrowed for 'a, so it cannot be
@@ -47,7 +47,7 @@ impl SocketSlot {
     /// future read on our side returns end-of-file, every write fails. Returns false if the
     /// socket was already closed.
     pub(crate) fn shutdown(&self) -> bool {
-        let guard = crate::lock(&self.0);
+        let guard = crate::base::lock(&self.0);
         let Some(fd) = *guard else { return false };
         // SAFETY: `fd` is open: the owner releases the slot (under this lock, which we hold)
         // before it closes the descriptor, so the number cannot have been reused.
@@ -60,7 +60,7 @@ impl SocketSlot {
     /// its task has not read yet. False once the socket is closed, or if the kernel cannot
     /// say.
     pub(crate) fn has_unread(&self) -> bool {
-        let guard = crate::lock(&self.0);
+        let guard = crate::base::lock(&self.0);
         let Some(fd) = *guard else { return false };
         // SAFETY: as in `shutdown`: the lock is held, so the number is still the socket's.
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
@@ -75,7 +75,7 @@ impl SocketSlot {
     /// and the owner's close closes the copy. The slot is emptied: nothing is left to shut. Returns false if the socket
     /// was already closed, or could not be replaced (then it is shut down instead).
     pub(crate) fn close_in_place(&self, null: BorrowedFd<'_>) -> bool {
-        let mut guard = crate::lock(&self.0);
+        let mut guard = crate::base::lock(&self.0);
         let Some(fd) = guard.take() else { return false };
         // SAFETY: `fd` is open (see `shutdown`), and stays its owner's: the `OwnedFd` made
         // here is never dropped (`ManuallyDrop`), so it closes nothing; `dup3` replaces what

@@ -202,7 +202,7 @@ async fn a_child_that_exits_is_reported_with_its_status() {
         .to_string();
     assert!(err.contains("exited with status 5"), "{err}");
     assert_eq!(get(addr).await, "old");
-    assert!(!handle.is_draining());
+    assert!(!handle.notice().is_draining());
     handle.shutdown();
     let report = served.await.unwrap().unwrap();
     assert_eq!(report.trigger, Trigger::Handle);

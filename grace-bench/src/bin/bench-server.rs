@@ -179,9 +179,8 @@ async fn main() -> anyhow::Result<()> {
             println!("listening on {addr}");
             match tls {
                 Some(tls) => {
-                    let config = axum_server::tls_rustls::RustlsConfig::from_config(
-                        std::sync::Arc::clone(tls.server_config()),
-                    );
+                    let config =
+                        axum_server::tls_rustls::RustlsConfig::from_config(tls.server_config());
                     server
                         .acceptor(
                             axum_server::tls_rustls::RustlsAcceptor::new(config)

@@ -12,7 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::tracker::Conn;
-use crate::shutdown::budget::after;
+use crate::base::budget::after;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

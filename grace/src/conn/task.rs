@@ -13,17 +13,17 @@ use http::{Request, Response};
 use http_body::Body;
 
 use super::body::{BodyLimit, RequestBody};
-use super::http::{HttpConn, HyperBuilder, Released};
+use super::http::{HttpConn, HyperBuilder};
 use super::io::TrackedIo;
 use super::request::ConnService;
-use super::tracker::{Conn, HandOver, Tracker};
+use super::tracker::{Conn, Tracker};
 use super::{Addr, ConnState};
 use crate::accept::{Acceptor, Socket};
-use crate::handover::{Handed, Kind, Origin};
-use crate::latch::Latch;
+use crate::base::budget::after;
+use crate::base::latch::Latch;
+use crate::base::report::Trigger;
+use crate::handover::{Kind, Origin};
 use crate::listener::Stream;
-use crate::shutdown::Trigger;
-use crate::shutdown::budget::after;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -70,11 +70,6 @@ pub(crate) trait ResponseBody:
 }
 
 impl<B> ResponseBody for B where B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
-
-/// How long a draining HTTP/2 connection with no open stream waits for the peer to answer
-/// the drain's PING (which tells which streams it opened meanwhile) before it is closed
-/// anyway, as Go's HTTP/2 server waits one second after its GOAWAY.
-const H2_GOAWAY_ACK_WAIT: Duration = Duration::from_secs(1);
 
 /// What every connection task of a server needs.
 pub(crate) struct ConnCtx<S> {
@@ -294,12 +289,7 @@ where
     // an `async fn` would move its arguments into locals of their own, the connection
     // (hundreds of bytes) stored twice.
     async move {
-        // Boxed: a timer inline would be in every connection's memory, and most servers set no
-        // maximum age.
-        let mut old = ctx.max_age.map(|age| {
-            let at = after(conn.info.accepted_at, jittered(age, conn.info.id));
-            Box::pin(tokio::time::sleep_until(at.into()))
-        });
+        let mut old = old_age(&conn, ctx.max_age);
         // Asked to close before the drain (the soft drain, or old age).
         let mut closing = false;
         loop {
@@ -311,24 +301,15 @@ where
             // accepting), an HTTP/2 connection gets its GOAWAY at once, so its client opens its
             // next streams on another instance; HTTP/1 answers say `Connection: close`
             // (`request.rs`).
-            let soft = async {
-                conn.left_new().await; // the first bytes tell HTTP/2 apart
-                if !conn.is_http2() {
-                    return std::future::pending().await;
-                }
-                ctx.drain.wait().await;
-            };
+            let soft = super::h2::soft_drain(&conn, &ctx.drain);
             tokio::pin!(soft);
             // Old enough: `Connection: close` on the next HTTP/1 response (an idle connection
             // closes now), GOAWAY on HTTP/2.
-            let close_asked = std::future::poll_fn(|cx| {
-                if soft.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(());
-                }
-                match old.as_mut() {
-                    Some(sleep) => sleep.as_mut().poll(cx),
-                    None => Poll::Pending,
-                }
+            let close_asked = std::future::poll_fn(|cx| match soft.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(()),
+                Poll::Pending => old
+                    .as_mut()
+                    .map_or(Poll::Pending, |old| old.as_mut().poll(cx)),
             });
             tokio::select! {
                 biased;
@@ -350,7 +331,9 @@ where
             // close: its client may have been told so.)
             let seen = ctx.tracker.wake_count();
             if let Some(outbox) = ctx.tracker.handing_over().filter(|_| !closing) {
-                if let Some(result) = hand_over(&mut connection, &conn, &outbox, &ctx).await {
+                if let Some(result) =
+                    super::h1::hand_over(&mut connection, &conn, &outbox, &ctx.tracker).await
+                {
                     return log_end(&conn, result);
                 }
             }
@@ -366,135 +349,59 @@ where
                 _ = std::future::poll_fn(|cx| conn.poll_hand_over_ended(cx, seen)) => {}
             }
         }
-        if conn.state() == ConnState::New {
-            // Its request may be on the wire: give it until the grace after accept (after the
-            // handshake, for TLS) to show up.
-            let until = after(ready_at, ctx.first_byte_grace());
-            tokio::select! {
-                result = &mut connection => return log_end(&conn, result),
-                _ = tokio::time::sleep_until(until.into()) => {}
-                _ = conn.left_new() => {}
-            }
-        }
-        // The drain shut this one's socket itself (idle): nothing is left to do but unwind,
-        // which waits until the stop is over (see `Tracker::park`).
-        if conn.shut_by_drain() {
-            ctx.tracker.stop_over().await;
-        }
-        // Idle (and still silent New) connections close now; HTTP/1 requests in flight finish
-        // with `Connection: close`; HTTP/2 sends GOAWAY and lets open streams finish.
-        connection.graceful_shutdown();
-        if conn.is_http2() {
-            // GOAWAY and PING are out; a peer that answers lets hyper finish at once. One that
-            // does not (gone, or behind a dropped NAT entry) must not hold the drain: past a
-            // round trip's worth of waiting, the connection closes once it has no open stream.
-            let wait = tokio::time::sleep(H2_GOAWAY_ACK_WAIT);
-            tokio::select! {
-                result = &mut connection => return log_end(&conn, result),
-                _ = wait => {}
-            }
-            // Biased: the connection is polled first on every wake-up, so the frames of a stream
-            // that just ended are written to the socket before it is shut.
-            tokio::select! {
-                biased;
-                result = &mut connection => return log_end(&conn, result),
-                _ = std::future::poll_fn(|cx| conn.poll_idle(cx)) => {}
-            }
-            if let Poll::Ready(result) = poll_once(&mut connection).await {
-                return log_end(&conn, result);
-            }
-            conn.close_now();
-        } else if conn.head_pending() {
-            // HTTP/1 with a request head still arriving (a slow or stalled client: hyper waits
-            // for a whole head before it can close): the first-byte grace to complete it, then
-            // the socket is shut. A head that completes in time is served as any in flight.
-            tokio::select! {
-                result = &mut connection => return log_end(&conn, result),
-                _ = tokio::time::sleep(ctx.first_byte_grace()) => {}
-            }
-            if conn.head_pending() {
-                conn.close_now();
-            }
-        }
-        log_end(&conn, connection.await);
+        // Boxed, with the connection moved in: run once per connection, at the drain; inline,
+        // its timers would be in every connection's memory all its life.
+        Box::pin(finish(connection, conn, ready_at, ctx)).await;
     }
 }
 
-/// Hands an HTTP/1 connection to the next generation at its next moment between requests
-/// (polling it meanwhile, so a request in flight finishes, with keep-alive), while the
-/// hand-over window is open. `Some`: the connection is done here (handed over, given back to
-/// this server as a fresh task, or it ended meanwhile); `None`: it is still ours as it was
-/// (HTTP/2, TLS, upgraded, or the window ended first).
-async fn hand_over<I, S, B, Svc>(
-    connection: &mut HttpConn<TrackedIo<I>, S>,
-    conn: &Conn,
-    outbox: &crate::handover::Outbox,
-    ctx: &ConnCtx<Svc>,
-) -> Option<Result<(), BoxError>>
-where
+/// A connection's end once the drain started: a silent one gets the first-byte grace, then
+/// the close as its protocol does it (`h1`, `h2`).
+async fn finish<I, S, B>(
+    mut connection: HttpConn<TrackedIo<I>, ConnService<S>>,
+    conn: Arc<Conn>,
+    ready_at: std::time::Instant,
+    ctx: Arc<ConnCtx<S>>,
+) where
     I: ConnIo,
-    S: hyper::service::Service<Request<hyper::body::Incoming>, Response = Response<B>> + Unpin,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
+    S: HttpService<B>,
     B: ResponseBody,
 {
-    if connection.is_http2() {
-        return None;
-    }
-    match conn.hand_over() {
-        HandOver::Now => {}
-        HandOver::Never => return None,
-        HandOver::Later => {
-            // A state changes only while hyper is polled: check after each poll.
-            let between = std::future::poll_fn(|cx| match Pin::new(&mut *connection).poll(cx) {
-                Poll::Ready(result) => Poll::Ready(Some(Err(result))),
-                Poll::Pending => match conn.hand_over() {
-                    HandOver::Now => Poll::Ready(Some(Ok(()))),
-                    HandOver::Never => Poll::Ready(None),
-                    HandOver::Later => Poll::Pending,
-                },
-            });
-            tokio::select! {
-                biased;
-                next = between => match next {
-                    Some(Ok(())) => {}
-                    Some(Err(ended)) => return Some(ended),
-                    None => return None,
-                },
-                _ = outbox.closed() => return None,
-            }
+    if conn.state() == ConnState::New {
+        // Its request may be on the wire: give it until the grace after accept (after the
+        // handshake, for TLS) to show up.
+        let until = after(ready_at, ctx.first_byte_grace());
+        tokio::select! {
+            result = &mut connection => return log_end(&conn, result),
+            _ = tokio::time::sleep_until(until.into()) => {}
+            _ = conn.left_new() => {}
         }
     }
-    // Under way from here: the hand-over is complete only once none is.
-    let _sending = outbox.sending();
-    let Released { io, kind, buffered } = connection.take_for_handover()?;
-    // From here no shutdown from outside reaches the socket: the next generation shares it.
-    let Some(socket) = conn.socket.take_lent(&io) else {
-        return Some(Ok(())); // shut meanwhile (idle timeout): it closes, as it would have
+    // The drain shut this one's socket itself (idle): nothing is left to do but unwind,
+    // which waits until the stop is over (see `Tracker::park`).
+    if conn.shut_by_drain() {
+        ctx.tracker.stop_over().await;
+    }
+    // Idle (and still silent New) connections close now; HTTP/1 requests in flight finish
+    // with `Connection: close`; HTTP/2 sends GOAWAY and lets open streams finish.
+    connection.graceful_shutdown();
+    let ended = match conn.is_http2() {
+        true => super::h2::close(&mut connection, &conn).await,
+        false => super::h1::close(&mut connection, &conn, ctx.first_byte_grace()).await,
     };
-    let parts = [&buffered[0][..], &buffered[1][..]];
-    match outbox.send(socket, kind, &parts).await {
-        Ok(()) => tracing::trace!(conn = conn.info.id, ?kind, "sent to the next generation"),
-        Err(e) => {
-            // Still ours: served again here, from a copy of its socket, as a fresh task (the
-            // window ended, or its buffered bytes are more than a hand-over carries).
-            tracing::debug!(conn = conn.info.id, error = %e, "not handed over: served here");
-            // More than a hand-over carries: it stays here for good.
-            let origin = match e.kind() {
-                std::io::ErrorKind::InvalidInput => Origin::Stays,
-                _ => Origin::Back,
-            };
-            match Handed::copy_of(socket, kind, &parts, origin) {
-                Ok(handed) => ctx.tracker.serve_local(handed),
-                Err(e) => {
-                    tracing::debug!(conn = conn.info.id, error = %e, "cannot keep it: closed")
-                }
-            }
-        }
+    if let Some(result) = ended {
+        return log_end(&conn, result);
     }
-    // Our copy of the socket closes (without a shutdown: the other copy stays open).
-    drop(io);
-    Some(Ok(()))
+    log_end(&conn, connection.await);
+}
+
+/// When a connection is old enough to close (see `Server::max_connection_age`), if it ever
+/// is. Boxed: a timer inline would be in every connection's memory, and most servers set no
+/// maximum age.
+fn old_age(conn: &Conn, max_age: Option<Duration>) -> Option<Pin<Box<tokio::time::Sleep>>> {
+    let age = max_age?;
+    let at = after(conn.info.accepted_at, jittered(age, conn.info.id));
+    Some(Box::pin(tokio::time::sleep_until(at.into())))
 }
 
 /// `age` spread between 0.9 and 1.1 times itself by the connection's id (a golden-ratio
@@ -503,11 +410,6 @@ fn jittered(age: Duration, id: u64) -> Duration {
     let frac = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
     // Saturating: an age too large for a `Duration` is "never".
     Duration::try_from_secs_f64(age.as_secs_f64() * (0.9 + 0.2 * frac)).unwrap_or(Duration::MAX)
-}
-
-/// Polls `fut` once, to let it write what it has ready.
-async fn poll_once<F: Future + Unpin>(mut fut: F) -> Poll<F::Output> {
-    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await
 }
 
 fn log_end(conn: &Conn, result: Result<(), BoxError>) {

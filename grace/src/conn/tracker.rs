@@ -15,11 +15,11 @@ use tokio::sync::Notify;
 use super::fanout::across_threads;
 use super::state::{Event, transition};
 use super::{Addr, ConnInfo, ConnState, StateCounts};
-use crate::count::Count;
-use crate::latch::Latch;
-use crate::lock;
-use crate::shutdown::Trigger;
-use crate::shutdown::report::{ActiveRequest, ConnSnapshot};
+use crate::base::count::Count;
+use crate::base::latch::Latch;
+use crate::base::lock;
+use crate::base::report::Trigger;
+use crate::base::report::{ActiveRequest, ConnSnapshot};
 use crate::sys::SocketSlot;
 
 /// Whether a connection can be handed to the next generation (see [`Conn::hand_over`]).
@@ -156,7 +156,7 @@ impl Conn {
     }
 
     /// A notice of the drain, for a handler that takes the connection over.
-    pub(crate) fn notice(&self) -> crate::ShutdownNotice {
+    pub(crate) fn notice(&self) -> super::notice::ShutdownNotice {
         self.tracker.notice(self.info.id)
     }
 
@@ -560,7 +560,7 @@ pub(crate) struct Tracker {
     pub(crate) previous_done: Latch<()>,
     /// The channel to the next generation, while an upgrade hands connections over (see
     /// `restart::spawn`); replaced at each upgrade.
-    outbox: Mutex<Option<Arc<crate::handover::Outbox>>>,
+    outbox: Mutex<Option<Arc<crate::handover::outbox::Outbox>>>,
     /// An upgrade is handing connections over: every HTTP/1 connection goes at its next
     /// moment between requests. Reversible (a new generation that dies ends it).
     handing: AtomicBool,
@@ -601,10 +601,22 @@ struct Parked {
 
 impl Tracker {
     /// A notice of the drain, placed in the goodbye spread by `seed`.
-    pub(crate) fn notice(self: &Arc<Self>, seed: u64) -> crate::ShutdownNotice {
-        crate::shutdown::ShutdownNotice {
+    pub(crate) fn notice(self: &Arc<Self>, seed: u64) -> super::notice::ShutdownNotice {
+        super::notice::ShutdownNotice {
             tracker: Arc::clone(self),
             seed,
+        }
+    }
+
+    /// Set once, as serving starts: the state hook, the window of the goodbye spread, and
+    /// whether each connection's request is recorded.
+    pub(crate) fn configure(&self, hook: Option<Hook>, goodbye_spread: Duration, records: bool) {
+        if let Some(hook) = hook {
+            let _ = self.hook.set(hook);
+        }
+        let _ = self.goodbye_spread.set(goodbye_spread);
+        if records {
+            let _ = self.records.set(());
         }
     }
 
@@ -877,7 +889,7 @@ impl Tracker {
 
     /// Starts handing connections over through `outbox`, then wakes every connection's
     /// task: each HTTP/1 one goes at its next moment between requests.
-    pub(crate) fn start_hand_over(&self, outbox: Arc<crate::handover::Outbox>) {
+    pub(crate) fn start_hand_over(&self, outbox: Arc<crate::handover::outbox::Outbox>) {
         *lock(&self.outbox) = Some(outbox);
         *lock(&self.hand_over_mark) = HandOverMark {
             handed_before: self.handed_over.load(Ordering::Relaxed),
@@ -926,7 +938,7 @@ impl Tracker {
     }
 
     /// The channel to the next generation, while connections may be handed over.
-    pub(crate) fn handing_over(&self) -> Option<Arc<crate::handover::Outbox>> {
+    pub(crate) fn handing_over(&self) -> Option<Arc<crate::handover::outbox::Outbox>> {
         if !self.is_handing_over() {
             return None;
         }
@@ -1185,7 +1197,7 @@ mod tests {
         // A hand-over that ends (the next generation went) wakes it; it has nothing to do.
         let outbox = || {
             let (ours, _theirs) = crate::handover::pair().unwrap();
-            Arc::new(crate::handover::Outbox::new(ours, Duration::from_secs(5)).unwrap())
+            Arc::new(crate::handover::outbox::Outbox::new(ours, Duration::from_secs(5)).unwrap())
         };
         tracker.start_hand_over(outbox());
         assert!(waiter.is_woken());

@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::conn::StateCounts;
+use crate::base::conn::StateCounts;
 use crate::error::RestartError;
 
 /// A request: one line on the control socket.

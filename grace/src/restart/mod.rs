@@ -5,16 +5,15 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{Signal, SignalKind};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::error::{Error, RestartError, Result};
-use crate::lock;
-use crate::server::Serve;
-use crate::shutdown::{Handle, Shared};
+use crate::shutdown::Shared;
+use crate::shutdown::shared::Reply;
 
 mod inherit;
 mod spawn;
@@ -150,7 +149,7 @@ impl Restart {
         self
     }
 
-    /// Restart only through [`Handle::restart`], on no signal.
+    /// Restart only through [`Handle::restart`](crate::Handle::restart), on no signal.
     pub fn no_signal(mut self) -> Self {
         self.signal = None;
         self
@@ -195,79 +194,36 @@ impl Restart {
     }
 }
 
-/// Someone waiting for the outcome of a restart asked through the handle.
-type Reply = oneshot::Sender<Result<u32, RestartError>>;
-
-/// The restart machinery of one server, kept in its shared state.
+/// The restart machinery of one server: its configuration, its signal (installed when
+/// restarts are enabled, so the signal cannot kill the process from then on), and the asks
+/// from handles and the control socket.
 pub(crate) struct Control {
     config: Restart,
-    signal: Mutex<Option<std::io::Result<Signal>>>,
-    asks: mpsc::UnboundedSender<Reply>,
-    inbox: Mutex<Option<mpsc::UnboundedReceiver<Reply>>>,
-    /// The outcome of the last upgrade: the new pid, or why it failed.
-    last: Mutex<Option<std::result::Result<u32, String>>>,
+    signal: Option<std::io::Result<Signal>>,
+    inbox: mpsc::UnboundedReceiver<Reply>,
 }
 
-/// The outcome of the last upgrade, if one was tried.
-pub(crate) fn last_outcome(shared: &Shared) -> Option<std::result::Result<u32, String>> {
-    lock(&shared.restart.get()?.last).clone()
-}
-
-impl<S> Serve<S> {
-    /// Restarts with zero downtime on `restart`'s signal (default SIGHUP) or
-    /// [`Handle::restart`]: starts the new process with the listening sockets, waits until
-    /// it is ready, then drains this one with [`Trigger::Restart`](crate::Trigger::Restart).
-    /// If the new process fails, kills it (with its process group) and keeps serving. One
-    /// restart at a time: a request during one is logged and refused.
-    ///
-    /// A stop (a drain signal, [`Handle::shutdown`]) that comes while a new process is
-    /// starting wins: the new process is told to stop as well (SIGTERM, so it drains what
-    /// it may have accepted; SIGKILL to its group after the shutdown timeout) and reaped
-    /// before `serve` returns, so a stop never leaves a generation behind, and the pid file
-    /// names a live process or is gone.
-    ///
-    /// The signal handler is installed now, within the current tokio runtime, so the
-    /// signal cannot kill the process from here on. See [`Restart`] for an example.
-    pub fn with_restart(self, restart: Restart) -> Self {
-        let shared = self.handle().shared;
-        let signal = restart.signal.map(tokio::signal::unix::signal);
+impl Control {
+    /// Enables restarts of the server behind `shared` (installing the signal handler now,
+    /// within the current tokio runtime). `None` if they already were: the first
+    /// configuration stays.
+    pub(crate) fn enable(shared: &Shared, config: Restart) -> Option<Control> {
         let (asks, inbox) = mpsc::unbounded_channel();
-        let control = Control {
-            config: restart,
-            signal: Mutex::new(signal),
-            asks,
-            inbox: Mutex::new(Some(inbox)),
-            last: Mutex::new(None),
-        };
-        if shared.restart.set(control).is_err() {
+        if !shared.upgrades.enable(asks) {
             tracing::warn!("with_restart called twice: the first configuration stays");
+            return None;
         }
-        self
+        let signal = config.signal.map(tokio::signal::unix::signal);
+        Some(Control {
+            config,
+            signal,
+            inbox,
+        })
     }
-}
 
-impl Handle {
-    /// Asks for a zero-downtime restart (see [`Serve::with_restart`]) and waits for the
-    /// outcome: the new process's pid once it is ready (this server is then draining), or
-    /// a [`RestartError`] saying why it failed (this server keeps serving), was refused
-    /// (another restart is running, or the server is draining) or is not enabled.
-    ///
-    /// ```no_run
-    /// # async fn doc(handle: grace_http::Handle) {
-    /// match handle.restart().await {
-    ///     Ok(pid) => println!("process {pid} took over; draining"),
-    ///     Err(grace_http::RestartError::Exited { status, .. }) => eprintln!("new binary {status}"),
-    ///     Err(e) => eprintln!("still serving: {e}"),
-    /// }
-    /// # }
-    /// ```
-    pub async fn restart(&self) -> Result<u32, RestartError> {
-        let Some(control) = self.shared.restart.get() else {
-            return Err(RestartError::NotEnabled);
-        };
-        let (tx, rx) = oneshot::channel();
-        control.asks.send(tx).map_err(|_| RestartError::Draining)?;
-        rx.await.map_err(|_| RestartError::Draining)?
+    /// The pid file, if one is kept.
+    pub(crate) fn pid_file(&self) -> Option<&Path> {
+        self.config.pid_file.as_deref()
     }
 }
 
@@ -278,15 +234,16 @@ impl Handle {
 /// asked for and any upgrade under way is settled: await it before exiting.
 pub(crate) fn serving(
     shared: &Arc<Shared>,
+    mut control: Option<Control>,
     ready_pipe: Option<std::os::fd::OwnedFd>,
     takes_connections: bool,
     stop_timeout: Duration,
 ) -> Result<Option<tokio::task::JoinHandle<()>>> {
-    let control = shared.restart.get();
     let mut signal = None;
-    if let Some(c) = control {
+    if let Some(c) = control.as_mut() {
         let name = c.config.signal.map(crate::signal::name).unwrap_or_default();
-        signal = lock(&c.signal)
+        signal = c
+            .signal
             .take()
             .transpose()
             .map_err(|source| Error::Signal {
@@ -308,30 +265,21 @@ pub(crate) fn serving(
     let Some(control) = control else {
         return Ok(None);
     };
-    let Some(inbox) = lock(&control.inbox).take() else {
-        return Ok(None);
-    };
     Ok(Some(tokio::spawn(drive(
         Arc::clone(shared),
+        control.config,
         signal,
-        inbox,
+        control.inbox,
         stop_timeout,
     ))))
 }
 
 /// Called when `Serve` ends: the last generation (not one that handed over) removes the
 /// pid file, if it still names this process.
-pub(crate) fn finished(shared: &Shared, handed_over: bool) {
-    let Some(path) = shared
-        .restart
-        .get()
-        .and_then(|c| c.config.pid_file.as_ref())
-    else {
+pub(crate) fn finished(pid_file: Option<&Path>, handed_over: bool) {
+    let Some(path) = pid_file.filter(|_| !handed_over) else {
         return;
     };
-    if handed_over {
-        return;
-    }
     if read_pid_file(path) == Some(std::process::id()) {
         if let Err(e) = std::fs::remove_file(path) {
             tracing::warn!(path = %path.display(), error = %e, "cannot remove the pid file");
@@ -351,14 +299,11 @@ async fn next_signal(signal: &mut Option<Signal>) {
 /// Takes restart requests one at a time, until a drain is asked for.
 async fn drive(
     shared: Arc<Shared>,
+    config: Restart,
     mut signal: Option<Signal>,
     mut inbox: mpsc::UnboundedReceiver<Reply>,
     stop_timeout: Duration,
 ) {
-    let Some(control) = shared.restart.get() else {
-        return;
-    };
-    let config = &control.config;
     let by_signal = config.signal.map(crate::signal::name).unwrap_or_default();
     loop {
         let (reply, by) = tokio::select! {
@@ -372,7 +317,7 @@ async fn drive(
         };
         tracing::info!(by, "restart asked for: starting the new process");
         let started = std::time::Instant::now();
-        let attempt = spawn::upgrade(&shared, config, stop_timeout);
+        let attempt = spawn::upgrade(&shared, &config, stop_timeout);
         tokio::pin!(attempt);
         let result = loop {
             tokio::select! {
@@ -387,7 +332,7 @@ async fn drive(
             }
         };
         crate::metrics::upgrade_finished(result.is_ok(), started.elapsed());
-        *lock(&control.last) = Some(result.as_ref().copied().map_err(ToString::to_string));
+        shared.upgrades.finished(&result);
         if result.is_ok() {
             // Control requests go to the new generation now (see `control`).
             shared.control.taken_over();

@@ -1,7 +1,7 @@
 //! The sending side: start the new process with our listening sockets and wait until it is
 //! ready, or roll back.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,8 +13,10 @@ use super::inherit::{
     FIRST_FD, GRACE_GENERATION, GRACE_HANDOVER_FD, GRACE_LISTEN_PPID, GRACE_READY_FD,
     GRACE_SOCKET_FILES, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID, TAKES_CONNECTIONS,
 };
+use crate::base::describe_exit;
+use crate::base::report::Trigger;
 use crate::error::RestartError;
-use crate::shutdown::{Named, Shared, Trigger};
+use crate::shutdown::{Named, Shared};
 use crate::{sys, systemd};
 
 /// The program to start on a restart, resolved now (at start-up).
@@ -131,6 +133,52 @@ async fn attempt(
 ) -> Result<u32, RestartError> {
     let (ready_rx, ready_tx) =
         rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(std::io::Error::from)?;
+    // The hand-over channel, if connections are to be handed over (see `handover`).
+    let channel = match config.hand_over {
+        Some(window) => Some((crate::handover::pair()?, window)),
+        None => None,
+    };
+    let theirs = channel.as_ref().map(|((_, theirs), _)| theirs);
+    let (cmd, control) = command(shared, config, &listeners, &ready_tx, theirs)?;
+    let program = config.program.display().to_string();
+    let spawned = spawn_retrying(tokio::process::Command::from(cmd)).await;
+    // The child has its copies now. Ours: the write end goes at once (so the pipe reads
+    // end-of-file when the child is gone), the listeners' extra references too (so a
+    // drain that starts meanwhile closes them).
+    drop((ready_tx, control, listeners));
+    let channel = channel.map(|((ours, _theirs), window)| (ours, window));
+    let mut child = spawned.map_err(|source| RestartError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let pid = child.id().unwrap_or(0);
+    tracing::info!(pid, %program, args = ?config.args, "new process started; waiting until it is ready");
+    let ready = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_rx)?;
+    let waited = Waited {
+        ready,
+        channel,
+        timeout: config.ready_timeout,
+        stop_timeout,
+    };
+    let failure = match waited.run(shared, &mut child, pid).await {
+        Ok(()) => return Ok(pid),
+        Err(failure) => failure,
+    };
+    end(&mut child, pid, &failure, stop_timeout).await;
+    Err(failure)
+}
+
+/// The new process's command: this program, its arguments, and the descriptors it
+/// inherits (the listeners, the ready pipe's write end, the hand-over channel's end, the
+/// control socket) with the variables that name them. Keep the control socket returned
+/// until the process has started.
+fn command(
+    shared: &Shared,
+    config: &Restart,
+    listeners: &[Named],
+    ready_tx: &OwnedFd,
+    handover: Option<&OwnedFd>,
+) -> std::io::Result<(std::process::Command, Option<Arc<tokio::net::UnixListener>>)> {
     let n = listeners.len();
     let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
     let files: Vec<String> = (0..n)
@@ -139,15 +187,7 @@ async fn attempt(
         .collect();
     let mut fds: Vec<RawFd> = listeners.iter().map(|l| l.listener.as_raw_fd()).collect();
     fds.push(ready_tx.as_raw_fd());
-    // The hand-over channel, if connections are to be handed over (see `handover`).
-    let handover = match config.hand_over {
-        Some(window) => Some((crate::handover::pair()?, window)),
-        None => None,
-    };
-    if let Some(((_, theirs), _)) = &handover {
-        fds.push(theirs.as_raw_fd());
-    }
-
+    fds.extend(handover.map(AsRawFd::as_raw_fd));
     let mut cmd = std::process::Command::new(&config.program);
     cmd.args(&config.args);
     for k in [
@@ -173,200 +213,85 @@ async fn attempt(
     if handover.is_some() {
         cmd.env(GRACE_HANDOVER_FD, (FIRST_FD + n as RawFd + 1).to_string());
     }
-    // The control socket, if any, goes after the others (kept open until the spawn).
-    let _control = super::inherit::pass_control(shared, &mut fds, &mut cmd);
+    // The control socket, if any, goes after the others.
+    let control = super::inherit::pass_control(shared, &mut fds, &mut cmd);
     // Its own process group: a rollback ends whatever it started too (a helper process
     // that inherited the listening socket would otherwise keep it open).
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     sys::pass_fds(&mut cmd, fds)?;
-    let program = config.program.display().to_string();
-    let spawned = spawn_retrying(tokio::process::Command::from(cmd)).await;
-    // The child has its copies now. Ours: the write end goes at once (so the pipe reads
-    // end-of-file when the child is gone), the listeners' extra references too (so a
-    // drain that starts meanwhile closes them).
-    drop(ready_tx);
-    let handover = handover.map(|((ours, theirs), window)| {
-        drop(theirs);
-        (ours, window)
-    });
-    drop(names);
-    drop(listeners);
-    let mut child = spawned.map_err(|source| RestartError::Spawn {
-        program: program.clone(),
-        source,
-    })?;
-    let pid = child.id().unwrap_or(0);
-    tracing::info!(pid, %program, args = ?config.args, "new process started; waiting until it is ready");
-
-    let mut ready = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_rx)?;
-    let timeout = config.ready_timeout;
-    let mut buf = [0u8; 64];
-    let failure = tokio::select! {
-        biased;
-        // A stop (drain signal, handle) wins over everything, even a ready child.
-        _ = shared.drain_asked() => RestartError::Stopped { pid },
-        read = ready.read(&mut buf) => match read {
-            // Taking over and a stop that came meanwhile are decided in one step: if the
-            // stop won, the new process is stopped too.
-            Ok(n) if n > 0 => {
-                // It takes our connections if it says so: hand them over first, watching it
-                // all along; the drain comes once they are, or not at all if it went.
-                let takes = std::str::from_utf8(&buf[..n])
-                    .is_ok_and(|s| s.split_whitespace().any(|w| w == TAKES_CONNECTIONS));
-                let outbox = match (takes, handover) {
-                    (true, Some((ours, window))) => crate::handover::Outbox::new(ours, window)
-                        .inspect_err(|e| tracing::warn!(error = %e, "no hand-over: connections will close"))
-                        .ok(),
-                    _ => None,
-                };
-                let handed = match outbox {
-                    Some(outbox) => hand_over(shared, Arc::new(outbox), &mut child, pid, stop_timeout).await,
-                    None => Ok(()),
-                };
-                match handed {
-                    // Taking over and a stop that came meanwhile are decided in one step: if
-                    // the stop won, the new process is stopped too.
-                    Ok(()) => match shared.request_drain(Trigger::Restart) {
-                        true => return Ok(pid),
-                        false => RestartError::Stopped { pid },
-                    },
-                    Err(failure) => failure,
-                }
-            }
-            // Closed without a word: usually it is exiting; say how, if it does soon.
-            Ok(_) => match tokio::time::timeout(Duration::from_millis(200), child.wait()).await {
-                Ok(Ok(status)) => RestartError::Exited { pid, status: describe(status) },
-                _ => RestartError::NotReported { pid },
-            },
-            Err(e) => RestartError::Io(e),
-        },
-        status = child.wait() => match status {
-            Ok(status) => RestartError::Exited { pid, status: describe(status) },
-            Err(e) => RestartError::Io(e),
-        },
-        _ = tokio::time::sleep(timeout) => RestartError::NotReady { pid, timeout },
-    };
-    end(&mut child, pid, &failure, stop_timeout).await;
-    Err(failure)
+    Ok((cmd, control))
 }
 
-/// How long the old generation waits, once the hand-over window has ended, for the new one
-/// to acknowledge the connections already sent (it reads them as fast as it can: this
-/// bounds only a new generation that hangs).
-const ACK_WAIT: Duration = Duration::from_secs(2);
-
-/// How often the hand-over looks whether a connection is left to hand over (a scan of the
-/// connections' states: there is no event for "none left between requests").
-const HAND_OVER_CHECK: Duration = Duration::from_millis(2);
-
-/// How the new generation went during a hand-over: its exit status, or why it was given up.
-type Went = std::io::Result<String>;
-
-/// The hand-over: every HTTP/1 connection goes to the new generation at its next moment
-/// between requests (this process accepts nothing meanwhile), until none is left or the
-/// window ends, and every one sent is acknowledged. The one loop that watches the new
-/// generation throughout: if it dies or hangs up first, [`take_back`] what it had not read
-/// and the upgrade fails (this process keeps serving, no drain is asked for). A stop that
-/// comes meanwhile ends the hand-over (what was acknowledged stays with the new
-/// generation, which is then stopped too).
-async fn hand_over(
-    shared: &Arc<Shared>,
-    outbox: Arc<crate::handover::Outbox>,
-    child: &mut tokio::process::Child,
-    pid: u32,
+/// What the wait for a new process's readiness needs.
+struct Waited {
+    ready: tokio::net::unix::pipe::Receiver,
+    /// Our end of the hand-over channel, and the hand-over's window.
+    channel: Option<(OwnedFd, Duration)>,
+    timeout: Duration,
     stop_timeout: Duration,
-) -> Result<(), RestartError> {
-    let tracker = &shared.tracker;
-    let started = Instant::now();
-    let window_end = crate::shutdown::budget::after(started, outbox.window().min(stop_timeout));
-    shared.pause_accepting(true);
-    tracker.start_hand_over(Arc::clone(&outbox));
-    let acks = outbox.acks(|| tracker.count_handed_over());
-    tokio::pin!(acks);
-    let hung_up = |r: std::io::Result<()>| r.map(|()| "closed the hand-over channel".to_owned());
-    let sent = async {
-        loop {
-            tokio::time::sleep(HAND_OVER_CHECK).await;
-            if !tracker.hand_over_left() && outbox.is_idle() {
-                return;
-            }
-        }
-    };
-    let mut stopped = false;
-    let mut went: Option<Went> = tokio::select! {
-        biased;
-        status = child.wait() => Some(status.map(describe)),
-        r = &mut acks => Some(hung_up(r)),
-        _ = shared.drain_asked() => { stopped = true; None }
-        _ = tokio::time::sleep_until(window_end.into()) => None,
-        _ = sent => None,
-    };
-    // No more sends; those under way end (a connection not sent stays here, served anew).
-    outbox.close();
-    if went.is_none() {
-        let settled = async {
-            outbox.settled().await;
-            outbox.acknowledged().await;
-        };
-        went = tokio::select! {
-            biased;
-            status = child.wait() => Some(status.map(describe)),
-            r = &mut acks => Some(hung_up(r)),
-            _ = settled => None,
-            _ = tokio::time::sleep(ACK_WAIT) => {
-                tracing::warn!(unacknowledged = outbox.unacknowledged(), "the new process has not acknowledged every connection sent: left to it");
-                None
-            }
-        };
-    }
-    let Some(went) = went else {
-        tracker.end_hand_over(Some(started.elapsed()));
-        tracing::info!(
-            took_ms = started.elapsed().as_millis() as u64,
-            "hand-over complete"
-        );
-        return Ok(());
-    };
-    let status = went.unwrap_or_else(|e| format!("could not be watched ({e})"));
-    take_back(shared, &outbox, child, pid, &status).await;
-    match stopped {
-        true => Err(RestartError::Stopped { pid }),
-        false => Err(RestartError::HandOver { pid, status }),
-    }
 }
 
-/// The new generation went during the hand-over. Makes sure it is gone (one that only hung
-/// up is killed, with its group): nothing it received is served any more, so every
-/// connection it did not read from is ours again, served here; accepting resumes.
-async fn take_back(
-    shared: &Shared,
-    outbox: &crate::handover::Outbox,
-    child: &mut tokio::process::Child,
-    pid: u32,
-    status: &str,
-) {
-    let tracker = &shared.tracker;
-    if let Some(group) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
-    }
-    let reaped = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
-    outbox.settled().await;
-    let taken = match reaped {
-        Ok(Ok(_)) => outbox.take_back(),
-        _ => {
-            tracing::error!(
-                pid,
-                "the new process could not be reaped: its connections are left to it"
-            );
-            Default::default()
+impl Waited {
+    /// Waits until the new process is ready, then hands connections over (if it takes them)
+    /// and asks this server to drain; or says why it failed.
+    async fn run(
+        mut self,
+        shared: &Arc<Shared>,
+        child: &mut tokio::process::Child,
+        pid: u32,
+    ) -> Result<(), RestartError> {
+        let takes = self.ready_message(shared, child, pid).await?;
+        // It takes our connections if it says so: hand them over first, watching it all
+        // along; the drain comes once they are, or not at all if it went.
+        let outbox = match (takes, self.channel) {
+            (true, Some((ours, window))) => crate::handover::outbox::Outbox::new(ours, window)
+                .inspect_err(|e| tracing::warn!(error = %e, "no hand-over: connections will close"))
+                .ok(),
+            _ => None,
+        };
+        if let Some(outbox) = outbox {
+            let outbox = Arc::new(outbox);
+            crate::handover::upgrade::hand_over(shared, outbox, child, pid, self.stop_timeout)
+                .await?;
         }
-    };
-    let taken_back = taken.back.len();
-    tracker.uncount_handed_over(taken.were_acknowledged as u64);
-    taken.back.into_iter().for_each(|h| tracker.serve_local(h));
-    tracker.end_hand_over(None);
-    shared.pause_accepting(false);
-    tracing::error!(pid, %status, taken_back, lost = taken.lost, "the new process went during the hand-over: serving on");
+        // Taking over and a stop that came meanwhile are decided in one step: if the stop
+        // won, the new process is stopped too.
+        match shared.request_drain(Trigger::Restart) {
+            true => Ok(()),
+            false => Err(RestartError::Stopped { pid }),
+        }
+    }
+
+    /// Waits for the new process's ready message: whether it takes connections.
+    async fn ready_message(
+        &mut self,
+        shared: &Shared,
+        child: &mut tokio::process::Child,
+        pid: u32,
+    ) -> Result<bool, RestartError> {
+        let timeout = self.timeout;
+        let mut buf = [0u8; 64];
+        tokio::select! {
+            biased;
+            // A stop (drain signal, handle) wins over everything, even a ready child.
+            _ = shared.drain_asked() => Err(RestartError::Stopped { pid }),
+            read = self.ready.read(&mut buf) => match read {
+                Ok(n) if n > 0 => Ok(std::str::from_utf8(&buf[..n])
+                    .is_ok_and(|s| s.split_whitespace().any(|w| w == TAKES_CONNECTIONS))),
+                // Closed without a word: usually it is exiting; say how, if it does soon.
+                Ok(_) => Err(match tokio::time::timeout(Duration::from_millis(200), child.wait()).await {
+                    Ok(Ok(status)) => RestartError::Exited { pid, status: describe_exit(status) },
+                    _ => RestartError::NotReported { pid },
+                }),
+                Err(e) => Err(RestartError::Io(e)),
+            },
+            status = child.wait() => Err(match status {
+                Ok(status) => RestartError::Exited { pid, status: describe_exit(status) },
+                Err(e) => RestartError::Io(e),
+            }),
+            _ = tokio::time::sleep(timeout) => Err(RestartError::NotReady { pid, timeout }),
+        }
+    }
 }
 
 /// Spawns, retrying a few times on ETXTBSY: a binary just written (a deployment) may still
@@ -423,15 +348,6 @@ async fn end(
             .is_err()
     {
         tracing::error!(pid, "sent SIGKILL, but the process has not exited");
-    }
-}
-
-fn describe(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with status {code}"),
-        (None, Some(sig)) => format!("was killed by signal {sig}"),
-        _ => format!("ended ({status})"),
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::conn::{Addr, ConnState, StateCounts};
+use super::conn::{Addr, ConnState, StateCounts};
 
 /// What started a drain.
 #[derive(Clone, Debug, PartialEq, Eq)]

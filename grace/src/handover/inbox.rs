@@ -1,0 +1,107 @@
+//! [`Inbox`]: the new generation's end of the hand-over channel.
+
+use std::io::{self, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use bytes::Bytes;
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendFlags};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+use super::{ACK, HEADER, Handed, Kind, MAX_BUFFERED, Origin, TAG};
+
+/// The new generation's end.
+pub(crate) struct Inbox {
+    fd: AsyncFd<OwnedFd>,
+    buf: Box<[u8]>,
+}
+
+impl Inbox {
+    pub(crate) fn new(fd: OwnedFd) -> io::Result<Inbox> {
+        rustix::io::ioctl_fionbio(&fd, true)?;
+        Ok(Inbox {
+            fd: crate::sys::async_fd(fd, Interest::READABLE | Interest::WRITABLE)?,
+            buf: vec![0; MAX_BUFFERED + HEADER + 1].into_boxed_slice(),
+        })
+    }
+
+    /// The next connection handed over, acknowledged (it is ours to serve); `None` once the
+    /// old generation has closed its end.
+    pub(crate) async fn recv(&mut self) -> io::Result<Option<Handed>> {
+        loop {
+            let Inbox { fd, buf } = self;
+            let (n, flags, socket) = fd
+                .async_io(Interest::READABLE, |fd| receive(fd.as_fd(), buf))
+                .await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            let Some(socket) = socket else {
+                tracing::warn!("hand-over message without a socket: ignored");
+                continue;
+            };
+            let kind = buf.get(1).copied().and_then(Kind::from_byte);
+            let (Some(kind), false, true) = (
+                kind,
+                flags.contains(ReturnFlags::TRUNC),
+                n >= HEADER && buf[0] == TAG,
+            ) else {
+                // Never sent by a sender of this version: drop the connection (it closes).
+                tracing::warn!(len = n, "malformed hand-over message: connection closed");
+                continue;
+            };
+            let mut ack = [0u8; HEADER - 1];
+            ack[0] = ACK;
+            ack[1..].copy_from_slice(&buf[2..HEADER]);
+            let buffered = Bytes::copy_from_slice(&buf[HEADER..n]);
+            match self.acknowledge(&ack).await {
+                Ok(()) => {}
+                // The old generation closed its end: it kept no copy, the connection is ours.
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+                Err(e) => {
+                    // Unacknowledged, the old generation takes it back: not ours to serve.
+                    tracing::warn!(error = %e, "cannot acknowledge a connection handed over: left to the old generation");
+                    continue;
+                }
+            }
+            return Ok(Some(Handed {
+                socket,
+                kind,
+                buffered,
+                origin: Origin::Previous,
+            }));
+        }
+    }
+
+    async fn acknowledge(&self, ack: &[u8]) -> io::Result<()> {
+        self.fd
+            .async_io(Interest::WRITABLE, |fd| {
+                rustix::net::send(fd, ack, SendFlags::NOSIGNAL).map_err(io::Error::from)
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+/// One `recvmsg`: the bytes, the flags, and the socket that came with them, if any.
+fn receive(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, ReturnFlags, Option<OwnedFd>)> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [IoSliceMut::new(buf)];
+    // CMSG_CLOEXEC: a received socket never leaks into a process this one starts.
+    let msg = rustix::net::recvmsg(fd, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+    let mut socket = None;
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = message {
+            // One socket per message; any extra descriptor is dropped (closed).
+            for fd in fds {
+                socket.get_or_insert(fd);
+            }
+        }
+    }
+    Ok((msg.bytes, msg.flags, socket))
+}

@@ -1,0 +1,271 @@
+//! The channel on which one generation passes its HTTP/1 connections to the next at an
+//! upgrade: a `SOCK_SEQPACKET` Unix socket pair, one message per connection, carrying the
+//! connection's socket (`SCM_RIGHTS`), what it is known to be, and the bytes already read
+//! from it but not yet parsed; the new generation answers each with an acknowledgement.
+//!
+//! ```text
+//!  old generation                                        new generation
+//!  Outbox::send(socket, kind, buffered) ── message ──►  Inbox::recv() → Handed
+//!      [TAG][kind][id: u64][buffered bytes…] + SCM_RIGHTS(socket)
+//!  Outbox::acks() (counts it handed over) ◄── [ACK][id] ──  (before it is served)
+//! ```
+//!
+//! A message is atomic (`SEQPACKET`): the socket and its bytes arrive together or not at all.
+//! A connection counts as handed over only once the new generation acknowledged it: until
+//! then the old one keeps a copy of its socket (a second descriptor, never shut down: a
+//! shutdown would reach the new generation's copy too), so that if the new generation dies
+//! or hangs up first, the old one takes the connection back ([`Outbox::take_back`]) and
+//! serves it itself. The new generation serves a connection only once its acknowledgement
+//! was sent, or once the old generation closed its end (then the old one keeps no copy):
+//! exactly one of the two serves it.
+
+//!
+//! - `outbox`: the old generation's end (send, acknowledgements, taking back).
+//! - `inbox`: the new generation's end (receive, acknowledge).
+//! - `upgrade`: the one loop that owns an upgrade's hand-over, from the new generation's
+//!   readiness until every connection is acknowledged or taken back.
+
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use bytes::Bytes;
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
+
+pub(crate) mod inbox;
+pub(crate) mod outbox;
+pub(crate) mod upgrade;
+
+/// The most bytes a connection may carry along (a request head still arriving, pipelined
+/// requests). A connection with more stays with the old generation.
+pub(crate) const MAX_BUFFERED: usize = 64 * 1024;
+
+/// The first byte of every message: a message is never empty, so an empty read is the end.
+pub(super) const TAG: u8 = b'C';
+/// The first byte of an acknowledgement.
+pub(super) const ACK: u8 = b'A';
+/// Tag, kind and id.
+pub(super) const HEADER: usize = 1 + 1 + 8;
+
+/// What a connection handed over is known to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// HTTP/1, between two requests.
+    Http1,
+    /// Nothing told yet: no byte, or the first bytes of HTTP/2's preface (`P`, `PRI`…),
+    /// which could still be either. The receiver tells it from what comes.
+    Unknown,
+}
+
+impl Kind {
+    pub(super) fn byte(self) -> u8 {
+        match self {
+            Kind::Http1 => b'1',
+            Kind::Unknown => b'?',
+        }
+    }
+
+    pub(super) fn from_byte(b: u8) -> Option<Kind> {
+        match b {
+            b'1' => Some(Kind::Http1),
+            b'?' => Some(Kind::Unknown),
+            _ => None,
+        }
+    }
+}
+
+/// A connection on its way: its socket, what it is, the bytes read from it but not parsed.
+#[derive(Debug)]
+pub(crate) struct Handed {
+    pub(crate) socket: OwnedFd,
+    pub(crate) kind: Kind,
+    pub(crate) buffered: Bytes,
+    pub(crate) origin: Origin,
+}
+
+impl Handed {
+    /// A copy of `socket` (a second descriptor), with its bytes joined.
+    pub(crate) fn copy_of(
+        socket: BorrowedFd<'_>,
+        kind: Kind,
+        buffered: &[&[u8]],
+        origin: Origin,
+    ) -> io::Result<Handed> {
+        Ok(Handed {
+            socket: socket.try_clone_to_owned()?,
+            kind,
+            buffered: Bytes::from(buffered.concat()),
+            origin,
+        })
+    }
+}
+
+/// Where a connection served from a hand-over comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// The previous generation (counted as received).
+    Previous,
+    /// Back from a hand-over of this process's own that did not take it (the window ended,
+    /// or the next generation went): offered again at the next hand-over.
+    Back,
+    /// Back because it cannot go (more bytes than a hand-over carries): it stays here, never
+    /// offered again.
+    Stays,
+}
+
+/// A connected pair: (ours, the new generation's). Both close-on-exec (the child's copy is
+/// passed explicitly) and ours non-blocking.
+pub(crate) fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (ours, theirs) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::io::ioctl_fionbio(&ours, true)?;
+    Ok((ours, theirs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inbox::Inbox;
+    use super::outbox::Outbox;
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_socket_its_kind_and_its_bytes_arrive_together_and_are_acknowledged() {
+        let (ours, theirs) = pair().unwrap();
+        let outbox = Outbox::new(ours, Duration::from_secs(5)).unwrap();
+        let mut inbox = Inbox::new(theirs).unwrap();
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        outbox
+            .send(b.as_fd(), Kind::Http1, &[b"GET / HT", b"TP/1.1\r\n"])
+            .await
+            .unwrap();
+        assert_eq!(outbox.unacknowledged(), 1, "kept until acknowledged");
+        drop(b); // our copy: the one in flight keeps the socket open
+        let handed = inbox.recv().await.unwrap().unwrap();
+        assert_eq!(&handed.buffered[..], b"GET / HTTP/1.1\r\n");
+        assert_eq!(handed.kind, Kind::Http1);
+        let mut b = std::os::unix::net::UnixStream::from(handed.socket);
+        a.write_all(b"ping").unwrap();
+        let mut got = [0; 4];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+        // An empty buffer still makes a message; a connection not told yet says so.
+        outbox.send(a.as_fd(), Kind::Unknown, &[]).await.unwrap();
+        let handed = inbox.recv().await.unwrap().unwrap();
+        assert!(handed.buffered.is_empty());
+        assert_eq!(handed.kind, Kind::Unknown);
+        // Both acknowledged: counted, copies gone; then the receiver hangs up.
+        let acked = AtomicUsize::new(0);
+        drop(inbox);
+        outbox
+            .acks(|| {
+                acked.fetch_add(1, Ordering::Relaxed);
+            })
+            .await
+            .unwrap();
+        assert_eq!(acked.load(Ordering::Relaxed), 2);
+        assert_eq!(outbox.unacknowledged(), 0);
+        // Kept until the hand-over is complete; a receiver gone that never read from them
+        // gives them back (Unix sockets: read counts cannot be told, so only unacknowledged
+        // ones would come back).
+        let taken = outbox.take_back();
+        assert_eq!((taken.back.len(), taken.lost), (0, 2));
+    }
+
+    #[tokio::test]
+    async fn what_the_receiver_did_not_acknowledge_is_taken_back_with_its_bytes() {
+        let (ours, theirs) = pair().unwrap();
+        let outbox = Outbox::new(ours, Duration::from_secs(5)).unwrap();
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        outbox
+            .send(b.as_fd(), Kind::Unknown, &[b"PR"])
+            .await
+            .unwrap();
+        drop(b);
+        // The receiver dies without reading: the kernel closes what was queued to it.
+        drop(theirs);
+        // The hang-up ends the acknowledgements (ECONNRESET: it left messages unread).
+        let acks = outbox.acks(|| panic!("nothing was acknowledged"));
+        let _ = tokio::time::timeout(Duration::from_secs(10), acks)
+            .await
+            .expect("the hang-up ends the acknowledgements");
+        let mut taken = outbox.take_back();
+        assert_eq!(taken.back.len(), 1);
+        let h = taken.back.pop().unwrap();
+        assert_eq!((h.kind, &h.buffered[..]), (Kind::Unknown, &b"PR"[..]));
+        assert!(!outbox.is_open(), "taking back ends the window");
+        // The connection is alive through our copy.
+        let mut b = std::os::unix::net::UnixStream::from(h.socket);
+        a.write_all(b"I").unwrap();
+        let mut got = [0; 1];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"I");
+    }
+
+    #[tokio::test]
+    async fn settled_waits_for_the_hand_overs_under_way() {
+        let (ours, _theirs) = pair().unwrap();
+        let outbox = Outbox::new(ours, Duration::from_secs(5)).unwrap();
+        outbox.settled().await; // none under way
+        let one = outbox.sending();
+        let two = outbox.sending();
+        assert!(!outbox.is_idle());
+        let mut settled = tokio_test::task::spawn(outbox.settled());
+        assert!(settled.poll().is_pending());
+        drop(one);
+        assert!(settled.poll().is_pending(), "one is still under way");
+        drop(two);
+        assert!(settled.is_woken());
+        assert!(settled.poll().is_ready());
+        assert!(outbox.is_idle());
+    }
+
+    #[tokio::test]
+    async fn too_many_bytes_are_refused_and_a_closed_window_stops_a_blocked_send() {
+        let (ours, theirs) = pair().unwrap();
+        let outbox = Outbox::new(ours, Duration::from_secs(5)).unwrap();
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let big = vec![b'x'; MAX_BUFFERED + 1];
+        let err = outbox
+            .send(a.as_fd(), Kind::Http1, &[&big])
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(outbox.unacknowledged(), 0, "not sent: no copy kept");
+        // Nobody reads: the channel fills, and a send waits until the window ends.
+        let chunk = vec![b'y'; MAX_BUFFERED];
+        let chunks: [&[u8]; 1] = [&chunk];
+        let mut sent = 0;
+        loop {
+            let send = outbox.send(a.as_fd(), Kind::Http1, &chunks);
+            match tokio::time::timeout(Duration::from_millis(50), send).await {
+                Ok(r) => {
+                    r.unwrap();
+                    sent += 1;
+                    assert!(sent < 10_000, "the channel never filled");
+                }
+                Err(_) => break,
+            }
+        }
+        assert_eq!(
+            outbox.unacknowledged(),
+            sent,
+            "the send cut by the timeout left no copy"
+        );
+        outbox.close();
+        assert!(!outbox.is_open());
+        let err = outbox
+            .send(a.as_fd(), Kind::Http1, &chunks)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        drop(theirs);
+    }
+}
