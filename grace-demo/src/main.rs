@@ -240,7 +240,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                     .with_context(|| format!("writing the pid file {}", path.display()))?;
             }
             match (args.listen.strip_prefix("unix:"), args.socket_mode) {
-                (Some(path), None) => grace_http::Server::bind_unix(path)?,
+                (Some(path), None) => grace_http::Server::bind(format!("unix:{}", path)).await?,
                 (Some(path), Some(mode)) => grace_http::Server::bind_unix_with_mode(path, mode)?,
                 (None, Some(_)) => anyhow::bail!("--socket-mode is for unix: listeners only"),
                 (None, None) => grace_http::Server::bind(args.listen.as_str()).await?,
@@ -250,22 +250,31 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let header_read_timeout = Some(args.header_read_timeout).filter(|t| !t.is_zero());
     let idle_timeout = Some(args.idle_timeout).filter(|t| !t.is_zero());
     let server = server
-        .shutdown_timeout(settings.shutdown_timeout.unwrap_or(args.shutdown_timeout))
-        .header_read_timeout(header_read_timeout)
-        .idle_timeout(idle_timeout)
-        .request_body_timeout(
-            Some(args.request_body_timeout).filter(|t| !t.is_zero()),
-            500,
+        .drain_policy(
+            grace_http::DrainPolicy::default()
+                .shutdown_timeout(settings.shutdown_timeout.unwrap_or(args.shutdown_timeout))
+                .pre_stop_delay(args.pre_stop_delay)
+                .goodbye_spread(args.goodbye_spread)
+                .stop_deadline(Some(args.stop_deadline).filter(|d| !d.is_zero())),
         )
-        .pre_stop_delay(args.pre_stop_delay)
-        .goodbye_spread(args.goodbye_spread)
+        .timeouts(
+            grace_http::Timeouts::default()
+                .header_read(header_read_timeout)
+                .idle(idle_timeout)
+                .request_body(
+                    Some(args.request_body_timeout).filter(|t| !t.is_zero()),
+                    500,
+                ),
+        )
         // GET /whoami answers the peer as axum's ConnectInfo sees it.
         .peer_addr_in_requests(true)
         // The report and `ctl status` say which request a forced connection was serving.
         .record_requests(true)
-        .stop_deadline(Some(args.stop_deadline).filter(|d| !d.is_zero()))
-        .max_connections(Some(args.max_connections).filter(|&n| n > 0))
-        .max_connection_age(Some(args.max_connection_age).filter(|d| !d.is_zero()))
+        .limits(
+            grace_http::Limits::default()
+                .max_connections(Some(args.max_connections).filter(|&n| n > 0))
+                .max_connection_age(Some(args.max_connection_age).filter(|d| !d.is_zero())),
+        )
         .on_conn_state(observer.hook());
     // TLS: every generation loads the certificate itself (an upgrade hands over only the
     // listening socket); SIGUSR1 reloads it in place.

@@ -79,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
     let report = grace_http::Server::bind("127.0.0.1:8443")
         .await?
         .tls(tls)
-        .shutdown_timeout(Duration::from_secs(10))
+        .drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(10)))
         .serve(app)
         .with_signals()
         .await?;

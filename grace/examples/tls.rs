@@ -61,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
         .tls(tls)
         // `/whoami`'s `ConnectInfo`: the peer address is in requests only when asked for.
         .peer_addr_in_requests(true)
-        .shutdown_timeout(Duration::from_secs(10))
+        .drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(10)))
         .serve(app)
         .with_signals()
         .await?;

@@ -33,9 +33,9 @@
 //!                 each job and resource, how long each phase took
 //! ```
 //!
-//! [`Server::shutdown_timeout`] is the time in-flight work gets, all of it, as with Go's
+//! [`DrainPolicy::shutdown_timeout`] is the time in-flight work gets, all of it, as with Go's
 //! `Shutdown(ctx)`; resources close afterwards, each within its own timeout. An optional
-//! [`Server::stop_deadline`] bounds the whole stop (for orchestrators that kill at a fixed
+//! [`DrainPolicy::stop_deadline`] bounds the whole stop (for orchestrators that kill at a fixed
 //! time) and holds back the resources' declared time from the work.
 //!
 //! ```no_run
@@ -43,7 +43,7 @@
 //! let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
 //! let report = grace_http::Server::bind("127.0.0.1:8080")
 //!     .await?
-//!     .shutdown_timeout(std::time::Duration::from_secs(30))
+//!     .drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(std::time::Duration::from_secs(30)))
 //!     .serve(app)
 //!     .with_signals()
 //!     .await?;
@@ -104,7 +104,9 @@ pub use jobs::JobToken;
 pub use listener::Listener;
 pub use resources::Resource;
 pub use restart::{Inherited, Restart, inherited_listeners, write_pid_file};
-pub use server::{DEFAULT_IDLE_TIMEOUT, HyperBuilder, Serve, Server};
+pub use server::{
+    DEFAULT_IDLE_TIMEOUT, DrainPolicy, HyperBuilder, Limits, Serve, Server, Timeouts,
+};
 pub use shutdown::Handle;
 pub use signal::DEFAULT_SIGNALS;
 pub use tokio::signal::unix::SignalKind;

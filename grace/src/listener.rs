@@ -40,7 +40,7 @@ const BACKLOG: i32 = 4096;
 /// [`bind_unix`](Self::bind_unix) takes the place of a *stale* socket file (one nobody
 /// accepts on: its process died), but fails, leaving the file alone, if another process
 /// accepts on it or if the path is not a socket. A server that bound the file itself
-/// ([`Server::bind_unix`](crate::Server::bind_unix)) removes it when it stops for good, or
+/// ([`Server::bind`](crate::Server::bind) with `"unix:PATH"`) removes it when it stops for good, or
 /// when it is dropped without serving (a failed start); it keeps it when it hands the
 /// socket to a new generation ([`Serve::with_restart`](crate::Serve::with_restart)), which
 /// removes it in turn when it stops for good (not if it fails to start: the old one still
@@ -582,7 +582,7 @@ impl Stream {
         Ok((Stream { io, slot: None }, peer))
     }
 
-    /// Holds `slot` (see `Server::max_connections`) until the socket closes.
+    /// Holds `slot` (see `Limits::max_connections`) until the socket closes.
     pub(crate) fn hold(&mut self, slot: Option<tokio::sync::OwnedSemaphorePermit>) {
         self.slot = slot;
     }

@@ -107,7 +107,7 @@
 //! # Connections
 //!
 //! A TLS connection takes part in everything the server does: it is `New` during its
-//! handshake (bounded by [`Server::handshake_timeout`](crate::Server::handshake_timeout),
+//! handshake (bounded by [`Timeouts::handshake`](crate::Timeouts::handshake),
 //! 10 s by default), the first *decrypted* byte makes it `Active`, a drain gives a
 //! connection still in its handshake the same first-byte grace as a silent plain one,
 //! closes idle connections with `close_notify` before the FIN, and forcing shuts the TCP

@@ -213,7 +213,9 @@ async fn a_silent_connection_accepted_before_the_handover_is_still_served() {
     let dir = Dir::new("silent");
     let (listener, addr, _) = listener();
     let ready = dir.script("ready", "echo ready >&$GRACE_READY_FD\nsleep 1");
-    let server = Server::from_listener(listener).new_connection_grace(Duration::from_millis(50));
+    let server = Server::from_listener(listener).drain_policy(
+        grace_http::DrainPolicy::default().new_connection_grace(Duration::from_millis(50)),
+    );
     let handle = server.handle();
     let serve = server
         .serve(app())
@@ -257,7 +259,8 @@ async fn an_upgrade_does_not_wait_for_the_pre_stop_delay() {
     let dir = Dir::new("pre-stop");
     let (listener, addr, _socket) = listener();
     let child = dir.script("child", "echo ready >&$GRACE_READY_FD\nsleep 1");
-    let server = Server::from_listener(listener).pre_stop_delay(Duration::from_secs(60));
+    let server = Server::from_listener(listener)
+        .drain_policy(grace_http::DrainPolicy::default().pre_stop_delay(Duration::from_secs(60)));
     let handle = server.handle();
     let serve = server
         .serve(app())

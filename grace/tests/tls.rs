@@ -276,7 +276,9 @@ async fn forcing_cuts_tls_connections_on_their_socket_and_the_report_names_them(
     let cert = cert();
     let mut s = start(app(), |s| {
         s.tls(tls_config(&cert))
-            .shutdown_timeout(Duration::from_millis(300))
+            .drain_policy(
+                grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_millis(300)),
+            )
             .record_requests(true)
     })
     .await;
@@ -297,7 +299,7 @@ async fn a_handshake_that_does_not_finish_in_time_is_cut() {
     let cert = cert();
     let mut s = start(app(), |s| {
         s.tls(tls_config(&cert))
-            .handshake_timeout(Duration::from_millis(300))
+            .timeouts(grace_http::Timeouts::default().handshake(Duration::from_millis(300)))
     })
     .await;
     let started = Instant::now();
@@ -527,7 +529,11 @@ async fn a_websocket_over_http2_is_hijacked_noticed_at_the_drain_and_drained() {
 #[tokio::test]
 async fn at_max_connections_a_tls_client_waits_for_a_place_and_closing_one_makes_it() {
     let cert = cert();
-    let mut s = start(app(), |s| s.tls(tls_config(&cert)).max_connections(1)).await;
+    let mut s = start(app(), |s| {
+        s.tls(tls_config(&cert))
+            .limits(grace_http::Limits::default().max_connections(1))
+    })
+    .await;
     let mut first = H1::connect(s.addr, &cert.der).await;
     assert_eq!(first.get("/").await.status, 200);
     // Busy (a request in flight): it keeps its place (an idle one would make room).

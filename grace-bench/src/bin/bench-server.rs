@@ -107,8 +107,9 @@ async fn main() -> anyhow::Result<()> {
 
     match args.mode {
         Mode::Grace => {
-            let mut server = grace_http::Server::from_listener(listener)
-                .shutdown_timeout(Duration::from_secs(30));
+            let mut server = grace_http::Server::from_listener(listener).drain_policy(
+                grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(30)),
+            );
             if let Some(tls) = tls {
                 server = server.tls(tls);
             }

@@ -88,7 +88,7 @@ pub(crate) struct ConnCtx<S> {
     pub(crate) acceptor: Option<Arc<dyn Acceptor>>,
     /// How long the acceptor may take (a TLS handshake).
     pub(crate) handshake_timeout: Duration,
-    /// Connections close gracefully at about this age (see `Server::max_connection_age`).
+    /// Connections close gracefully at about this age (see `Limits::max_connection_age`).
     pub(crate) max_age: Option<Duration>,
     /// Requests carry the peer's address (see `Server::peer_addr_in_requests`).
     pub(crate) peer_in_requests: bool,
@@ -395,7 +395,7 @@ async fn finish<I, S, B>(
     log_end(&conn, connection.await);
 }
 
-/// When a connection is old enough to close (see `Server::max_connection_age`), if it ever
+/// When a connection is old enough to close (see `Limits::max_connection_age`), if it ever
 /// is. Boxed: a timer inline would be in every connection's memory, and most servers set no
 /// maximum age.
 fn old_age(conn: &Conn, max_age: Option<Duration>) -> Option<Pin<Box<tokio::time::Sleep>>> {

@@ -4,6 +4,7 @@ use std::future::{Future, IntoFuture};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
@@ -217,9 +218,11 @@ impl<S> Serve<S> {
         // Passed by the previous generation, not taken (no `with_control`, or another path):
         // ours closes now, the previous generation's goes with it.
         drop(inherited_control);
-        shared
-            .tracker
-            .configure(hook, config.goodbye_spread, config.record_requests);
+        shared.tracker.configure(
+            hook,
+            config.drain.goodbye_spread.unwrap_or_default(),
+            config.record_requests,
+        );
         let watchdog = crate::systemd::watchdog_interval().map(crate::systemd::watchdog);
         let mut tasks: Vec<_> = watchdog.into_iter().map(AbortOnDrop::spawn).collect();
         let (control_socket, control_file) = control_socket(control)?;
@@ -229,12 +232,13 @@ impl<S> Serve<S> {
         let ctx = conn_ctx(service, &shared, &config, acceptor, configure_hyper);
         // One limit for all listeners.
         let limit = config
+            .limits
             .max_connections
             .map(|max| Arc::new(tokio::sync::Semaphore::new(max)));
         let clock = clock::start(
             &shared.tracker,
-            config.header_read_timeout,
-            config.idle_timeout,
+            config.timeouts.header_read,
+            config.timeouts.idle,
         )?;
         let listeners = keep_listeners(&shared, listeners, &files);
         let takes_connections =
@@ -242,7 +246,7 @@ impl<S> Serve<S> {
         let pid_file = restart
             .as_ref()
             .and_then(|r| r.pid_file().map(Path::to_path_buf));
-        let timeout = config.budget.shutdown_timeout;
+        let timeout = config.drain.shutdown_timeout;
         let restarts =
             crate::restart::serving(&shared, restart, ready_pipe, takes_connections, timeout)?;
         // Serving: the files are ours to remove when we stop, whoever bound them.
@@ -253,7 +257,7 @@ impl<S> Serve<S> {
         let accepting = accepting::start(listeners, limit, &shared, &ctx);
         Ok(Running {
             shared,
-            budget: config.budget,
+            budget: config.drain.budget(),
             accepting,
             restarts: restarts.map(AbortOnDrop),
             pid_file,
@@ -336,15 +340,16 @@ fn conn_ctx<S>(
         builder: Arc::new(builder),
         tracker: Arc::clone(&shared.tracker),
         drain: Arc::clone(&shared.drain),
-        grace: config.new_connection_grace,
+        grace: config.drain.new_connection_grace,
         restart_grace: config
-            .header_read_timeout
-            .unwrap_or(config.budget.shutdown_timeout)
-            .max(config.new_connection_grace),
-        body_limit: config.body_limit,
+            .timeouts
+            .header_read
+            .unwrap_or(config.drain.shutdown_timeout)
+            .max(config.drain.new_connection_grace),
+        body_limit: config.timeouts.request_body,
         acceptor,
-        handshake_timeout: config.handshake_timeout,
-        max_age: config.max_connection_age,
+        handshake_timeout: config.timeouts.handshake.unwrap_or(Duration::MAX),
+        max_age: config.limits.max_connection_age,
         peer_in_requests: config.peer_in_requests,
     })
 }
