@@ -18,7 +18,6 @@ use anyhow::Context;
 use clap::Parser;
 
 mod config;
-mod ctl;
 mod debug;
 mod ledger;
 mod routes;
@@ -30,8 +29,8 @@ const EXIT_FORCED: i32 = 3;
 #[derive(clap::Subcommand, Debug, Clone)]
 enum Command {
     /// Ask a running grace-demo (see `--control-socket`) for its status, an upgrade or a
-    /// drain.
-    Ctl(ctl::Ctl),
+    /// drain: `grace-ctl`, built in.
+    Ctl(grace_ctl::Ctl),
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -42,8 +41,8 @@ enum Command {
 pub struct Args {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Answer `grace-demo ctl` (status, upgrade, drain) on a Unix socket at this path,
-    /// owner-only.
+    /// Answer `grace-ctl` and `grace-demo ctl` (status, upgrade, drain) on a Unix socket at
+    /// this path, owner-only.
     #[arg(long)]
     control_socket: Option<PathBuf>,
     /// Address to listen on (`HOST:PORT`, or `unix:PATH`).
@@ -192,7 +191,7 @@ fn main() -> anyhow::Result<()> {
         std::process::exit(if e.use_stderr() { 1 } else { 0 })
     });
     if let Some(Command::Ctl(ctl)) = &args.command {
-        std::process::exit(ctl::run(ctl)?);
+        std::process::exit(grace_ctl::run(ctl));
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let clean = runtime.block_on(run(args))?;

@@ -98,7 +98,7 @@ pub use base::report::{
 pub use conn::body::{BodyTimeout, RequestBody};
 pub use conn::notice::ShutdownNotice;
 pub use conn::request::TrackedBody;
-pub use error::{Error, RestartError, Result};
+pub use error::{Error, InheritedFdError, RestartError, Result};
 pub use health::{Liveness, Readiness};
 pub use jobs::JobToken;
 pub use listener::Listener;
