@@ -445,10 +445,8 @@ mod tests {
     }
 
     /// The task's future is in every connection's memory. An `async fn` keeps its arguments
-    /// for its whole life, beside the locals they are moved into: with `serve` and
-    /// `serve_io` as `async fn`s, an axum `Router`'s task was 2,152 bytes (debug build) for
-    /// a 768-byte `HttpConn`; now under 1,784. (grace-bench: 850 bytes less per idle
-    /// connection.)
+    /// for its whole life, beside the locals they are moved into: the task must stay within
+    /// a bound of its connection's own size (figures in `docs/benchmarks.md`).
     #[tokio::test]
     async fn a_connection_task_does_not_hold_its_arguments_twice() {
         let ctx = Arc::new(ConnCtx {

@@ -1,18 +1,7 @@
-//! The drain: what [`Serve`](crate::Serve) runs once a drain is asked for, phase by phase,
-//! and the [`ShutdownReport`] it ends with.
-//!
-//! ```text
-//! pre-stop delay (still serving, readiness failing)
-//!  → close the listeners, wait for the accept loops to let go of them
-//!  → close idle HTTP/1 connections from here; mark the drain started (every connection
-//!    task wakes: HTTP/1 finishes with `Connection: close`, HTTP/2 sends GOAWAY, upgraded
-//!    connections get their notice)
-//!    (an upgrade with hand-over passed each HTTP/1 connection it could to the new
-//!    generation before asking for this drain: see `restart::spawn`)
-//!  → wait until no connection is left (an event), or the work deadline, or a force
-//!  → force what is left (shutdown(2) on each socket)
-//!  → stop the jobs (same deadline), close the resources (their own timeouts)
-//! ```
+//! The drain: what [`Serve`](crate::Serve) runs once a drain is asked for, as phase steps
+//! over one [`Stop`] context (`pre_stop`, `close_listeners`, `drain`, `force`, `jobs`,
+//! `resources`), and the [`ShutdownReport`] it ends with. The picture is in
+//! `docs/architecture.md` ("The drain").
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
