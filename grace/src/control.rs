@@ -124,9 +124,7 @@ fn absolute(path: &Path) -> PathBuf {
 
 /// Answers requests on the control socket until the server is done, or until a new
 /// generation has taken over (see the module's docs).
-pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>) {
-    let listener = Arc::new(listener);
-    *crate::base::lock(&shared.control.socket) = Arc::downgrade(&listener);
+pub(crate) async fn serve(listener: Arc<UnixListener>, shared: Arc<Shared>) {
     loop {
         tokio::select! {
             biased;

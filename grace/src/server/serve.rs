@@ -243,6 +243,10 @@ impl<S> Serve<S> {
         let listeners = keep_listeners(&shared, listeners, &files);
         let takes_connections =
             accepting::receive(handover, &shared, limit.as_ref(), &ctx, &mut tasks);
+        // The control socket goes to a new generation with the listeners from the first
+        // restart on (one may be asked for as soon as `serving` returns): held now.
+        let control_socket = control_socket.map(Arc::new);
+        control_socket.iter().for_each(|s| shared.control.hold(s));
         let pid_file = restart
             .as_ref()
             .and_then(|r| r.pid_file().map(Path::to_path_buf));

@@ -196,6 +196,13 @@ pub(crate) struct ControlLink {
 }
 
 impl ControlLink {
+    /// This process answers on `socket` (kept by the task that answers): an upgrade from now
+    /// on passes it to the new generation. Set before restarts can be asked for, so that no
+    /// upgrade misses it.
+    pub(crate) fn hold(&self, socket: &Arc<UnixListener>) {
+        *lock(&self.socket) = Arc::downgrade(socket);
+    }
+
     /// The socket to pass to a new generation, if this process answers on one. Keep it until
     /// the new process has started.
     pub(crate) fn to_pass(&self) -> Option<Arc<UnixListener>> {
