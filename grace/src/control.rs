@@ -184,7 +184,8 @@ fn status_of(shared: &Shared) -> Status {
     // Connections handed over at upgrades: received from the previous generation, sent to
     // the next.
     let (sent, received) = shared.tracker.stats.handed_over_received();
-    let phase = match (shared.drain.is_set(), shared.tracker.is_draining()) {
+    let asked = shared.drain_requested().is_some();
+    let phase = match (asked, shared.tracker.is_draining()) {
         (false, _) => ServerPhase::Serving,
         (true, false) => ServerPhase::Stopping,
         (true, true) => ServerPhase::Draining,
@@ -197,7 +198,7 @@ fn status_of(shared: &Shared) -> Status {
         pid: std::process::id(),
         generation: shared.generation(),
         phase,
-        ready: !shared.drain.is_set(),
+        ready: !asked,
         counts,
         connections: counts.total(),
         handed_over: HandedOver::new(received, sent),

@@ -21,7 +21,6 @@ use super::tracker::Tracker;
 use super::{Addr, ConnState};
 use crate::accept::{Acceptor, Socket};
 use crate::base::budget::after;
-use crate::base::latch::Latch;
 use crate::base::report::Trigger;
 use crate::handover::{Kind, Origin};
 use crate::listener::Stream;
@@ -77,9 +76,9 @@ pub(crate) struct ConnCtx<S> {
     pub(crate) service: S,
     /// Shared with connections still telling their protocol (see `HttpConn`).
     pub(crate) builder: Arc<HyperBuilder>,
+    /// The registry; its `drain_asked` latch is the server's drain request (a restart gives
+    /// silent connections a longer grace).
     pub(crate) tracker: Arc<Tracker>,
-    /// The server's drain request: a restart gives silent connections a longer grace.
-    pub(crate) drain: Arc<Latch<Trigger>>,
     /// How long a silent new connection may take to send its first byte at a drain.
     pub(crate) grace: Duration,
     /// The same after a restart handed the listeners on (see `serve`).
@@ -101,7 +100,7 @@ impl<S> ConnCtx<S> {
     fn first_byte_grace(&self) -> Duration {
         // After a restart its client has no other process to go to (the new one cannot take
         // an accepted connection over): it gets as long as for its headers, as when serving.
-        match self.drain.get() {
+        match self.tracker.drain_asked.get() {
             Some(Trigger::Restart) => self.restart_grace,
             _ => self.grace,
         }
@@ -302,7 +301,7 @@ where
             // accepting), an HTTP/2 connection gets its GOAWAY at once, so its client opens its
             // next streams on another instance; HTTP/1 answers say `Connection: close`
             // (`request.rs`).
-            let soft = super::h2::soft_drain(&conn, &ctx.drain);
+            let soft = super::h2::soft_drain(&conn, &ctx.tracker.drain_asked);
             tokio::pin!(soft);
             // Old enough: `Connection: close` on the next HTTP/1 response (an idle connection
             // closes now), GOAWAY on HTTP/2.
@@ -453,7 +452,6 @@ mod tests {
             service: axum::Router::new(),
             builder: Arc::new(HyperBuilder::new()),
             tracker: Arc::new(Tracker::default()),
-            drain: Arc::new(Latch::new()),
             grace: Duration::from_secs(1),
             restart_grace: Duration::from_secs(1),
             body_limit: None,

@@ -343,7 +343,6 @@ fn conn_ctx<S>(
         service,
         builder: Arc::new(builder),
         tracker: Arc::clone(&shared.tracker),
-        drain: Arc::clone(&shared.drain),
         grace: config.drain.new_connection_grace,
         restart_grace: config
             .timeouts

@@ -73,7 +73,7 @@ impl Handle {
     /// [`is_ready`](Readiness::is_ready) for code.
     pub fn readiness(&self) -> Readiness {
         Readiness {
-            drain: Arc::clone(&self.shared.drain),
+            drain: Arc::clone(&self.shared.tracker.drain_asked),
         }
     }
 
@@ -182,7 +182,7 @@ impl Handle {
     /// ```
     #[cfg(feature = "metrics")]
     pub fn record_metrics(&self) {
-        let draining = self.shared.drain.is_set();
+        let draining = self.shared.drain_requested().is_some();
         crate::metrics::record(
             self.counts(),
             self.totals(),
