@@ -17,6 +17,7 @@ use crate::listener::{Listener, SocketFile};
 use crate::shutdown::{Handle, Shared};
 
 mod accepting;
+mod also;
 mod serve;
 mod settings;
 
@@ -354,6 +355,7 @@ impl Server {
             signals: None,
             control: None,
             restart: None,
+            also: Vec::new(),
         }
     }
 }
