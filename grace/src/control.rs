@@ -98,10 +98,19 @@ fn absolute(path: &Path) -> PathBuf {
 }
 
 /// Answers requests on the control socket until the server is done, or until a new
-/// generation has taken over (see the module's docs).
-pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+/// generation has taken over (see the module's docs). The socket is there for an upgrade to
+/// pass on from this call, before the returned future first runs: a restart asked for as
+/// soon as the server is ready must find it.
+pub(crate) fn serve(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let listener = Arc::new(listener);
     *crate::base::lock(&shared.control.socket) = Arc::downgrade(&listener);
+    answer_all(listener, shared)
+}
+
+async fn answer_all(listener: Arc<UnixListener>, shared: Arc<Shared>) {
     loop {
         tokio::select! {
             biased;

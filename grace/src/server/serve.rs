@@ -344,6 +344,10 @@ impl<S> Serve<S> {
         ));
         let takes_connections =
             accepting::receive(handover, &shared, limit.as_ref(), &routes, &mut tasks);
+        // Passed on by an upgrade from now on (one asked for as soon as we are ready too),
+        // answered once serving.
+        let control =
+            control_socket.map(|socket| crate::control::serve(socket, Arc::clone(&shared)));
         let pid_file = restart
             .as_ref()
             .and_then(|r| r.pid_file().map(Path::to_path_buf));
@@ -353,8 +357,7 @@ impl<S> Serve<S> {
         // Serving: the files are ours to remove when we stop, whoever bound them.
         files.iter().for_each(SocketFile::arm);
         control_file.iter().for_each(SocketFile::arm);
-        let control = control_socket
-            .map(|socket| AbortOnDrop::spawn(crate::control::serve(socket, Arc::clone(&shared))));
+        let control = control.map(AbortOnDrop::spawn);
         let mut accepting = JoinSet::new();
         accepting::start(&mut accepting, listeners, limit.clone(), &shared, &ctx);
         for (listener, ctx) in also {
