@@ -65,6 +65,16 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A listener served by a service of its own (see
+    /// [`Serve::also_serve`](crate::Serve::also_serve)) has a name that cannot be passed on
+    /// at a restart, or that does not tell it apart from the others.
+    #[error("listener name {name:?}: {reason}")]
+    ListenerName {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Any other I/O error.
     #[error(transparent)]
     Io(#[from] io::Error),

@@ -582,6 +582,14 @@ impl Stream {
         Ok((Stream { io, slot: None }, peer))
     }
 
+    /// The address of our end: that of the listener that accepted it.
+    pub(crate) fn local_addr(&self) -> io::Result<Addr> {
+        Ok(match &self.io {
+            StreamIo::Tcp(s) => Addr::Tcp(s.local_addr()?),
+            StreamIo::Unix(s) => Addr::Unix(s.local_addr()?.as_pathname().map(Path::to_path_buf)),
+        })
+    }
+
     /// Holds `slot` (see `Limits::max_connections`) until the socket closes.
     pub(crate) fn hold(&mut self, slot: Option<tokio::sync::OwnedSemaphorePermit>) {
         self.slot = slot;

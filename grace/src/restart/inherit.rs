@@ -270,6 +270,36 @@ impl Inherited {
         self.listeners.iter().map(|(l, n, _)| (l, n.as_str()))
     }
 
+    /// Takes the first listener named `name` out, for a service of its own
+    /// ([`Serve::also_serve`](crate::Serve::also_serve)): the server made
+    /// [`from_inherited`](crate::Server::from_inherited) serves the others. `None` if no
+    /// listener has that name (the first generation, or a socket systemd was not told to
+    /// pass): bind it then.
+    ///
+    /// The file of a Unix-domain socket taken out stays where it is when the service stops
+    /// for good: it is the caller's, as for any listener given to `also_serve`.
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use grace_http::{Listener, Server};
+    /// let mut inherited = grace_http::inherited_listeners()?;
+    /// // The admin socket of the previous generation, or a new one the first time.
+    /// let admin = match inherited.as_mut().and_then(|i| i.take("admin")) {
+    ///     Some(listener) => listener,
+    ///     None => Listener::bind("127.0.0.1:9090".parse()?)?,
+    /// };
+    /// let server = match inherited {
+    ///     Some(inherited) => Server::from_inherited(inherited),
+    ///     None => Server::bind("0.0.0.0:8080").await?,
+    /// };
+    /// # let _ = (admin, server); Ok(()) }
+    /// ```
+    pub fn take(&mut self, name: &str) -> Option<Listener> {
+        let i = self.listeners.iter().position(|(_, n, _)| n == name)?;
+        let (listener, _, _) = self.listeners.remove(i);
+        Some(listener)
+    }
+
     /// True when a grace upgrade started this process (the previous generation waits for
     /// it to be ready), false under systemd's socket activation.
     pub fn is_upgrade(&self) -> bool {

@@ -17,11 +17,23 @@ use crate::listener::{Listener, SocketFile};
 use crate::shutdown::{Handle, Shared};
 
 mod accepting;
+mod also;
 mod serve;
 mod settings;
 
 pub use serve::Serve;
 pub use settings::{DEFAULT_IDLE_TIMEOUT, DrainPolicy, Limits, Timeouts};
+
+impl Config {
+    /// What the tracker is set up with as serving starts.
+    pub(crate) fn tracker_settings(&self, hook: Option<Hook>) -> crate::conn::tracker::Settings {
+        crate::conn::tracker::Settings {
+            hook,
+            goodbye_spread: self.drain.goodbye_spread.unwrap_or_default(),
+            records: self.record_requests,
+        }
+    }
+}
 
 /// Settings of a server, set through [`Server`]'s builder methods.
 #[derive(Clone, Debug, Default)]
@@ -354,6 +366,7 @@ impl Server {
             signals: None,
             control: None,
             restart: None,
+            also: Vec::new(),
         }
     }
 }
