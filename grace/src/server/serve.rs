@@ -316,15 +316,9 @@ impl<S> Serve<S> {
         let builder = Arc::new(hyper_builder(configure_hyper));
         let ctx = conn_ctx(service, &shared, &config, acceptor, &builder);
         // One limit for all listeners.
-        let limit = config
-            .limits
-            .max_connections
-            .map(|max| Arc::new(tokio::sync::Semaphore::new(max)));
-        let clock = clock::start(
-            &shared.tracker,
-            config.timeouts.header_read,
-            config.timeouts.idle,
-        )?;
+        let limit = config.limits.semaphore();
+        let (head, idle) = (config.timeouts.header_read, config.timeouts.idle);
+        let clock = clock::start(&shared.tracker, head, idle)?;
         let (listeners, also) = keep_listeners(&shared, listeners, also, &files);
         let (also, routes) = also_contexts(also, &shared, &config, &builder, &ctx, &listeners);
         let takes_connections =
