@@ -38,7 +38,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::base::conn::{Addr, ConnInfo};
-use crate::conn::tracker::Conn;
+use crate::conn::record::Conn;
 use crate::listener::Stream;
 
 /// A boxed future, as [`Acceptor::accept`] returns.

@@ -7,31 +7,20 @@
 //! HTTP/2 on TCP or Unix-domain listeners that it owns. When asked to stop — by SIGTERM,
 //! SIGINT or a [`Handle`] — it drains:
 //!
-//! ```text
-//! signal / handle.shutdown()
-//!     │
-//!     ▼
-//! readiness = false ──► (pre-stop delay) ──► listeners closed: new connections refused
-//!     │
-//!     ├─► every tracked connection, by state:
-//!     │      New (silent)   → closed (after a short first-byte grace)
-//!     │      Idle           → closed now
-//!     │      Active HTTP/1  → response gets `Connection: close`, then closes
-//!     │      HTTP/2         → GOAWAY(2^31-1), PING, GOAWAY(last id); open streams finish
-//!     │      Hijacked       → ShutdownNotice fires; the handler says goodbye
-//!     ▼
-//! last connection closed (an event, not a poll) ── or deadline / second signal ──► force
-//!     │
-//!     ▼
-//! background jobs told to stop, waited for (same deadline)
-//!     │
-//!     ▼
-//! resources closed in dependency order, each within its timeout
-//!     │
-//!     ▼
-//! ShutdownReport: counts at start, requests completed, what was forced and why,
-//!                 each job and resource, how long each phase took
-//! ```
+//! - its listeners close (after an optional pre-stop delay, readiness failing from the
+//!   request on): new connections are refused;
+//! - idle connections close at once, silent new ones after a short grace; HTTP/1 requests
+//!   in flight finish with `Connection: close`, HTTP/2 gets GOAWAY and its open streams
+//!   finish, upgraded connections get a [`ShutdownNotice`];
+//! - once the last connection closed (an event, not a poll), or at the deadline or a
+//!   second signal (then what is left is forced), background jobs are stopped, then
+//!   resources closed in dependency order;
+//! - the [`ShutdownReport`] says what was found, what was cut and why, and how long each
+//!   phase took.
+//!
+//! The drain and the connection states are drawn in the repository's
+//! [`docs/architecture.md`](https://github.com/grace-rs/grace/blob/main/docs/architecture.md),
+//! with the layers of the code.
 //!
 //! [`DrainPolicy::shutdown_timeout`] is the time in-flight work gets, all of it, as with Go's
 //! `Shutdown(ctx)`; resources close afterwards, each within its own timeout. An optional
@@ -114,7 +103,7 @@ pub use base::report::{
 pub use conn::body::{BodyTimeout, RequestBody};
 pub use conn::notice::ShutdownNotice;
 pub use conn::request::TrackedBody;
-pub use error::{Error, RestartError, Result};
+pub use error::{Error, InheritedFdError, RestartError, Result};
 pub use health::{Liveness, Readiness};
 pub use jobs::JobToken;
 pub use listener::Listener;

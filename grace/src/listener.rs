@@ -8,7 +8,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use crate::base::conn::Addr;
+use crate::error::InheritedFdError;
 
 /// The kernel's accept queue length we ask for (Linux caps it at `net.core.somaxconn`).
 const BACKLOG: i32 = 4096;
@@ -102,21 +103,25 @@ impl Listener {
     }
 
     /// Adopts a listening socket from its descriptor (inherited from systemd or a previous
-    /// generation of this process). Fails if it is not a listening stream socket.
+    /// generation of this process). Fails if it is not a listening stream socket, TCP or
+    /// Unix-domain (then `fd` is closed, as it is yours to give).
     pub fn from_fd(fd: OwnedFd) -> io::Result<Listener> {
-        use rustix::net::sockopt;
-        if !sockopt::socket_acceptconn(&fd)? {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "descriptor is not a listening socket",
-            ));
-        }
+        let family = check_listening(fd.as_fd(), false).map_err(|e| match e {
+            InheritedFdError::Inspect(e) => e,
+            other => io::Error::new(io::ErrorKind::InvalidInput, format!("descriptor: {other}")),
+        })?;
+        Listener::from_checked(fd, family)
+    }
+
+    /// A listener from a descriptor [`check_listening`] accepted as `family`. Must be called
+    /// within a tokio runtime.
+    pub(crate) fn from_checked(fd: OwnedFd, family: Family) -> io::Result<Listener> {
         rustix::io::ioctl_fionbio(&fd, true)?;
-        match sockopt::socket_domain(&fd)? {
-            rustix::net::AddressFamily::UNIX => Ok(Listener::Unix(UnixListener::from_std(
+        match family {
+            Family::Unix => Ok(Listener::Unix(UnixListener::from_std(
                 std::os::unix::net::UnixListener::from(fd),
             )?)),
-            _ => Ok(Listener::Tcp(TcpListener::from_std(
+            Family::Tcp => Ok(Listener::Tcp(TcpListener::from_std(
                 std::net::TcpListener::from(fd),
             )?)),
         }
@@ -185,6 +190,111 @@ impl TryFrom<std::os::unix::net::UnixListener> for Listener {
         l.set_nonblocking(true)?;
         Ok(Listener::Unix(UnixListener::from_std(l)?))
     }
+}
+
+/// The kinds of listening socket a [`Listener`] can be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Family {
+    /// TCP, over IPv4 or IPv6.
+    Tcp,
+    /// Unix-domain, stream.
+    Unix,
+}
+
+/// Checks, without taking it, that `fd` is a listening socket a [`Listener`] can be: a
+/// stream socket that listens (`SO_ACCEPTCONN`), TCP over IPv4 or IPv6, or Unix-domain;
+/// Unix-domain only if `unix_only`.
+pub(crate) fn check_listening(
+    fd: BorrowedFd<'_>,
+    unix_only: bool,
+) -> Result<Family, InheritedFdError> {
+    use rustix::net::{AddressFamily, sockopt};
+    let expected = match unix_only {
+        true => "a listening Unix-domain stream socket",
+        false => "a listening TCP or Unix-domain stream socket",
+    };
+    check_socket(fd, rustix::net::SocketType::STREAM, expected)?;
+    if !sockopt::socket_acceptconn(fd).map_err(inspect)? {
+        return Err(InheritedFdError::NotListening);
+    }
+    let domain = sockopt::socket_domain(fd).map_err(inspect)?;
+    match domain {
+        AddressFamily::UNIX => Ok(Family::Unix),
+        AddressFamily::INET | AddressFamily::INET6 if !unix_only => {
+            match sockopt::socket_protocol(fd).map_err(inspect)? {
+                Some(p) if p == rustix::net::ipproto::TCP => Ok(Family::Tcp),
+                p => Err(InheritedFdError::WrongKind {
+                    found: format!(
+                        "an IP stream socket of protocol {}",
+                        p.map_or(0, |p| p.as_raw().get())
+                    ),
+                    expected,
+                }),
+            }
+        }
+        AddressFamily::INET | AddressFamily::INET6 => Err(InheritedFdError::WrongKind {
+            found: "an IP socket".to_owned(),
+            expected,
+        }),
+        other => Err(InheritedFdError::WrongKind {
+            found: format!("a socket of address family {}", other.as_raw()),
+            expected,
+        }),
+    }
+}
+
+/// Checks, without taking it, that `fd` is a socket of type `ty` (`expected` names what is
+/// wanted, for the error).
+pub(crate) fn check_socket(
+    fd: BorrowedFd<'_>,
+    ty: rustix::net::SocketType,
+    expected: &'static str,
+) -> Result<(), InheritedFdError> {
+    match file_type(fd)? {
+        rustix::fs::FileType::Socket => {}
+        other => {
+            return Err(InheritedFdError::NotASocket {
+                found: describe(other),
+            });
+        }
+    }
+    let actual = rustix::net::sockopt::socket_type(fd).map_err(inspect)?;
+    if actual != ty {
+        let found = match actual {
+            rustix::net::SocketType::STREAM => "a stream socket".to_owned(),
+            rustix::net::SocketType::DGRAM => "a datagram socket".to_owned(),
+            rustix::net::SocketType::SEQPACKET => "a seqpacket socket".to_owned(),
+            rustix::net::SocketType::RAW => "a raw socket".to_owned(),
+            other => format!("a socket of type {}", other.as_raw()),
+        };
+        return Err(InheritedFdError::WrongKind { found, expected });
+    }
+    Ok(())
+}
+
+/// What kind of file `fd` is.
+pub(crate) fn file_type(fd: BorrowedFd<'_>) -> Result<rustix::fs::FileType, InheritedFdError> {
+    let stat = rustix::fs::fstat(fd).map_err(inspect)?;
+    Ok(rustix::fs::FileType::from_raw_mode(stat.st_mode))
+}
+
+/// A kind of file, in words.
+pub(crate) fn describe(file_type: rustix::fs::FileType) -> &'static str {
+    use rustix::fs::FileType;
+    match file_type {
+        FileType::Socket => "a socket",
+        FileType::RegularFile => "a regular file",
+        FileType::Directory => "a directory",
+        FileType::Fifo => "a pipe",
+        FileType::CharacterDevice => "a character device (a terminal, /dev/null…)",
+        FileType::BlockDevice => "a block device",
+        FileType::Symlink => "a symbolic link",
+        FileType::Unknown => "an anonymous descriptor (epoll, eventfd, timerfd…)",
+    }
+}
+
+fn inspect(e: rustix::io::Errno) -> InheritedFdError {
+    InheritedFdError::Inspect(e.into())
 }
 
 /// Binds a Unix-domain listener at `path` (see [`Listener::bind_unix`]), with the claim on
@@ -472,8 +582,9 @@ impl Stream {
         Ok((Stream { io, slot: None }, peer))
     }
 
-    /// The connection's local address (`getsockname`): for TCP the server's address the
-    /// client reached, for a Unix-domain socket the listener's path.
+    /// The address of our end (`getsockname`): for TCP the server's address the client
+    /// reached (the listener's port, and its IP unless it listens on a wildcard), for a
+    /// Unix-domain socket the listener's path.
     pub(crate) fn local_addr(&self) -> io::Result<Addr> {
         Ok(match &self.io {
             StreamIo::Tcp(s) => Addr::Tcp(s.local_addr()?),

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::tracker::Conn;
+use super::record::Conn;
 use crate::base::budget::after;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -12,8 +12,9 @@ use http::{Request, Response};
 
 use super::http::{HttpConn, Released};
 use super::io::TrackedIo;
+use super::record::{Conn, HandOver};
 use super::task::{BoxError, ConnIo, ResponseBody};
-use super::tracker::{Conn, HandOver, Tracker};
+use super::tracker::Tracker;
 use crate::handover::{Handed, Origin};
 
 /// At the drain, once hyper was told to shut down gracefully: a request head still arriving

@@ -13,7 +13,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::Addr;
-use super::tracker::{Conn, Tracker};
+use super::record::Conn;
+use super::tracker::Tracker;
 
 pub(crate) struct TrackedIo<S> {
     inner: S,

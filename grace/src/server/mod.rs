@@ -17,11 +17,23 @@ use crate::listener::{Listener, SocketFile};
 use crate::shutdown::{Handle, Shared};
 
 mod accepting;
+mod also;
 mod serve;
 mod settings;
 
 pub use serve::Serve;
 pub use settings::{DEFAULT_IDLE_TIMEOUT, DrainPolicy, Limits, Timeouts};
+
+impl Config {
+    /// What the tracker is set up with as serving starts.
+    pub(crate) fn tracker_settings(&self, hook: Option<Hook>) -> crate::conn::tracker::Settings {
+        crate::conn::tracker::Settings {
+            hook,
+            goodbye_spread: self.drain.goodbye_spread.unwrap_or_default(),
+            records: self.record_requests,
+        }
+    }
+}
 
 /// Settings of a server, set through [`Server`]'s builder methods.
 #[derive(Clone, Debug)]
@@ -384,6 +396,7 @@ impl Server {
             control: None,
             restart: None,
             shutdown: Vec::new(),
+            also: Vec::new(),
         }
     }
 }

@@ -12,6 +12,7 @@ use tokio::signal::unix::SignalKind;
 use tokio::task::JoinSet;
 
 use super::accepting;
+use super::also::{self, Also, AnyService, Routes};
 use super::{Config, ConfigureHyper, HyperBuilder, Server};
 use crate::base::budget::Budget;
 use crate::base::report::{ShutdownReport, Trigger};
@@ -51,6 +52,8 @@ pub struct Serve<S> {
     pub(super) signals: Option<Result<Signals>>,
     pub(super) control: Option<(PathBuf, std::io::Result<crate::control::Bound>)>,
     pub(super) restart: Option<crate::restart::Control>,
+    /// Listeners served by services of their own (see [`also_serve`](Self::also_serve)).
+    pub(super) also: Vec<Also>,
     /// The futures given to `with_shutdown`.
     pub(super) shutdown: Vec<ShutdownFuture>,
 }
@@ -151,6 +154,86 @@ impl<S> Serve<S> {
         self
     }
 
+    /// Also serves `listener` with a service of its own: an admin port (metrics, debug
+    /// pages) beside the public one, say. Its connections are the server's like any other:
+    /// one stop drains them all (one deadline, one [`ShutdownReport`]), the
+    /// [`Handle`]'s counts and snapshots include them, and a restart passes `listener` on
+    /// with the others, under `name` (in `LISTEN_FDNAMES`), for the new generation to
+    /// [`take`](crate::Inherited::take) out of what it inherits and serve the same way.
+    /// Call it once per listener, each with a name of its own.
+    ///
+    /// The server's settings apply to it (timeouts, limits, `max_connections` counting
+    /// every listener's connections together, HTTP settings, the peer address in requests,
+    /// [`on_conn_state`](Server::on_conn_state)), but not its acceptor: `listener` serves
+    /// plain HTTP even when the server serves HTTPS ([`Server::tls`]).
+    ///
+    /// `service` is any service [`Server::serve`] takes (an `axum::Router` has its routes
+    /// made ready once, as there). Its type is erased: its futures and bodies are boxed, one
+    /// allocation each per request more than the main service's, which pays nothing for it.
+    ///
+    /// At an upgrade, the idle keep-alive connections handed to the new generation (see
+    /// [`Restart::hand_over_window`](crate::Restart::hand_over_window)) are served there by
+    /// the service of the listener that accepted them, told by the connection's local
+    /// address: the new generation must serve the same sockets the same way (a connection
+    /// whose address matches none of its `also_serve` listeners goes to the main service).
+    ///
+    /// `serve` fails with [`Error::ListenerName`] if `name` is empty, has a `:` (the
+    /// separator of `LISTEN_FDNAMES`), a space or a character outside ASCII, or is the name
+    /// of another listener (the main service's are named `grace` unless inherited under
+    /// other names).
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use axum::{Router, routing::get};
+    /// use grace_http::{Listener, Restart, Server};
+    ///
+    /// let mut inherited = grace_http::inherited_listeners()?;
+    /// // After an upgrade, the previous generation's admin socket; the first time, a new one.
+    /// let admin = match inherited.as_mut().and_then(|i| i.take("admin")) {
+    ///     Some(listener) => listener,
+    ///     None => Listener::bind("127.0.0.1:9090".parse()?)?,
+    /// };
+    /// let server = match inherited {
+    ///     Some(inherited) => Server::from_inherited(inherited), // the public socket
+    ///     None => Server::bind("0.0.0.0:8080").await?,
+    /// };
+    /// let app = Router::new().route("/", get(|| async { "hello" }));
+    /// let admin_app = Router::new().route("/metrics", get(|| async { "# metrics" }));
+    /// let report = server
+    ///     .serve(app)
+    ///     .also_serve("admin", admin, admin_app)
+    ///     .with_signals() // SIGTERM drains both listeners' connections, into one report
+    ///     .with_restart(Restart::new()) // SIGHUP passes both sockets on, by name
+    ///     .await?;
+    /// eprintln!("{}", report.to_json());
+    /// # Ok(()) }
+    /// ```
+    pub fn also_serve<T, B>(
+        mut self,
+        name: impl Into<String>,
+        listener: impl Into<Listener>,
+        service: T,
+    ) -> Self
+    where
+        T: tower::Service<Request<RequestBody>, Response = Response<B>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        T::Future: Send + 'static,
+        T::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        self.also.push(Also {
+            name: name.into(),
+            listener: listener.into(),
+            service: also::erase(service),
+        });
+        self
+    }
+
     /// A handle to the server (the same as [`Server::handle`]).
     pub fn handle(&self) -> Handle {
         self.server.handle()
@@ -237,6 +320,7 @@ impl<S> Serve<S> {
             signals,
             control,
             restart,
+            also,
             shutdown,
         } = self;
         let Server {
@@ -251,43 +335,35 @@ impl<S> Serve<S> {
             configure_hyper,
             config,
         } = server;
+        also::check_names(
+            listeners.iter().map(|(_, name)| name.as_str()),
+            also.iter().map(|a| a.name.as_str()),
+        )?;
         // Passed by the previous generation, not taken (no `with_control`, or another path):
         // ours closes now, the previous generation's goes with it.
         drop(inherited_control);
-        shared.tracker.configure(
-            hook,
-            config.drain.goodbye_spread.unwrap_or_default(),
-            config.record_requests,
-        );
+        shared.tracker.configure(config.tracker_settings(hook));
         let watchdog = crate::systemd::watchdog_interval().map(crate::systemd::watchdog);
         let mut tasks: Vec<_> = watchdog.into_iter().map(AbortOnDrop::spawn).collect();
         let (control_socket, control_file) = control_socket(control)?;
         if let Some(signals) = signals {
             tasks.push(AbortOnDrop::spawn(signals?.drive(Arc::clone(&shared))));
         }
-        for signal in shutdown {
-            let shared = Arc::clone(&shared);
-            tasks.push(AbortOnDrop::spawn(async move {
-                signal.await;
-                if shared.request_drain(Trigger::ShutdownFuture) {
-                    tracing::info!("the shutdown future resolved: draining");
-                }
-            }));
-        }
-        let ctx = conn_ctx(service, &shared, &config, acceptor, configure_hyper);
+        tasks.extend(shutdown.into_iter().map(|fut| watch_shutdown(fut, &shared)));
+        let builder = Arc::new(hyper_builder(configure_hyper));
+        let ctx = conn_ctx(service, &shared, &config, acceptor, &builder);
         // One limit for all listeners.
-        let limit = config
-            .limits
-            .max_connections
-            .map(|max| Arc::new(tokio::sync::Semaphore::new(max)));
-        let clock = clock::start(
-            &shared.tracker,
-            config.timeouts.header_read,
-            config.timeouts.idle,
-        )?;
-        let listeners = keep_listeners(&shared, listeners, &files);
+        let limit = config.limits.semaphore();
+        let (head, idle) = (config.timeouts.header_read, config.timeouts.idle);
+        let clock = clock::start(&shared.tracker, head, idle)?;
+        let (listeners, also) = keep_listeners(&shared, listeners, also, &files);
+        let (also, routes) = also_contexts(also, &shared, &config, &builder, &ctx, &listeners);
         let takes_connections =
-            accepting::receive(handover, &shared, limit.as_ref(), &ctx, &mut tasks);
+            accepting::receive(handover, &shared, limit.as_ref(), &routes, &mut tasks);
+        // The control socket goes to a new generation with the listeners from the first
+        // restart on (one may be asked for as soon as `serving` returns): held now.
+        let control_socket = control_socket.map(Arc::new);
+        control_socket.iter().for_each(|s| shared.control.hold(s));
         let pid_file = restart
             .as_ref()
             .and_then(|r| r.pid_file().map(Path::to_path_buf));
@@ -299,7 +375,7 @@ impl<S> Serve<S> {
         control_file.iter().for_each(SocketFile::arm);
         let control = control_socket
             .map(|socket| AbortOnDrop::spawn(crate::control::serve(socket, Arc::clone(&shared))));
-        let accepting = accepting::start(listeners, limit, &shared, &ctx);
+        let accepting = start_accepting(listeners, also, limit, &shared, &ctx);
         Ok(Running {
             shared,
             budget: config.drain.budget(),
@@ -355,6 +431,17 @@ impl Running {
     }
 }
 
+/// Starts the drain when `fut` (given to [`Serve::with_shutdown`]) resolves.
+fn watch_shutdown(fut: ShutdownFuture, shared: &Arc<Shared>) -> AbortOnDrop {
+    let shared = Arc::clone(shared);
+    AbortOnDrop::spawn(async move {
+        fut.await;
+        if shared.request_drain(Trigger::ShutdownFuture) {
+            tracing::info!("the shutdown future resolved: draining");
+        }
+    })
+}
+
 /// The control socket: bound (or taken over) when asked for, answered once serving, so a
 /// new generation that fails before it is ready never takes a control request.
 #[allow(clippy::type_complexity)]
@@ -368,23 +455,73 @@ fn control_socket(
     Ok((Some(socket), Some(file)))
 }
 
-/// What every connection task of the server needs.
+/// hyper's settings, grace's then the user's.
+fn hyper_builder(configure_hyper: Option<ConfigureHyper>) -> HyperBuilder {
+    let mut builder = HyperBuilder::new();
+    if let Some(configure) = configure_hyper {
+        configure(&mut builder);
+    }
+    builder
+}
+
+/// The contexts of the services on the other listeners (plain HTTP, whatever the main
+/// service's acceptor), and the routes of handed-over connections to every service.
+#[allow(clippy::type_complexity)]
+fn also_contexts<S>(
+    also: Vec<(Arc<Listener>, AnyService)>,
+    shared: &Shared,
+    config: &Config,
+    builder: &Arc<HyperBuilder>,
+    ctx: &Arc<ConnCtx<S>>,
+    listeners: &[Arc<Listener>],
+) -> (
+    Vec<(Arc<Listener>, Arc<ConnCtx<AnyService>>)>,
+    Arc<Routes<S>>,
+) {
+    let also: Vec<(Arc<Listener>, Arc<ConnCtx<AnyService>>)> = also
+        .into_iter()
+        .map(|(l, service)| (l, conn_ctx(service, shared, config, None, builder)))
+        .collect();
+    let addrs = also
+        .iter()
+        .filter_map(|(l, ctx)| Some((l.local_addr().ok()?, Arc::clone(ctx))))
+        .collect();
+    let routes = Arc::new(Routes::new(Arc::clone(ctx), listeners, addrs));
+    (also, routes)
+}
+
+/// Starts the accept loops: one per listener, each with its service.
+fn start_accepting<S, B>(
+    listeners: Vec<Arc<Listener>>,
+    also: Vec<(Arc<Listener>, Arc<ConnCtx<AnyService>>)>,
+    limit: Option<Arc<tokio::sync::Semaphore>>,
+    shared: &Arc<Shared>,
+    ctx: &Arc<ConnCtx<S>>,
+) -> JoinSet<()>
+where
+    S: HttpService<B>,
+    B: ResponseBody,
+{
+    let mut accepting = JoinSet::new();
+    accepting::start(&mut accepting, listeners, limit.clone(), shared, ctx);
+    for (listener, ctx) in also {
+        accepting::start(&mut accepting, vec![listener], limit.clone(), shared, &ctx);
+    }
+    accepting
+}
+
+/// What every connection task of a service of the server needs.
 fn conn_ctx<S>(
     service: S,
     shared: &Shared,
     config: &Config,
     acceptor: Option<Arc<dyn crate::accept::Acceptor>>,
-    configure_hyper: Option<ConfigureHyper>,
+    builder: &Arc<HyperBuilder>,
 ) -> Arc<ConnCtx<S>> {
-    let mut builder = HyperBuilder::new();
-    if let Some(configure) = configure_hyper {
-        configure(&mut builder);
-    }
     Arc::new(ConnCtx {
         service,
-        builder: Arc::new(builder),
+        builder: Arc::clone(builder),
         tracker: Arc::clone(&shared.tracker),
-        drain: Arc::clone(&shared.drain),
         grace: config.drain.new_connection_grace,
         restart_grace: config
             .timeouts
@@ -400,21 +537,36 @@ fn conn_ctx<S>(
 }
 
 /// Keeps the listeners in the shared state while serving, so a restart can hand them on
-/// (see `restart`), each with its name and whether its socket file goes with it.
+/// (see `restart`), each with its name and whether its socket file goes with it: the main
+/// service's, then those served apart (whose files are the caller's). Returns both.
+#[allow(clippy::type_complexity)]
 fn keep_listeners(
     shared: &Shared,
     listeners: Vec<(Listener, String)>,
+    also: Vec<Also>,
     files: &[SocketFile],
-) -> Vec<Arc<Listener>> {
+) -> (Vec<Arc<Listener>>, Vec<(Arc<Listener>, AnyService)>) {
     let listeners: Vec<_> = listeners
         .into_iter()
         .map(|(l, name)| (Arc::new(l), name))
+        .collect();
+    let also: Vec<_> = also
+        .into_iter()
+        .map(|a| (Arc::new(a.listener), a.name, a.service))
         .collect();
     let named = listeners.iter().map(|(l, name)| Named {
         listener: Arc::clone(l),
         name: name.clone(),
         owns_file: files.iter().any(|f| f.is_of(l)),
     });
-    shared.set_listeners(named.collect());
-    listeners.into_iter().map(|(l, _)| l).collect()
+    let named_also = also.iter().map(|(l, name, _)| Named {
+        listener: Arc::clone(l),
+        name: name.clone(),
+        owns_file: false,
+    });
+    shared.set_listeners(named.chain(named_also).collect());
+    (
+        listeners.into_iter().map(|(l, _)| l).collect(),
+        also.into_iter().map(|(l, _, s)| (l, s)).collect(),
+    )
 }

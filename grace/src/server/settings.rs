@@ -141,6 +141,14 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// The places under `max_connections`, shared by every listener.
+    pub(crate) fn semaphore(&self) -> Option<std::sync::Arc<tokio::sync::Semaphore>> {
+        let max = self.max_connections?;
+        Some(std::sync::Arc::new(tokio::sync::Semaphore::new(max)))
+    }
+}
+
 /// How a server stops (see [`Server::drain_policy`](crate::Server::drain_policy)).
 #[derive(Clone, Debug)]
 pub struct DrainPolicy {
