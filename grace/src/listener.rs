@@ -5,25 +5,36 @@
 //!
 //! A Unix-domain listener also has a file, which outlives the socket unless someone removes
 //! it: a [`SocketFile`] is the server's claim on it (see [`Listener`]'s docs for the rules).
+//!
+//! Unix-domain sockets, and adopting a socket by its descriptor, are Unix only: on Windows a
+//! listener is TCP (and a `SocketFile` cannot exist).
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+#[cfg(unix)]
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+#[cfg(unix)]
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
+#[cfg(windows)]
+use std::os::windows::io::{AsRawSocket, RawSocket};
+#[cfg(unix)]
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+#[cfg(unix)]
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream};
+#[cfg(unix)]
+use tokio::net::{UnixListener, UnixStream};
 
 use crate::base::conn::Addr;
 
 /// The kernel's accept queue length we ask for (Linux caps it at `net.core.somaxconn`).
 const BACKLOG: i32 = 4096;
 
-/// A TCP or Unix-domain listening socket.
+/// A TCP or Unix-domain listening socket (Unix-domain on Unix only).
 ///
 /// ```no_run
 /// # async fn doc() -> std::io::Result<()> {
@@ -53,7 +64,8 @@ const BACKLOG: i32 = 4096;
 pub enum Listener {
     /// A TCP listener.
     Tcp(TcpListener),
-    /// A Unix-domain stream listener.
+    /// A Unix-domain stream listener (Unix only).
+    #[cfg(unix)]
     Unix(UnixListener),
 }
 
@@ -77,6 +89,7 @@ impl Listener {
     /// socket file there is replaced; a live one, or a file that is not a socket, is an
     /// [`AddrInUse`](io::ErrorKind::AddrInUse) error (see the type's docs for when the file
     /// is removed). Must be called within a tokio runtime.
+    #[cfg(unix)]
     pub fn bind_unix(path: impl AsRef<Path>) -> io::Result<Listener> {
         let (listener, file) = bind_unix(path.as_ref(), None)?;
         file.disarm();
@@ -95,6 +108,7 @@ impl Listener {
     /// let server = grace_http::Server::from_listener(listener);
     /// # let _ = server; Ok(()) }
     /// ```
+    #[cfg(unix)]
     pub fn bind_unix_with_mode(path: impl AsRef<Path>, mode: u32) -> io::Result<Listener> {
         let (listener, file) = bind_unix(path.as_ref(), Some(mode))?;
         file.disarm();
@@ -103,16 +117,16 @@ impl Listener {
 
     /// Adopts a listening socket from its descriptor (inherited from systemd or a previous
     /// generation of this process). Fails if it is not a listening stream socket.
+    #[cfg(unix)]
     pub fn from_fd(fd: OwnedFd) -> io::Result<Listener> {
-        use rustix::net::sockopt;
-        if !sockopt::socket_acceptconn(&fd)? {
+        if !is_listening(fd.as_fd())? {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "descriptor is not a listening socket",
             ));
         }
         rustix::io::ioctl_fionbio(&fd, true)?;
-        match sockopt::socket_domain(&fd)? {
+        match domain(fd.as_fd())? {
             rustix::net::AddressFamily::UNIX => Ok(Listener::Unix(UnixListener::from_std(
                 std::os::unix::net::UnixListener::from(fd),
             )?)),
@@ -126,6 +140,7 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<Addr> {
         Ok(match self {
             Listener::Tcp(l) => Addr::Tcp(l.local_addr()?),
+            #[cfg(unix)]
             Listener::Unix(l) => Addr::Unix(l.local_addr()?.as_pathname().map(Path::to_path_buf)),
         })
     }
@@ -138,6 +153,7 @@ impl Listener {
                 let _ = s.set_nodelay(true);
                 (StreamIo::Tcp(s), Addr::Tcp(peer))
             }
+            #[cfg(unix)]
             Listener::Unix(l) => {
                 let (s, peer) = l.accept().await?;
                 let peer = Addr::Unix(peer.as_pathname().map(Path::to_path_buf));
@@ -148,11 +164,21 @@ impl Listener {
     }
 }
 
+#[cfg(unix)]
 impl AsRawFd for Listener {
     fn as_raw_fd(&self) -> RawFd {
         match self {
             Listener::Tcp(l) => l.as_raw_fd(),
             Listener::Unix(l) => l.as_raw_fd(),
+        }
+    }
+}
+
+#[cfg(windows)]
+impl AsRawSocket for Listener {
+    fn as_raw_socket(&self) -> RawSocket {
+        match self {
+            Listener::Tcp(l) => l.as_raw_socket(),
         }
     }
 }
@@ -163,6 +189,7 @@ impl From<TcpListener> for Listener {
     }
 }
 
+#[cfg(unix)]
 impl From<UnixListener> for Listener {
     fn from(l: UnixListener) -> Self {
         Listener::Unix(l)
@@ -178,6 +205,7 @@ impl TryFrom<std::net::TcpListener> for Listener {
     }
 }
 
+#[cfg(unix)]
 impl TryFrom<std::os::unix::net::UnixListener> for Listener {
     type Error = io::Error;
     /// Adopts a std listener (made non-blocking). Must be called within a tokio runtime.
@@ -187,8 +215,42 @@ impl TryFrom<std::os::unix::net::UnixListener> for Listener {
     }
 }
 
+/// Whether `fd` is a listening socket (`SO_ACCEPTCONN`).
+#[cfg(all(unix, not(target_vendor = "apple")))]
+fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(rustix::net::sockopt::socket_acceptconn(fd)?)
+}
+
+/// Whether `fd` is a listening socket. macOS declares `SO_ACCEPTCONN` but does not
+/// implement it: a stream socket without a peer is taken for one (a socket bound but not
+/// listening yet passes too, and fails at its first accept).
+#[cfg(target_vendor = "apple")]
+fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    if rustix::net::sockopt::socket_type(fd)? != rustix::net::SocketType::STREAM {
+        return Ok(false);
+    }
+    match rustix::net::getpeername(fd) {
+        Ok(_) => Ok(false),
+        Err(rustix::io::Errno::NOTCONN) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The address family of the socket `fd` (`SO_DOMAIN`).
+#[cfg(target_os = "linux")]
+fn domain(fd: BorrowedFd<'_>) -> io::Result<rustix::net::AddressFamily> {
+    Ok(rustix::net::sockopt::socket_domain(fd)?)
+}
+
+/// The address family of the socket `fd`, from its own address (`SO_DOMAIN` is Linux's).
+#[cfg(all(unix, not(target_os = "linux")))]
+fn domain(fd: BorrowedFd<'_>) -> io::Result<rustix::net::AddressFamily> {
+    Ok(rustix::net::getsockname(fd)?.address_family())
+}
+
 /// Binds a Unix-domain listener at `path` (see [`Listener::bind_unix`]), with the claim on
 /// its file (armed: dropping it removes the file).
+#[cfg(unix)]
 pub(crate) fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<(Listener, SocketFile)> {
     if let Some(mode) = mode.filter(|m| m & !0o777 != 0) {
         return Err(io::Error::new(
@@ -203,7 +265,8 @@ pub(crate) fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<(Listener,
     if let Some(mode) = mode {
         // `bind` creates the file with the socket's own mode less the umask: never looser
         // than `mode`, even before the exact mode is set below.
-        let _ = rustix::fs::fchmod(&socket, rustix::fs::Mode::from_raw_mode(mode));
+        let mode = rustix::fs::Mode::from_raw_mode(mode as rustix::fs::RawMode);
+        let _ = rustix::fs::fchmod(&socket, mode);
     }
     socket.bind(&addr).map_err(|e| match e.kind() {
         io::ErrorKind::AddrInUse => in_use(path),
@@ -219,6 +282,7 @@ pub(crate) fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<(Listener,
     Ok((Listener::Unix(listener), file))
 }
 
+#[cfg(unix)]
 fn in_use(path: &Path) -> io::Error {
     io::Error::new(
         io::ErrorKind::AddrInUse,
@@ -232,6 +296,7 @@ fn in_use(path: &Path) -> io::Error {
 /// Makes way for binding at `path`: fine if nothing is there; a socket file nobody accepts
 /// on (its process died without removing it) is removed. A socket someone accepts on, any
 /// other kind of file, or a socket that cannot be checked, is left as it is: an error.
+#[cfg(unix)]
 fn make_way(path: &Path) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -286,18 +351,28 @@ fn make_way(path: &Path) -> io::Result<()> {
 
 /// The identity of the socket file `bind` just made at `path`, with `mode` applied if given.
 /// Both go through a descriptor of the file itself (`O_PATH`, not following a symlink), so
-/// a file swapped in at the path meanwhile is neither changed nor taken for ours.
+/// a file swapped in at the path meanwhile is neither changed nor taken for ours. (Linux
+/// only: elsewhere there is no `O_PATH`, and a socket file cannot be opened, so both go
+/// through the path, as on a Linux without `/proc`.)
+#[cfg(unix)]
 fn claim_file(path: &Path, mode: Option<u32>) -> io::Result<FileId> {
-    use rustix::fs::{Mode, OFlags};
     use std::os::unix::fs::PermissionsExt;
-    let fd = rustix::fs::open(
-        path,
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
+    #[cfg(target_os = "linux")]
+    let fd = {
+        use rustix::fs::{Mode, OFlags};
+        rustix::fs::open(
+            path,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?
+    };
+    #[cfg(target_os = "linux")]
     let by_fd = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
     // Without /proc: the path itself, still not following a symlink for the check.
+    #[cfg(target_os = "linux")]
     let via_proc = std::fs::metadata(&by_fd).is_ok();
+    #[cfg(not(target_os = "linux"))]
+    let (by_fd, via_proc) = (PathBuf::new(), false);
     let stat = || match via_proc {
         true => std::fs::metadata(&by_fd),
         false => std::fs::symlink_metadata(path),
@@ -324,6 +399,7 @@ fn claim_file(path: &Path, mode: Option<u32>) -> io::Result<FileId> {
     }
 }
 
+#[cfg(unix)]
 fn absolute(path: &Path) -> PathBuf {
     match std::env::current_dir() {
         Ok(dir) if path.is_relative() => dir.join(path),
@@ -333,6 +409,7 @@ fn absolute(path: &Path) -> PathBuf {
 
 /// A file's identity: device and inode, and the time of its last change, since a file
 /// made after ours was removed may get the same inode number.
+#[cfg(unix)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FileId {
     dev: u64,
@@ -340,6 +417,7 @@ struct FileId {
     ctime: (i64, i64),
 }
 
+#[cfg(unix)]
 impl FileId {
     fn of(meta: &std::fs::Metadata) -> FileId {
         FileId {
@@ -360,6 +438,7 @@ impl FileId {
 
 /// A server's claim on the file of a Unix-domain socket: while armed, dropping it removes
 /// the file, if the path still leads to the very file that was bound.
+#[cfg(unix)]
 #[derive(Debug)]
 pub(crate) struct SocketFile {
     path: PathBuf,
@@ -368,6 +447,7 @@ pub(crate) struct SocketFile {
     armed: AtomicBool,
 }
 
+#[cfg(unix)]
 impl SocketFile {
     fn new(path: PathBuf, file: FileId, armed: bool) -> SocketFile {
         SocketFile {
@@ -409,6 +489,7 @@ impl SocketFile {
     }
 }
 
+#[cfg(unix)]
 impl Drop for SocketFile {
     fn drop(&mut self) {
         if self.armed.load(Ordering::Relaxed) {
@@ -417,7 +498,29 @@ impl Drop for SocketFile {
     }
 }
 
+/// Windows has no Unix-domain sockets, so no socket files: no value of this type exists, and
+/// a server's list of them is always empty.
+#[cfg(windows)]
+#[derive(Debug)]
+pub(crate) enum SocketFile {}
+
+#[cfg(windows)]
+impl SocketFile {
+    pub(crate) fn is_of(&self, _listener: &Listener) -> bool {
+        match *self {}
+    }
+
+    pub(crate) fn arm(&self) {
+        match *self {}
+    }
+
+    pub(crate) fn disarm(&self) {
+        match *self {}
+    }
+}
+
 /// Removes the socket file at `path` if it is still `file`.
+#[cfg(unix)]
 fn remove_if_ours(path: &Path, file: FileId, why: &str) {
     if FileId::socket_at(path) != Some(file) {
         tracing::debug!(path = %path.display(), why, "socket file replaced or gone: left as it is");
@@ -441,22 +544,23 @@ pub(crate) struct Stream {
 
 enum StreamIo {
     Tcp(TcpStream),
+    #[cfg(unix)]
     Unix(UnixStream),
 }
 
 impl Stream {
     /// A connected socket that the previous generation handed over (see `crate::handover`),
     /// with its peer's address.
+    #[cfg(unix)]
     pub(crate) fn from_handed(fd: OwnedFd) -> io::Result<(Stream, Addr)> {
-        use rustix::net::sockopt;
-        if sockopt::socket_type(&fd)? != rustix::net::SocketType::STREAM {
+        if rustix::net::sockopt::socket_type(&fd)? != rustix::net::SocketType::STREAM {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "descriptor is not a stream socket",
             ));
         }
         rustix::io::ioctl_fionbio(&fd, true)?;
-        let (io, peer) = match sockopt::socket_domain(&fd)? {
+        let (io, peer) = match domain(fd.as_fd())? {
             rustix::net::AddressFamily::UNIX => {
                 let s = UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))?;
                 let peer = s.peer_addr()?;
@@ -478,6 +582,7 @@ impl Stream {
     }
 }
 
+#[cfg(unix)]
 impl AsRawFd for Stream {
     fn as_raw_fd(&self) -> RawFd {
         match &self.io {
@@ -487,10 +592,20 @@ impl AsRawFd for Stream {
     }
 }
 
+#[cfg(windows)]
+impl AsRawSocket for Stream {
+    fn as_raw_socket(&self) -> RawSocket {
+        match &self.io {
+            StreamIo::Tcp(s) => s.as_raw_socket(),
+        }
+    }
+}
+
 macro_rules! delegate {
     ($self:ident, $s:ident => $e:expr) => {
         match &mut $self.get_mut().io {
             StreamIo::Tcp($s) => $e,
+            #[cfg(unix)]
             StreamIo::Unix($s) => $e,
         }
     };

@@ -5,7 +5,6 @@
 //! the tracker to empty is an event ([`Tracker::wait_empty`]), never a poll.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -20,9 +19,10 @@ use crate::base::latch::Latch;
 use crate::base::lock;
 use crate::base::report::Trigger;
 use crate::base::report::{ActiveRequest, ConnSnapshot};
-use crate::sys::SocketSlot;
+use crate::sys::{AsFd, AsRawFd, BorrowedFd, SocketSlot};
 
 /// Whether a connection can be handed to the next generation (see [`Conn::hand_over`]).
+#[cfg(unix)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum HandOver {
     Now,
@@ -47,6 +47,7 @@ pub(crate) struct HandOverDone {
 }
 
 /// Serves, in this process, a connection that was on its way to the next generation.
+#[cfg(unix)]
 pub(crate) type LocalServe = Box<dyn Fn(crate::handover::Handed) + Send + Sync + 'static>;
 
 /// The user's observer of state changes.
@@ -450,6 +451,7 @@ impl Conn {
     /// - `Later`: a request is being served, or its response written.
     /// - `Never`: HTTP/2, TLS (whose session could not travel), upgraded, closed, or idle
     ///   with its last request's body left unread (hyper drains it or closes).
+    #[cfg(unix)]
     pub(crate) fn hand_over(&self) -> HandOver {
         if self.http2.load(Ordering::Relaxed) || self.closes_itself.load(Ordering::Relaxed) {
             return HandOver::Never;
@@ -560,6 +562,7 @@ pub(crate) struct Tracker {
     pub(crate) previous_done: Latch<()>,
     /// The channel to the next generation, while an upgrade hands connections over (see
     /// `restart::spawn`); replaced at each upgrade.
+    #[cfg(unix)]
     outbox: Mutex<Option<Arc<crate::handover::outbox::Outbox>>>,
     /// An upgrade is handing connections over: every HTTP/1 connection goes at its next
     /// moment between requests. Reversible (a new generation that dies ends it).
@@ -570,6 +573,7 @@ pub(crate) struct Tracker {
     hand_over_mark: Mutex<HandOverMark>,
     /// Serves a connection taken back from an interrupted hand-over in this process (set
     /// once, when serving starts).
+    #[cfg(unix)]
     pub(crate) local: OnceLock<LocalServe>,
     completed: AtomicU64,
     /// A coarse clock for the header-read and idle timeouts, advanced by [`Tracker::tick`].
@@ -631,11 +635,7 @@ impl Tracker {
     }
 
     /// Registers a freshly accepted connection, in state `New`.
-    pub(crate) fn register(
-        self: &Arc<Self>,
-        peer: Addr,
-        socket: &impl std::os::fd::AsRawFd,
-    ) -> Arc<Conn> {
+    pub(crate) fn register(self: &Arc<Self>, peer: Addr, socket: &impl AsRawFd) -> Arc<Conn> {
         self.register_in(peer, socket, ConnState::New)
     }
 
@@ -643,10 +643,11 @@ impl Tracker {
     /// `Idle`, its idle time counted from now.
     /// `New` instead if it had not told its protocol yet; not counted as received if it
     /// comes back from an interrupted hand-over of this process's own.
+    #[cfg(unix)]
     pub(crate) fn register_handed(
         self: &Arc<Self>,
         peer: Addr,
-        socket: &impl std::os::fd::AsRawFd,
+        socket: &impl AsRawFd,
         kind: crate::handover::Kind,
         from_previous: bool,
     ) -> Arc<Conn> {
@@ -663,7 +664,7 @@ impl Tracker {
     fn register_in(
         self: &Arc<Self>,
         peer: Addr,
-        socket: &impl std::os::fd::AsRawFd,
+        socket: &impl AsRawFd,
         state: ConnState,
     ) -> Arc<Conn> {
         let info = ConnInfo {
@@ -889,6 +890,7 @@ impl Tracker {
 
     /// Starts handing connections over through `outbox`, then wakes every connection's
     /// task: each HTTP/1 one goes at its next moment between requests.
+    #[cfg(unix)]
     pub(crate) fn start_hand_over(&self, outbox: Arc<crate::handover::outbox::Outbox>) {
         *lock(&self.outbox) = Some(outbox);
         *lock(&self.hand_over_mark) = HandOverMark {
@@ -905,6 +907,7 @@ impl Tracker {
     /// Ends the hand-over (its window closed, it completed, or the next generation went):
     /// connections not handed over stay here and are woken to go on as they were. `took`:
     /// how long it took, for the report of a drain that follows.
+    #[cfg(unix)]
     pub(crate) fn end_hand_over(&self, took: Option<Duration>) {
         self.handing.store(false, Ordering::Release);
         if let Some(outbox) = lock(&self.outbox).take() {
@@ -938,6 +941,7 @@ impl Tracker {
     }
 
     /// The channel to the next generation, while connections may be handed over.
+    #[cfg(unix)]
     pub(crate) fn handing_over(&self) -> Option<Arc<crate::handover::outbox::Outbox>> {
         if !self.is_handing_over() {
             return None;
@@ -947,6 +951,7 @@ impl Tracker {
 
     /// True while some connection may still be handed over: one is between requests or
     /// will be, or the previous generation still hands some to this one.
+    #[cfg(unix)]
     pub(crate) fn hand_over_left(&self) -> bool {
         !self.previous_done.is_set()
             || self.shards.iter().any(|shard| {
@@ -958,6 +963,7 @@ impl Tracker {
 
     /// Serves `handed` again in this process (see `local`); without a server to serve it,
     /// it closes.
+    #[cfg(unix)]
     pub(crate) fn serve_local(&self, handed: crate::handover::Handed) {
         match self.local.get() {
             Some(serve) => serve(handed),
@@ -975,11 +981,13 @@ impl Tracker {
     }
 
     /// A connection went to the next generation.
+    #[cfg(unix)]
     pub(crate) fn count_handed_over(&self) {
         self.handed_over.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Connections counted as handed over came back (see `Outbox::take_back`).
+    #[cfg(unix)]
     pub(crate) fn uncount_handed_over(&self, n: u64) {
         self.handed_over.fetch_sub(n, Ordering::Relaxed);
     }

@@ -88,10 +88,13 @@ pub struct Server {
     /// Each with the name a restart passes it on under.
     listeners: Vec<(Listener, String)>,
     /// The previous generation's readiness pipe (see [`Server::from_inherited`]).
+    #[cfg(unix)]
     ready_pipe: Option<std::os::fd::OwnedFd>,
     /// The socket on which the previous generation hands connections over, if it does.
+    #[cfg(unix)]
     handover: Option<std::os::fd::OwnedFd>,
     /// The previous generation's control socket (see [`Serve::with_control`]).
+    #[cfg(unix)]
     control: Option<tokio::net::UnixListener>,
     /// The Unix-domain socket files this server removes when it stops for good.
     files: Vec<SocketFile>,
@@ -141,10 +144,12 @@ impl Server {
     /// Binds a Unix-domain listener at `path`, replacing a stale socket file but never a
     /// live one or another kind of file; the file is removed once the server stops for good
     /// (see [`Listener::bind_unix`]).
+    #[cfg(unix)]
     pub fn bind_unix(path: impl AsRef<std::path::Path>) -> Result<Server> {
         Server::bind_unix_file(path.as_ref(), None)
     }
 
+    #[cfg(unix)]
     fn bind_unix_file(path: &std::path::Path, mode: Option<u32>) -> Result<Server> {
         crate::listener::bind_unix(path, mode)
             .map(|(listener, file)| {
@@ -160,6 +165,7 @@ impl Server {
 
     /// Like [`bind_unix`](Self::bind_unix), with the socket file's permissions set to `mode`
     /// (for example `0o660`) whatever the umask (see [`Listener::bind_unix_with_mode`]).
+    #[cfg(unix)]
     pub fn bind_unix_with_mode(path: impl AsRef<std::path::Path>, mode: u32) -> Result<Server> {
         Server::bind_unix_file(path.as_ref(), Some(mode))
     }
@@ -176,8 +182,11 @@ impl Server {
             .map(|l| (l, crate::restart::DEFAULT_NAME.to_owned()));
         Server {
             listeners: named.collect(),
+            #[cfg(unix)]
             ready_pipe: None,
+            #[cfg(unix)]
             handover: None,
+            #[cfg(unix)]
             control: None,
             files: Vec::new(),
             shared: Shared::new(),
@@ -191,6 +200,7 @@ impl Server {
     /// Serves on what this process inherited (see [`inherited_listeners`](crate::inherited_listeners)):
     /// the listeners keep their names, and when an upgrade started this process, the
     /// previous generation is told it is ready once serving starts.
+    #[cfg(unix)]
     pub fn from_inherited(inherited: crate::Inherited) -> Server {
         let mut server = Server::from_listeners([]);
         let upgrade = inherited.is_upgrade();
@@ -480,7 +490,9 @@ impl Server {
             server: self,
             service: serve::routes_ready(service),
             signals: None,
+            #[cfg(unix)]
             control: None,
+            #[cfg(unix)]
             restart: None,
         }
     }

@@ -1,13 +1,13 @@
 //! [`Serve`]: a server about to serve, what it starts ([`Running`]), and how it stops.
 
 use std::future::{Future, IntoFuture};
+#[cfg(unix)]
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
 use http::{Request, Response};
 use http_body::Body;
-use tokio::signal::unix::SignalKind;
 use tokio::task::JoinSet;
 
 use super::accepting;
@@ -17,10 +17,12 @@ use crate::base::report::{ShutdownReport, Trigger};
 use crate::conn::body::RequestBody;
 use crate::conn::clock;
 use crate::conn::task::{BoxError, ConnCtx, HttpService, ResponseBody};
-use crate::error::{Error, Result};
+#[cfg(unix)]
+use crate::error::Error;
+use crate::error::Result;
 use crate::listener::{Listener, SocketFile};
 use crate::shutdown::{Handle, Named, Shared, drain};
-use crate::signal::{DEFAULT_SIGNALS, Signals};
+use crate::signal::{DEFAULT_SIGNALS, Signal, Signals};
 
 /// An `axum::Router` with every route made ready (`with_state(())`: each handler turned into
 /// a route once, rather than cloned and boxed per request); any other service as it is.
@@ -48,19 +50,34 @@ pub struct Serve<S> {
     pub(super) server: Server,
     pub(super) service: S,
     pub(super) signals: Option<Result<Signals>>,
+    #[cfg(unix)]
     pub(super) control: Option<(PathBuf, std::io::Result<crate::control::Bound>)>,
+    #[cfg(unix)]
     pub(super) restart: Option<crate::restart::Control>,
 }
 
 impl<S> Serve<S> {
-    /// Drains on SIGTERM or SIGINT; a second signal during the drain forces.
+    /// Drains on SIGTERM or SIGINT (on Windows Ctrl-Break or Ctrl-C: see
+    /// [`DEFAULT_SIGNALS`](crate::DEFAULT_SIGNALS)); a second signal during the drain forces.
     /// The handlers are installed now, within the current tokio runtime.
     pub fn with_signals(self) -> Self {
         self.with_signals_from(&DEFAULT_SIGNALS)
     }
 
     /// Like [`with_signals`](Self::with_signals), with your own set of signals.
-    pub fn with_signals_from(mut self, signals: &[SignalKind]) -> Self {
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), grace_http::Error> {
+    /// use grace_http::Signal;
+    /// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
+    /// let report = grace_http::Server::bind("127.0.0.1:8080")
+    ///     .await?
+    ///     .serve(app)
+    ///     .with_signals_from(&[Signal::terminate(), Signal::interrupt(), Signal::quit()])
+    ///     .await?;
+    /// # let _ = report; Ok(()) }
+    /// ```
+    pub fn with_signals_from(mut self, signals: &[Signal]) -> Self {
         self.signals = Some(Signals::install(signals));
         self
     }
@@ -72,6 +89,7 @@ impl<S> Serve<S> {
     /// file, a symbolic link or anything else is left alone and makes `serve` fail with
     /// [`Error::Control`]. A new generation takes the very socket over from the previous one
     /// (passed with the listeners), and the last removes its file.
+    #[cfg(unix)]
     pub fn with_control(mut self, path: impl Into<PathBuf>) -> Self {
         let path = path.into();
         let inherited = self.server.control.take();
@@ -82,6 +100,7 @@ impl<S> Serve<S> {
 
     /// Like [`with_control`](Self::with_control), failing now rather than when served if
     /// the control socket cannot be set up, so a program can say so before it says it serves.
+    #[cfg(unix)]
     pub fn try_with_control(self, path: impl Into<PathBuf>) -> Result<Self> {
         let mut serve = self.with_control(path);
         match serve.control.take() {
@@ -108,6 +127,7 @@ impl<S> Serve<S> {
     /// The signal handler is installed now, within the current tokio runtime, so the
     /// signal cannot kill the process from here on. See [`Restart`](crate::Restart) for an
     /// example.
+    #[cfg(unix)]
     pub fn with_restart(mut self, restart: crate::Restart) -> Self {
         if let Some(control) = crate::restart::Control::enable(&self.server.shared, restart) {
             self.restart = Some(control);
@@ -147,6 +167,7 @@ impl AbortOnDrop {
     }
 
     /// Waits for the task to end by itself.
+    #[cfg(unix)]
     async fn finish(mut self) {
         let _ = (&mut self.0).await;
     }
@@ -166,10 +187,14 @@ struct Running {
     budget: Budget,
     accepting: JoinSet<()>,
     /// The restart task (see `restart::serving`), if restarts are enabled.
+    #[cfg(unix)]
     restarts: Option<AbortOnDrop>,
+    #[cfg(unix)]
     pid_file: Option<PathBuf>,
     files: Vec<SocketFile>,
+    #[cfg(unix)]
     control: Option<AbortOnDrop>,
+    #[cfg(unix)]
     control_file: Option<SocketFile>,
     /// Held until the server stops: the watchdog, the signals, the receiving of handed-over
     /// connections, and the coarse clock.
@@ -199,14 +224,19 @@ impl<S> Serve<S> {
             server,
             service,
             signals,
+            #[cfg(unix)]
             control,
+            #[cfg(unix)]
             restart,
         } = self;
         let Server {
             listeners,
+            #[cfg(unix)]
             ready_pipe,
+            #[cfg(unix)]
             handover,
-            control: inherited_control,
+            #[cfg(unix)]
+                control: inherited_control,
             files,
             shared,
             hook,
@@ -216,12 +246,17 @@ impl<S> Serve<S> {
         } = server;
         // Passed by the previous generation, not taken (no `with_control`, or another path):
         // ours closes now, the previous generation's goes with it.
+        #[cfg(unix)]
         drop(inherited_control);
         shared
             .tracker
             .configure(hook, config.goodbye_spread, config.record_requests);
+        let mut tasks = Vec::new();
+        #[cfg(unix)]
         let watchdog = crate::systemd::watchdog_interval().map(crate::systemd::watchdog);
-        let mut tasks: Vec<_> = watchdog.into_iter().map(AbortOnDrop::spawn).collect();
+        #[cfg(unix)]
+        tasks.extend(watchdog.map(AbortOnDrop::spawn));
+        #[cfg(unix)]
         let (control_socket, control_file) = control_socket(control)?;
         if let Some(signals) = signals {
             tasks.push(AbortOnDrop::spawn(signals?.drive(Arc::clone(&shared))));
@@ -237,17 +272,26 @@ impl<S> Serve<S> {
             config.idle_timeout,
         )?;
         let listeners = keep_listeners(&shared, listeners, &files);
+        #[cfg(unix)]
         let takes_connections =
             accepting::receive(handover, &shared, limit.as_ref(), &ctx, &mut tasks);
+        // No restarts on Windows: no previous generation hands anything over.
+        #[cfg(not(unix))]
+        shared.tracker.previous_done.set(());
+        #[cfg(unix)]
         let pid_file = restart
             .as_ref()
             .and_then(|r| r.pid_file().map(Path::to_path_buf));
+        #[cfg(unix)]
         let timeout = config.budget.shutdown_timeout;
+        #[cfg(unix)]
         let restarts =
             crate::restart::serving(&shared, restart, ready_pipe, takes_connections, timeout)?;
         // Serving: the files are ours to remove when we stop, whoever bound them.
         files.iter().for_each(SocketFile::arm);
+        #[cfg(unix)]
         control_file.iter().for_each(SocketFile::arm);
+        #[cfg(unix)]
         let control = control_socket
             .map(|socket| AbortOnDrop::spawn(crate::control::serve(socket, Arc::clone(&shared))));
         let accepting = accepting::start(listeners, limit, &shared, &ctx);
@@ -255,10 +299,14 @@ impl<S> Serve<S> {
             shared,
             budget: config.budget,
             accepting,
+            #[cfg(unix)]
             restarts: restarts.map(AbortOnDrop),
+            #[cfg(unix)]
             pid_file,
             files,
+            #[cfg(unix)]
             control,
+            #[cfg(unix)]
             control_file,
             _tasks: tasks,
             _clock: clock,
@@ -273,10 +321,14 @@ impl Running {
             shared,
             budget,
             accepting,
+            #[cfg(unix)]
             restarts,
+            #[cfg(unix)]
             pid_file,
             files,
+            #[cfg(unix)]
             control,
+            #[cfg(unix)]
             control_file,
             _tasks,
             _clock,
@@ -285,10 +337,12 @@ impl Running {
         let report = drain::run(&shared, budget, trigger, accepting).await;
         // An upgrade under way when the drain was asked for ends first: the new process
         // is stopped and reaped (see `restart::spawn`), so none outlives this one.
+        #[cfg(unix)]
         if let Some(restarts) = restarts {
             restarts.finish().await;
         }
         let handed_on = report.trigger == Trigger::Restart;
+        #[cfg(unix)]
         crate::restart::finished(pid_file.as_deref(), handed_on);
         if handed_on {
             // The new generation serves on them, and removes them when it stops.
@@ -297,10 +351,13 @@ impl Running {
         drop(files);
         // The control socket answers until the very end (status during the drain), unless a
         // new generation took it over; then its file is the new generation's to remove.
+        #[cfg(unix)]
         drop(control);
+        #[cfg(unix)]
         if shared.control.handed_on() {
             control_file.iter().for_each(SocketFile::disarm);
         }
+        #[cfg(unix)]
         drop(control_file);
         report
     }
@@ -308,6 +365,7 @@ impl Running {
 
 /// The control socket: bound (or taken over) when asked for, answered once serving, so a
 /// new generation that fails before it is ready never takes a control request.
+#[cfg(unix)]
 #[allow(clippy::type_complexity)]
 fn control_socket(
     control: Option<(PathBuf, std::io::Result<crate::control::Bound>)>,
