@@ -221,11 +221,15 @@ fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(rustix::net::sockopt::socket_acceptconn(fd)?)
 }
 
-/// Whether `fd` is a listening socket. macOS declares `SO_ACCEPTCONN` but does not
-/// implement it: a stream socket without a peer is taken for one (a socket bound but not
-/// listening yet passes too, and fails at its first accept).
 #[cfg(target_vendor = "apple")]
-fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
+use self::is_listening_without_acceptconn as is_listening;
+
+/// Whether `fd` is a listening socket, where `SO_ACCEPTCONN` cannot tell: macOS declares it
+/// but does not implement it. A stream socket without a peer is taken for one (a socket
+/// bound but not listening yet passes too, and fails at its first accept). (Built elsewhere
+/// too for its test.)
+#[cfg(all(unix, any(test, target_vendor = "apple")))]
+fn is_listening_without_acceptconn(fd: BorrowedFd<'_>) -> io::Result<bool> {
     if rustix::net::sockopt::socket_type(fd)? != rustix::net::SocketType::STREAM {
         return Ok(false);
     }
@@ -242,9 +246,13 @@ fn domain(fd: BorrowedFd<'_>) -> io::Result<rustix::net::AddressFamily> {
     Ok(rustix::net::sockopt::socket_domain(fd)?)
 }
 
-/// The address family of the socket `fd`, from its own address (`SO_DOMAIN` is Linux's).
 #[cfg(all(unix, not(target_os = "linux")))]
-fn domain(fd: BorrowedFd<'_>) -> io::Result<rustix::net::AddressFamily> {
+use self::domain_by_address as domain;
+
+/// The address family of the socket `fd`, from its own address (`SO_DOMAIN` is Linux's).
+/// (Built on Linux too for its test.)
+#[cfg(all(unix, any(test, not(target_os = "linux"))))]
+fn domain_by_address(fd: BorrowedFd<'_>) -> io::Result<rustix::net::AddressFamily> {
     Ok(rustix::net::getsockname(fd)?.address_family())
 }
 
@@ -670,5 +678,50 @@ impl Stream {
             io: StreamIo::Tcp(s),
             slot: None,
         }
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::fd::{AsFd, BorrowedFd};
+
+    use rustix::net::AddressFamily;
+
+    /// The checks used where `SO_DOMAIN` and `SO_ACCEPTCONN` are missing (macOS), run here
+    /// beside the ones that use them.
+    #[test]
+    fn the_portable_socket_checks_agree_with_the_socket_options() {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(tcp.local_addr().unwrap()).unwrap();
+        let (accepted, _) = tcp.accept().unwrap();
+        let tcp6 = std::net::TcpListener::bind("[::1]:0").ok(); // no IPv6: skipped
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let path = std::env::temp_dir().join(format!("grace-portable-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (pair, _other) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut cases: Vec<(BorrowedFd<'_>, AddressFamily, bool)> = vec![
+            (tcp.as_fd(), AddressFamily::INET, true),
+            (client.as_fd(), AddressFamily::INET, false),
+            (accepted.as_fd(), AddressFamily::INET, false),
+            (udp.as_fd(), AddressFamily::INET, false),
+            (unix.as_fd(), AddressFamily::UNIX, true),
+            (pair.as_fd(), AddressFamily::UNIX, false),
+        ];
+        cases.extend(
+            tcp6.as_ref()
+                .map(|l| (l.as_fd(), AddressFamily::INET6, true)),
+        );
+        for (fd, family, listening) in cases {
+            assert_eq!(super::domain_by_address(fd).unwrap(), family);
+            assert_eq!(super::domain(fd).unwrap(), family);
+            assert_eq!(
+                super::is_listening_without_acceptconn(fd).unwrap(),
+                listening,
+                "{family:?}"
+            );
+            assert_eq!(super::is_listening(fd).unwrap(), listening, "{family:?}");
+        }
+        let _ = std::fs::remove_file(&path);
     }
 }

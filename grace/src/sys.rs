@@ -201,11 +201,14 @@ fn replace_cloexec(src: BorrowedFd<'_>, target: &mut OwnedFd) -> rustix::io::Res
     rustix::io::dup3(src, target, rustix::io::DupFlags::CLOEXEC)
 }
 
+#[cfg(all(unix, not(target_os = "linux")))]
+use self::replace_then_cloexec as replace_cloexec;
+
 /// Makes `target` a copy of `src`, in one step (`dup2`), then close-on-exec: `dup3` and its
 /// flag are Linux's. A process spawned by another thread in between may inherit the copy
-/// (of `/dev/null`: harmless).
-#[cfg(all(unix, not(target_os = "linux")))]
-fn replace_cloexec(src: BorrowedFd<'_>, target: &mut OwnedFd) -> rustix::io::Result<()> {
+/// (of `/dev/null`: harmless). (Built on Linux too for its test.)
+#[cfg(all(unix, any(test, not(target_os = "linux"))))]
+fn replace_then_cloexec(src: BorrowedFd<'_>, target: &mut OwnedFd) -> rustix::io::Result<()> {
     rustix::io::dup2(src, target)?;
     // The number is the copy's from here whatever happens: not an error of the replace.
     let _ = rustix::io::fcntl_setfd(&*target, rustix::io::FdFlags::CLOEXEC);
@@ -216,7 +219,7 @@ fn replace_cloexec(src: BorrowedFd<'_>, target: &mut OwnedFd) -> rustix::io::Res
 /// could not do it atomically (Linux's `O_CLOEXEC`-style flags are missing elsewhere, on
 /// macOS in particular): a process spawned by another thread in between may inherit them,
 /// as with std's own pipes there.
-#[cfg(all(unix, not(target_os = "linux")))]
+#[cfg(all(unix, any(test, not(target_os = "linux"))))]
 pub(crate) fn set_cloexec(fds: &[&OwnedFd]) -> std::io::Result<()> {
     for fd in fds {
         rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC)?;
@@ -230,9 +233,13 @@ pub(crate) fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
 }
 
-/// A pipe, both ends close-on-exec: `pipe`, then [`set_cloexec`] (macOS has no `pipe2`).
 #[cfg(all(unix, not(target_os = "linux")))]
-pub(crate) fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) use self::pipe_then_cloexec as cloexec_pipe;
+
+/// A pipe, both ends close-on-exec: `pipe`, then [`set_cloexec`] (macOS has no `pipe2`).
+/// (Built on Linux too for its test.)
+#[cfg(all(unix, any(test, not(target_os = "linux"))))]
+pub(crate) fn pipe_then_cloexec() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let (rx, tx) = rustix::pipe::pipe()?;
     set_cloexec(&[&rx, &tx])?;
     Ok((rx, tx))
@@ -428,6 +435,35 @@ mod tests {
         assert!(!slot.shutdown());
         assert!(!slot.close_in_place(null.as_fd()));
         drop(ours);
+    }
+
+    /// The spellings used where Linux's atomic close-on-exec flags are missing (macOS), run
+    /// here: each descriptor ends up close-on-exec all the same.
+    #[test]
+    fn the_portable_spellings_leave_descriptors_close_on_exec() {
+        let cloexec = |fd: BorrowedFd<'_>| {
+            rustix::io::fcntl_getfd(fd).is_ok_and(|f| f.contains(rustix::io::FdFlags::CLOEXEC))
+        };
+        // A pipe: both ends, and it works.
+        let (rx, tx) = super::pipe_then_cloexec().expect("pipe");
+        assert!(cloexec(rx.as_fd()) && cloexec(tx.as_fd()));
+        rustix::io::write(&tx, b"x").expect("write");
+        let mut buf = [0u8; 1];
+        assert_eq!(rustix::io::read(&rx, &mut buf).expect("read"), 1);
+        // A copy over a descriptor (as a socket closed in place): `dup2` alone would leave
+        // the copy inheritable.
+        let (mut ours, peer) = UnixStream::pair().expect("socketpair");
+        let null = std::fs::File::open("/dev/null").expect("/dev/null");
+        let mut target = OwnedFd::from(ours.try_clone().expect("dup"));
+        super::replace_then_cloexec(null.as_fd(), &mut target).expect("replace");
+        assert!(cloexec(target.as_fd()));
+        assert!(
+            rustix::fs::fstat(&target).is_ok_and(|st| st.st_rdev != 0),
+            "now /dev/null"
+        );
+        // Only the copy was replaced: the socket itself is still there.
+        drop(peer);
+        assert_eq!(ours.read(&mut buf).expect("read"), 0);
     }
 
     #[cfg(target_os = "linux")]
