@@ -1,6 +1,8 @@
 //! Watching the server: `GET /metrics` (Prometheus text), `GET /debug/conns` (every live
 //! connection as JSON), and `GET /debug`, a page that shows the counts and the connections
-//! changing live, fed by `GET /debug/events` (server-sent events).
+//! changing live, fed by `GET /debug/events` (server-sent events). All four are served on
+//! `--admin-listen` when it is given (a listener with a service of its own:
+//! `Serve::also_serve`), and then no longer on `--listen`.
 //!
 //! The live page is woken by the server's connection-state hook
 //! ([`Server::on_conn_state`](grace_http::Server::on_conn_state)): each change bumps a

@@ -18,7 +18,6 @@ use anyhow::Context;
 use clap::Parser;
 
 mod config;
-mod ctl;
 mod debug;
 mod ledger;
 mod routes;
@@ -26,12 +25,16 @@ mod routes;
 /// Exit code when the shutdown had to cut something (see the report on stderr).
 const EXIT_FORCED: i32 = 3;
 
+/// The name the `--admin-listen` socket is passed on under at upgrades (`LISTEN_FDNAMES`),
+/// and under which systemd's socket activation may pass it (`FileDescriptorName=admin`).
+const ADMIN_LISTENER: &str = "admin";
+
 /// Commands besides serving.
 #[derive(clap::Subcommand, Debug, Clone)]
 enum Command {
     /// Ask a running grace-demo (see `--control-socket`) for its status, an upgrade or a
-    /// drain.
-    Ctl(ctl::Ctl),
+    /// drain: `grace-ctl`, built in.
+    Ctl(grace_ctl::Ctl),
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -42,13 +45,20 @@ enum Command {
 pub struct Args {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Answer `grace-demo ctl` (status, upgrade, drain) on a Unix socket at this path,
-    /// owner-only.
+    /// Answer `grace-ctl` and `grace-demo ctl` (status, upgrade, drain) on a Unix socket at
+    /// this path, owner-only.
     #[arg(long)]
     control_socket: Option<PathBuf>,
     /// Address to listen on (`HOST:PORT`, or `unix:PATH`).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
+    /// Serve `/metrics`, `/debug` and `/debug/conns` (and the live page's event stream) on
+    /// this address (`HOST:PORT`, or `unix:PATH`) instead of `--listen`, where they then
+    /// answer 404. Drained with `--listen`'s connections, into the same report, and passed
+    /// on with it at upgrades. The file of a `unix:` socket is left in place at exit (the
+    /// next start replaces it).
+    #[arg(long)]
+    admin_listen: Option<String>,
     /// Permissions of the `unix:` socket file, in octal (e.g. `660`), set before it accepts
     /// connections; by default what the umask leaves.
     #[arg(long, value_parser = parse_socket_mode)]
@@ -192,7 +202,7 @@ fn main() -> anyhow::Result<()> {
         std::process::exit(if e.use_stderr() { 1 } else { 0 })
     });
     if let Some(Command::Ctl(ctl)) = &args.command {
-        std::process::exit(ctl::run(ctl)?);
+        std::process::exit(grace_ctl::run(ctl));
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let clean = runtime.block_on(run(args))?;
@@ -219,6 +229,21 @@ fn reload_on_sigusr1(
     Ok(())
 }
 
+/// Binds `--admin-listen`: TCP on the first address `addr` resolves to, or `unix:PATH`.
+async fn bind_admin(addr: &str) -> anyhow::Result<grace_http::Listener> {
+    if let Some(path) = addr.strip_prefix("unix:") {
+        return Ok(grace_http::Listener::bind_unix(path)?);
+    }
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        match grace_http::Listener::bind(a) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.map_or_else(|| anyhow::anyhow!("no address"), Into::into))
+}
+
 async fn run(args: Args) -> anyhow::Result<bool> {
     // First: the program to restart into is resolved now, before anything can replace it.
     let restart = config::restart(
@@ -229,8 +254,21 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let settings = config::load(args.config.as_deref())?;
     // GET /metrics, /debug: the process's metrics recorder, and the live page's wake-ups.
     let observer = debug::Observer::install().context("installing the metrics recorder")?;
-    // Sockets handed over by the previous generation (or systemd), else bind --listen.
-    let server = match grace_http::inherited_listeners()? {
+    // Sockets handed over by the previous generation (or systemd), else bind --listen (and
+    // --admin-listen): the admin socket is taken out by name, the rest serve the app.
+    let mut inherited = grace_http::inherited_listeners()?;
+    let admin = match &args.admin_listen {
+        None => None,
+        Some(addr) => Some(
+            match inherited.as_mut().and_then(|i| i.take(ADMIN_LISTENER)) {
+                Some(listener) => listener,
+                None => bind_admin(addr)
+                    .await
+                    .with_context(|| format!("binding --admin-listen {addr}"))?,
+            },
+        ),
+    };
+    let server = match inherited {
         Some(inherited) => grace_http::Server::from_inherited(inherited),
         None => {
             // The first generation: a pid file we cannot write is a start-up error, said
@@ -241,7 +279,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                     .with_context(|| format!("writing the pid file {}", path.display()))?;
             }
             match (args.listen.strip_prefix("unix:"), args.socket_mode) {
-                (Some(path), None) => grace_http::Server::bind_unix(path)?,
+                (Some(path), None) => grace_http::Server::bind(format!("unix:{}", path)).await?,
                 (Some(path), Some(mode)) => grace_http::Server::bind_unix_with_mode(path, mode)?,
                 (None, Some(_)) => anyhow::bail!("--socket-mode is for unix: listeners only"),
                 (None, None) => grace_http::Server::bind(args.listen.as_str()).await?,
@@ -251,22 +289,31 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let header_read_timeout = Some(args.header_read_timeout).filter(|t| !t.is_zero());
     let idle_timeout = Some(args.idle_timeout).filter(|t| !t.is_zero());
     let server = server
-        .shutdown_timeout(settings.shutdown_timeout.unwrap_or(args.shutdown_timeout))
-        .header_read_timeout(header_read_timeout)
-        .idle_timeout(idle_timeout)
-        .request_body_timeout(
-            Some(args.request_body_timeout).filter(|t| !t.is_zero()),
-            500,
+        .drain_policy(
+            grace_http::DrainPolicy::default()
+                .shutdown_timeout(settings.shutdown_timeout.unwrap_or(args.shutdown_timeout))
+                .pre_stop_delay(args.pre_stop_delay)
+                .goodbye_spread(args.goodbye_spread)
+                .stop_deadline(Some(args.stop_deadline).filter(|d| !d.is_zero())),
         )
-        .pre_stop_delay(args.pre_stop_delay)
-        .goodbye_spread(args.goodbye_spread)
+        .timeouts(
+            grace_http::Timeouts::default()
+                .header_read(header_read_timeout)
+                .idle(idle_timeout)
+                .request_body(
+                    Some(args.request_body_timeout).filter(|t| !t.is_zero()),
+                    500,
+                ),
+        )
         // GET /whoami answers the peer as axum's ConnectInfo sees it.
         .peer_addr_in_requests(true)
         // The report and `ctl status` say which request a forced connection was serving.
         .record_requests(true)
-        .stop_deadline(Some(args.stop_deadline).filter(|d| !d.is_zero()))
-        .max_connections(Some(args.max_connections).filter(|&n| n > 0))
-        .max_connection_age(Some(args.max_connection_age).filter(|d| !d.is_zero()))
+        .limits(
+            grace_http::Limits::default()
+                .max_connections(Some(args.max_connections).filter(|&n| n > 0))
+                .max_connection_age(Some(args.max_connection_age).filter(|d| !d.is_zero())),
+        )
         .on_conn_state(observer.hook());
     // TLS: every generation loads the certificate itself (an upgrade hands over only the
     // listening socket); SIGUSR1 reloads it in place.
@@ -290,10 +337,21 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .context("opening the ledger")?;
     // The settlement job, then the audit file, Redis and the database pool on shutdown.
     ledger.register(&handle, args.settle_interval);
-    let app = routes::router(Arc::clone(&ledger), &handle)
-        .merge(observer.router(&handle))
-        .layer(axum::Extension(settings.greeting));
-    let mut serve = server.serve(app).with_signals().with_restart(restart);
+    // /metrics and /debug: on the admin listener if there is one, else with the rest.
+    let observe = observer.router(&handle);
+    let app = routes::router(Arc::clone(&ledger), &handle);
+    let app = match admin {
+        None => app.merge(observe.clone()),
+        Some(_) => app,
+    };
+    let app = app.layer(axum::Extension(settings.greeting));
+    let mut serve = server.serve(app);
+    let mut admin_addr = None;
+    if let Some(admin) = admin {
+        admin_addr = Some(admin.local_addr().context("the admin listener's address")?);
+        serve = serve.also_serve(ADMIN_LISTENER, admin, observe);
+    }
+    let mut serve = serve.with_signals().with_restart(restart);
     if let Some(path) = &args.control_socket {
         // Refused (a live socket, a file, a link at the path) before we say we listen.
         serve = serve.try_with_control(path)?;
@@ -302,6 +360,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     // An upgrade's new process inherits stdout, which may be gone by then (a closed
     // terminal or pipe): that must not make it fail, so a write error is ignored.
     let _ = writeln!(std::io::stdout(), "listening on {addr}");
+    if let Some(admin) = admin_addr {
+        let _ = writeln!(std::io::stdout(), "admin listening on {admin}");
+    }
     let report = serve.await?;
     let _ = writeln!(std::io::stderr(), "{}", report.to_json());
     Ok(report.is_clean())

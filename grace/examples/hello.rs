@@ -12,7 +12,7 @@ async fn main() -> Result<(), grace_http::Error> {
     let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello\n" }));
     let report = grace_http::Server::bind("127.0.0.1:3000")
         .await?
-        .shutdown_timeout(Duration::from_secs(10))
+        .drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(10)))
         .serve(app)
         .with_signals()
         .await?;

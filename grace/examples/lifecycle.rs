@@ -13,10 +13,11 @@ use grace_http::{JobToken, Liveness, Resource, Server};
 
 #[tokio::main]
 async fn main() -> Result<(), grace_http::Error> {
-    let server = Server::bind("127.0.0.1:3000")
-        .await?
-        .pre_stop_delay(Duration::from_secs(2))
-        .shutdown_timeout(Duration::from_secs(20));
+    let server = Server::bind("127.0.0.1:3000").await?.drain_policy(
+        grace_http::DrainPolicy::default()
+            .pre_stop_delay(Duration::from_secs(2))
+            .shutdown_timeout(Duration::from_secs(20)),
+    );
     let handle = server.handle();
 
     handle.spawn_job("ticker", |token: JobToken| async move {

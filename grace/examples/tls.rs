@@ -59,7 +59,9 @@ async fn main() -> anyhow::Result<()> {
     let report = grace_http::Server::bind("127.0.0.1:8443")
         .await?
         .tls(tls)
-        .shutdown_timeout(Duration::from_secs(10))
+        // `/whoami`'s `ConnectInfo`: the peer address is in requests only when asked for.
+        .peer_addr_in_requests(true)
+        .drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(10)))
         .serve(app)
         .with_signals()
         .await?;

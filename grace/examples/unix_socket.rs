@@ -10,7 +10,8 @@ async fn main() -> Result<(), grace_http::Error> {
     let path = std::env::temp_dir().join("grace-example.sock");
     let _ = std::fs::remove_file(&path);
     let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello over unix\n" }));
-    grace_http::Server::bind_unix(&path)?
+    grace_http::Server::bind(format!("unix:{}", path.display()))
+        .await?
         .serve(app)
         .with_signals()
         .await?;

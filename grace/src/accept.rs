@@ -41,7 +41,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::base::conn::{Addr, ConnInfo};
-use crate::conn::tracker::Conn;
+use crate::conn::record::Conn;
 use crate::listener::Stream;
 
 /// A boxed future, as [`Acceptor::accept`] returns.
@@ -56,7 +56,7 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 /// docs). Install one with [`Server::acceptor`](crate::Server::acceptor) (TLS:
 /// `Server::tls`, crate feature `tls`).
 ///
-/// The future is bounded by [`Server::handshake_timeout`](crate::Server::handshake_timeout);
+/// The future is bounded by [`Timeouts::handshake`](crate::Timeouts::handshake);
 /// an error or a timeout closes the connection (logged at debug level) and the server
 /// goes on. The stream returned must own the [`Socket`]: the socket's descriptor is what a
 /// forced shutdown acts on, and it must stay open exactly as long as the socket is alive.

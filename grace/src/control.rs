@@ -3,13 +3,33 @@
 //!
 //! A Unix-domain socket, created owner-only (mode 0600), at a path you choose, off unless
 //! asked for with [`Serve::with_control`](crate::Serve::with_control). One request per
-//! connection: a line (`status`, `upgrade` or `drain`), answered by one line of JSON.
+//! connection: a line (`status`, `upgrade` or `drain`), answered by one line of JSON, whose
+//! types are here: the server writes them, and the client functions read them back.
 //!
-//! | request   | answer |
-//! |-----------|--------|
-//! | `status`  | `{"pid":…,"generation":…,"phase":"serving"\|"stopping"\|"draining","ready":…,"counts":{…},"connections":…,"handed_over":{"received":…,"sent":…},"last_upgrade":{"ok":true,"pid":…}\|{"ok":false,"error":…}\|null}` |
-//! | `upgrade` | waits for the outcome: `{"ok":true,"pid":<new>}` or `{"ok":false,"kind":"exited","error":"process 42 exited with status 1 before it was ready"}` |
-//! | `drain`   | `{"ok":true}` once the drain is asked for |
+//! | request   | client      | answer |
+//! |-----------|-------------|--------|
+//! | `status`  | [`status`]  | [`Status`]: `{"pid":…,"generation":…,"phase":"serving"\|"stopping"\|"draining","ready":…,"counts":{…},"connections":…,"handed_over":{"received":…,"sent":…},"last_upgrade":{"ok":true,"pid":…}\|{"ok":false,"error":…}\|null}` |
+//! | `upgrade` | [`upgrade`] | [`UpgradeOutcome`], once known: `{"ok":true,"pid":<new>}` or `{"ok":false,"kind":"exited","error":"process 42 exited with status 1 before it was ready"}` |
+//! | `drain`   | [`drain`]   | [`DrainStarted`]: `{"ok":true}` once the drain is asked for |
+//!
+//! Anything else is answered `{"ok":false,"error":…}` ([`RequestError::Refused`] for a
+//! client).
+//!
+//! The `grace-ctl` binary (crate `grace-ctl`) is that client on the command line, for any
+//! server built with grace: `grace-ctl --socket PATH status [--json]`, `upgrade` (prints the
+//! new pid, or exits 1 with the reason: `ExecReload=grace-ctl --socket PATH upgrade` makes
+//! `systemctl reload` fail when the upgrade does), `drain`.
+//!
+//! ```no_run
+//! # async fn doc() -> Result<(), grace_http::control::RequestError> {
+//! use grace_http::control::{self, UpgradeOutcome};
+//! let status = control::status("/run/app/control.sock").await?;
+//! println!("generation {}, {} connections", status.generation, status.connections);
+//! if let UpgradeOutcome::Failed { error, .. } = control::upgrade("/run/app/control.sock").await? {
+//!     eprintln!("the upgrade rolled back: {error}");
+//! }
+//! # Ok(()) }
+//! ```
 //!
 //! # The socket's file
 //!
@@ -41,13 +61,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::error::RestartError;
 use crate::listener::{self, Listener, SocketFile};
 use crate::shutdown::{Handle, Shared};
+
+mod answer;
+mod client;
+
+use answer::{Answer, Refused, Request};
+pub use answer::{DrainStarted, FailureKind, HandedOver, ServerPhase, Status, UpgradeOutcome};
+pub use client::{RequestError, drain, status, upgrade};
 
 /// Longest request line accepted.
 const MAX_LINE: u64 = 64;
@@ -99,9 +124,7 @@ fn absolute(path: &Path) -> PathBuf {
 
 /// Answers requests on the control socket until the server is done, or until a new
 /// generation has taken over (see the module's docs).
-pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>) {
-    let listener = Arc::new(listener);
-    *crate::base::lock(&shared.control.socket) = Arc::downgrade(&listener);
+pub(crate) async fn serve(listener: Arc<UnixListener>, shared: Arc<Shared>) {
     loop {
         tokio::select! {
             biased;
@@ -128,88 +151,57 @@ async fn answer(stream: UnixStream, shared: Arc<Shared>) {
     let mut reader = tokio::io::AsyncReadExt::take(BufReader::new(read), MAX_LINE);
     let read = tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line)).await;
     let reply = match read {
-        Ok(Ok(_)) => dispatch(line.trim(), &shared).await,
-        _ => json!({"ok": false, "error": "no request line"}),
+        Ok(Ok(_)) => dispatch(&line, &shared).await,
+        _ => Answer::Refused(Refused::new("no request line".to_owned())),
     };
-    let mut out = reply.to_string();
+    let Ok(mut out) = serde_json::to_string(&reply) else {
+        return;
+    };
     out.push('\n');
     let _ = write.write_all(out.as_bytes()).await;
 }
 
-async fn dispatch(request: &str, shared: &Arc<Shared>) -> Value {
+async fn dispatch(line: &str, shared: &Arc<Shared>) -> Answer {
     let handle = Handle {
         shared: Arc::clone(shared),
     };
-    match request {
-        "status" => status(shared),
-        "upgrade" => match handle.restart().await {
-            Ok(pid) => json!({"ok": true, "pid": pid}),
-            Err(e) => json!({"ok": false, "kind": kind(&e), "error": e.to_string()}),
-        },
-        "drain" => {
+    match Request::parse(line) {
+        Some(Request::Status) => Answer::Status(Box::new(status_of(shared))),
+        Some(Request::Upgrade) => Answer::Upgrade(UpgradeOutcome::from(&handle.restart().await)),
+        Some(Request::Drain) => {
             handle.shutdown();
-            json!({"ok": true})
+            Answer::Drain(DrainStarted)
         }
-        other => {
-            json!({"ok": false, "error": format!("unknown request {other:?} (status, upgrade, drain)")})
-        }
+        None => Answer::Refused(Refused::new(format!(
+            "unknown request {:?} (status, upgrade, drain)",
+            line.trim()
+        ))),
     }
 }
 
-fn status(shared: &Shared) -> Value {
-    let counts = shared.tracker.counts();
+fn status_of(shared: &Shared) -> Status {
+    let counts = shared.tracker.stats.counts();
     // Connections handed over at upgrades: received from the previous generation, sent to
     // the next.
-    let (sent, received) = shared.tracker.handed_over_received();
-    let phase = match (shared.drain.is_set(), shared.tracker.is_draining()) {
-        (false, _) => "serving",
-        (true, false) => "stopping",
-        (true, true) => "draining",
+    let (sent, received) = shared.tracker.stats.handed_over_received();
+    let asked = shared.drain_requested().is_some();
+    let phase = match (asked, shared.tracker.is_draining()) {
+        (false, _) => ServerPhase::Serving,
+        (true, false) => ServerPhase::Stopping,
+        (true, true) => ServerPhase::Draining,
     };
     let last = shared.upgrades.last().map(|r| match r {
-        Ok(pid) => json!({"ok": true, "pid": pid}),
-        Err(e) => json!({"ok": false, "error": e}),
+        Ok(pid) => UpgradeOutcome::Upgraded { pid },
+        Err(error) => UpgradeOutcome::Failed { kind: None, error },
     });
-    json!({
-        "pid": std::process::id(),
-        "generation": shared.generation(),
-        "phase": phase,
-        "ready": !shared.drain.is_set(),
-        "counts": counts,
-        "connections": counts.total(),
-        "handed_over": {"received": received, "sent": sent},
-        "last_upgrade": last,
-    })
-}
-
-/// A short name for each way a restart can fail, for scripts.
-fn kind(e: &RestartError) -> &'static str {
-    match e {
-        RestartError::NotEnabled => "not_enabled",
-        RestartError::AlreadyRunning => "already_running",
-        RestartError::Draining => "draining",
-        RestartError::Spawn { .. } => "spawn",
-        RestartError::Exited { .. } => "exited",
-        RestartError::NotReady { .. } => "not_ready",
-        RestartError::NotReported { .. } => "not_reported",
-        RestartError::Stopped { .. } => "stopped",
-        _ => "io",
+    Status {
+        pid: std::process::id(),
+        generation: shared.generation(),
+        phase,
+        ready: !asked,
+        counts,
+        connections: counts.total(),
+        handed_over: HandedOver::new(received, sent),
+        last_upgrade: last,
     }
-}
-
-/// Sends `request` (`status`, `upgrade` or `drain`) to the control socket at `path` and
-/// returns the server's answer. An `upgrade` waits for the outcome.
-///
-/// ```no_run
-/// # async fn doc() -> std::io::Result<()> {
-/// let answer = grace_http::control::request("/run/app/control.sock", "status").await?;
-/// println!("generation {} serves {} connections", answer["generation"], answer["connections"]);
-/// # Ok(()) }
-/// ```
-pub async fn request(path: impl AsRef<Path>, request: &str) -> std::io::Result<Value> {
-    let mut stream = UnixStream::connect(path.as_ref()).await?;
-    stream.write_all(format!("{request}\n").as_bytes()).await?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).await?;
-    serde_json::from_str(&line).map_err(std::io::Error::other)
 }

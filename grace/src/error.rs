@@ -38,6 +38,20 @@ pub enum Error {
     /// An inherited listener (systemd socket activation or a restart) could not be adopted.
     #[error("cannot adopt inherited listener: {0}")]
     Inherit(String),
+    /// A descriptor the environment says was passed to this process (`LISTEN_FDS`, or a
+    /// restart's readiness pipe) is not what it should be: not open, this process's own, or
+    /// not a listening socket of a kind grace serves. It was checked before anything took
+    /// it, and is left as it is.
+    #[error("cannot adopt inherited descriptor {fd} ({what}): {source}")]
+    InheritedFd {
+        /// The descriptor's number.
+        fd: i32,
+        /// What it was passed as: `listener "http" of LISTEN_FDS`, `GRACE_READY_FD`.
+        what: String,
+        /// What is wrong with it.
+        #[source]
+        source: InheritedFdError,
+    },
     /// A zero-downtime restart could not be carried out; the old process keeps serving
     /// (unless it was asked to stop, see [`RestartError::Stopped`]).
     #[error("restart failed: {0}")]
@@ -51,9 +65,61 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A listener served by a service of its own (see
+    /// [`Serve::also_serve`](crate::Serve::also_serve)) has a name that cannot be passed on
+    /// at a restart, or that does not tell it apart from the others.
+    #[error("listener name {name:?}: {reason}")]
+    ListenerName {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Any other I/O error.
     #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+/// What is wrong with an inherited descriptor ([`Error::InheritedFd`]).
+///
+/// ```no_run
+/// match grace_http::inherited_listeners() {
+///     Err(grace_http::Error::InheritedFd { fd, source, .. }) => eprintln!("fd {fd}: {source}"),
+///     other => { let _ = other; }
+/// }
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InheritedFdError {
+    /// No descriptor is open at that number.
+    #[error("it is not open")]
+    NotOpen,
+    /// It is close-on-exec, so this process opened it (or took it) itself: whatever passed
+    /// the variables did not pass this descriptor (an inherited one is never close-on-exec
+    /// when a process starts).
+    #[error("it was opened by this process (it is close-on-exec), not passed to it")]
+    NotInherited,
+    /// Not a socket at all: `found` says what (`a regular file`, `a pipe`…).
+    #[error("it is {found}, not a socket")]
+    NotASocket {
+        /// What it is.
+        found: &'static str,
+    },
+    /// A stream socket that does not listen: a connected one, or one never told to listen.
+    #[error("it is a socket that does not listen (a connected one?), not a listening socket")]
+    NotListening,
+    /// A descriptor of another kind than expected: a datagram socket, a netlink socket, a
+    /// regular file where a pipe was expected.
+    #[error("it is {found}, not {expected}")]
+    WrongKind {
+        /// What it is.
+        found: String,
+        /// What it should have been.
+        expected: &'static str,
+    },
+    /// The kernel would not say what it is.
+    #[error("it cannot be inspected: {0}")]
+    Inspect(#[source] io::Error),
 }
 
 /// `Result` with this crate's [`Error`].

@@ -7,35 +7,24 @@
 //! HTTP/2 on TCP or Unix-domain listeners that it owns. When asked to stop — by SIGTERM,
 //! SIGINT or a [`Handle`] — it drains:
 //!
-//! ```text
-//! signal / handle.shutdown()
-//!     │
-//!     ▼
-//! readiness = false ──► (pre-stop delay) ──► listeners closed: new connections refused
-//!     │
-//!     ├─► every tracked connection, by state:
-//!     │      New (silent)   → closed (after a short first-byte grace)
-//!     │      Idle           → closed now
-//!     │      Active HTTP/1  → response gets `Connection: close`, then closes
-//!     │      HTTP/2         → GOAWAY(2^31-1), PING, GOAWAY(last id); open streams finish
-//!     │      Hijacked       → ShutdownNotice fires; the handler says goodbye
-//!     ▼
-//! last connection closed (an event, not a poll) ── or deadline / second signal ──► force
-//!     │
-//!     ▼
-//! background jobs told to stop, waited for (same deadline)
-//!     │
-//!     ▼
-//! resources closed in dependency order, each within its timeout
-//!     │
-//!     ▼
-//! ShutdownReport: counts at start, requests completed, what was forced and why,
-//!                 each job and resource, how long each phase took
-//! ```
+//! - its listeners close (after an optional pre-stop delay, readiness failing from the
+//!   request on): new connections are refused;
+//! - idle connections close at once, silent new ones after a short grace; HTTP/1 requests
+//!   in flight finish with `Connection: close`, HTTP/2 gets GOAWAY and its open streams
+//!   finish, upgraded connections get a [`ShutdownNotice`];
+//! - once the last connection closed (an event, not a poll), or at the deadline or a
+//!   second signal (then what is left is forced), background jobs are stopped, then
+//!   resources closed in dependency order;
+//! - the [`ShutdownReport`] says what was found, what was cut and why, and how long each
+//!   phase took.
 //!
-//! [`Server::shutdown_timeout`] is the time in-flight work gets, all of it, as with Go's
+//! The drain and the connection states are drawn in the repository's
+//! [`docs/architecture.md`](https://github.com/grace-rs/grace/blob/main/docs/architecture.md),
+//! with the layers of the code.
+//!
+//! [`DrainPolicy::shutdown_timeout`] is the time in-flight work gets, all of it, as with Go's
 //! `Shutdown(ctx)`; resources close afterwards, each within its own timeout. An optional
-//! [`Server::stop_deadline`] bounds the whole stop (for orchestrators that kill at a fixed
+//! [`DrainPolicy::stop_deadline`] bounds the whole stop (for orchestrators that kill at a fixed
 //! time) and holds back the resources' declared time from the work.
 //!
 //! ```no_run
@@ -43,7 +32,7 @@
 //! let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
 //! let report = grace_http::Server::bind("127.0.0.1:8080")
 //!     .await?
-//!     .shutdown_timeout(std::time::Duration::from_secs(30))
+//!     .drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(std::time::Duration::from_secs(30)))
 //!     .serve(app)
 //!     .with_signals()
 //!     .await?;
@@ -67,15 +56,15 @@
 //! | | Linux | other Unix (macOS, BSDs) | Windows |
 //! |---|---|---|---|
 //! | HTTP/1.1 and HTTP/2 over TCP, any `tower::Service`, `axum` | yes | yes | yes |
-//! | Unix-domain listeners ([`Server::bind_unix`]) | yes | yes (the socket file is checked by its path: no `O_PATH`) | no |
+//! | Unix-domain listeners ([`Server::bind`] with `"unix:PATH"`) | yes | yes (the socket file is checked by its path: no `O_PATH`) | no |
 //! | The drain: connection states, readiness, `Connection: close`, GOAWAY, [`ShutdownNotice`], forcing at the deadline or at a second signal | yes | yes | yes (an idle connection is shut down, not closed in place) |
-//! | Limits: [`Server::max_connections`] (a waiting client gets an idle one's place), header, idle and body timeouts, [`Server::max_connection_age`] | yes | yes | yes |
+//! | [`Limits`] (`max_connections`: a waiting client gets an idle one's place) and [`Timeouts`] | yes | yes | yes |
 //! | TLS (feature `tls`), with certificate reload | yes | yes | yes |
 //! | Jobs, resources, the [`ShutdownReport`], feature `metrics` | yes | yes | yes |
 //! | The signals that drain ([`DEFAULT_SIGNALS`], [`Signal`]) | SIGTERM, SIGINT | SIGTERM, SIGINT | Ctrl-Break, Ctrl-C (and the console's close, logoff and shutdown events) |
 //! | Zero-downtime restarts ([`Serve::with_restart`], [`inherited_listeners`], the pid file), systemd socket activation | yes | yes | no |
 //! | Keep-alive connections handed over at an upgrade | yes | BSDs: yes, but only unacknowledged ones are taken back (no `TCP_INFO`); macOS: no (no `SOCK_SEQPACKET`): they drain | no |
-//! | The control socket ([`Serve::with_control`], [`control::request`]) | yes | yes | no |
+//! | The control socket ([`Serve::with_control`], [`control::status`] and the other clients, `grace-ctl`) | yes | yes | no |
 //! | systemd notifications and watchdog ([`systemd`]) | yes | compiled, idle (no `NOTIFY_SOCKET`) | no |
 //!
 //! What is "no" is compiled out (`cfg(unix)`), so it is not in the API there. Elsewhere than
@@ -85,7 +74,8 @@
 //! implement `SO_ACCEPTCONN`, is taken for a listening one if it is a stream socket without
 //! a peer. Linux runs the test suite; macOS (`x86_64-apple-darwin`) and Windows
 //! (`x86_64-pc-windows-gnu`) are compile-checked with every feature, except `tls` for macOS
-//! (its `ring` C code needs the macOS SDK). The demo service, `grace-demo`, is Unix only.
+//! (its `ring` C code needs the macOS SDK). The demo service `grace-demo` and `grace-ctl` are
+//! Unix only.
 
 #![warn(missing_docs)]
 
@@ -133,13 +123,15 @@ pub use base::report::{
 pub use conn::body::{BodyTimeout, RequestBody};
 pub use conn::notice::ShutdownNotice;
 pub use conn::request::TrackedBody;
-pub use error::{Error, RestartError, Result};
+pub use error::{Error, InheritedFdError, RestartError, Result};
 pub use health::{Liveness, Readiness};
 pub use jobs::JobToken;
 pub use listener::Listener;
 pub use resources::Resource;
 #[cfg(unix)]
 pub use restart::{Inherited, Restart, inherited_listeners, write_pid_file};
-pub use server::{DEFAULT_IDLE_TIMEOUT, HyperBuilder, Serve, Server};
+pub use server::{
+    DEFAULT_IDLE_TIMEOUT, DrainPolicy, HyperBuilder, Limits, Serve, Server, Timeouts,
+};
 pub use shutdown::Handle;
 pub use signal::{DEFAULT_SIGNALS, Signal};

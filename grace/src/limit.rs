@@ -1,4 +1,4 @@
-//! A place under [`Server::max_connections`](crate::Server::max_connections), made when
+//! A place under [`Limits::max_connections`](crate::Limits::max_connections), made when
 //! there is none: at the limit, a client waiting in the accept queue gets the place of the
 //! connection idle longest, or of connections that have sent nothing within their
 //! first-byte grace (see [`Tracker::shed_for_new`]); a connection with a request in flight

@@ -30,6 +30,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::base::conn::Addr;
+#[cfg(unix)]
+use crate::error::InheritedFdError;
 
 /// The kernel's accept queue length we ask for (Linux caps it at `net.core.somaxconn`).
 const BACKLOG: i32 = 4096;
@@ -50,7 +52,7 @@ const BACKLOG: i32 = 4096;
 /// [`bind_unix`](Self::bind_unix) takes the place of a *stale* socket file (one nobody
 /// accepts on: its process died), but fails, leaving the file alone, if another process
 /// accepts on it or if the path is not a socket. A server that bound the file itself
-/// ([`Server::bind_unix`](crate::Server::bind_unix)) removes it when it stops for good, or
+/// ([`Server::bind`](crate::Server::bind) with `"unix:PATH"`) removes it when it stops for good, or
 /// when it is dropped without serving (a failed start); it keeps it when it hands the
 /// socket to a new generation ([`Serve::with_restart`](crate::Serve::with_restart)), which
 /// removes it in turn when it stops for good (not if it fails to start: the old one still
@@ -64,7 +66,7 @@ const BACKLOG: i32 = 4096;
 pub enum Listener {
     /// A TCP listener.
     Tcp(TcpListener),
-    /// A Unix-domain stream listener (Unix only).
+    /// A Unix-domain stream listener.
     #[cfg(unix)]
     Unix(UnixListener),
 }
@@ -116,21 +118,27 @@ impl Listener {
     }
 
     /// Adopts a listening socket from its descriptor (inherited from systemd or a previous
-    /// generation of this process). Fails if it is not a listening stream socket.
+    /// generation of this process). Fails if it is not a listening stream socket, TCP or
+    /// Unix-domain (then `fd` is closed, as it is yours to give).
     #[cfg(unix)]
     pub fn from_fd(fd: OwnedFd) -> io::Result<Listener> {
-        if !is_listening(fd.as_fd())? {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "descriptor is not a listening socket",
-            ));
-        }
+        let family = check_listening(fd.as_fd(), false).map_err(|e| match e {
+            InheritedFdError::Inspect(e) => e,
+            other => io::Error::new(io::ErrorKind::InvalidInput, format!("descriptor: {other}")),
+        })?;
+        Listener::from_checked(fd, family)
+    }
+
+    /// A listener from a descriptor [`check_listening`] accepted as `family`. Must be called
+    /// within a tokio runtime.
+    #[cfg(unix)]
+    pub(crate) fn from_checked(fd: OwnedFd, family: Family) -> io::Result<Listener> {
         rustix::io::ioctl_fionbio(&fd, true)?;
-        match domain(fd.as_fd())? {
-            rustix::net::AddressFamily::UNIX => Ok(Listener::Unix(UnixListener::from_std(
+        match family {
+            Family::Unix => Ok(Listener::Unix(UnixListener::from_std(
                 std::os::unix::net::UnixListener::from(fd),
             )?)),
-            _ => Ok(Listener::Tcp(TcpListener::from_std(
+            Family::Tcp => Ok(Listener::Tcp(TcpListener::from_std(
                 std::net::TcpListener::from(fd),
             )?)),
         }
@@ -215,45 +223,174 @@ impl TryFrom<std::os::unix::net::UnixListener> for Listener {
     }
 }
 
+/// The kinds of listening socket a [`Listener`] can be.
+#[cfg(unix)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Family {
+    /// TCP, over IPv4 or IPv6.
+    Tcp,
+    /// Unix-domain, stream.
+    Unix,
+}
+
+/// Checks, without taking it, that `fd` is a listening socket a [`Listener`] can be: a
+/// stream socket that listens (`SO_ACCEPTCONN`), TCP over IPv4 or IPv6, or Unix-domain;
+/// Unix-domain only if `unix_only`.
+#[cfg(unix)]
+pub(crate) fn check_listening(
+    fd: BorrowedFd<'_>,
+    unix_only: bool,
+) -> Result<Family, InheritedFdError> {
+    use rustix::net::AddressFamily;
+    let expected = match unix_only {
+        true => "a listening Unix-domain stream socket",
+        false => "a listening TCP or Unix-domain stream socket",
+    };
+    check_socket(fd, rustix::net::SocketType::STREAM, expected)?;
+    if !accepts_connections(fd).map_err(inspect)? {
+        return Err(InheritedFdError::NotListening);
+    }
+    let domain = address_family(fd).map_err(inspect)?;
+    match domain {
+        AddressFamily::UNIX => Ok(Family::Unix),
+        AddressFamily::INET | AddressFamily::INET6 if !unix_only => {
+            match ip_protocol(fd).map_err(inspect)? {
+                Some(p) if p == rustix::net::ipproto::TCP => Ok(Family::Tcp),
+                p => Err(InheritedFdError::WrongKind {
+                    found: format!(
+                        "an IP stream socket of protocol {}",
+                        p.map_or(0, |p| p.as_raw().get())
+                    ),
+                    expected,
+                }),
+            }
+        }
+        AddressFamily::INET | AddressFamily::INET6 => Err(InheritedFdError::WrongKind {
+            found: "an IP socket".to_owned(),
+            expected,
+        }),
+        other => Err(InheritedFdError::WrongKind {
+            found: format!("a socket of address family {}", other.as_raw()),
+            expected,
+        }),
+    }
+}
+
+/// Checks, without taking it, that `fd` is a socket of type `ty` (`expected` names what is
+/// wanted, for the error).
+#[cfg(unix)]
+pub(crate) fn check_socket(
+    fd: BorrowedFd<'_>,
+    ty: rustix::net::SocketType,
+    expected: &'static str,
+) -> Result<(), InheritedFdError> {
+    match file_type(fd)? {
+        rustix::fs::FileType::Socket => {}
+        other => {
+            return Err(InheritedFdError::NotASocket {
+                found: describe(other),
+            });
+        }
+    }
+    let actual = rustix::net::sockopt::socket_type(fd).map_err(inspect)?;
+    if actual != ty {
+        let found = match actual {
+            rustix::net::SocketType::STREAM => "a stream socket".to_owned(),
+            rustix::net::SocketType::DGRAM => "a datagram socket".to_owned(),
+            rustix::net::SocketType::SEQPACKET => "a seqpacket socket".to_owned(),
+            rustix::net::SocketType::RAW => "a raw socket".to_owned(),
+            other => format!("a socket of type {}", other.as_raw()),
+        };
+        return Err(InheritedFdError::WrongKind { found, expected });
+    }
+    Ok(())
+}
+
+/// What kind of file `fd` is.
+#[cfg(unix)]
+pub(crate) fn file_type(fd: BorrowedFd<'_>) -> Result<rustix::fs::FileType, InheritedFdError> {
+    let stat = rustix::fs::fstat(fd).map_err(inspect)?;
+    Ok(rustix::fs::FileType::from_raw_mode(stat.st_mode))
+}
+
+/// A kind of file, in words.
+#[cfg(unix)]
+pub(crate) fn describe(file_type: rustix::fs::FileType) -> &'static str {
+    use rustix::fs::FileType;
+    match file_type {
+        FileType::Socket => "a socket",
+        FileType::RegularFile => "a regular file",
+        FileType::Directory => "a directory",
+        FileType::Fifo => "a pipe",
+        FileType::CharacterDevice => "a character device (a terminal, /dev/null…)",
+        FileType::BlockDevice => "a block device",
+        FileType::Symlink => "a symbolic link",
+        FileType::Unknown => "an anonymous descriptor (epoll, eventfd, timerfd…)",
+    }
+}
+
+#[cfg(unix)]
+fn inspect(e: rustix::io::Errno) -> InheritedFdError {
+    InheritedFdError::Inspect(e.into())
+}
+
 /// Whether `fd` is a listening socket (`SO_ACCEPTCONN`).
 #[cfg(all(unix, not(target_vendor = "apple")))]
-fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    Ok(rustix::net::sockopt::socket_acceptconn(fd)?)
+fn accepts_connections(fd: BorrowedFd<'_>) -> rustix::io::Result<bool> {
+    rustix::net::sockopt::socket_acceptconn(fd)
 }
 
 #[cfg(target_vendor = "apple")]
-use self::is_listening_without_acceptconn as is_listening;
+use self::accepts_connections_without_acceptconn as accepts_connections;
 
-/// Whether `fd` is a listening socket, where `SO_ACCEPTCONN` cannot tell: macOS declares it
-/// but does not implement it. A stream socket without a peer is taken for one (a socket
-/// bound but not listening yet passes too, and fails at its first accept). (Built elsewhere
-/// too for its test.)
+/// Whether `fd`, a stream socket, is a listening one, where `SO_ACCEPTCONN` cannot tell:
+/// macOS declares it but does not implement it. One without a peer is taken for a listening
+/// one (a socket bound but not listening yet passes too, and fails at its first accept).
+/// (Built elsewhere too for its test.)
 #[cfg(all(unix, any(test, target_vendor = "apple")))]
-fn is_listening_without_acceptconn(fd: BorrowedFd<'_>) -> io::Result<bool> {
+fn accepts_connections_without_acceptconn(fd: BorrowedFd<'_>) -> rustix::io::Result<bool> {
     if rustix::net::sockopt::socket_type(fd)? != rustix::net::SocketType::STREAM {
         return Ok(false);
     }
     match rustix::net::getpeername(fd) {
         Ok(_) => Ok(false),
         Err(rustix::io::Errno::NOTCONN) => Ok(true),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 
 /// The address family of the socket `fd` (`SO_DOMAIN`).
 #[cfg(target_os = "linux")]
-fn domain(fd: BorrowedFd<'_>) -> io::Result<rustix::net::AddressFamily> {
-    Ok(rustix::net::sockopt::socket_domain(fd)?)
+pub(crate) fn address_family(fd: BorrowedFd<'_>) -> rustix::io::Result<rustix::net::AddressFamily> {
+    rustix::net::sockopt::socket_domain(fd)
 }
 
 #[cfg(all(unix, not(target_os = "linux")))]
-use self::domain_by_address as domain;
+pub(crate) use self::address_family_by_address as address_family;
 
 /// The address family of the socket `fd`, from its own address (`SO_DOMAIN` is Linux's).
 /// (Built on Linux too for its test.)
 #[cfg(all(unix, any(test, not(target_os = "linux"))))]
-fn domain_by_address(fd: BorrowedFd<'_>) -> io::Result<rustix::net::AddressFamily> {
+pub(crate) fn address_family_by_address(
+    fd: BorrowedFd<'_>,
+) -> rustix::io::Result<rustix::net::AddressFamily> {
     Ok(rustix::net::getsockname(fd)?.address_family())
+}
+
+/// The protocol of `fd`, an IP stream socket (`SO_PROTOCOL`).
+#[cfg(any(target_os = "linux", target_os = "freebsd", target_os = "openbsd"))]
+fn ip_protocol(fd: BorrowedFd<'_>) -> rustix::io::Result<Option<rustix::net::Protocol>> {
+    rustix::net::sockopt::socket_protocol(fd)
+}
+
+/// The protocol of `fd`, an IP stream socket: TCP, where `SO_PROTOCOL` is missing (macOS,
+/// where no other protocol makes IP stream sockets).
+#[cfg(all(
+    unix,
+    not(any(target_os = "linux", target_os = "freebsd", target_os = "openbsd"))
+))]
+fn ip_protocol(_fd: BorrowedFd<'_>) -> rustix::io::Result<Option<rustix::net::Protocol>> {
+    Ok(Some(rustix::net::ipproto::TCP))
 }
 
 /// Binds a Unix-domain listener at `path` (see [`Listener::bind_unix`]), with the claim on
@@ -360,8 +497,8 @@ fn make_way(path: &Path) -> io::Result<()> {
 /// The identity of the socket file `bind` just made at `path`, with `mode` applied if given.
 /// Both go through a descriptor of the file itself (`O_PATH`, not following a symlink), so
 /// a file swapped in at the path meanwhile is neither changed nor taken for ours. (Linux
-/// only: elsewhere there is no `O_PATH`, and a socket file cannot be opened, so both go
-/// through the path, as on a Linux without `/proc`.)
+/// only: elsewhere there is no `O_PATH`, so both go through the path, as on a Linux without
+/// `/proc`.)
 #[cfg(unix)]
 fn claim_file(path: &Path, mode: Option<u32>) -> io::Result<FileId> {
     use std::os::unix::fs::PermissionsExt;
@@ -379,6 +516,7 @@ fn claim_file(path: &Path, mode: Option<u32>) -> io::Result<FileId> {
     // Without /proc: the path itself, still not following a symlink for the check.
     #[cfg(target_os = "linux")]
     let via_proc = std::fs::metadata(&by_fd).is_ok();
+    // Elsewhere there is no `O_PATH` (and a socket file cannot be opened): the path itself.
     #[cfg(not(target_os = "linux"))]
     let (by_fd, via_proc) = (PathBuf::new(), false);
     let stat = || match via_proc {
@@ -568,7 +706,7 @@ impl Stream {
             ));
         }
         rustix::io::ioctl_fionbio(&fd, true)?;
-        let (io, peer) = match domain(fd.as_fd())? {
+        let (io, peer) = match address_family(fd.as_fd())? {
             rustix::net::AddressFamily::UNIX => {
                 let s = UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))?;
                 let peer = s.peer_addr()?;
@@ -584,7 +722,17 @@ impl Stream {
         Ok((Stream { io, slot: None }, peer))
     }
 
-    /// Holds `slot` (see `Server::max_connections`) until the socket closes.
+    /// The address of our end: that of the listener that accepted it.
+    #[cfg(unix)]
+    pub(crate) fn local_addr(&self) -> io::Result<Addr> {
+        Ok(match &self.io {
+            StreamIo::Tcp(s) => Addr::Tcp(s.local_addr()?),
+            #[cfg(unix)]
+            StreamIo::Unix(s) => Addr::Unix(s.local_addr()?.as_pathname().map(Path::to_path_buf)),
+        })
+    }
+
+    /// Holds `slot` (see `Limits::max_connections`) until the socket closes.
     pub(crate) fn hold(&mut self, slot: Option<tokio::sync::OwnedSemaphorePermit>) {
         self.slot = slot;
     }
@@ -713,14 +861,18 @@ mod tests {
                 .map(|l| (l.as_fd(), AddressFamily::INET6, true)),
         );
         for (fd, family, listening) in cases {
-            assert_eq!(super::domain_by_address(fd).unwrap(), family);
-            assert_eq!(super::domain(fd).unwrap(), family);
+            assert_eq!(super::address_family_by_address(fd).unwrap(), family);
+            assert_eq!(super::address_family(fd).unwrap(), family);
             assert_eq!(
-                super::is_listening_without_acceptconn(fd).unwrap(),
+                super::accepts_connections_without_acceptconn(fd).unwrap(),
                 listening,
                 "{family:?}"
             );
-            assert_eq!(super::is_listening(fd).unwrap(), listening, "{family:?}");
+            assert_eq!(
+                super::accepts_connections(fd).unwrap(),
+                listening,
+                "{family:?}"
+            );
         }
         let _ = std::fs::remove_file(&path);
     }

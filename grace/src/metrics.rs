@@ -38,7 +38,7 @@ use serde::Serialize;
 use crate::base::conn::{ConnState, StateCounts};
 use crate::base::report::ShutdownReport;
 
-/// Running totals since the server started: from [`Handle::totals`].
+/// Running totals since the server started: from [`Handle::totals`](crate::Handle::totals).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct Totals {

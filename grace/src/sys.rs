@@ -19,6 +19,9 @@ pub(crate) use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::Mutex;
 
+#[cfg(unix)]
+use crate::error::InheritedFdError;
+
 /// A socket's raw handle (see the module docs).
 #[cfg(windows)]
 pub(crate) type RawFd = std::os::windows::io::RawSocket;
@@ -265,27 +268,54 @@ pub(crate) fn has_pending_connection(listener: &impl AsRawFd) -> bool {
 }
 
 /// Takes ownership of a descriptor this process inherited (systemd's `LISTEN_FDS` protocol,
-/// or a grace restart) and marks it close-on-exec, so it does not leak into processes we
-/// spawn later (a restart hands listeners on explicitly, see [`pass_fds`]). Returns `None`
-/// if `fd` is not open.
+/// `systemfd`, or a grace restart) once `check` has accepted it, and marks it close-on-exec,
+/// so it does not leak into processes we spawn later (a restart hands listeners on
+/// explicitly, see [`pass_fds`]).
+///
+/// Nothing is taken before the checks pass: `check` sees the descriptor only borrowed, and
+/// a descriptor refused (not open, this process's own, or not what `check` wants) is left
+/// exactly as it is, so whoever does own it (a runtime's epoll, a file the application
+/// opened) keeps it intact. A descriptor that is close-on-exec is refused before `check`
+/// runs: one inherited across `exec` never is (those are closed by the `exec`), so this
+/// process made or took it itself.
 ///
 /// The caller must adopt each inherited number once: `restart::inherit` adopts them behind
 /// a process-wide flag.
 #[cfg(unix)]
-pub(crate) fn adopt_inherited(fd: RawFd) -> Option<OwnedFd> {
+pub(crate) fn adopt_inherited<T>(
+    fd: RawFd,
+    check: impl FnOnce(BorrowedFd<'_>) -> Result<T, InheritedFdError>,
+) -> Result<(OwnedFd, T), InheritedFdError> {
     if fd < 3 {
         // Never stdin, stdout or stderr: the protocols start at 3.
-        return None;
+        return Err(InheritedFdError::WrongKind {
+            found: format!("descriptor {fd} (standard input, output or error)"),
+            expected: "a descriptor from 3 on",
+        });
     }
     if !is_open(fd) {
-        return None;
+        return Err(InheritedFdError::NotOpen);
     }
-    // SAFETY: the descriptor is open, and the inheritance protocol hands it to this process
-    // alone: nothing else in the process knows the number (it came from the environment),
-    // and the caller adopts each inherited number once (see above).
+    // SAFETY: `fd` is open (just checked) and stays open while borrowed, for this call: the
+    // inheritance protocol names the number to this process alone, and the caller adopts
+    // each inherited number once, so no code of ours closes it meanwhile. Should the number
+    // be another owner's after all (which the close-on-exec test below tells), the borrow
+    // has only read its flags and socket options, and is gone before we return.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let flags =
+        rustix::io::fcntl_getfd(borrowed).map_err(|e| InheritedFdError::Inspect(e.into()))?;
+    if flags.contains(rustix::io::FdFlags::CLOEXEC) {
+        return Err(InheritedFdError::NotInherited);
+    }
+    let checked = check(borrowed)?;
+    // SAFETY: open, inherited across `exec` (not close-on-exec) and of the kind the caller
+    // wants (`check`); nothing else in the process knows the number (it came from the
+    // environment) and the caller adopts each inherited number once (see above). From here
+    // the `OwnedFd` is its one owner.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC).ok()?;
-    Some(owned)
+    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)
+        .map_err(|e| InheritedFdError::Inspect(e.into()))?;
+    Ok((owned, checked))
 }
 
 /// True if `fd` is an open descriptor of this process.

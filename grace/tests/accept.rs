@@ -97,7 +97,7 @@ async fn an_acceptor_wraps_connections_and_they_are_tracked_and_drained() {
 async fn an_acceptor_that_never_finishes_is_cut_by_the_handshake_timeout_or_forced() {
     let mut s = start(app(), |s| {
         s.acceptor(ProxyV1)
-            .handshake_timeout(Duration::from_millis(300))
+            .timeouts(grace_http::Timeouts::default().handshake(Duration::from_millis(300)))
     })
     .await;
     let mut slow = Client::connect(s.addr).await;
@@ -115,9 +115,11 @@ async fn an_acceptor_that_never_finishes_is_cut_by_the_handshake_timeout_or_forc
 
     // Forcing reaches a connection in the acceptor through its socket's descriptor.
     let mut s = start(app(), |s| {
-        s.acceptor(ProxyV1)
-            .shutdown_timeout(Duration::from_millis(200))
-            .new_connection_grace(Duration::from_secs(60))
+        s.acceptor(ProxyV1).drain_policy(
+            grace_http::DrainPolicy::default()
+                .shutdown_timeout(Duration::from_millis(200))
+                .new_connection_grace(Duration::from_secs(60)),
+        )
     })
     .await;
     let mut stuck = Client::connect(s.addr).await;

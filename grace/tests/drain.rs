@@ -57,8 +57,11 @@ async fn in_flight_response_carries_connection_close_and_the_connection_closes()
 #[tokio::test]
 async fn idle_and_silent_connections_close_at_once_without_waiting_for_the_deadline() {
     let mut srv = start(app(), |s| {
-        s.shutdown_timeout(Duration::from_secs(60))
-            .new_connection_grace(Duration::from_millis(100))
+        s.drain_policy(
+            grace_http::DrainPolicy::default()
+                .shutdown_timeout(Duration::from_secs(60))
+                .new_connection_grace(Duration::from_millis(100)),
+        )
     })
     .await;
     let mut idle = Client::connect(srv.addr).await;
@@ -83,7 +86,12 @@ async fn idle_and_silent_connections_close_at_once_without_waiting_for_the_deadl
 #[tokio::test]
 async fn a_request_arriving_just_after_accept_is_still_served() {
     // A client that connected a moment before the drain and is about to send.
-    let mut srv = start(app(), |s| s.new_connection_grace(Duration::from_secs(2))).await;
+    let mut srv = start(app(), |s| {
+        s.drain_policy(
+            grace_http::DrainPolicy::default().new_connection_grace(Duration::from_secs(2)),
+        )
+    })
+    .await;
     let mut c = Client::connect(srv.addr).await;
     srv.wait_counts(|c| c.new == 1).await;
     srv.handle.shutdown();
@@ -102,7 +110,8 @@ async fn a_request_arriving_just_after_accept_is_still_served() {
 async fn deadline_forces_every_state_and_the_report_says_what_was_cut() {
     let deadline = Duration::from_millis(500);
     let mut srv = start(app(), |s| {
-        s.shutdown_timeout(deadline).record_requests(true)
+        s.drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(deadline))
+            .record_requests(true)
     })
     .await;
     // A slow request.
@@ -169,7 +178,10 @@ async fn deadline_forces_every_state_and_the_report_says_what_was_cut() {
 #[tokio::test]
 async fn without_record_requests_a_forced_connection_has_no_request() {
     let deadline = Duration::from_millis(300);
-    let mut srv = start(app(), |s| s.shutdown_timeout(deadline)).await;
+    let mut srv = start(app(), |s| {
+        s.drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(deadline))
+    })
+    .await;
     let mut slow = Client::connect(srv.addr).await;
     slow.send("/sleep/60000").await;
     srv.wait_counts(|c| c.active == 1).await;
@@ -182,7 +194,10 @@ async fn without_record_requests_a_forced_connection_has_no_request() {
 
 #[tokio::test]
 async fn force_from_the_handle_cuts_at_once() {
-    let mut srv = start(app(), |s| s.shutdown_timeout(Duration::from_secs(60))).await;
+    let mut srv = start(app(), |s| {
+        s.drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(60)))
+    })
+    .await;
     let mut slow = Client::connect(srv.addr).await;
     slow.send("/sleep/60000").await;
     srv.wait_counts(|c| c.active == 1).await;
@@ -228,8 +243,8 @@ async fn streaming_responses_finish_during_the_drain() {
 #[tokio::test]
 async fn a_half_sent_request_head_does_not_hold_the_drain() {
     let mut srv = start(app(), |s| {
-        s.shutdown_timeout(Duration::from_secs(30))
-            .header_read_timeout(Duration::from_secs(30))
+        s.drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(30)))
+            .timeouts(grace_http::Timeouts::default().header_read(Duration::from_secs(30)))
     })
     .await;
     let mut slow = Client::connect(srv.addr).await;
@@ -319,7 +334,10 @@ async fn thousands_of_connections_are_all_closed_or_forced_and_reported_once() {
     .expect("raising RLIMIT_NOFILE to its hard limit");
 
     let deadline = Duration::from_secs(2);
-    let mut srv = start(app(), |s| s.shutdown_timeout(deadline)).await;
+    let mut srv = start(app(), |s| {
+        s.drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(deadline))
+    })
+    .await;
     let mut idle = Vec::with_capacity(EACH);
     let mut busy = Vec::with_capacity(EACH);
     for _ in 0..EACH {

@@ -25,7 +25,10 @@ async fn a_malformed_request_gets_400_and_disturbs_no_other_connection() {
 
 #[tokio::test]
 async fn a_client_slow_with_its_headers_is_cut_by_the_header_timeout() {
-    let mut srv = start(app(), |s| s.header_read_timeout(Duration::from_millis(300))).await;
+    let mut srv = start(app(), |s| {
+        s.timeouts(grace_http::Timeouts::default().header_read(Duration::from_millis(300)))
+    })
+    .await;
     let mut slow = Client::connect(srv.addr).await;
     slow.write(b"GET / HTTP/1.1\r\nHo").await;
     let mut silent = Client::connect(srv.addr).await;

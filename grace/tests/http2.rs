@@ -124,8 +124,11 @@ async fn idle_h2(srv: &common::Running) -> TcpStream {
 #[tokio::test]
 async fn a_preface_alone_does_not_hold_a_connection() {
     let srv = start(app(), |s| {
-        s.header_read_timeout(Duration::from_millis(300))
-            .idle_timeout(None)
+        s.timeouts(
+            grace_http::Timeouts::default()
+                .header_read(Duration::from_millis(300))
+                .idle(None),
+        )
     })
     .await;
     let mut s = preface(srv.addr).await;
@@ -141,8 +144,11 @@ async fn a_preface_alone_does_not_hold_a_connection() {
 #[tokio::test]
 async fn headers_without_end_headers_do_not_hold_a_connection() {
     let srv = start(app(), |s| {
-        s.header_read_timeout(Duration::from_millis(300))
-            .idle_timeout(None)
+        s.timeouts(
+            grace_http::Timeouts::default()
+                .header_read(Duration::from_millis(300))
+                .idle(None),
+        )
     })
     .await;
     let mut s = preface(srv.addr).await;
@@ -160,7 +166,10 @@ async fn headers_without_end_headers_do_not_hold_a_connection() {
 /// the idle timeout, as an idle HTTP/1 one is.
 #[tokio::test]
 async fn an_idle_http2_connection_is_closed_by_the_idle_timeout() {
-    let srv = start(app(), |s| s.idle_timeout(Duration::from_millis(300))).await;
+    let srv = start(app(), |s| {
+        s.timeouts(grace_http::Timeouts::default().idle(Duration::from_millis(300)))
+    })
+    .await;
     let mut s = preface(srv.addr).await;
     s.write_all(&frame(HEADERS, 0x5, 1, &get_headers("/")))
         .await
@@ -190,7 +199,10 @@ async fn an_idle_http2_connection_is_closed_by_the_idle_timeout() {
 /// a second later, and nothing is reported as forced.
 #[tokio::test]
 async fn a_peer_that_never_answers_the_drain_ping_does_not_hold_the_drain() {
-    let mut srv = start(app(), |s| s.shutdown_timeout(Duration::from_secs(60))).await;
+    let mut srv = start(app(), |s| {
+        s.drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(60)))
+    })
+    .await;
     let mut s = idle_h2(&srv).await;
     let t = std::time::Instant::now();
     srv.handle.shutdown();
@@ -205,7 +217,10 @@ async fn a_peer_that_never_answers_the_drain_ping_does_not_hold_the_drain() {
 /// after it finishes, then the connection closes.
 #[tokio::test]
 async fn the_ping_bound_lets_an_open_stream_finish() {
-    let mut srv = start(app(), |s| s.shutdown_timeout(Duration::from_secs(60))).await;
+    let mut srv = start(app(), |s| {
+        s.drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(60)))
+    })
+    .await;
     let mut s = preface(srv.addr).await;
     s.write_all(&frame(HEADERS, 0x5, 1, &get_headers("/sleep/1800")))
         .await
@@ -232,7 +247,10 @@ async fn the_ping_bound_lets_an_open_stream_finish() {
 /// streams on another instance before this one's listener closes.
 #[tokio::test]
 async fn http2_gets_its_goaway_during_the_pre_stop_delay() {
-    let mut srv = start(app(), |s| s.pre_stop_delay(Duration::from_secs(2))).await;
+    let mut srv = start(app(), |s| {
+        s.drain_policy(grace_http::DrainPolicy::default().pre_stop_delay(Duration::from_secs(2)))
+    })
+    .await;
     let mut s = idle_h2(&srv).await;
     let t = std::time::Instant::now();
     srv.handle.shutdown();

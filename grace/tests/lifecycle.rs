@@ -75,7 +75,10 @@ fn outcomes(lines: &[grace_http::TaskReport]) -> Vec<(&str, Outcome)> {
 
 #[tokio::test]
 async fn a_hanging_resource_is_cut_at_its_timeout_and_the_others_still_close() {
-    let mut srv = start(app(), |s| s.shutdown_timeout(Duration::from_secs(20))).await;
+    let mut srv = start(app(), |s| {
+        s.drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(20)))
+    })
+    .await;
     let log = Log::default();
     // Registered "db" first; the other two use it, so it must close last.
     srv.handle
@@ -126,7 +129,10 @@ async fn a_hanging_resource_is_cut_at_its_timeout_and_the_others_still_close() {
 
 #[tokio::test]
 async fn the_stop_deadline_holds_over_resource_timeouts_and_later_resources_still_close() {
-    let mut srv = start(app(), |s| s.stop_deadline(Duration::from_secs(2))).await;
+    let mut srv = start(app(), |s| {
+        s.drain_policy(grace_http::DrainPolicy::default().stop_deadline(Duration::from_secs(2)))
+    })
+    .await;
     let log = Log::default();
     srv.handle
         .add_resource(logged("after", &log).timeout(Duration::from_secs(10)));
@@ -165,7 +171,10 @@ async fn the_stop_deadline_holds_over_resource_timeouts_and_later_resources_stil
 
 #[tokio::test]
 async fn jobs_stop_after_the_last_request_finish_their_unit_and_stragglers_are_cut() {
-    let mut srv = start(app(), |s| s.shutdown_timeout(Duration::from_secs(2))).await;
+    let mut srv = start(app(), |s| {
+        s.drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(2)))
+    })
+    .await;
     let log = Log::default();
 
     // Works in 400 ms units with 10 ms between them; a unit once started is finished.
@@ -287,7 +296,10 @@ async fn readiness_fails_at_once_while_in_flight_requests_finish() {
 
 #[tokio::test]
 async fn a_force_during_the_resource_phase_cuts_what_is_still_closing() {
-    let mut srv = start(app(), |s| s.shutdown_timeout(Duration::from_secs(60))).await;
+    let mut srv = start(app(), |s| {
+        s.drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(60)))
+    })
+    .await;
     let log = Log::default();
     srv.handle.add_resource(logged("db", &log));
     srv.handle.add_resource(
@@ -321,7 +333,10 @@ async fn a_force_during_the_resource_phase_cuts_what_is_still_closing() {
 /// `Shutdown(ctx)`: registered resources no longer take half of it.
 #[tokio::test]
 async fn a_request_shorter_than_the_shutdown_timeout_completes_though_resources_are_registered() {
-    let mut srv = start(app(), |s| s.shutdown_timeout(Duration::from_secs(2))).await;
+    let mut srv = start(app(), |s| {
+        s.drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(2)))
+    })
+    .await;
     let log = Log::default();
     srv.handle
         .add_resource(logged("db", &log).timeout(Duration::from_secs(5)));
@@ -342,8 +357,11 @@ async fn a_request_shorter_than_the_shutdown_timeout_completes_though_resources_
 #[tokio::test]
 async fn with_a_stop_deadline_resources_still_close_inside_it() {
     let mut srv = start(app(), |s| {
-        s.shutdown_timeout(Duration::from_secs(30))
-            .stop_deadline(Duration::from_millis(1_500))
+        s.drain_policy(
+            grace_http::DrainPolicy::default()
+                .shutdown_timeout(Duration::from_secs(30))
+                .stop_deadline(Duration::from_millis(1_500)),
+        )
     })
     .await;
     let log = Log::default();

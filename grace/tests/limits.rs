@@ -14,7 +14,10 @@ use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn at_max_connections_new_connections_wait_in_the_queue_and_are_served_in_turn() {
-    let mut s = start(app(), |s| s.max_connections(2)).await;
+    let mut s = start(app(), |s| {
+        s.limits(grace_http::Limits::default().max_connections(2))
+    })
+    .await;
     // Both busy (a request in flight each): they keep their places.
     let mut c1 = Client::connect(s.addr).await;
     let mut c2 = Client::connect(s.addr).await;
@@ -49,7 +52,10 @@ async fn at_max_connections_new_connections_wait_in_the_queue_and_are_served_in_
 
 #[tokio::test]
 async fn a_drain_at_the_limit_does_not_wait_for_a_place() {
-    let mut s = start(app(), |s| s.max_connections(1)).await;
+    let mut s = start(app(), |s| {
+        s.limits(grace_http::Limits::default().max_connections(1))
+    })
+    .await;
     let mut c1 = Client::connect(s.addr).await;
     c1.send("/sleep/300").await;
     s.wait_counts(|c| c.active == 1).await;
@@ -64,7 +70,10 @@ async fn a_drain_at_the_limit_does_not_wait_for_a_place() {
 #[tokio::test]
 async fn connections_past_max_connection_age_close_gracefully() {
     let age = Duration::from_millis(300);
-    let mut s = start(app(), |s| s.max_connection_age(age)).await;
+    let mut s = start(app(), |s| {
+        s.limits(grace_http::Limits::default().max_connection_age(age))
+    })
+    .await;
 
     // HTTP/1, idle at its age: closed.
     let t = Instant::now();
@@ -135,7 +144,10 @@ async fn configure_hyper_reaches_hyper() {
 /// served at once, not at the idle timeout, and the more recent idle connection stays.
 #[tokio::test]
 async fn at_max_connections_the_connection_idle_longest_makes_room() {
-    let mut s = start(app(), |s| s.max_connections(2)).await;
+    let mut s = start(app(), |s| {
+        s.limits(grace_http::Limits::default().max_connections(2))
+    })
+    .await;
     let mut c1 = Client::connect(s.addr).await;
     assert_eq!(c1.get("/").await.unwrap().status, 200);
     let mut c2 = Client::connect(s.addr).await;
@@ -168,7 +180,11 @@ async fn at_max_connections_the_connection_idle_longest_makes_room() {
 #[tokio::test]
 async fn at_max_connections_silent_connections_make_room_and_begun_requests_stay() {
     let grace = Duration::from_millis(200);
-    let mut s = start(app(), |s| s.max_connections(2).new_connection_grace(grace)).await;
+    let mut s = start(app(), |s| {
+        s.limits(grace_http::Limits::default().max_connections(2))
+            .drain_policy(grace_http::DrainPolicy::default().new_connection_grace(grace))
+    })
+    .await;
     let mut begun = Client::connect(s.addr).await;
     begun.write(b"GET / HT").await;
     s.wait_counts(|c| c.active == 1).await;

@@ -207,7 +207,12 @@ async fn snapshots_show_each_connection_with_its_state_peer_age_and_request() {
 async fn prometheus_text_parses_and_matches_the_handle_through_a_forced_drain() {
     let _serial = SERIAL.lock().await;
     let before = scrape_drains();
-    let mut srv = start(app(), |s| s.shutdown_timeout(Duration::from_millis(300))).await;
+    let mut srv = start(app(), |s| {
+        s.drain_policy(
+            grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_millis(300)),
+        )
+    })
+    .await;
     let mut idle = Client::connect(srv.addr).await;
     assert_eq!(idle.get("/").await.unwrap().status, 200);
     let mut stuck = Client::connect(srv.addr).await;

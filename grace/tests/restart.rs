@@ -213,7 +213,9 @@ async fn a_silent_connection_accepted_before_the_handover_is_still_served() {
     let dir = Dir::new("silent");
     let (listener, addr, _) = listener();
     let ready = dir.script("ready", "echo ready >&$GRACE_READY_FD\nsleep 1");
-    let server = Server::from_listener(listener).new_connection_grace(Duration::from_millis(50));
+    let server = Server::from_listener(listener).drain_policy(
+        grace_http::DrainPolicy::default().new_connection_grace(Duration::from_millis(50)),
+    );
     let handle = server.handle();
     let serve = server
         .serve(app())
@@ -257,7 +259,8 @@ async fn an_upgrade_does_not_wait_for_the_pre_stop_delay() {
     let dir = Dir::new("pre-stop");
     let (listener, addr, _socket) = listener();
     let child = dir.script("child", "echo ready >&$GRACE_READY_FD\nsleep 1");
-    let server = Server::from_listener(listener).pre_stop_delay(Duration::from_secs(60));
+    let server = Server::from_listener(listener)
+        .drain_policy(grace_http::DrainPolicy::default().pre_stop_delay(Duration::from_secs(60)));
     let handle = server.handle();
     let serve = server
         .serve(app())
@@ -280,4 +283,52 @@ async fn an_upgrade_does_not_wait_for_the_pre_stop_delay() {
         "{}",
         report.to_json()
     );
+}
+
+/// A restart asked for as the server starts serving (a SIGHUP right after the pid file
+/// names the new generation, as `grace-demo/tests/handover.rs` sends under load) passes
+/// the control socket on. It used to be registered for passing only once its task first
+/// ran: a restart handled before that started the new process without it, which then
+/// found the path in use and exited, and the upgrade rolled back.
+#[tokio::test(flavor = "current_thread")]
+async fn a_restart_asked_for_as_serving_starts_passes_the_control_socket() {
+    let dir = Dir::new("control-early");
+    let (listener, _, _) = listener();
+    let seen = dir.0.join("seen");
+    // Records whether it was given the control socket, then exits (the upgrade fails).
+    let child = dir.script(
+        "child",
+        &format!(
+            "echo \"control=${{GRACE_CONTROL_FD:-none}}\" > {seen}.tmp && mv {seen}.tmp {seen}\nexit 3",
+            seen = seen.display()
+        ),
+    );
+    let server = Server::from_listener(listener);
+    let handle = server.handle();
+    let serve = server
+        .serve(app())
+        .with_control(dir.0.join("control.sock"))
+        .with_restart(Restart::new().no_signal().program(&child));
+    // Asked for before serving starts: the restart task takes it as soon as it first runs,
+    // which on this one-thread runtime is before any task spawned after it.
+    let asked = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.restart().await }
+    });
+    tokio::task::yield_now().await;
+    let served = tokio::spawn(serve.into_future());
+    let outcome = tokio::time::timeout(SOON, asked).await.unwrap().unwrap();
+    assert!(outcome.is_err(), "{outcome:?}");
+    let seen = std::fs::read_to_string(&seen).unwrap();
+    assert_ne!(
+        seen.trim(),
+        "control=none",
+        "the control socket was not passed"
+    );
+    handle.shutdown();
+    tokio::time::timeout(SOON, served)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }

@@ -93,7 +93,7 @@ fn ws_app(polite: bool) -> axum::Router {
 #[tokio::test]
 async fn upgraded_connections_stay_tracked_get_a_notice_and_say_goodbye() {
     let mut srv = start(ws_app(true), |s| {
-        s.shutdown_timeout(Duration::from_secs(60))
+        s.drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(60)))
     })
     .await;
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", srv.addr))
@@ -124,7 +124,10 @@ async fn upgraded_connections_stay_tracked_get_a_notice_and_say_goodbye() {
 #[tokio::test]
 async fn an_upgraded_connection_that_ignores_the_notice_is_forced_at_the_deadline() {
     let deadline = Duration::from_millis(300);
-    let mut srv = start(ws_app(false), |s| s.shutdown_timeout(deadline)).await;
+    let mut srv = start(ws_app(false), |s| {
+        s.drain_policy(grace_http::DrainPolicy::default().shutdown_timeout(deadline))
+    })
+    .await;
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", srv.addr))
         .await
         .unwrap();
@@ -142,7 +145,10 @@ async fn an_upgraded_connection_that_ignores_the_notice_is_forced_at_the_deadlin
 /// clients cannot hold descriptors forever; one in use is not.
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
-    let srv = start(app(), |s| s.idle_timeout(Duration::from_millis(300))).await;
+    let srv = start(app(), |s| {
+        s.timeouts(grace_http::Timeouts::default().idle(Duration::from_millis(300)))
+    })
+    .await;
     let mut idle = Client::connect(srv.addr).await;
     assert_eq!(idle.get("/").await.map(|r| r.status), Some(200));
     // A request that outlives the idle timeout is not cut: only idle time counts.
@@ -158,7 +164,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 async fn idle_connections_time_out_by_default() {
     let server = grace_http::Server::bind("127.0.0.1:0").await.unwrap();
     let config = format!("{server:?}");
-    assert!(config.contains("idle_timeout: Some(75s)"), "{config}");
+    assert!(config.contains("idle: Some(75s)"), "{config}");
     assert_eq!(grace_http::DEFAULT_IDLE_TIMEOUT, Duration::from_secs(75));
 }
 
@@ -168,7 +174,7 @@ async fn idle_connections_time_out_by_default() {
 #[tokio::test]
 async fn a_dribbled_body_is_cut_and_a_normal_one_is_not() {
     let srv = start(app(), |s| {
-        s.request_body_timeout(Duration::from_millis(400), 500)
+        s.timeouts(grace_http::Timeouts::default().request_body(Duration::from_millis(400), 500))
     })
     .await;
     let mut ok = Client::connect(srv.addr).await;
@@ -218,8 +224,11 @@ async fn a_dribbled_body_is_cut_and_a_normal_one_is_not() {
 /// When each of `n` WebSocket clients received its goodbye, counted from the drain.
 async fn goodbye_times(spread: Duration, n: usize) -> Vec<Duration> {
     let mut srv = start(ws_app(true), |s| {
-        s.shutdown_timeout(Duration::from_secs(60))
-            .goodbye_spread(spread)
+        s.drain_policy(
+            grace_http::DrainPolicy::default()
+                .shutdown_timeout(Duration::from_secs(60))
+                .goodbye_spread(spread),
+        )
     })
     .await;
     let mut clients = Vec::new();

@@ -41,7 +41,9 @@ fn inode(path: &Path) -> u64 {
 #[tokio::test]
 async fn serves_and_drains_over_a_unix_socket() {
     let path = sock_path("drain");
-    let server = grace_http::Server::bind_unix(&path).unwrap();
+    let server = grace_http::Server::bind(format!("unix:{}", path.display()))
+        .await
+        .unwrap();
     assert!(matches!(
         server.local_addrs()[0],
         grace_http::Addr::Unix(Some(_))
@@ -88,8 +90,9 @@ async fn a_stale_socket_file_is_replaced() {
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     assert!(path.exists());
 
-    let server =
-        grace_http::Server::bind_unix(&path).expect("a stale socket file must be replaced");
+    let server = grace_http::Server::bind(format!("unix:{}", path.display()))
+        .await
+        .expect("a stale socket file must be replaced");
     let handle = server.handle();
     let served = tokio::spawn(server.serve(app()).into_future());
     assert!(get(&path).await.ends_with("over unix"));
@@ -176,7 +179,9 @@ fn a_server_that_never_served_removes_its_file_when_the_runtime_ends() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let server = grace_http::Server::bind_unix(&path).unwrap();
+        let server = grace_http::Server::bind(format!("unix:{}", path.display()))
+            .await
+            .unwrap();
         assert!(path.exists());
         // A start-up step fails: the server is dropped without serving.
         drop(server);
@@ -205,7 +210,9 @@ async fn an_adopted_socket_file_is_not_ours_to_remove() {
 #[tokio::test]
 async fn a_file_replaced_meanwhile_is_not_removed() {
     let path = sock_path("replaced");
-    let server = grace_http::Server::bind_unix(&path).unwrap();
+    let server = grace_http::Server::bind(format!("unix:{}", path.display()))
+        .await
+        .unwrap();
     let handle = server.handle();
     let served = tokio::spawn(server.serve(app()).into_future());
     // Someone else takes the path over while we serve.

@@ -107,8 +107,9 @@ async fn main() -> anyhow::Result<()> {
 
     match args.mode {
         Mode::Grace => {
-            let mut server = grace_http::Server::from_listener(listener)
-                .shutdown_timeout(Duration::from_secs(30));
+            let mut server = grace_http::Server::from_listener(listener).drain_policy(
+                grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(30)),
+            );
             if let Some(tls) = tls {
                 server = server.tls(tls);
             }
@@ -179,9 +180,8 @@ async fn main() -> anyhow::Result<()> {
             println!("listening on {addr}");
             match tls {
                 Some(tls) => {
-                    let config = axum_server::tls_rustls::RustlsConfig::from_config(
-                        std::sync::Arc::clone(tls.server_config()),
-                    );
+                    let config =
+                        axum_server::tls_rustls::RustlsConfig::from_config(tls.server_config());
                     server
                         .acceptor(
                             axum_server::tls_rustls::RustlsAcceptor::new(config)

@@ -484,6 +484,7 @@ fn main() -> Result<()> {
         let runs_of = [
             ("grace, SIGTERM (drain)", "grace", Signal::TERM),
             ("axum, SIGTERM (drain)", "axum", Signal::TERM),
+            ("axum-server, SIGTERM (drain)", "axum-server", Signal::TERM),
             (
                 "hyper, SIGTERM (no drain: runtime dropped)",
                 "hyper",

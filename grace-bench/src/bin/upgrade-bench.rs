@@ -109,7 +109,9 @@ fn serve(args: Args) -> Result<()> {
             axum::routing::get(move || std::future::ready(pid.clone())),
         );
         let serve = server
-            .shutdown_timeout(Duration::from_secs(10))
+            .drain_policy(
+                grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(10)),
+            )
             .serve(app)
             .with_signals()
             .with_restart(restart);

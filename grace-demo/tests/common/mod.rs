@@ -176,6 +176,8 @@ pub fn install_real_binary(path: &Path) {
 pub struct Service {
     pub scratch: TempDir,
     pub addr: SocketAddr,
+    /// The `--admin-listen` address, when the service was given one.
+    pub admin: Option<SocketAddr>,
     pub pid_file: PathBuf,
     pub log: PathBuf,
     /// Every generation, oldest first.
@@ -223,9 +225,18 @@ impl Service {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .parse()
             .unwrap();
+        // With `--admin-listen`, the next line says where.
+        let admin = args.contains(&"--admin-listen").then(|| {
+            let line = rx.recv_timeout(PATIENCE).unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("no `admin listening on` line; stderr:\n{}", read(&log))
+            });
+            admin_addr(&line)
+        });
         let service = Service {
             scratch,
             addr,
+            admin,
             pid_file,
             log,
             pids: vec![child.id()],
@@ -343,7 +354,11 @@ impl Service {
             }
             let gone = wait_gone(p, PATIENCE);
             self.retired.insert(p);
-            if gone != Gone::Exited(Some(0)) {
+            // A generation whose drain ends before its parent's (an older generation still
+            // closing its resources) is reaped by that parent: its status is not ours to see
+            // then, only that it is gone. The first generation is always our child.
+            let reaped_by_parent = i > 0 && gone == Gone::Elsewhere;
+            if gone != Gone::Exited(Some(0)) && !reaped_by_parent {
                 panic!(
                     "generation {i} ({p}) ended with {gone:?}; stderr:\n{}",
                     self.stderr()
@@ -386,10 +401,21 @@ impl Drop for Service {
     }
 }
 
+/// The address in the demo's `admin listening on ADDR` line.
+fn admin_addr(line: &str) -> SocketAddr {
+    line.strip_prefix("admin listening on ")
+        .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// A running `grace-demo`.
 pub struct Demo {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The `--admin-listen` address, when it was given one.
+    pub admin: Option<SocketAddr>,
     pub pid: u32,
     stderr: Arc<Mutex<String>>,
     _stdout: tokio::process::ChildStdout,
@@ -481,9 +507,24 @@ impl Demo {
                 );
             }
         };
+        let admin = match args.iter().any(|a| a == "--admin-listen") {
+            false => None,
+            true => {
+                line.clear();
+                let read =
+                    tokio::time::timeout(Duration::from_secs(60), stdout.read_line(&mut line))
+                        .await;
+                if read.is_err() {
+                    let _ = child.kill().await;
+                    panic!("no `admin listening on` line\n{}", stderr.lock().unwrap());
+                }
+                Some(admin_addr(&line))
+            }
+        };
         Demo {
             child,
             addr,
+            admin,
             pid,
             stderr,
             _stdout: stdout.into_inner(),

@@ -19,7 +19,7 @@ pub(crate) fn far_future(t: Instant) -> Instant {
     t + Duration::from_secs(30 * 365 * 86_400)
 }
 
-/// The budget of one server's stops (see `Server::shutdown_timeout`, `Server::stop_deadline`).
+/// The budget of one server's stops (see `DrainPolicy::shutdown_timeout`, `DrainPolicy::stop_deadline`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Budget {
     pub(crate) shutdown_timeout: Duration,

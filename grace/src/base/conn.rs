@@ -123,7 +123,7 @@ impl ConnInfo {
 }
 
 /// Live connections per state, as read from [`Handle::counts`](crate::Handle::counts).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StateCounts {
     /// Accepted, nothing read yet.
     pub new: usize,

@@ -23,10 +23,10 @@ pub enum Trigger {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ForceReason {
-    /// The shutdown timeout ([`Server::shutdown_timeout`](crate::Server::shutdown_timeout))
+    /// The shutdown timeout ([`DrainPolicy::shutdown_timeout`](crate::DrainPolicy::shutdown_timeout))
     /// passed with work still in flight.
     Deadline,
-    /// The overall stop deadline ([`Server::stop_deadline`](crate::Server::stop_deadline))
+    /// The overall stop deadline ([`DrainPolicy::stop_deadline`](crate::DrainPolicy::stop_deadline))
     /// came first: what was left was cut to leave the resources their close time.
     StopDeadline,
     /// A second signal arrived during the drain.

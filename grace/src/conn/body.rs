@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::tracker::Conn;
+use super::record::Conn;
 use crate::base::budget::after;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -38,7 +38,7 @@ impl BodyLimit {
     }
 }
 
-/// The body was not received in time (see [`Server::request_body_timeout`](crate::Server::request_body_timeout)).
+/// The body was not received in time (see [`Timeouts::request_body`](crate::Timeouts::request_body)).
 #[derive(Debug, thiserror::Error)]
 #[error("the request body was not received in time ({received} bytes after {elapsed:?})")]
 pub struct BodyTimeout {

@@ -2,9 +2,8 @@
 //! timer per request or connection.
 //!
 //! A thread rather than a task on the runtime's timer: a timer in tokio's wheel makes every
-//! park of every worker compute the next deadline (a clock read and a wheel scan, about 50
-//! instructions per request at light load, `docs/benchmarks.md`); this thread sleeps in the
-//! kernel between ticks and costs the runtime nothing.
+//! park of every worker compute the next deadline; this thread sleeps in the kernel between
+//! ticks and costs the runtime nothing (measured in `docs/benchmarks.md`).
 
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};

@@ -17,12 +17,14 @@ use http::{Request, Response};
 use super::http::{HttpConn, Released};
 #[cfg(unix)]
 use super::io::TrackedIo;
+use super::record::Conn;
+#[cfg(unix)]
+use super::record::HandOver;
 use super::task::BoxError;
 #[cfg(unix)]
 use super::task::{ConnIo, ResponseBody};
-use super::tracker::Conn;
 #[cfg(unix)]
-use super::tracker::{HandOver, Tracker};
+use super::tracker::Tracker;
 #[cfg(unix)]
 use crate::handover::{Handed, Origin};
 

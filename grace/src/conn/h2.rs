@@ -9,8 +9,8 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
+use super::record::Conn;
 use super::task::BoxError;
-use super::tracker::Conn;
 use crate::base::latch::Latch;
 use crate::base::report::Trigger;
 

@@ -12,7 +12,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::Addr;
-use super::tracker::{Conn, Tracker};
+use super::record::Conn;
+use super::tracker::Tracker;
 use crate::sys::AsRawFd;
 
 pub(crate) struct TrackedIo<S> {

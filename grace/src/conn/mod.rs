@@ -19,11 +19,15 @@ pub(crate) mod clock;
 mod fanout;
 mod h1;
 mod h2;
+pub(crate) mod handing;
 pub(crate) mod http;
 pub(crate) mod io;
 pub(crate) mod notice;
+pub(crate) mod record;
 pub(crate) mod request;
 pub(crate) mod state;
+mod stats;
+mod sweep;
 pub(crate) mod task;
 pub(crate) mod tracker;
 

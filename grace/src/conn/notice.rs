@@ -10,7 +10,7 @@ use crate::base::report::Trigger;
 /// Every request that asks for an upgrade (an `Upgrade` header, or `CONNECT`) carries one in
 /// its extensions, so a WebSocket handler can send a close frame (`1001 Going Away`) when the
 /// drain starts instead of being cut at the deadline. Any code can get one from
-/// [`Handle::notice`].
+/// [`Handle::notice`](crate::Handle::notice).
 ///
 /// ```
 /// # async fn doc(req: http::Request<()>) {
@@ -42,7 +42,7 @@ impl ShutdownNotice {
     }
 
     /// Resolves when the drain starts (at once if it has) — or, with a goodbye spread
-    /// ([`Server::goodbye_spread`](crate::Server::goodbye_spread)), at this notice's place
+    /// ([`DrainPolicy::goodbye_spread`](crate::DrainPolicy::goodbye_spread)), at this notice's place
     /// in the spread after that, so long-lived connections do not all say goodbye (and
     /// reconnect) at the same instant.
     pub async fn wait(&self) {

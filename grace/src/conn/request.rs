@@ -20,9 +20,9 @@ use tower::ServiceExt;
 use tower::util::Oneshot;
 
 use super::body::{BodyLimit, RequestBody};
+use super::record::Conn;
 use super::state::Event;
 use super::task::BoxError;
-use super::tracker::Conn;
 
 /// hyper's service for one connection, around the user's tower service: it tracks each
 /// request, and puts what is known of the connection into the request's extensions.
@@ -168,15 +168,13 @@ fn may_upgrade<B>(req: &Request<B>) -> bool {
 
 /// A box a service's future runs in. A connection keeps one from a request to the next (its
 /// [`Spare`]): the future is written once, into the heap, with no allocation per request
-/// once the first is served, and what hyper moves per request is a pointer. An axum
-/// `Router`'s future is 312 bytes: held inline, it was copied three times more per request
-/// (about 130 instructions, callgrind).
+/// once the first is served, and what hyper moves per request is a pointer rather than the
+/// future itself (measured in `docs/benchmarks.md`).
 type Slot<F> = Pin<Box<Option<F>>>;
 
 /// A connection's spare [`Slot`]: taken by a request, given back when its future is done.
 /// HTTP/2 streams that overlap allocate their own; the spare keeps one. An `AtomicCell` of a
-/// pointer (lock-free swaps): a mutex's lock and unlock cost about 50 instructions per
-/// request more.
+/// pointer: lock-free swaps, cheaper per request than a mutex's lock and unlock.
 pub(crate) struct Spare<F>(crossbeam_utils::atomic::AtomicCell<Option<Slot<F>>>);
 
 impl<F> Spare<F> {

@@ -1,16 +1,7 @@
 //! The connection state machine, apart from any I/O: one pure function from a state and an
 //! event to the next state. The tracker applies it atomically (see `Conn::apply`); the
 //! socket wrapper, the request wrappers and the tracker only report events.
-//!
-//! ```text
-//!            Bytes                  ResponseDone
-//!   New ───────────────► Active ◄───────────────► Idle
-//!    │  (Preface: HTTP/2 ─────────────────────────►)  Bytes (HTTP/1),
-//!    │                     │ Upgraded                RequestStarted
-//!    │                     ▼
-//!    │                  Hijacked
-//!    └─────────────────────┴──────── Closed ◄────── Close (from any state)
-//! ```
+//! The diagram is in `docs/architecture.md` ("The state machine").
 
 use super::ConnState;
 

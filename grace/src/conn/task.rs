@@ -15,12 +15,12 @@ use http_body::Body;
 use super::body::{BodyLimit, RequestBody};
 use super::http::{HttpConn, HyperBuilder};
 use super::io::TrackedIo;
+use super::record::Conn;
 use super::request::ConnService;
-use super::tracker::{Conn, Tracker};
+use super::tracker::Tracker;
 use super::{Addr, ConnState};
 use crate::accept::{Acceptor, Socket};
 use crate::base::budget::after;
-use crate::base::latch::Latch;
 use crate::base::report::Trigger;
 use crate::handover::Kind;
 #[cfg(unix)]
@@ -78,9 +78,9 @@ pub(crate) struct ConnCtx<S> {
     pub(crate) service: S,
     /// Shared with connections still telling their protocol (see `HttpConn`).
     pub(crate) builder: Arc<HyperBuilder>,
+    /// The registry; its `drain_asked` latch is the server's drain request (a restart gives
+    /// silent connections a longer grace).
     pub(crate) tracker: Arc<Tracker>,
-    /// The server's drain request: a restart gives silent connections a longer grace.
-    pub(crate) drain: Arc<Latch<Trigger>>,
     /// How long a silent new connection may take to send its first byte at a drain.
     pub(crate) grace: Duration,
     /// The same after a restart handed the listeners on (see `serve`).
@@ -90,7 +90,7 @@ pub(crate) struct ConnCtx<S> {
     pub(crate) acceptor: Option<Arc<dyn Acceptor>>,
     /// How long the acceptor may take (a TLS handshake).
     pub(crate) handshake_timeout: Duration,
-    /// Connections close gracefully at about this age (see `Server::max_connection_age`).
+    /// Connections close gracefully at about this age (see `Limits::max_connection_age`).
     pub(crate) max_age: Option<Duration>,
     /// Requests carry the peer's address (see `Server::peer_addr_in_requests`).
     pub(crate) peer_in_requests: bool,
@@ -102,7 +102,7 @@ impl<S> ConnCtx<S> {
     fn first_byte_grace(&self) -> Duration {
         // After a restart its client has no other process to go to (the new one cannot take
         // an accepted connection over): it gets as long as for its headers, as when serving.
-        match self.drain.get() {
+        match self.tracker.drain_asked.get() {
             Some(Trigger::Restart) => self.restart_grace,
             _ => self.grace,
         }
@@ -304,7 +304,7 @@ where
             // accepting), an HTTP/2 connection gets its GOAWAY at once, so its client opens its
             // next streams on another instance; HTTP/1 answers say `Connection: close`
             // (`request.rs`).
-            let soft = super::h2::soft_drain(&conn, &ctx.drain);
+            let soft = super::h2::soft_drain(&conn, &ctx.tracker.drain_asked);
             tokio::pin!(soft);
             // Old enough: `Connection: close` on the next HTTP/1 response (an idle connection
             // closes now), GOAWAY on HTTP/2.
@@ -334,12 +334,11 @@ where
             // close: its client may have been told so.)
             let seen = ctx.tracker.wake_count();
             #[cfg(unix)]
-            if let Some(outbox) = ctx.tracker.handing_over().filter(|_| !closing) {
-                if let Some(result) =
+            if let Some(outbox) = ctx.tracker.handing_over().filter(|_| !closing)
+                && let Some(result) =
                     super::h1::hand_over(&mut connection, &conn, &outbox, &ctx.tracker).await
-                {
-                    return log_end(&conn, result);
-                }
+            {
+                return log_end(&conn, result);
             }
             if conn.drain_started() {
                 break;
@@ -399,7 +398,7 @@ async fn finish<I, S, B>(
     log_end(&conn, connection.await);
 }
 
-/// When a connection is old enough to close (see `Server::max_connection_age`), if it ever
+/// When a connection is old enough to close (see `Limits::max_connection_age`), if it ever
 /// is. Boxed: a timer inline would be in every connection's memory, and most servers set no
 /// maximum age.
 fn old_age(conn: &Conn, max_age: Option<Duration>) -> Option<Pin<Box<tokio::time::Sleep>>> {
@@ -448,17 +447,14 @@ mod tests {
     }
 
     /// The task's future is in every connection's memory. An `async fn` keeps its arguments
-    /// for its whole life, beside the locals they are moved into: with `serve` and
-    /// `serve_io` as `async fn`s, an axum `Router`'s task was 2,152 bytes (debug build) for
-    /// a 768-byte `HttpConn`; now under 1,784. (grace-bench: 850 bytes less per idle
-    /// connection.)
+    /// for its whole life, beside the locals they are moved into: the task must stay within
+    /// a bound of its connection's own size (figures in `docs/benchmarks.md`).
     #[tokio::test]
     async fn a_connection_task_does_not_hold_its_arguments_twice() {
         let ctx = Arc::new(ConnCtx {
             service: axum::Router::new(),
             builder: Arc::new(HyperBuilder::new()),
             tracker: Arc::new(Tracker::default()),
-            drain: Arc::new(Latch::new()),
             grace: Duration::from_secs(1),
             restart_grace: Duration::from_secs(1),
             body_limit: None,
@@ -490,6 +486,6 @@ mod tests {
             "the task's future is {size} bytes, its connection {conn}"
         );
         drop((task, client));
-        assert_eq!(ctx.tracker.len(), 0);
+        assert_eq!(ctx.tracker.stats.len(), 0);
     }
 }

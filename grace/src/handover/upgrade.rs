@@ -62,7 +62,7 @@ pub(crate) async fn hand_over(
     let window_end = crate::base::budget::after(started, outbox.window().min(stop_timeout));
     shared.pause_accepting(true);
     tracker.start_hand_over(Arc::clone(&outbox));
-    let acks = outbox.acks(|| tracker.count_handed_over());
+    let acks = outbox.acks(|| tracker.stats.count_handed_over());
     tokio::pin!(acks);
     let sent = async {
         loop {
@@ -142,7 +142,9 @@ async fn take_back(
         }
     };
     let taken_back = taken.back.len();
-    tracker.uncount_handed_over(taken.were_acknowledged as u64);
+    tracker
+        .stats
+        .uncount_handed_over(taken.were_acknowledged as u64);
     taken.back.into_iter().for_each(|h| tracker.serve_local(h));
     tracker.end_hand_over(None);
     shared.pause_accepting(false);

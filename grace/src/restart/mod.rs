@@ -58,7 +58,7 @@ pub(crate) const DEFAULT_NAME: &str = "grace";
 ///  kill it if it runs, reap it, log why, systemd READY=1 — and keep serving.
 /// ```
 ///
-/// The new process is ready when its [`Serve`] starts serving: do every fallible
+/// The new process is ready when its [`Serve`](crate::Serve) starts serving: do every fallible
 /// initialisation (configuration, resources) before `serve`, and exit on failure, so a bad
 /// release rolls back instead of taking over. It must take the sockets with
 /// [`inherited_listeners`] (binding the address again would fail: the old process still

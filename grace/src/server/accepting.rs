@@ -7,6 +7,8 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 
 #[cfg(unix)]
+use super::also::{Route, Routes};
+#[cfg(unix)]
 use super::serve::AbortOnDrop;
 use crate::conn::task::{self, ConnCtx, HttpService, ResponseBody};
 #[cfg(unix)]
@@ -16,13 +18,14 @@ use crate::shutdown::Shared;
 
 /// Serves what the previous generation hands over, if it does (from before we say we are
 /// ready: it hands them over only once we have), and what an upgrade of ours gives back.
+/// Each is served by the service of the listener that accepted it (see [`Routes`]).
 /// Whether connections are taken from the previous generation.
 #[cfg(unix)]
 pub(super) fn receive<S, B>(
     handover: Option<std::os::fd::OwnedFd>,
     shared: &Shared,
     limit: Option<&Arc<tokio::sync::Semaphore>>,
-    ctx: &Arc<ConnCtx<S>>,
+    routes: &Arc<Routes<S>>,
     tasks: &mut Vec<AbortOnDrop>,
 ) -> bool
 where
@@ -41,7 +44,7 @@ where
         Some(inbox) => tasks.push(AbortOnDrop(tokio::spawn(receive_handed(
             inbox,
             limit.cloned(),
-            Arc::clone(ctx),
+            Arc::clone(routes),
         )))),
         None => {
             shared.tracker.previous_done.set(());
@@ -50,24 +53,23 @@ where
     // A connection that was on its way to a next generation that went (or that could not
     // go) is served here again.
     let _ = shared.tracker.local.set({
-        let (limit, ctx) = (limit.cloned(), Arc::clone(ctx));
-        Box::new(move |handed| serve_handed_here(handed, limit.as_ref(), &ctx))
+        let (limit, routes) = (limit.cloned(), Arc::clone(routes));
+        Box::new(move |handed| serve_handed_here(handed, limit.as_ref(), &routes))
     });
     takes_connections
 }
 
-/// Starts one accept loop per listener.
+/// Starts one accept loop per listener, each serving with `ctx`'s service, in `accepting`.
 pub(super) fn start<S, B>(
+    accepting: &mut JoinSet<()>,
     listeners: Vec<Arc<Listener>>,
     limit: Option<Arc<tokio::sync::Semaphore>>,
     shared: &Arc<Shared>,
     ctx: &Arc<ConnCtx<S>>,
-) -> JoinSet<()>
-where
+) where
     S: HttpService<B>,
     B: ResponseBody,
 {
-    let mut accepting = JoinSet::new();
     for l in listeners {
         if let Ok(addr) = l.local_addr() {
             tracing::info!(%addr, "listening");
@@ -79,7 +81,6 @@ where
             Arc::clone(ctx),
         ));
     }
-    accepting
 }
 
 /// Serves the connections the previous generation hands over, until it closes its end.
@@ -88,7 +89,7 @@ where
 async fn receive_handed<S, B>(
     mut inbox: crate::handover::inbox::Inbox,
     limit: Option<Arc<tokio::sync::Semaphore>>,
-    ctx: Arc<ConnCtx<S>>,
+    routes: Arc<Routes<S>>,
 ) where
     S: HttpService<B>,
     B: ResponseBody,
@@ -102,10 +103,10 @@ async fn receive_handed<S, B>(
                 break;
             }
         };
-        serve_handed_here(handed, limit.as_ref(), &ctx);
+        serve_handed_here(handed, limit.as_ref(), &routes);
     }
     tracing::debug!("the previous generation has handed over all it will");
-    ctx.tracker.previous_done.set(());
+    routes.main.tracker.previous_done.set(());
 }
 
 /// Resolves once accepting is paused (`true`) or no longer paused (`false`).
@@ -115,13 +116,13 @@ async fn wait_paused(paused: &mut tokio::sync::watch::Receiver<bool>, to: bool) 
 }
 
 /// Serves a connection handed over (by the previous generation, or back from an upgrade of
-/// ours that did not take it). Already accepted: one that finds the connection limit reached
-/// is served anyway.
+/// ours that did not take it), by the service of the listener that accepted it. Already
+/// accepted: one that finds the connection limit reached is served anyway.
 #[cfg(unix)]
 fn serve_handed_here<S, B>(
     handed: crate::handover::Handed,
     limit: Option<&Arc<tokio::sync::Semaphore>>,
-    ctx: &Arc<ConnCtx<S>>,
+    routes: &Routes<S>,
 ) where
     S: HttpService<B>,
     B: ResponseBody,
@@ -135,14 +136,24 @@ fn serve_handed_here<S, B>(
     match Stream::from_handed(socket) {
         Ok((mut stream, peer)) => {
             stream.hold(limit.and_then(|l| Arc::clone(l).try_acquire_owned().ok()));
-            tokio::spawn(task::serve_handed(
-                stream,
-                peer,
-                kind,
-                buffered,
-                origin,
-                Arc::clone(ctx),
-            ));
+            match routes.pick(&stream) {
+                Route::Main(ctx) => tokio::spawn(task::serve_handed(
+                    stream,
+                    peer,
+                    kind,
+                    buffered,
+                    origin,
+                    Arc::clone(ctx),
+                )),
+                Route::Also(ctx) => tokio::spawn(task::serve_handed(
+                    stream,
+                    peer,
+                    kind,
+                    buffered,
+                    origin,
+                    Arc::clone(ctx),
+                )),
+            };
         }
         Err(e) => tracing::debug!(error = %e, "handed-over descriptor refused"),
     }

@@ -2,16 +2,14 @@
 //! starts the accept loops (`accepting`) and, once asked to stop, runs the drain.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
 use tokio::net::ToSocketAddrs;
 
 use crate::accept::Acceptor;
-use crate::base::budget::Budget;
 use crate::base::conn::{Addr, ConnInfo, ConnState};
-use crate::conn::body::{BodyLimit, RequestBody};
+use crate::conn::body::RequestBody;
 use crate::conn::task::BoxError;
 use crate::conn::tracker::Hook;
 use crate::error::{Error, Result};
@@ -19,63 +17,46 @@ use crate::listener::{Listener, SocketFile};
 use crate::shutdown::{Handle, Shared};
 
 mod accepting;
+mod also;
+#[cfg(unix)]
+mod generations;
 mod serve;
+mod settings;
 
 pub use serve::Serve;
+pub use settings::{DEFAULT_IDLE_TIMEOUT, DrainPolicy, Limits, Timeouts};
 
-/// How long a keep-alive connection may stay idle by default: nginx's 75 s, longer than the
-/// 60 s that load balancers commonly keep their own idle backend connections, so that the
-/// balancer closes first and never sends a request on a connection we are closing.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
-
-/// Settings of a server. Each has a builder method on [`Server`].
-#[derive(Clone, Debug)]
-pub(crate) struct Config {
-    pub(crate) budget: Budget,
-    pub(crate) header_read_timeout: Option<Duration>,
-    pub(crate) idle_timeout: Option<Duration>,
-    pub(crate) body_limit: Option<BodyLimit>,
-    pub(crate) new_connection_grace: Duration,
-    pub(crate) handshake_timeout: Duration,
-    pub(crate) goodbye_spread: Duration,
-    pub(crate) max_connections: Option<usize>,
-    pub(crate) max_connection_age: Option<Duration>,
-    pub(crate) peer_in_requests: bool,
-    pub(crate) record_requests: bool,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            budget: Budget {
-                shutdown_timeout: Duration::from_secs(30),
-                stop_deadline: None,
-                pre_stop_delay: Duration::ZERO,
-            },
-            header_read_timeout: Some(Duration::from_secs(10)),
-            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
-            body_limit: Some(BodyLimit::DEFAULT),
-            new_connection_grace: Duration::from_millis(200),
-            handshake_timeout: Duration::from_secs(10),
-            goodbye_spread: Duration::ZERO,
-            max_connections: None,
-            max_connection_age: None,
-            peer_in_requests: false,
-            record_requests: false,
+impl Config {
+    /// What the tracker is set up with as serving starts.
+    pub(crate) fn tracker_settings(&self, hook: Option<Hook>) -> crate::conn::tracker::Settings {
+        crate::conn::tracker::Settings {
+            hook,
+            goodbye_spread: self.drain.goodbye_spread.unwrap_or_default(),
+            records: self.record_requests,
         }
     }
+}
+
+/// Settings of a server, set through [`Server`]'s builder methods.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Config {
+    pub(crate) timeouts: Timeouts,
+    pub(crate) limits: Limits,
+    pub(crate) drain: DrainPolicy,
+    pub(crate) peer_in_requests: bool,
+    pub(crate) record_requests: bool,
 }
 
 /// A graceful HTTP/1.1 + HTTP/2 server that owns its listeners.
 ///
 /// ```no_run
 /// use std::time::Duration;
-/// use grace_http::{ConnInfo, ConnState, Server};
+/// use grace_http::{ConnInfo, ConnState, DrainPolicy, Server};
 ///
 /// # async fn doc() -> Result<(), grace_http::Error> {
 /// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
 /// let server = Server::bind("127.0.0.1:8080").await?
-///     .shutdown_timeout(Duration::from_secs(30))
+///     .drain_policy(DrainPolicy::default().shutdown_timeout(Duration::from_secs(30)))
 ///     .on_conn_state(|conn: &ConnInfo, state: ConnState| {
 ///         tracing::debug!(id = conn.id(), peer = %conn.peer(), %state);
 ///     });
@@ -123,14 +104,41 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// Binds a TCP listener on the first address `addr` resolves to.
+    /// Binds a listener: TCP on the first address `addr` resolves to (`"0.0.0.0:8080"`, a
+    /// `SocketAddr`, `("localhost", 8080)`), or a Unix-domain socket for `"unix:PATH"` (on
+    /// Unix; on Windows that is an [`Error::Bind`] of kind `Unsupported`). A
+    /// Unix socket replaces a stale socket file at `PATH` but never a live one or another
+    /// kind of file, and its file is removed once the server stops for good (see
+    /// [`Listener`]'s docs); [`bind_unix_with_mode`](Self::bind_unix_with_mode) sets its
+    /// permissions.
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), grace_http::Error> {
+    /// let public = grace_http::Server::bind("0.0.0.0:8080").await?;
+    /// let local = grace_http::Server::bind("unix:/run/app/app.sock").await?;
+    /// # let _ = (public, local); Ok(()) }
+    /// ```
     pub async fn bind(addr: impl ToSocketAddrs + std::fmt::Display) -> Result<Server> {
-        let bind_err = |source| Error::Bind {
-            addr: addr.to_string(),
-            source,
-        };
+        let text = addr.to_string();
+        #[cfg(unix)]
+        if let Some(path) = text.strip_prefix("unix:") {
+            return Server::bind_unix_file(std::path::Path::new(path), None);
+        }
+        #[cfg(not(unix))]
+        if text.starts_with("unix:") {
+            let source = std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "Unix-domain sockets are Unix only",
+            );
+            return Err(Error::Bind { addr: text, source });
+        }
+        let bind_err = |source| Error::Bind { addr: text, source };
         let mut last = None;
-        for a in tokio::net::lookup_host(&addr).await.map_err(bind_err)? {
+        let resolved = match tokio::net::lookup_host(&addr).await {
+            Ok(resolved) => resolved,
+            Err(e) => return Err(bind_err(e)),
+        };
+        for a in resolved {
             match Listener::bind(a) {
                 Ok(l) => return Ok(Server::from_listener(l)),
                 Err(e) => last = Some(e),
@@ -139,14 +147,6 @@ impl Server {
         Err(bind_err(last.unwrap_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
         })))
-    }
-
-    /// Binds a Unix-domain listener at `path`, replacing a stale socket file but never a
-    /// live one or another kind of file; the file is removed once the server stops for good
-    /// (see [`Listener::bind_unix`]).
-    #[cfg(unix)]
-    pub fn bind_unix(path: impl AsRef<std::path::Path>) -> Result<Server> {
-        Server::bind_unix_file(path.as_ref(), None)
     }
 
     #[cfg(unix)]
@@ -163,8 +163,9 @@ impl Server {
             })
     }
 
-    /// Like [`bind_unix`](Self::bind_unix), with the socket file's permissions set to `mode`
-    /// (for example `0o660`) whatever the umask (see [`Listener::bind_unix_with_mode`]).
+    /// Like [`bind`](Self::bind) with `"unix:PATH"`, with the socket file's permissions set
+    /// to `mode` (for example `0o660`) whatever the umask (see
+    /// [`Listener::bind_unix_with_mode`]).
     #[cfg(unix)]
     pub fn bind_unix_with_mode(path: impl AsRef<std::path::Path>, mode: u32) -> Result<Server> {
         Server::bind_unix_file(path.as_ref(), Some(mode))
@@ -228,91 +229,37 @@ impl Server {
             .collect()
     }
 
-    /// How long in-flight work may take once the listeners are closed: requests and
-    /// upgraded connections, then background jobs. What is still running then is forced
-    /// closed. Default 30 s. As with Go's `Shutdown(ctx)`, axum-server and actix, the whole
-    /// of it goes to the work: a 20 s request finishes under a 30 s timeout. Resources
-    /// close afterwards, each within its own [`Resource::timeout`](crate::Resource::timeout).
-    /// Any value is accepted: one too large to add to a clock means "no deadline".
-    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
-        self.config.budget.shutdown_timeout = timeout;
+    /// How long each part of a connection's life may take: reading a request's head, idling
+    /// between requests, sending a body, a TLS handshake. See [`Timeouts`] for each, and its
+    /// default.
+    pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.config.timeouts = timeouts;
         self
     }
 
-    /// An overall bound on the whole stop, counted from the moment a drain is asked for:
-    /// pre-stop delay, in-flight work, jobs and resources together. For orchestrators that
-    /// kill at a fixed time (Kubernetes' `terminationGracePeriodSeconds`, systemd's
-    /// `TimeoutStopSec`). Only with it is time held back for the resources: in-flight work
-    /// is forced early enough to leave them the timeouts they declared (or what is left,
-    /// shared in proportion). Default: none.
+    /// How much the server takes on: connections at once, and their age. See [`Limits`];
+    /// by default, no limit.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.config.limits = limits;
+        self
+    }
+
+    /// How the server stops: the time in-flight work gets, an overall deadline, a pre-stop
+    /// delay, the grace of new connections, the spread of goodbyes. See [`DrainPolicy`] for
+    /// each, and its default.
     ///
     /// ```no_run
     /// # async fn doc() -> Result<(), grace_http::Error> {
     /// use std::time::Duration;
-    /// let server = grace_http::Server::bind("127.0.0.1:8080").await?
-    ///     .pre_stop_delay(Duration::from_secs(5))
-    ///     .shutdown_timeout(Duration::from_secs(20))
-    ///     .stop_deadline(Duration::from_secs(30)); // terminationGracePeriodSeconds: 30
+    /// let server = grace_http::Server::bind("127.0.0.1:8080").await?.drain_policy(
+    ///     grace_http::DrainPolicy::default()
+    ///         .pre_stop_delay(Duration::from_secs(5))
+    ///         .shutdown_timeout(Duration::from_secs(20)),
+    /// );
     /// # let _ = server; Ok(()) }
     /// ```
-    pub fn stop_deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
-        self.config.budget.stop_deadline = deadline.into();
-        self
-    }
-
-    /// How long a client may take to send a request's head (HTTP/1), counted from accept
-    /// or from the first byte of the request; a silent new connection counts too. `None`
-    /// turns the guard off. Default 10 s. Kept by one coarse timer per server (checked four
-    /// times per timeout), not one per request. Idle keep-alive connections are not cut.
-    pub fn header_read_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.config.header_read_timeout = timeout.into();
-        self
-    }
-
-    /// How long a keep-alive connection (HTTP/1 between requests, HTTP/2 with no open
-    /// stream) may stay idle before it is closed. `None` keeps idle connections for as long
-    /// as clients like (a client could then hold every descriptor). Default
-    /// [`DEFAULT_IDLE_TIMEOUT`] (75 s). Kept by the same coarse clock as the header-read
-    /// timeout, so a connection is closed between one and `1 + 1/4` timeouts after it went
-    /// idle.
-    pub fn idle_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.config.idle_timeout = timeout.into();
-        self
-    }
-
-    /// How slowly a request body may arrive: it must come within `timeout` of the request's
-    /// head, plus one second for every `min_rate` bytes received, else reading it fails with
-    /// a [`BodyTimeout`](crate::BodyTimeout) error (axum's extractors answer 400; see
-    /// [`BodyTimeout::find`](crate::BodyTimeout::find) to answer 408) and the
-    /// connection closes after the response. So a client that sends headers and then
-    /// dribbles its body cannot hold a connection forever, while an upload at any reasonable
-    /// speed is never cut. `None` turns it off. Default 20 s and 500 bytes/s (Apache's
-    /// `mod_reqtimeout`). A handler that does not read the body is not affected.
-    pub fn request_body_timeout(
-        mut self,
-        timeout: impl Into<Option<Duration>>,
-        min_rate: u64,
-    ) -> Self {
-        self.config.body_limit = timeout
-            .into()
-            .map(|initial| BodyLimit { initial, min_rate });
-        self
-    }
-
-    /// When a drain starts, a connection accepted less than this long ago that has sent
-    /// nothing yet is given until this age to send its first byte: its request may be on the
-    /// wire. Older silent connections are closed at once. Default 200 ms.
-    pub fn new_connection_grace(mut self, grace: Duration) -> Self {
-        self.config.new_connection_grace = grace;
-        self
-    }
-
-    /// Keep accepting and serving this long after a drain is asked for, with readiness
-    /// already failing, so load balancers stop routing here first. Default zero. Not at an
-    /// upgrade ([`Trigger::Restart`]): the new process serves on the same socket, so the
-    /// old one closes its copy of the listener at once.
-    pub fn pre_stop_delay(mut self, delay: Duration) -> Self {
-        self.config.budget.pre_stop_delay = delay;
+    pub fn drain_policy(mut self, policy: DrainPolicy) -> Self {
+        self.config.drain = policy;
         self
     }
 
@@ -382,62 +329,10 @@ impl Server {
         self
     }
 
-    /// How long an [`acceptor`](Self::acceptor) (a TLS handshake) may take before the
-    /// connection is closed. Default 10 s. The header-read timeout still counts from accept.
-    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
-        self.config.handshake_timeout = timeout;
-        self
-    }
-
-    /// Spreads the [`ShutdownNotice`](crate::ShutdownNotice)s of upgraded connections
-    /// (WebSockets, streams) over this window after the drain starts, each at its own
-    /// place, instead of all at once: their clients then reconnect (to the new generation,
-    /// after an upgrade) spread out rather than in one storm. Keep it well inside the
-    /// shutdown timeout, which still forces what is left. Default zero: all at once.
-    pub fn goodbye_spread(mut self, window: Duration) -> Self {
-        self.config.goodbye_spread = window;
-        self
-    }
-
-    /// At most `max` connections at once, all listeners together; `None` (the default): no
-    /// limit. At the limit the server stops accepting until a connection closes: new
-    /// connections wait in the kernel's accept queue (they are not refused, and are served
-    /// in turn), so a burst costs latency, not errors. Every live connection counts,
-    /// keep-alive and upgraded ones included, until its socket closes. Each listener takes
-    /// its place before it accepts (that is what leaves the next connection in the kernel's
-    /// queue, where an upgrade hands it on), so with several listeners, up to one place per
-    /// idle listener is held back.
-    ///
-    /// So that idle or silent clients cannot hold every place, a client waiting in the
-    /// accept queue while no place frees up (the queue is looked at every 50 ms) makes room:
-    /// the connection idle longest is closed (oldest first among equals; HTTP/1 as the
-    /// idle timeout closes it, never under a request that has begun), else every connection
-    /// that has sent nothing since it was accepted more than the
-    /// [`new_connection_grace`](Self::new_connection_grace) ago (200 ms by default; no byte
-    /// read, none waiting in its socket, no TLS handshake under way). A connection with a
-    /// request in flight, or upgraded, is never closed to make room: when every place is
-    /// busy, new clients wait. Behind `n` silent connections already queued, a client waits
-    /// about `n / max` grace periods, as each batch is accepted and given its grace.
-    pub fn max_connections(mut self, max: impl Into<Option<usize>>) -> Self {
-        self.config.max_connections = max.into();
-        self
-    }
-
-    /// Closes connections gracefully once they are about `age` old (each between 0.9 and
-    /// 1.1 times `age`, so that connections opened together do not all close together):
-    /// HTTP/1 answers its next response with `Connection: close` (an idle one closes at
-    /// once), HTTP/2 sends GOAWAY and lets open streams finish. Clients reconnect, so load
-    /// spreads again over new instances behind a balancer. Upgraded connections are not
-    /// affected. Default `None`.
-    pub fn max_connection_age(mut self, age: impl Into<Option<Duration>>) -> Self {
-        self.config.max_connection_age = age.into();
-        self
-    }
-
     /// Changes hyper's HTTP/1.1 and HTTP/2 settings (buffer sizes, header limits, HTTP/2
     /// windows, keep-alive pings, `title_case_headers`…) after grace has set its own. Leave
     /// hyper's `header_read_timeout` off: grace keeps that timeout itself
-    /// ([`header_read_timeout`](Self::header_read_timeout)), for far less per request.
+    /// ([`header_read_timeout`](Timeouts::header_read)), for far less per request.
     ///
     /// ```no_run
     /// # async fn doc() -> Result<(), grace_http::Error> {
@@ -494,6 +389,7 @@ impl Server {
             control: None,
             #[cfg(unix)]
             restart: None,
+            also: Vec::new(),
         }
     }
 }

@@ -2,15 +2,17 @@
 
 use std::future::{Future, IntoFuture};
 #[cfg(unix)]
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
 use tokio::task::JoinSet;
 
 use super::accepting;
+use super::also::{self, Also, AnyService, Routes};
 use super::{Config, ConfigureHyper, HyperBuilder, Server};
 use crate::base::budget::Budget;
 use crate::base::report::{ShutdownReport, Trigger};
@@ -54,6 +56,8 @@ pub struct Serve<S> {
     pub(super) control: Option<(PathBuf, std::io::Result<crate::control::Bound>)>,
     #[cfg(unix)]
     pub(super) restart: Option<crate::restart::Control>,
+    /// Listeners served by services of their own (see [`also_serve`](Self::also_serve)).
+    pub(super) also: Vec<Also>,
 }
 
 impl<S> Serve<S> {
@@ -135,6 +139,86 @@ impl<S> Serve<S> {
         self
     }
 
+    /// Also serves `listener` with a service of its own: an admin port (metrics, debug
+    /// pages) beside the public one, say. Its connections are the server's like any other:
+    /// one stop drains them all (one deadline, one [`ShutdownReport`]), the
+    /// [`Handle`]'s counts and snapshots include them, and a restart passes `listener` on
+    /// with the others, under `name` (in `LISTEN_FDNAMES`), for the new generation to
+    /// [`take`](crate::Inherited::take) out of what it inherits and serve the same way.
+    /// Call it once per listener, each with a name of its own.
+    ///
+    /// The server's settings apply to it (timeouts, limits, `max_connections` counting
+    /// every listener's connections together, HTTP settings, the peer address in requests,
+    /// [`on_conn_state`](Server::on_conn_state)), but not its acceptor: `listener` serves
+    /// plain HTTP even when the server serves HTTPS ([`Server::tls`]).
+    ///
+    /// `service` is any service [`Server::serve`] takes (an `axum::Router` has its routes
+    /// made ready once, as there). Its type is erased: its futures and bodies are boxed, one
+    /// allocation each per request more than the main service's, which pays nothing for it.
+    ///
+    /// At an upgrade, the idle keep-alive connections handed to the new generation (see
+    /// [`Restart::hand_over_window`](crate::Restart::hand_over_window)) are served there by
+    /// the service of the listener that accepted them, told by the connection's local
+    /// address: the new generation must serve the same sockets the same way (a connection
+    /// whose address matches none of its `also_serve` listeners goes to the main service).
+    ///
+    /// `serve` fails with [`Error::ListenerName`] if `name` is empty, has a `:` (the
+    /// separator of `LISTEN_FDNAMES`), a space or a character outside ASCII, or is the name
+    /// of another listener (the main service's are named `grace` unless inherited under
+    /// other names).
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use axum::{Router, routing::get};
+    /// use grace_http::{Listener, Restart, Server};
+    ///
+    /// let mut inherited = grace_http::inherited_listeners()?;
+    /// // After an upgrade, the previous generation's admin socket; the first time, a new one.
+    /// let admin = match inherited.as_mut().and_then(|i| i.take("admin")) {
+    ///     Some(listener) => listener,
+    ///     None => Listener::bind("127.0.0.1:9090".parse()?)?,
+    /// };
+    /// let server = match inherited {
+    ///     Some(inherited) => Server::from_inherited(inherited), // the public socket
+    ///     None => Server::bind("0.0.0.0:8080").await?,
+    /// };
+    /// let app = Router::new().route("/", get(|| async { "hello" }));
+    /// let admin_app = Router::new().route("/metrics", get(|| async { "# metrics" }));
+    /// let report = server
+    ///     .serve(app)
+    ///     .also_serve("admin", admin, admin_app)
+    ///     .with_signals() // SIGTERM drains both listeners' connections, into one report
+    ///     .with_restart(Restart::new()) // SIGHUP passes both sockets on, by name
+    ///     .await?;
+    /// eprintln!("{}", report.to_json());
+    /// # Ok(()) }
+    /// ```
+    pub fn also_serve<T, B>(
+        mut self,
+        name: impl Into<String>,
+        listener: impl Into<Listener>,
+        service: T,
+    ) -> Self
+    where
+        T: tower::Service<Request<RequestBody>, Response = Response<B>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        T::Future: Send + 'static,
+        T::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        self.also.push(Also {
+            name: name.into(),
+            listener: listener.into(),
+            service: also::erase(service),
+        });
+        self
+    }
+
     /// A handle to the server (the same as [`Server::handle`]).
     pub fn handle(&self) -> Handle {
         self.server.handle()
@@ -168,7 +252,7 @@ impl AbortOnDrop {
 
     /// Waits for the task to end by itself.
     #[cfg(unix)]
-    async fn finish(mut self) {
+    pub(super) async fn finish(mut self) {
         let _ = (&mut self.0).await;
     }
 }
@@ -186,16 +270,10 @@ struct Running {
     shared: Arc<Shared>,
     budget: Budget,
     accepting: JoinSet<()>,
-    /// The restart task (see `restart::serving`), if restarts are enabled.
+    /// Restarts and the control socket (Unix only).
     #[cfg(unix)]
-    restarts: Option<AbortOnDrop>,
-    #[cfg(unix)]
-    pid_file: Option<PathBuf>,
+    generations: super::generations::Generations,
     files: Vec<SocketFile>,
-    #[cfg(unix)]
-    control: Option<AbortOnDrop>,
-    #[cfg(unix)]
-    control_file: Option<SocketFile>,
     /// Held until the server stops: the watchdog, the signals, the receiving of handed-over
     /// connections, and the coarse clock.
     _tasks: Vec<AbortOnDrop>,
@@ -220,94 +298,73 @@ impl<S> Serve<S> {
         S: HttpService<B>,
         B: ResponseBody,
     {
+        // The fields for generations (Unix only) are taken below, where they are used.
         let Serve {
             server,
             service,
             signals,
-            #[cfg(unix)]
-            control,
-            #[cfg(unix)]
-            restart,
+            also,
+            ..
         } = self;
         let Server {
             listeners,
-            #[cfg(unix)]
-            ready_pipe,
-            #[cfg(unix)]
-            handover,
-            #[cfg(unix)]
-                control: inherited_control,
             files,
             shared,
             hook,
             acceptor,
             configure_hyper,
             config,
+            ..
         } = server;
+        also::check_names(
+            listeners.iter().map(|(_, name)| name.as_str()),
+            also.iter().map(|a| a.name.as_str()),
+        )?;
         // Passed by the previous generation, not taken (no `with_control`, or another path):
         // ours closes now, the previous generation's goes with it.
         #[cfg(unix)]
-        drop(inherited_control);
-        shared
-            .tracker
-            .configure(hook, config.goodbye_spread, config.record_requests);
+        drop(server.control);
+        shared.tracker.configure(config.tracker_settings(hook));
+        #[cfg(unix)]
+        let mut tasks = super::generations::watchdog();
+        #[cfg(not(unix))]
         let mut tasks = Vec::new();
         #[cfg(unix)]
-        let watchdog = crate::systemd::watchdog_interval().map(crate::systemd::watchdog);
-        #[cfg(unix)]
-        tasks.extend(watchdog.map(AbortOnDrop::spawn));
-        #[cfg(unix)]
-        let (control_socket, control_file) = control_socket(control)?;
+        let asked = super::generations::Asked {
+            restart: self.restart,
+            ready_pipe: server.ready_pipe,
+            handover: server.handover,
+            control: super::generations::control_socket(self.control)?,
+        };
         if let Some(signals) = signals {
             tasks.push(AbortOnDrop::spawn(signals?.drive(Arc::clone(&shared))));
         }
-        let ctx = conn_ctx(service, &shared, &config, acceptor, configure_hyper);
+        let builder = Arc::new(hyper_builder(configure_hyper));
+        let ctx = conn_ctx(service, &shared, &config, acceptor, &builder);
         // One limit for all listeners.
-        let limit = config
-            .max_connections
-            .map(|max| Arc::new(tokio::sync::Semaphore::new(max)));
-        let clock = clock::start(
-            &shared.tracker,
-            config.header_read_timeout,
-            config.idle_timeout,
-        )?;
-        let listeners = keep_listeners(&shared, listeners, &files);
+        let limit = config.limits.semaphore();
+        let (head, idle) = (config.timeouts.header_read, config.timeouts.idle);
+        let clock = clock::start(&shared.tracker, head, idle)?;
+        let (listeners, also) = keep_listeners(&shared, listeners, also, &files);
+        #[cfg_attr(not(unix), allow(unused_variables))] // for hand-overs (Unix only)
+        let (also, routes) = also_contexts(also, &shared, &config, &builder, &ctx, &listeners);
         #[cfg(unix)]
-        let takes_connections =
-            accepting::receive(handover, &shared, limit.as_ref(), &ctx, &mut tasks);
+        let timeout = config.drain.shutdown_timeout;
+        #[cfg(unix)]
+        let generations = asked.start(&shared, limit.as_ref(), &routes, &mut tasks, timeout)?;
         // No restarts on Windows: no previous generation hands anything over.
         #[cfg(not(unix))]
         shared.tracker.previous_done.set(());
-        #[cfg(unix)]
-        let pid_file = restart
-            .as_ref()
-            .and_then(|r| r.pid_file().map(Path::to_path_buf));
-        #[cfg(unix)]
-        let timeout = config.budget.shutdown_timeout;
-        #[cfg(unix)]
-        let restarts =
-            crate::restart::serving(&shared, restart, ready_pipe, takes_connections, timeout)?;
         // Serving: the files are ours to remove when we stop, whoever bound them.
         files.iter().for_each(SocketFile::arm);
-        #[cfg(unix)]
-        control_file.iter().for_each(SocketFile::arm);
-        #[cfg(unix)]
-        let control = control_socket
-            .map(|socket| AbortOnDrop::spawn(crate::control::serve(socket, Arc::clone(&shared))));
-        let accepting = accepting::start(listeners, limit, &shared, &ctx);
+        let accepting = start_accepting(listeners, also, limit, &shared, &ctx);
         Ok(Running {
             shared,
-            budget: config.budget,
+            budget: config.drain.budget(),
             accepting,
             #[cfg(unix)]
-            restarts: restarts.map(AbortOnDrop),
-            #[cfg(unix)]
-            pid_file,
+            generations,
             files,
-            #[cfg(unix)]
-            control,
-            #[cfg(unix)]
-            control_file,
             _tasks: tasks,
             _clock: clock,
         })
@@ -322,107 +379,140 @@ impl Running {
             budget,
             accepting,
             #[cfg(unix)]
-            restarts,
-            #[cfg(unix)]
-            pid_file,
+            generations,
             files,
-            #[cfg(unix)]
-            control,
-            #[cfg(unix)]
-            control_file,
             _tasks,
             _clock,
         } = self;
         let trigger = shared.drain_asked().await;
         let report = drain::run(&shared, budget, trigger, accepting).await;
-        // An upgrade under way when the drain was asked for ends first: the new process
-        // is stopped and reaped (see `restart::spawn`), so none outlives this one.
-        #[cfg(unix)]
-        if let Some(restarts) = restarts {
-            restarts.finish().await;
-        }
         let handed_on = report.trigger == Trigger::Restart;
+        // An upgrade under way ends first, and the pid file goes (see `Generations`).
         #[cfg(unix)]
-        crate::restart::finished(pid_file.as_deref(), handed_on);
+        let control = generations.restarts_done(handed_on).await;
         if handed_on {
             // The new generation serves on them, and removes them when it stops.
             files.iter().for_each(SocketFile::disarm);
         }
         drop(files);
-        // The control socket answers until the very end (status during the drain), unless a
-        // new generation took it over; then its file is the new generation's to remove.
         #[cfg(unix)]
-        drop(control);
-        #[cfg(unix)]
-        if shared.control.handed_on() {
-            control_file.iter().for_each(SocketFile::disarm);
-        }
-        #[cfg(unix)]
-        drop(control_file);
+        control.done(&shared);
         report
     }
 }
 
-/// The control socket: bound (or taken over) when asked for, answered once serving, so a
-/// new generation that fails before it is ready never takes a control request.
-#[cfg(unix)]
-#[allow(clippy::type_complexity)]
-fn control_socket(
-    control: Option<(PathBuf, std::io::Result<crate::control::Bound>)>,
-) -> Result<(Option<tokio::net::UnixListener>, Option<SocketFile>)> {
-    let Some((path, bound)) = control else {
-        return Ok((None, None));
-    };
-    let (socket, file) = bound.map_err(|source| Error::Control { path, source })?;
-    Ok((Some(socket), Some(file)))
+/// hyper's settings, grace's then the user's.
+fn hyper_builder(configure_hyper: Option<ConfigureHyper>) -> HyperBuilder {
+    let mut builder = HyperBuilder::new();
+    if let Some(configure) = configure_hyper {
+        configure(&mut builder);
+    }
+    builder
 }
 
-/// What every connection task of the server needs.
+/// The contexts of the services on the other listeners (plain HTTP, whatever the main
+/// service's acceptor), and the routes of handed-over connections to every service.
+#[allow(clippy::type_complexity)]
+fn also_contexts<S>(
+    also: Vec<(Arc<Listener>, AnyService)>,
+    shared: &Shared,
+    config: &Config,
+    builder: &Arc<HyperBuilder>,
+    ctx: &Arc<ConnCtx<S>>,
+    listeners: &[Arc<Listener>],
+) -> (
+    Vec<(Arc<Listener>, Arc<ConnCtx<AnyService>>)>,
+    Arc<Routes<S>>,
+) {
+    let also: Vec<(Arc<Listener>, Arc<ConnCtx<AnyService>>)> = also
+        .into_iter()
+        .map(|(l, service)| (l, conn_ctx(service, shared, config, None, builder)))
+        .collect();
+    let addrs = also
+        .iter()
+        .filter_map(|(l, ctx)| Some((l.local_addr().ok()?, Arc::clone(ctx))))
+        .collect();
+    let routes = Arc::new(Routes::new(Arc::clone(ctx), listeners, addrs));
+    (also, routes)
+}
+
+/// Starts the accept loops: one per listener, each with its service.
+fn start_accepting<S, B>(
+    listeners: Vec<Arc<Listener>>,
+    also: Vec<(Arc<Listener>, Arc<ConnCtx<AnyService>>)>,
+    limit: Option<Arc<tokio::sync::Semaphore>>,
+    shared: &Arc<Shared>,
+    ctx: &Arc<ConnCtx<S>>,
+) -> JoinSet<()>
+where
+    S: HttpService<B>,
+    B: ResponseBody,
+{
+    let mut accepting = JoinSet::new();
+    accepting::start(&mut accepting, listeners, limit.clone(), shared, ctx);
+    for (listener, ctx) in also {
+        accepting::start(&mut accepting, vec![listener], limit.clone(), shared, &ctx);
+    }
+    accepting
+}
+
+/// What every connection task of a service of the server needs.
 fn conn_ctx<S>(
     service: S,
     shared: &Shared,
     config: &Config,
     acceptor: Option<Arc<dyn crate::accept::Acceptor>>,
-    configure_hyper: Option<ConfigureHyper>,
+    builder: &Arc<HyperBuilder>,
 ) -> Arc<ConnCtx<S>> {
-    let mut builder = HyperBuilder::new();
-    if let Some(configure) = configure_hyper {
-        configure(&mut builder);
-    }
     Arc::new(ConnCtx {
         service,
-        builder: Arc::new(builder),
+        builder: Arc::clone(builder),
         tracker: Arc::clone(&shared.tracker),
-        drain: Arc::clone(&shared.drain),
-        grace: config.new_connection_grace,
+        grace: config.drain.new_connection_grace,
         restart_grace: config
-            .header_read_timeout
-            .unwrap_or(config.budget.shutdown_timeout)
-            .max(config.new_connection_grace),
-        body_limit: config.body_limit,
+            .timeouts
+            .header_read
+            .unwrap_or(config.drain.shutdown_timeout)
+            .max(config.drain.new_connection_grace),
+        body_limit: config.timeouts.request_body,
         acceptor,
-        handshake_timeout: config.handshake_timeout,
-        max_age: config.max_connection_age,
+        handshake_timeout: config.timeouts.handshake.unwrap_or(Duration::MAX),
+        max_age: config.limits.max_connection_age,
         peer_in_requests: config.peer_in_requests,
     })
 }
 
 /// Keeps the listeners in the shared state while serving, so a restart can hand them on
-/// (see `restart`), each with its name and whether its socket file goes with it.
+/// (see `restart`), each with its name and whether its socket file goes with it: the main
+/// service's, then those served apart (whose files are the caller's). Returns both.
+#[allow(clippy::type_complexity)]
 fn keep_listeners(
     shared: &Shared,
     listeners: Vec<(Listener, String)>,
+    also: Vec<Also>,
     files: &[SocketFile],
-) -> Vec<Arc<Listener>> {
+) -> (Vec<Arc<Listener>>, Vec<(Arc<Listener>, AnyService)>) {
     let listeners: Vec<_> = listeners
         .into_iter()
         .map(|(l, name)| (Arc::new(l), name))
+        .collect();
+    let also: Vec<_> = also
+        .into_iter()
+        .map(|a| (Arc::new(a.listener), a.name, a.service))
         .collect();
     let named = listeners.iter().map(|(l, name)| Named {
         listener: Arc::clone(l),
         name: name.clone(),
         owns_file: files.iter().any(|f| f.is_of(l)),
     });
-    shared.set_listeners(named.collect());
-    listeners.into_iter().map(|(l, _)| l).collect()
+    let named_also = also.iter().map(|(l, name, _)| Named {
+        listener: Arc::clone(l),
+        name: name.clone(),
+        owns_file: false,
+    });
+    shared.set_listeners(named.chain(named_also).collect());
+    (
+        listeners.into_iter().map(|(l, _)| l).collect(),
+        also.into_iter().map(|(l, _, s)| (l, s)).collect(),
+    )
 }

@@ -1,18 +1,7 @@
-//! The drain: what [`Serve`](crate::Serve) runs once a drain is asked for, phase by phase,
-//! and the [`ShutdownReport`] it ends with.
-//!
-//! ```text
-//! pre-stop delay (still serving, readiness failing)
-//!  → close the listeners, wait for the accept loops to let go of them
-//!  → close idle HTTP/1 connections from here; mark the drain started (every connection
-//!    task wakes: HTTP/1 finishes with `Connection: close`, HTTP/2 sends GOAWAY, upgraded
-//!    connections get their notice)
-//!    (an upgrade with hand-over passed each HTTP/1 connection it could to the new
-//!    generation before asking for this drain: see `restart::spawn`)
-//!  → wait until no connection is left (an event), or the work deadline, or a force
-//!  → force what is left (shutdown(2) on each socket)
-//!  → stop the jobs (same deadline), close the resources (their own timeouts)
-//! ```
+//! The drain: what [`Serve`](crate::Serve) runs once a drain is asked for, as phase steps
+//! over one [`Stop`] context (`pre_stop`, `close_listeners`, `drain`, `force`, `jobs`,
+//! `resources`), and the [`ShutdownReport`] it ends with. The picture is in
+//! `docs/architecture.md` ("The drain").
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -104,7 +93,7 @@ struct Stop<'a> {
     forced: Vec<ConnSnapshot>,
     jobs: Vec<TaskReport>,
     resources: Vec<TaskReport>,
-    hand_over: Option<crate::conn::tracker::HandOverDone>,
+    hand_over: Option<crate::conn::handing::HandOverDone>,
     at_start: StateCounts,
     /// Connections the drain closed (not forced), counted once the drain or the force ended.
     closed: u64,
@@ -120,7 +109,7 @@ impl<'a> Stop<'a> {
         accepting: JoinSet<()>,
     ) -> Self {
         let tracker = &shared.tracker;
-        let at_start = tracker.counts();
+        let at_start = tracker.stats.counts();
         tracing::info!(%trigger, ?at_start, "drain started");
         #[cfg(unix)]
         crate::systemd::drain_started(&trigger);
@@ -142,8 +131,8 @@ impl<'a> Stop<'a> {
             trigger,
             at_start,
             closed: 0,
-            completed_before: tracker.completed(),
-            ended_before: tracker.ended_total(),
+            completed_before: tracker.stats.completed(),
+            ended_before: tracker.stats.ended_total(),
         }
     }
 
@@ -212,7 +201,7 @@ impl<'a> Stop<'a> {
     /// Every connection has ended by now, as far as the drain goes: forced, or closed.
     /// (Those handed over went before the drain, in the upgrade's hand-over.)
     fn count_closed(&mut self) {
-        let ended = self.shared.tracker.ended_total() - self.ended_before;
+        let ended = self.shared.tracker.stats.ended_total() - self.ended_before;
         self.closed = ended.saturating_sub(self.forced.len() as u64);
     }
 
@@ -265,7 +254,7 @@ impl<'a> Stop<'a> {
                 .hand_over
                 .as_ref()
                 .map_or(self.at_start, |h| h.at_start),
-            requests_completed: tracker.completed() - self.completed_before,
+            requests_completed: tracker.stats.completed() - self.completed_before,
             handed_over: self.hand_over.map_or(0, |h| h.handed_over),
             closed: self.closed,
             forced_by: self.forced_by,

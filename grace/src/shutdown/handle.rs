@@ -59,7 +59,7 @@ impl Handle {
 
     /// Live connections per state (all of them: [`StateCounts::total`]).
     pub fn counts(&self) -> StateCounts {
-        self.shared.tracker.counts()
+        self.shared.tracker.stats.counts()
     }
 
     /// The drain as handlers and jobs see it: [`is_draining`](ShutdownNotice::is_draining)
@@ -74,7 +74,7 @@ impl Handle {
     /// [`is_ready`](Readiness::is_ready) for code.
     pub fn readiness(&self) -> Readiness {
         Readiness {
-            drain: Arc::clone(&self.shared.drain),
+            drain: Arc::clone(&self.shared.tracker.drain_asked),
         }
     }
 
@@ -151,12 +151,12 @@ impl Handle {
     /// upgrades, since the server started.
     pub fn totals(&self) -> Totals {
         let tracker = &self.shared.tracker;
-        let (accepted, closed) = tracker.accepted_closed();
-        let (handed_over, received) = tracker.handed_over_received();
+        let (accepted, closed) = tracker.stats.accepted_closed();
+        let (handed_over, received) = tracker.stats.handed_over_received();
         Totals {
             accepted,
             closed,
-            requests_completed: tracker.completed(),
+            requests_completed: tracker.stats.completed(),
             handed_over,
             received,
         }
@@ -184,7 +184,7 @@ impl Handle {
     /// ```
     #[cfg(feature = "metrics")]
     pub fn record_metrics(&self) {
-        let draining = self.shared.drain.is_set();
+        let draining = self.shared.drain_requested().is_some();
         crate::metrics::record(
             self.counts(),
             self.totals(),

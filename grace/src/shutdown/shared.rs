@@ -3,7 +3,7 @@
 //!
 //! | fact | latch | set by | read by |
 //! |---|---|---|---|
-//! | a drain was asked for, and by what | `Shared::drain` | signals, [`Handle`](crate::Handle), a restart | the drain, readiness, restarts |
+//! | a drain was asked for, and by what | `Tracker::drain_asked` (one latch, read through `Shared` and [`Readiness`](crate::Readiness)) | signals, [`Handle`](crate::Handle), a restart | the drain, readiness, restarts |
 //! | a force was asked for, and why | `Shared::force` | a second signal, [`Handle::force`](crate::Handle::force) | the drain, jobs, resources |
 //! | the listeners are closed | `Shared::listeners_closed` | the drain | the accept loops |
 //! | the drain started | `Tracker::draining` | the drain | connections, [`ShutdownNotice`] |
@@ -44,8 +44,6 @@ pub(crate) struct Named {
 /// State shared by the server, its connections and every [`Handle`].
 pub(crate) struct Shared {
     pub(crate) tracker: Arc<Tracker>,
-    /// A drain was asked for, and by what. Shared with every [`Readiness`] service.
-    pub(crate) drain: Arc<Latch<Trigger>>,
     /// A force was asked for, and why.
     pub(crate) force: Latch<ForceReason>,
     /// The accept loops are to stop. A fact apart from the drain's start, so closing the
@@ -74,7 +72,6 @@ impl Shared {
     pub(crate) fn new() -> Arc<Self> {
         let tracker = Arc::new(Tracker::default());
         Arc::new(Shared {
-            drain: Arc::clone(&tracker.drain_asked),
             tracker,
             force: Latch::new(),
             listeners_closed: Latch::new(),
@@ -139,24 +136,24 @@ impl Shared {
     /// Asks for a drain; true if this call was the first to (its trigger is the drain's).
     /// Readiness fails from this moment, before the drain task even wakes.
     pub(crate) fn request_drain(&self, trigger: Trigger) -> bool {
-        self.drain.set(trigger)
+        self.tracker.drain_asked.set(trigger)
     }
 
     /// Asks for a force (and for a drain, if none was asked for yet).
     pub(crate) fn request_force(&self, reason: ForceReason) {
-        self.drain.set(Trigger::Handle);
+        self.tracker.drain_asked.set(Trigger::Handle);
         self.force.set(reason);
     }
 
     /// Resolves once a drain has been asked for (at once if it has).
     pub(crate) async fn drain_asked(&self) -> Trigger {
-        self.drain.wait().await.clone()
+        self.tracker.drain_asked.wait().await.clone()
     }
 
     /// The trigger of the drain, if one was asked for (it may not have started yet).
-    #[cfg(unix)]
+    #[cfg_attr(not(unix), allow(dead_code))] // read by restarts, and metrics
     pub(crate) fn drain_requested(&self) -> Option<Trigger> {
-        self.drain.get().cloned()
+        self.tracker.drain_asked.get().cloned()
     }
 }
 
@@ -216,6 +213,13 @@ pub(crate) struct ControlLink {
 
 #[cfg(unix)]
 impl ControlLink {
+    /// This process answers on `socket` (kept by the task that answers): an upgrade from now
+    /// on passes it to the new generation. Set before restarts can be asked for, so that no
+    /// upgrade misses it.
+    pub(crate) fn hold(&self, socket: &Arc<UnixListener>) {
+        *lock(&self.socket) = Arc::downgrade(socket);
+    }
+
     /// The socket to pass to a new generation, if this process answers on one. Keep it until
     /// the new process has started.
     pub(crate) fn to_pass(&self) -> Option<Arc<UnixListener>> {
