@@ -150,7 +150,7 @@ impl<S> Serve<S> {
     /// The server's settings apply to it (timeouts, limits, `max_connections` counting
     /// every listener's connections together, HTTP settings, the peer address in requests,
     /// [`on_conn_state`](Server::on_conn_state)), but not its acceptor: `listener` serves
-    /// plain HTTP even when the server serves HTTPS ([`Server::tls`]).
+    /// plain HTTP even when the server serves HTTPS (`Server::tls`, feature `tls`).
     ///
     /// `service` is any service [`Server::serve`] takes (an `axum::Router` has its routes
     /// made ready once, as there). Its type is erased: its futures and bodies are boxed, one
