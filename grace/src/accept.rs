@@ -30,7 +30,10 @@
 
 use std::future::Future;
 use std::io;
+#[cfg(unix)]
 use std::os::fd::{AsRawFd, RawFd};
+#[cfg(windows)]
+use std::os::windows::io::{AsRawSocket, RawSocket};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -156,9 +159,17 @@ impl Drop for Socket {
     }
 }
 
+#[cfg(unix)]
 impl AsRawFd for Socket {
     fn as_raw_fd(&self) -> RawFd {
         self.stream.as_raw_fd()
+    }
+}
+
+#[cfg(windows)]
+impl AsRawSocket for Socket {
+    fn as_raw_socket(&self) -> RawSocket {
+        self.stream.as_raw_socket()
     }
 }
 

@@ -72,7 +72,11 @@ fn create_exclusive_named(
         name.push(prefix);
         name.push(format!(".{:016x}.tmp", names()));
         let path = dir.join(name);
-        match rustix::fs::open(&path, flags, Mode::from_raw_mode(mode)) {
+        match rustix::fs::open(
+            &path,
+            flags,
+            Mode::from_raw_mode(mode as rustix::fs::RawMode),
+        ) {
             Ok(fd) => return Ok((File::from(fd), path)),
             Err(rustix::io::Errno::EXIST) => {
                 tracing::debug!(path = %path.display(), "temporary name taken: trying another");

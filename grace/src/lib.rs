@@ -50,6 +50,32 @@
 //! keep-alive HTTP/1.1 connections are handed to the new process between two requests
 //! rather than closed, so no client reconnects. See [`Restart`] for the flow and what is
 //! handed over, and [`systemd`] for `Type=notify`.
+//!
+//! ## Where it runs
+//!
+//! | | Linux | other Unix (macOS, BSDs) | Windows |
+//! |---|---|---|---|
+//! | HTTP/1.1 and HTTP/2 over TCP, any `tower::Service`, `axum` | yes | yes | yes |
+//! | Unix-domain listeners ([`Server::bind`] with `"unix:PATH"`) | yes | yes (the socket file is checked by its path: no `O_PATH`) | no |
+//! | The drain: connection states, readiness, `Connection: close`, GOAWAY, [`ShutdownNotice`], forcing at the deadline or at a second signal | yes | yes | yes (an idle connection is shut down, not closed in place) |
+//! | [`Limits`] (`max_connections`: a waiting client gets an idle one's place) and [`Timeouts`] | yes | yes | yes |
+//! | TLS (feature `tls`), with certificate reload | yes | yes | yes |
+//! | Jobs, resources, the [`ShutdownReport`], feature `metrics` | yes | yes | yes |
+//! | The signals that drain ([`DEFAULT_SIGNALS`], [`Signal`]) | SIGTERM, SIGINT | SIGTERM, SIGINT | Ctrl-Break, Ctrl-C (and the console's close, logoff and shutdown events) |
+//! | Zero-downtime restarts ([`Serve::with_restart`], [`inherited_listeners`], the pid file), systemd socket activation | yes | yes | no |
+//! | Keep-alive connections handed over at an upgrade | yes | BSDs: yes, but only unacknowledged ones are taken back (no `TCP_INFO`); macOS: no (no `SOCK_SEQPACKET`): they drain | no |
+//! | The control socket ([`Serve::with_control`], [`control::status`] and the other clients, `grace-ctl`) | yes | yes | no |
+//! | systemd notifications and watchdog ([`systemd`]) | yes | compiled, idle (no `NOTIFY_SOCKET`) | no |
+//!
+//! What is "no" is compiled out (`cfg(unix)`), so it is not in the API there. Elsewhere than
+//! Linux, a descriptor the library makes (a pipe, the hand-over channel, a socket received)
+//! is marked close-on-exec just after it is made, not atomically: a process that another
+//! thread spawns in between may inherit it. A socket inherited on macOS, which does not
+//! implement `SO_ACCEPTCONN`, is taken for a listening one if it is a stream socket without
+//! a peer. Linux runs the test suite; macOS (`x86_64-apple-darwin`) and Windows
+//! (`x86_64-pc-windows-gnu`) are compile-checked with every feature, except `tls` for macOS
+//! (its `ring` C code needs the macOS SDK). The demo service `grace-demo` and `grace-ctl` are
+//! Unix only.
 
 //!
 //! ## Features
@@ -73,8 +99,10 @@
 pub mod accept;
 mod base;
 mod conn;
+#[cfg(unix)]
 pub mod control;
 mod error;
+#[cfg(unix)]
 mod files;
 mod handover;
 mod health;
@@ -83,11 +111,19 @@ mod limit;
 mod listener;
 pub mod metrics;
 mod resources;
+#[cfg(unix)]
 mod restart;
+/// Restarts are Unix only: on Windows there is only the name a listener gets.
+#[cfg(not(unix))]
+mod restart {
+    /// As `restart::DEFAULT_NAME` on Unix.
+    pub(crate) const DEFAULT_NAME: &str = "grace";
+}
 mod server;
 mod shutdown;
 mod signal;
 mod sys;
+#[cfg(unix)]
 pub mod systemd;
 #[cfg(test)]
 mod testing;
@@ -108,10 +144,10 @@ pub use health::{Liveness, Readiness};
 pub use jobs::JobToken;
 pub use listener::Listener;
 pub use resources::Resource;
+#[cfg(unix)]
 pub use restart::{Inherited, Restart, inherited_listeners, write_pid_file};
 pub use server::{
     DEFAULT_IDLE_TIMEOUT, DrainPolicy, HyperBuilder, Limits, Serve, Server, Timeouts,
 };
 pub use shutdown::Handle;
-pub use signal::DEFAULT_SIGNALS;
-pub use tokio::signal::unix::SignalKind;
+pub use signal::{DEFAULT_SIGNALS, Signal};

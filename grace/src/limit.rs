@@ -4,13 +4,13 @@
 //! first-byte grace (see [`Tracker::shed_for_new`]); a connection with a request in flight
 //! keeps its place.
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::conn::tracker::Tracker;
+use crate::sys::AsRawFd;
 
 /// How often the accept loop looks at its accept queue while no place is free (a
 /// connection that closes by itself frees one at once, without waiting for this).

@@ -5,26 +5,38 @@
 //!
 //! A Unix-domain listener also has a file, which outlives the socket unless someone removes
 //! it: a [`SocketFile`] is the server's claim on it (see [`Listener`]'s docs for the rules).
+//!
+//! Unix-domain sockets, and adopting a socket by its descriptor, are Unix only: on Windows a
+//! listener is TCP (and a `SocketFile` cannot exist).
 
 use std::io;
 use std::net::SocketAddr;
+#[cfg(unix)]
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+#[cfg(unix)]
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
+#[cfg(windows)]
+use std::os::windows::io::{AsRawSocket, RawSocket};
+#[cfg(unix)]
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+#[cfg(unix)]
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream};
+#[cfg(unix)]
+use tokio::net::{UnixListener, UnixStream};
 
 use crate::base::conn::Addr;
+#[cfg(unix)]
 use crate::error::InheritedFdError;
 
 /// The kernel's accept queue length we ask for (Linux caps it at `net.core.somaxconn`).
 const BACKLOG: i32 = 4096;
 
-/// A TCP or Unix-domain listening socket.
+/// A TCP or Unix-domain listening socket (Unix-domain on Unix only).
 ///
 /// ```no_run
 /// # async fn doc() -> std::io::Result<()> {
@@ -55,6 +67,7 @@ pub enum Listener {
     /// A TCP listener.
     Tcp(TcpListener),
     /// A Unix-domain stream listener.
+    #[cfg(unix)]
     Unix(UnixListener),
 }
 
@@ -78,6 +91,7 @@ impl Listener {
     /// socket file there is replaced; a live one, or a file that is not a socket, is an
     /// [`AddrInUse`](io::ErrorKind::AddrInUse) error (see the type's docs for when the file
     /// is removed). Must be called within a tokio runtime.
+    #[cfg(unix)]
     pub fn bind_unix(path: impl AsRef<Path>) -> io::Result<Listener> {
         let (listener, file) = bind_unix(path.as_ref(), None)?;
         file.disarm();
@@ -96,6 +110,7 @@ impl Listener {
     /// let server = grace_http::Server::from_listener(listener);
     /// # let _ = server; Ok(()) }
     /// ```
+    #[cfg(unix)]
     pub fn bind_unix_with_mode(path: impl AsRef<Path>, mode: u32) -> io::Result<Listener> {
         let (listener, file) = bind_unix(path.as_ref(), Some(mode))?;
         file.disarm();
@@ -105,6 +120,7 @@ impl Listener {
     /// Adopts a listening socket from its descriptor (inherited from systemd or a previous
     /// generation of this process). Fails if it is not a listening stream socket, TCP or
     /// Unix-domain (then `fd` is closed, as it is yours to give).
+    #[cfg(unix)]
     pub fn from_fd(fd: OwnedFd) -> io::Result<Listener> {
         let family = check_listening(fd.as_fd(), false).map_err(|e| match e {
             InheritedFdError::Inspect(e) => e,
@@ -115,6 +131,7 @@ impl Listener {
 
     /// A listener from a descriptor [`check_listening`] accepted as `family`. Must be called
     /// within a tokio runtime.
+    #[cfg(unix)]
     pub(crate) fn from_checked(fd: OwnedFd, family: Family) -> io::Result<Listener> {
         rustix::io::ioctl_fionbio(&fd, true)?;
         match family {
@@ -131,6 +148,7 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<Addr> {
         Ok(match self {
             Listener::Tcp(l) => Addr::Tcp(l.local_addr()?),
+            #[cfg(unix)]
             Listener::Unix(l) => Addr::Unix(l.local_addr()?.as_pathname().map(Path::to_path_buf)),
         })
     }
@@ -143,6 +161,7 @@ impl Listener {
                 let _ = s.set_nodelay(true);
                 (StreamIo::Tcp(s), Addr::Tcp(peer))
             }
+            #[cfg(unix)]
             Listener::Unix(l) => {
                 let (s, peer) = l.accept().await?;
                 let peer = Addr::Unix(peer.as_pathname().map(Path::to_path_buf));
@@ -153,11 +172,21 @@ impl Listener {
     }
 }
 
+#[cfg(unix)]
 impl AsRawFd for Listener {
     fn as_raw_fd(&self) -> RawFd {
         match self {
             Listener::Tcp(l) => l.as_raw_fd(),
             Listener::Unix(l) => l.as_raw_fd(),
+        }
+    }
+}
+
+#[cfg(windows)]
+impl AsRawSocket for Listener {
+    fn as_raw_socket(&self) -> RawSocket {
+        match self {
+            Listener::Tcp(l) => l.as_raw_socket(),
         }
     }
 }
@@ -168,6 +197,7 @@ impl From<TcpListener> for Listener {
     }
 }
 
+#[cfg(unix)]
 impl From<UnixListener> for Listener {
     fn from(l: UnixListener) -> Self {
         Listener::Unix(l)
@@ -183,6 +213,7 @@ impl TryFrom<std::net::TcpListener> for Listener {
     }
 }
 
+#[cfg(unix)]
 impl TryFrom<std::os::unix::net::UnixListener> for Listener {
     type Error = io::Error;
     /// Adopts a std listener (made non-blocking). Must be called within a tokio runtime.
@@ -193,6 +224,7 @@ impl TryFrom<std::os::unix::net::UnixListener> for Listener {
 }
 
 /// The kinds of listening socket a [`Listener`] can be.
+#[cfg(unix)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Family {
     /// TCP, over IPv4 or IPv6.
@@ -204,24 +236,25 @@ pub(crate) enum Family {
 /// Checks, without taking it, that `fd` is a listening socket a [`Listener`] can be: a
 /// stream socket that listens (`SO_ACCEPTCONN`), TCP over IPv4 or IPv6, or Unix-domain;
 /// Unix-domain only if `unix_only`.
+#[cfg(unix)]
 pub(crate) fn check_listening(
     fd: BorrowedFd<'_>,
     unix_only: bool,
 ) -> Result<Family, InheritedFdError> {
-    use rustix::net::{AddressFamily, sockopt};
+    use rustix::net::AddressFamily;
     let expected = match unix_only {
         true => "a listening Unix-domain stream socket",
         false => "a listening TCP or Unix-domain stream socket",
     };
     check_socket(fd, rustix::net::SocketType::STREAM, expected)?;
-    if !sockopt::socket_acceptconn(fd).map_err(inspect)? {
+    if !accepts_connections(fd).map_err(inspect)? {
         return Err(InheritedFdError::NotListening);
     }
-    let domain = sockopt::socket_domain(fd).map_err(inspect)?;
+    let domain = address_family(fd).map_err(inspect)?;
     match domain {
         AddressFamily::UNIX => Ok(Family::Unix),
         AddressFamily::INET | AddressFamily::INET6 if !unix_only => {
-            match sockopt::socket_protocol(fd).map_err(inspect)? {
+            match ip_protocol(fd).map_err(inspect)? {
                 Some(p) if p == rustix::net::ipproto::TCP => Ok(Family::Tcp),
                 p => Err(InheritedFdError::WrongKind {
                     found: format!(
@@ -245,6 +278,7 @@ pub(crate) fn check_listening(
 
 /// Checks, without taking it, that `fd` is a socket of type `ty` (`expected` names what is
 /// wanted, for the error).
+#[cfg(unix)]
 pub(crate) fn check_socket(
     fd: BorrowedFd<'_>,
     ty: rustix::net::SocketType,
@@ -273,12 +307,14 @@ pub(crate) fn check_socket(
 }
 
 /// What kind of file `fd` is.
+#[cfg(unix)]
 pub(crate) fn file_type(fd: BorrowedFd<'_>) -> Result<rustix::fs::FileType, InheritedFdError> {
     let stat = rustix::fs::fstat(fd).map_err(inspect)?;
     Ok(rustix::fs::FileType::from_raw_mode(stat.st_mode))
 }
 
 /// A kind of file, in words.
+#[cfg(unix)]
 pub(crate) fn describe(file_type: rustix::fs::FileType) -> &'static str {
     use rustix::fs::FileType;
     match file_type {
@@ -293,12 +329,73 @@ pub(crate) fn describe(file_type: rustix::fs::FileType) -> &'static str {
     }
 }
 
+#[cfg(unix)]
 fn inspect(e: rustix::io::Errno) -> InheritedFdError {
     InheritedFdError::Inspect(e.into())
 }
 
+/// Whether `fd` is a listening socket (`SO_ACCEPTCONN`).
+#[cfg(all(unix, not(target_vendor = "apple")))]
+fn accepts_connections(fd: BorrowedFd<'_>) -> rustix::io::Result<bool> {
+    rustix::net::sockopt::socket_acceptconn(fd)
+}
+
+#[cfg(target_vendor = "apple")]
+use self::accepts_connections_without_acceptconn as accepts_connections;
+
+/// Whether `fd`, a stream socket, is a listening one, where `SO_ACCEPTCONN` cannot tell:
+/// macOS declares it but does not implement it. One without a peer is taken for a listening
+/// one (a socket bound but not listening yet passes too, and fails at its first accept).
+/// (Built elsewhere too for its test.)
+#[cfg(all(unix, any(test, target_vendor = "apple")))]
+fn accepts_connections_without_acceptconn(fd: BorrowedFd<'_>) -> rustix::io::Result<bool> {
+    if rustix::net::sockopt::socket_type(fd)? != rustix::net::SocketType::STREAM {
+        return Ok(false);
+    }
+    match rustix::net::getpeername(fd) {
+        Ok(_) => Ok(false),
+        Err(rustix::io::Errno::NOTCONN) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// The address family of the socket `fd` (`SO_DOMAIN`).
+#[cfg(target_os = "linux")]
+pub(crate) fn address_family(fd: BorrowedFd<'_>) -> rustix::io::Result<rustix::net::AddressFamily> {
+    rustix::net::sockopt::socket_domain(fd)
+}
+
+#[cfg(all(unix, not(target_os = "linux")))]
+pub(crate) use self::address_family_by_address as address_family;
+
+/// The address family of the socket `fd`, from its own address (`SO_DOMAIN` is Linux's).
+/// (Built on Linux too for its test.)
+#[cfg(all(unix, any(test, not(target_os = "linux"))))]
+pub(crate) fn address_family_by_address(
+    fd: BorrowedFd<'_>,
+) -> rustix::io::Result<rustix::net::AddressFamily> {
+    Ok(rustix::net::getsockname(fd)?.address_family())
+}
+
+/// The protocol of `fd`, an IP stream socket (`SO_PROTOCOL`).
+#[cfg(any(target_os = "linux", target_os = "freebsd", target_os = "openbsd"))]
+fn ip_protocol(fd: BorrowedFd<'_>) -> rustix::io::Result<Option<rustix::net::Protocol>> {
+    rustix::net::sockopt::socket_protocol(fd)
+}
+
+/// The protocol of `fd`, an IP stream socket: TCP, where `SO_PROTOCOL` is missing (macOS,
+/// where no other protocol makes IP stream sockets).
+#[cfg(all(
+    unix,
+    not(any(target_os = "linux", target_os = "freebsd", target_os = "openbsd"))
+))]
+fn ip_protocol(_fd: BorrowedFd<'_>) -> rustix::io::Result<Option<rustix::net::Protocol>> {
+    Ok(Some(rustix::net::ipproto::TCP))
+}
+
 /// Binds a Unix-domain listener at `path` (see [`Listener::bind_unix`]), with the claim on
 /// its file (armed: dropping it removes the file).
+#[cfg(unix)]
 pub(crate) fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<(Listener, SocketFile)> {
     if let Some(mode) = mode.filter(|m| m & !0o777 != 0) {
         return Err(io::Error::new(
@@ -313,7 +410,8 @@ pub(crate) fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<(Listener,
     if let Some(mode) = mode {
         // `bind` creates the file with the socket's own mode less the umask: never looser
         // than `mode`, even before the exact mode is set below.
-        let _ = rustix::fs::fchmod(&socket, rustix::fs::Mode::from_raw_mode(mode));
+        let mode = rustix::fs::Mode::from_raw_mode(mode as rustix::fs::RawMode);
+        let _ = rustix::fs::fchmod(&socket, mode);
     }
     socket.bind(&addr).map_err(|e| match e.kind() {
         io::ErrorKind::AddrInUse => in_use(path),
@@ -329,6 +427,7 @@ pub(crate) fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<(Listener,
     Ok((Listener::Unix(listener), file))
 }
 
+#[cfg(unix)]
 fn in_use(path: &Path) -> io::Error {
     io::Error::new(
         io::ErrorKind::AddrInUse,
@@ -342,6 +441,7 @@ fn in_use(path: &Path) -> io::Error {
 /// Makes way for binding at `path`: fine if nothing is there; a socket file nobody accepts
 /// on (its process died without removing it) is removed. A socket someone accepts on, any
 /// other kind of file, or a socket that cannot be checked, is left as it is: an error.
+#[cfg(unix)]
 fn make_way(path: &Path) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -396,18 +496,29 @@ fn make_way(path: &Path) -> io::Result<()> {
 
 /// The identity of the socket file `bind` just made at `path`, with `mode` applied if given.
 /// Both go through a descriptor of the file itself (`O_PATH`, not following a symlink), so
-/// a file swapped in at the path meanwhile is neither changed nor taken for ours.
+/// a file swapped in at the path meanwhile is neither changed nor taken for ours. (Linux
+/// only: elsewhere there is no `O_PATH`, so both go through the path, as on a Linux without
+/// `/proc`.)
+#[cfg(unix)]
 fn claim_file(path: &Path, mode: Option<u32>) -> io::Result<FileId> {
-    use rustix::fs::{Mode, OFlags};
     use std::os::unix::fs::PermissionsExt;
-    let fd = rustix::fs::open(
-        path,
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
+    #[cfg(target_os = "linux")]
+    let fd = {
+        use rustix::fs::{Mode, OFlags};
+        rustix::fs::open(
+            path,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?
+    };
+    #[cfg(target_os = "linux")]
     let by_fd = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
     // Without /proc: the path itself, still not following a symlink for the check.
+    #[cfg(target_os = "linux")]
     let via_proc = std::fs::metadata(&by_fd).is_ok();
+    // Elsewhere there is no `O_PATH` (and a socket file cannot be opened): the path itself.
+    #[cfg(not(target_os = "linux"))]
+    let (by_fd, via_proc) = (PathBuf::new(), false);
     let stat = || match via_proc {
         true => std::fs::metadata(&by_fd),
         false => std::fs::symlink_metadata(path),
@@ -434,6 +545,7 @@ fn claim_file(path: &Path, mode: Option<u32>) -> io::Result<FileId> {
     }
 }
 
+#[cfg(unix)]
 fn absolute(path: &Path) -> PathBuf {
     match std::env::current_dir() {
         Ok(dir) if path.is_relative() => dir.join(path),
@@ -443,6 +555,7 @@ fn absolute(path: &Path) -> PathBuf {
 
 /// A file's identity: device and inode, and the time of its last change, since a file
 /// made after ours was removed may get the same inode number.
+#[cfg(unix)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FileId {
     dev: u64,
@@ -450,6 +563,7 @@ struct FileId {
     ctime: (i64, i64),
 }
 
+#[cfg(unix)]
 impl FileId {
     fn of(meta: &std::fs::Metadata) -> FileId {
         FileId {
@@ -470,6 +584,7 @@ impl FileId {
 
 /// A server's claim on the file of a Unix-domain socket: while armed, dropping it removes
 /// the file, if the path still leads to the very file that was bound.
+#[cfg(unix)]
 #[derive(Debug)]
 pub(crate) struct SocketFile {
     path: PathBuf,
@@ -478,6 +593,7 @@ pub(crate) struct SocketFile {
     armed: AtomicBool,
 }
 
+#[cfg(unix)]
 impl SocketFile {
     fn new(path: PathBuf, file: FileId, armed: bool) -> SocketFile {
         SocketFile {
@@ -519,6 +635,7 @@ impl SocketFile {
     }
 }
 
+#[cfg(unix)]
 impl Drop for SocketFile {
     fn drop(&mut self) {
         if self.armed.load(Ordering::Relaxed) {
@@ -527,7 +644,29 @@ impl Drop for SocketFile {
     }
 }
 
+/// Windows has no Unix-domain sockets, so no socket files: no value of this type exists, and
+/// a server's list of them is always empty.
+#[cfg(windows)]
+#[derive(Debug)]
+pub(crate) enum SocketFile {}
+
+#[cfg(windows)]
+impl SocketFile {
+    pub(crate) fn is_of(&self, _listener: &Listener) -> bool {
+        match *self {}
+    }
+
+    pub(crate) fn arm(&self) {
+        match *self {}
+    }
+
+    pub(crate) fn disarm(&self) {
+        match *self {}
+    }
+}
+
 /// Removes the socket file at `path` if it is still `file`.
+#[cfg(unix)]
 fn remove_if_ours(path: &Path, file: FileId, why: &str) {
     if FileId::socket_at(path) != Some(file) {
         tracing::debug!(path = %path.display(), why, "socket file replaced or gone: left as it is");
@@ -551,22 +690,23 @@ pub(crate) struct Stream {
 
 enum StreamIo {
     Tcp(TcpStream),
+    #[cfg(unix)]
     Unix(UnixStream),
 }
 
 impl Stream {
     /// A connected socket that the previous generation handed over (see `crate::handover`),
     /// with its peer's address.
+    #[cfg(unix)]
     pub(crate) fn from_handed(fd: OwnedFd) -> io::Result<(Stream, Addr)> {
-        use rustix::net::sockopt;
-        if sockopt::socket_type(&fd)? != rustix::net::SocketType::STREAM {
+        if rustix::net::sockopt::socket_type(&fd)? != rustix::net::SocketType::STREAM {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "descriptor is not a stream socket",
             ));
         }
         rustix::io::ioctl_fionbio(&fd, true)?;
-        let (io, peer) = match sockopt::socket_domain(&fd)? {
+        let (io, peer) = match address_family(fd.as_fd())? {
             rustix::net::AddressFamily::UNIX => {
                 let s = UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))?;
                 let peer = s.peer_addr()?;
@@ -588,6 +728,7 @@ impl Stream {
     pub(crate) fn local_addr(&self) -> io::Result<Addr> {
         Ok(match &self.io {
             StreamIo::Tcp(s) => Addr::Tcp(s.local_addr()?),
+            #[cfg(unix)]
             StreamIo::Unix(s) => Addr::Unix(s.local_addr()?.as_pathname().map(Path::to_path_buf)),
         })
     }
@@ -598,6 +739,7 @@ impl Stream {
     }
 }
 
+#[cfg(unix)]
 impl AsRawFd for Stream {
     fn as_raw_fd(&self) -> RawFd {
         match &self.io {
@@ -607,10 +749,20 @@ impl AsRawFd for Stream {
     }
 }
 
+#[cfg(windows)]
+impl AsRawSocket for Stream {
+    fn as_raw_socket(&self) -> RawSocket {
+        match &self.io {
+            StreamIo::Tcp(s) => s.as_raw_socket(),
+        }
+    }
+}
+
 macro_rules! delegate {
     ($self:ident, $s:ident => $e:expr) => {
         match &mut $self.get_mut().io {
             StreamIo::Tcp($s) => $e,
+            #[cfg(unix)]
             StreamIo::Unix($s) => $e,
         }
     };
@@ -675,5 +827,54 @@ impl Stream {
             io: StreamIo::Tcp(s),
             slot: None,
         }
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::fd::{AsFd, BorrowedFd};
+
+    use rustix::net::AddressFamily;
+
+    /// The checks used where `SO_DOMAIN` and `SO_ACCEPTCONN` are missing (macOS), run here
+    /// beside the ones that use them.
+    #[test]
+    fn the_portable_socket_checks_agree_with_the_socket_options() {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(tcp.local_addr().unwrap()).unwrap();
+        let (accepted, _) = tcp.accept().unwrap();
+        let tcp6 = std::net::TcpListener::bind("[::1]:0").ok(); // no IPv6: skipped
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let path = std::env::temp_dir().join(format!("grace-portable-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (pair, _other) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut cases: Vec<(BorrowedFd<'_>, AddressFamily, bool)> = vec![
+            (tcp.as_fd(), AddressFamily::INET, true),
+            (client.as_fd(), AddressFamily::INET, false),
+            (accepted.as_fd(), AddressFamily::INET, false),
+            (udp.as_fd(), AddressFamily::INET, false),
+            (unix.as_fd(), AddressFamily::UNIX, true),
+            (pair.as_fd(), AddressFamily::UNIX, false),
+        ];
+        cases.extend(
+            tcp6.as_ref()
+                .map(|l| (l.as_fd(), AddressFamily::INET6, true)),
+        );
+        for (fd, family, listening) in cases {
+            assert_eq!(super::address_family_by_address(fd).unwrap(), family);
+            assert_eq!(super::address_family(fd).unwrap(), family);
+            assert_eq!(
+                super::accepts_connections_without_acceptconn(fd).unwrap(),
+                listening,
+                "{family:?}"
+            );
+            assert_eq!(
+                super::accepts_connections(fd).unwrap(),
+                listening,
+                "{family:?}"
+            );
+        }
+        let _ = std::fs::remove_file(&path);
     }
 }

@@ -29,6 +29,7 @@
 //! afterwards (its last numbers reach only a push exporter); a failed one by the process
 //! that keeps serving, where an alert can see it.
 
+#[cfg(unix)]
 use std::time::Duration;
 
 use serde::Serialize;
@@ -163,6 +164,7 @@ pub(crate) fn drain_finished(report: &ShutdownReport) {
 }
 
 /// An upgrade ended, after `took` (called by the restart driver).
+#[cfg(unix)]
 #[inline]
 pub(crate) fn upgrade_finished(ok: bool, took: Duration) {
     #[cfg(feature = "metrics")]

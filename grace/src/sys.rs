@@ -3,11 +3,58 @@
 //! Everything here wraps a syscall that takes or returns a bare descriptor: shutting down or
 //! closing in place a tracked connection's socket from outside its owner, adopting an
 //! inherited listening socket, and laying out descriptors for a child process.
+//!
+//! The rest of the crate names a socket's handle with Unix's words, imported from here:
+//! [`RawFd`], [`AsRawFd`], [`BorrowedFd`], [`AsFd`] are std's on Unix. On Windows they
+//! stand for a socket's `SOCKET` ([`RawFd`], and [`AsRawFd`] for any `AsRawSocket`) and
+//! for a file's handle ([`BorrowedFd`], [`AsFd`]: the null device `Tracker::close_idle`
+//! may open, which Windows cannot put in a socket's place: see
+//! [`SocketSlot::close_in_place`]). There only [`SocketSlot`] and
+//! [`has_pending_connection`] exist: the rest serves the Unix-only parts (inherited
+//! sockets, restarts, the hand-over of connections).
 
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+#[cfg(unix)]
+pub(crate) use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+#[cfg(unix)]
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::Mutex;
 
+#[cfg(unix)]
 use crate::error::InheritedFdError;
+
+/// A socket's raw handle (see the module docs).
+#[cfg(windows)]
+pub(crate) type RawFd = std::os::windows::io::RawSocket;
+
+/// Has a socket's raw handle: any `AsRawSocket` (see the module docs).
+#[cfg(windows)]
+pub(crate) trait AsRawFd {
+    fn as_raw_fd(&self) -> RawFd;
+}
+
+#[cfg(windows)]
+impl<T: std::os::windows::io::AsRawSocket> AsRawFd for T {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_raw_socket()
+    }
+}
+
+/// A borrowed file handle (see the module docs).
+#[cfg(windows)]
+pub(crate) type BorrowedFd<'a> = std::os::windows::io::BorrowedHandle<'a>;
+
+/// Has a file handle: any `AsHandle` (see the module docs).
+#[cfg(windows)]
+pub(crate) trait AsFd {
+    fn as_fd(&self) -> BorrowedFd<'_>;
+}
+
+#[cfg(windows)]
+impl<T: std::os::windows::io::AsHandle> AsFd for T {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.as_handle()
+    }
+}
 
 /// The descriptor of a live connection's socket, reachable from outside the task that owns
 /// the socket, so a drain can force the connection closed whatever hyper or an upgraded
@@ -34,6 +81,7 @@ impl SocketSlot {
     /// the next generation is about to share. Lends the descriptor for as long as `owner`
     /// is borrowed; `owner` must be the stream that owns it (the one whose drop releases
     /// this slot). `None` if the slot was already released.
+    #[cfg(unix)]
     pub(crate) fn take_lent<'a, T: ?Sized>(&self, owner: &'a T) -> Option<BorrowedFd<'a>> {
         let fd = crate::base::lock(&self.0).take()?;
         let _ = owner;
@@ -46,6 +94,7 @@ impl SocketSlot {
     /// Shuts the socket down in both directions: the peer sees FIN, and every pending or
     /// future read on our side returns end-of-file, every write fails. Returns false if the
     /// socket was already closed.
+    #[cfg(unix)]
     pub(crate) fn shutdown(&self) -> bool {
         let guard = crate::base::lock(&self.0);
         let Some(fd) = *guard else { return false };
@@ -59,6 +108,7 @@ impl SocketSlot {
     /// Whether bytes wait unread in the socket (`FIONREAD`): a client's first bytes that
     /// its task has not read yet. False once the socket is closed, or if the kernel cannot
     /// say.
+    #[cfg(unix)]
     pub(crate) fn has_unread(&self) -> bool {
         let guard = crate::base::lock(&self.0);
         let Some(fd) = *guard else { return false };
@@ -74,6 +124,7 @@ impl SocketSlot {
     /// that error as on an end of stream, see `TrackedIo`), nothing is ever read from it,
     /// and the owner's close closes the copy. The slot is emptied: nothing is left to shut. Returns false if the socket
     /// was already closed, or could not be replaced (then it is shut down instead).
+    #[cfg(unix)]
     pub(crate) fn close_in_place(&self, null: BorrowedFd<'_>) -> bool {
         let mut guard = crate::base::lock(&self.0);
         let Some(fd) = guard.take() else { return false };
@@ -81,7 +132,7 @@ impl SocketSlot {
         // here is never dropped (`ManuallyDrop`), so it closes nothing; `dup3` replaces what
         // the number refers to in one step, so the number is never free for reuse.
         let mut target = std::mem::ManuallyDrop::new(unsafe { OwnedFd::from_raw_fd(fd) });
-        if rustix::io::dup3(null, &mut target, rustix::io::DupFlags::CLOEXEC).is_err() {
+        if replace_cloexec(null, &mut target).is_err() {
             // SAFETY: as in `shutdown`: the lock is held and the number is still the socket's.
             let fd = unsafe { BorrowedFd::borrow_raw(fd) };
             let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
@@ -90,8 +141,116 @@ impl SocketSlot {
     }
 }
 
+/// Windows: the same operations on the socket's `SOCKET`, through Winsock.
+#[cfg(windows)]
+impl SocketSlot {
+    /// Shuts the socket down in both directions (`shutdown(SD_BOTH)`): the peer sees FIN,
+    /// and every pending or future read on our side ends, every write fails. Returns false if
+    /// the socket was already closed.
+    pub(crate) fn shutdown(&self) -> bool {
+        use windows_sys::Win32::Networking::WinSock::{SD_BOTH, SOCKET, shutdown};
+        let guard = crate::base::lock(&self.0);
+        let Some(socket) = *guard else { return false };
+        // SAFETY: `socket` is open: the owner releases the slot (under this lock, which we
+        // hold) before it closes the socket, so the handle cannot have been reused; the call
+        // takes a plain handle and touches no memory of ours.
+        let _ = unsafe { shutdown(socket as SOCKET, SD_BOTH) };
+        true
+    }
+
+    /// Whether bytes wait unread in the socket (`ioctlsocket(FIONREAD)`): a client's first
+    /// bytes that its task has not read yet. False once the socket is closed, or if Winsock
+    /// cannot say.
+    pub(crate) fn has_unread(&self) -> bool {
+        use windows_sys::Win32::Networking::WinSock::{FIONREAD, SOCKET, ioctlsocket};
+        let guard = crate::base::lock(&self.0);
+        let Some(socket) = *guard else { return false };
+        let mut unread: u32 = 0;
+        // SAFETY: as in `shutdown`: the lock is held, so the handle is still the socket's;
+        // `unread` is a live u32 for the call to write, and FIONREAD writes one u32.
+        let rc = unsafe { ioctlsocket(socket as SOCKET, FIONREAD, &mut unread) };
+        rc == 0 && unread > 0
+    }
+
+    /// Windows cannot make a socket's handle another file's in place (Unix's `dup2` over
+    /// it): the socket is shut down instead (see [`shutdown`](Self::shutdown)), and closes
+    /// when its owner drops it. The slot is emptied as on Unix: nothing is left to shut.
+    pub(crate) fn close_in_place(&self, _null: BorrowedFd<'_>) -> bool {
+        let shut = self.shutdown();
+        *crate::base::lock(&self.0) = None;
+        shut
+    }
+}
+
+/// Whether a connection waits in the accept queue of `listener`, a listening socket:
+/// `WSAPoll` without waiting. False if Winsock cannot say.
+#[cfg(windows)]
+pub(crate) fn has_pending_connection(listener: &impl AsRawFd) -> bool {
+    use windows_sys::Win32::Networking::WinSock::{POLLRDNORM, SOCKET, WSAPOLLFD, WSAPoll};
+    let mut fds = [WSAPOLLFD {
+        fd: listener.as_raw_fd() as SOCKET,
+        events: POLLRDNORM,
+        revents: 0,
+    }];
+    // SAFETY: `listener` is borrowed for this call, so its socket stays open during it;
+    // `fds` is one live, initialised WSAPOLLFD, and its length is the count passed.
+    let n = unsafe { WSAPoll(fds.as_mut_ptr(), 1, 0) };
+    n > 0 && fds[0].revents & POLLRDNORM != 0
+}
+
+/// Makes `target` a copy of `src`, in one step, close-on-exec (`dup3(O_CLOEXEC)`).
+#[cfg(target_os = "linux")]
+fn replace_cloexec(src: BorrowedFd<'_>, target: &mut OwnedFd) -> rustix::io::Result<()> {
+    rustix::io::dup3(src, target, rustix::io::DupFlags::CLOEXEC)
+}
+
+#[cfg(all(unix, not(target_os = "linux")))]
+use self::replace_then_cloexec as replace_cloexec;
+
+/// Makes `target` a copy of `src`, in one step (`dup2`), then close-on-exec: `dup3` and its
+/// flag are Linux's. A process spawned by another thread in between may inherit the copy
+/// (of `/dev/null`: harmless). (Built on Linux too for its test.)
+#[cfg(all(unix, any(test, not(target_os = "linux"))))]
+fn replace_then_cloexec(src: BorrowedFd<'_>, target: &mut OwnedFd) -> rustix::io::Result<()> {
+    rustix::io::dup2(src, target)?;
+    // The number is the copy's from here whatever happens: not an error of the replace.
+    let _ = rustix::io::fcntl_setfd(&*target, rustix::io::FdFlags::CLOEXEC);
+    Ok(())
+}
+
+/// Marks descriptors this process just made close-on-exec, where the call that made them
+/// could not do it atomically (Linux's `O_CLOEXEC`-style flags are missing elsewhere, on
+/// macOS in particular): a process spawned by another thread in between may inherit them,
+/// as with std's own pipes there.
+#[cfg(all(unix, any(test, not(target_os = "linux"))))]
+pub(crate) fn set_cloexec(fds: &[&OwnedFd]) -> std::io::Result<()> {
+    for fd in fds {
+        rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC)?;
+    }
+    Ok(())
+}
+
+/// A pipe, both ends close-on-exec (`pipe2(O_CLOEXEC)`).
+#[cfg(target_os = "linux")]
+pub(crate) fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
+}
+
+#[cfg(all(unix, not(target_os = "linux")))]
+pub(crate) use self::pipe_then_cloexec as cloexec_pipe;
+
+/// A pipe, both ends close-on-exec: `pipe`, then [`set_cloexec`] (macOS has no `pipe2`).
+/// (Built on Linux too for its test.)
+#[cfg(all(unix, any(test, not(target_os = "linux"))))]
+pub(crate) fn pipe_then_cloexec() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let (rx, tx) = rustix::pipe::pipe()?;
+    set_cloexec(&[&rx, &tx])?;
+    Ok((rx, tx))
+}
+
 /// Whether a connection waits in the accept queue of `listener`, a listening socket:
 /// `poll(2)` without waiting. False if the kernel cannot say.
+#[cfg(unix)]
 pub(crate) fn has_pending_connection(listener: &impl AsRawFd) -> bool {
     // SAFETY: `listener` is borrowed for this call, so its descriptor stays open while the
     // borrowed one (used only by the poll below) lives.
@@ -122,6 +281,7 @@ pub(crate) fn has_pending_connection(listener: &impl AsRawFd) -> bool {
 ///
 /// The caller must adopt each inherited number once: `restart::inherit` adopts them behind
 /// a process-wide flag.
+#[cfg(unix)]
 pub(crate) fn adopt_inherited<T>(
     fd: RawFd,
     check: impl FnOnce(BorrowedFd<'_>) -> Result<T, InheritedFdError>,
@@ -159,6 +319,7 @@ pub(crate) fn adopt_inherited<T>(
 }
 
 /// True if `fd` is an open descriptor of this process.
+#[cfg(unix)]
 pub(crate) fn is_open(fd: RawFd) -> bool {
     // SAFETY: the borrow lives only for this fcntl(F_GETFD) call, which is harmless on any
     // integer: it fails with EBADF if the number is not open.
@@ -166,6 +327,7 @@ pub(crate) fn is_open(fd: RawFd) -> bool {
 }
 
 /// The most descriptors [`pass_fds`] lays out.
+#[cfg(unix)]
 pub(crate) const MAX_PASSED_FDS: usize = 64;
 
 /// Lays out `fds` as descriptors 3, 4, … in a child process, inheritable, before `exec`.
@@ -176,6 +338,7 @@ pub(crate) const MAX_PASSED_FDS: usize = 64;
 /// Caveat: `std` reports a failed `exec` over a close-on-exec pipe that may sit at a number
 /// in 3..3+n and be replaced here; the child then just exits (status 127 semantics are
 /// lost), which a restart sees as a child that exited before it was ready.
+#[cfg(unix)]
 pub(crate) fn pass_fds(cmd: &mut std::process::Command, fds: Vec<RawFd>) -> std::io::Result<()> {
     use std::os::unix::process::CommandExt;
     if fds.len() > MAX_PASSED_FDS {
@@ -219,6 +382,7 @@ pub(crate) fn pass_fds(cmd: &mut std::process::Command, fds: Vec<RawFd>) -> std:
 
 /// Registers a socket we own with tokio's reactor (the hand-over channel: a socket type
 /// tokio has no wrapper for).
+#[cfg(unix)]
 pub(crate) fn async_fd(
     fd: OwnedFd,
     interest: tokio::io::Interest,
@@ -263,7 +427,7 @@ pub(crate) fn bytes_consumed(fd: BorrowedFd<'_>) -> Option<u64> {
 }
 
 /// See the Linux version: elsewhere it cannot be told.
-#[cfg(not(target_os = "linux"))]
+#[cfg(all(unix, not(target_os = "linux")))]
 pub(crate) fn bytes_consumed(_fd: BorrowedFd<'_>) -> Option<u64> {
     None
 }
@@ -301,6 +465,35 @@ mod tests {
         assert!(!slot.shutdown());
         assert!(!slot.close_in_place(null.as_fd()));
         drop(ours);
+    }
+
+    /// The spellings used where Linux's atomic close-on-exec flags are missing (macOS), run
+    /// here: each descriptor ends up close-on-exec all the same.
+    #[test]
+    fn the_portable_spellings_leave_descriptors_close_on_exec() {
+        let cloexec = |fd: BorrowedFd<'_>| {
+            rustix::io::fcntl_getfd(fd).is_ok_and(|f| f.contains(rustix::io::FdFlags::CLOEXEC))
+        };
+        // A pipe: both ends, and it works.
+        let (rx, tx) = super::pipe_then_cloexec().expect("pipe");
+        assert!(cloexec(rx.as_fd()) && cloexec(tx.as_fd()));
+        rustix::io::write(&tx, b"x").expect("write");
+        let mut buf = [0u8; 1];
+        assert_eq!(rustix::io::read(&rx, &mut buf).expect("read"), 1);
+        // A copy over a descriptor (as a socket closed in place): `dup2` alone would leave
+        // the copy inheritable.
+        let (mut ours, peer) = UnixStream::pair().expect("socketpair");
+        let null = std::fs::File::open("/dev/null").expect("/dev/null");
+        let mut target = OwnedFd::from(ours.try_clone().expect("dup"));
+        super::replace_then_cloexec(null.as_fd(), &mut target).expect("replace");
+        assert!(cloexec(target.as_fd()));
+        assert!(
+            rustix::fs::fstat(&target).is_ok_and(|st| st.st_rdev != 0),
+            "now /dev/null"
+        );
+        // Only the copy was replaced: the socket itself is still there.
+        drop(peer);
+        assert_eq!(ours.read(&mut buf).expect("read"), 0);
     }
 
     #[cfg(target_os = "linux")]

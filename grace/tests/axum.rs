@@ -127,6 +127,7 @@ async fn connect_info_and_the_local_address_are_in_every_request_with_nothing_as
 
 /// A Unix-domain peer has no `SocketAddr`: it gets `ConnAddrs` (a `unix:` peer, the socket's
 /// path as the local address), and no `ConnectInfo<SocketAddr>`.
+#[cfg(unix)]
 #[tokio::test]
 async fn a_unix_socket_peer_gets_conn_addrs_with_the_socket_path() {
     let path = std::env::temp_dir().join(format!("grace-{}-axum.sock", std::process::id()));

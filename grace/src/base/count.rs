@@ -32,12 +32,14 @@ impl Count {
     }
 
     /// How many are under way now.
+    #[cfg_attr(not(unix), allow(dead_code))]
     pub(crate) fn get(&self) -> usize {
         // Acquire, as in `zero`.
         self.n.load(Ordering::Acquire)
     }
 
     /// None is under way now.
+    #[cfg_attr(not(unix), allow(dead_code))]
     pub(crate) fn is_zero(&self) -> bool {
         self.get() == 0
     }

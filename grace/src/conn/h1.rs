@@ -4,17 +4,28 @@
 //! moment between requests.
 
 use std::future::Future;
+#[cfg(unix)]
 use std::pin::Pin;
+#[cfg(unix)]
 use std::task::Poll;
 use std::time::Duration;
 
+#[cfg(unix)]
 use http::{Request, Response};
 
+#[cfg(unix)]
 use super::http::{HttpConn, Released};
+#[cfg(unix)]
 use super::io::TrackedIo;
-use super::record::{Conn, HandOver};
-use super::task::{BoxError, ConnIo, ResponseBody};
+use super::record::Conn;
+#[cfg(unix)]
+use super::record::HandOver;
+use super::task::BoxError;
+#[cfg(unix)]
+use super::task::{ConnIo, ResponseBody};
+#[cfg(unix)]
 use super::tracker::Tracker;
+#[cfg(unix)]
 use crate::handover::{Handed, Origin};
 
 /// At the drain, once hyper was told to shut down gracefully: a request head still arriving
@@ -46,7 +57,8 @@ where
 /// (polling it meanwhile, so a request in flight finishes, with keep-alive), while the
 /// hand-over window is open. `Some`: the connection is done here (handed over, given back to
 /// this server as a fresh task, or it ended meanwhile); `None`: it is still ours as it was
-/// (HTTP/2, TLS, upgraded, or the window ended first).
+/// (HTTP/2, TLS, upgraded, or the window ended first). Unix only (see `crate::handover`).
+#[cfg(unix)]
 pub(super) async fn hand_over<I, S, B>(
     connection: &mut HttpConn<TrackedIo<I>, S>,
     conn: &Conn,

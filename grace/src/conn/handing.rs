@@ -1,12 +1,15 @@
 //! The tracker's side of an upgrade's hand-over: whether connections are being handed over
 //! and through which outbox, what the last hand-over did, and the serving here of a
-//! connection that did not go.
+//! connection that did not go. On Windows (no restarts) only what the drain reads is
+//! compiled: no hand-over ever runs there.
 
+#[cfg(unix)]
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::StateCounts;
+#[cfg(unix)]
 use super::record::HandOver;
 use super::tracker::Tracker;
 use crate::base::lock;
@@ -14,6 +17,7 @@ use crate::base::lock;
 /// When a hand-over started (`handed_over` and the connections then), and how long it took
 /// once it ended with a drain to follow.
 #[derive(Default)]
+#[cfg_attr(not(unix), allow(dead_code))] // set by hand-overs only
 pub(super) struct HandOverMark {
     handed_before: u64,
     at_start: StateCounts,
@@ -28,11 +32,13 @@ pub(crate) struct HandOverDone {
 }
 
 /// Serves, in this process, a connection that was on its way to the next generation.
+#[cfg(unix)]
 pub(crate) type LocalServe = Box<dyn Fn(crate::handover::Handed) + Send + Sync + 'static>;
 
 impl Tracker {
     /// Starts handing connections over through `outbox`, then wakes every connection's
     /// task: each HTTP/1 one goes at its next moment between requests.
+    #[cfg(unix)]
     pub(crate) fn start_hand_over(&self, outbox: Arc<crate::handover::outbox::Outbox>) {
         *lock(&self.outbox) = Some(outbox);
         *lock(&self.hand_over_mark) = HandOverMark {
@@ -49,6 +55,7 @@ impl Tracker {
     /// Ends the hand-over (its window closed, it completed, or the next generation went):
     /// connections not handed over stay here and are woken to go on as they were. `took`:
     /// how long it took, for the report of a drain that follows.
+    #[cfg(unix)]
     pub(crate) fn end_hand_over(&self, took: Option<Duration>) {
         self.handing.store(false, Ordering::Release);
         if let Some(outbox) = lock(&self.outbox).take() {
@@ -75,6 +82,7 @@ impl Tracker {
     }
 
     /// The channel to the next generation, while connections may be handed over.
+    #[cfg(unix)]
     pub(crate) fn handing_over(&self) -> Option<Arc<crate::handover::outbox::Outbox>> {
         if !self.is_handing_over() {
             return None;
@@ -84,6 +92,7 @@ impl Tracker {
 
     /// True while some connection may still be handed over: one is between requests or
     /// will be, or the previous generation still hands some to this one.
+    #[cfg(unix)]
     pub(crate) fn hand_over_left(&self) -> bool {
         !self.previous_done.is_set()
             || self.shards.iter().any(|shard| {
@@ -95,6 +104,7 @@ impl Tracker {
 
     /// Serves `handed` again in this process (see `local`); without a server to serve it,
     /// it closes.
+    #[cfg(unix)]
     pub(crate) fn serve_local(&self, handed: crate::handover::Handed) {
         match self.local.get() {
             Some(serve) => serve(handed),

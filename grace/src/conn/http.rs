@@ -76,6 +76,7 @@ impl<I> Rewind<I> {
     }
 
     /// The stream, and what of the prefix was not read yet.
+    #[cfg(unix)]
     pub(crate) fn into_parts(self) -> (I, Bytes) {
         (self.inner, self.prefix)
     }
@@ -133,6 +134,7 @@ where
 }
 
 /// What an HTTP/1 connection gives back between requests (see [`HttpConn::take_for_handover`]).
+#[cfg(unix)]
 pub(crate) struct Released<I> {
     pub(crate) io: I,
     /// HTTP/1, or not told yet.
@@ -177,6 +179,7 @@ where
     }
 
     /// HTTP/2, as told by its preface.
+    #[cfg(unix)]
     pub(crate) fn is_http2(&self) -> bool {
         matches!(self, HttpConn::H2(_))
     }
@@ -186,6 +189,7 @@ where
     /// Only between requests: the caller checks that no request is in flight and that the
     /// last response is fully written (see `Conn::hand_over`); hyper is not polled in
     /// between, so nothing moves meanwhile. `None` for HTTP/2, or after an upgrade.
+    #[cfg(unix)]
     pub(crate) fn take_for_handover(&mut self) -> Option<Released<I>> {
         match self {
             HttpConn::Sniff { io, buf, len, .. } => {

@@ -5,7 +5,6 @@
 //! upgrade handler, so an upgraded connection is tracked until it really closes.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::Addr;
 use super::record::Conn;
 use super::tracker::Tracker;
+use crate::sys::AsRawFd;
 
 pub(crate) struct TrackedIo<S> {
     inner: S,

@@ -2,7 +2,6 @@
 //! the events that move it, as its socket wrapper, its request wrappers and the tracker's
 //! sweeps report them.
 
-use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -14,9 +13,10 @@ use super::tracker::Tracker;
 use super::{ConnInfo, ConnState};
 use crate::base::lock;
 use crate::base::report::{ActiveRequest, ConnSnapshot};
-use crate::sys::SocketSlot;
+use crate::sys::{BorrowedFd, SocketSlot};
 
 /// Whether a connection can be handed to the next generation (see [`Conn::hand_over`]).
+#[cfg(unix)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum HandOver {
     Now,
@@ -422,6 +422,7 @@ impl Conn {
     /// - `Later`: a request is being served, or its response written.
     /// - `Never`: HTTP/2, TLS (whose session could not travel), upgraded, closed, or idle
     ///   with its last request's body left unread (hyper drains it or closes).
+    #[cfg(unix)]
     pub(crate) fn hand_over(&self) -> HandOver {
         if self.http2.load(Ordering::Relaxed) || self.closes_itself.load(Ordering::Relaxed) {
             return HandOver::Never;

@@ -313,12 +313,15 @@ where
         match polled {
             Ok(Poll::Ready(Ok(mut response))) => {
                 let status = response.status();
+                #[cfg(unix)]
+                let handing_over = || guard.conn.tracker().handing_over().is_some();
+                // No restarts on Windows, so no hand-over.
+                #[cfg(not(unix))]
+                let handing_over = || false;
                 if status == StatusCode::SWITCHING_PROTOCOLS || (this.tunnel && status.is_success())
                 {
                     guard.conn.apply(Event::Upgraded);
-                } else if this.http1
-                    && guard.conn.tracker().drain_asked.is_set()
-                    && guard.conn.tracker().handing_over().is_none()
+                } else if this.http1 && guard.conn.tracker().drain_asked.is_set() && !handing_over()
                 {
                     // From the drain request on, pre-stop delay included (the soft drain):
                     // keep-alive clients move to other instances before the listener

@@ -28,11 +28,13 @@ pub(crate) struct Stats {
 
 impl Stats {
     /// A connection went to the next generation.
+    #[cfg(unix)]
     pub(crate) fn count_handed_over(&self) {
         self.handed_over.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Connections counted as handed over came back (see `Outbox::take_back`).
+    #[cfg(unix)]
     pub(crate) fn uncount_handed_over(&self, n: u64) {
         self.handed_over.fetch_sub(n, Ordering::Relaxed);
     }

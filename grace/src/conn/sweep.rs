@@ -2,7 +2,6 @@
 //! its force, the coarse clock's timeouts, the shedding that makes room at the limits, and
 //! the parking of the tasks the drain shut until the stop is over.
 
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -14,6 +13,7 @@ use super::state::Event;
 use super::tracker::Tracker;
 use crate::base::lock;
 use crate::base::report::ConnSnapshot;
+use crate::sys::AsFd;
 
 /// What [`Tracker::shed_for_new`] did.
 #[derive(Debug, Default)]

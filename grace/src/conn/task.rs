@@ -22,7 +22,9 @@ use super::{Addr, ConnState};
 use crate::accept::{Acceptor, Socket};
 use crate::base::budget::after;
 use crate::base::report::Trigger;
-use crate::handover::{Kind, Origin};
+use crate::handover::Kind;
+#[cfg(unix)]
+use crate::handover::Origin;
 use crate::listener::Stream;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -149,7 +151,8 @@ fn local_addr<S>(stream: &Stream, ctx: &ConnCtx<S>) -> Option<Addr> {
 /// Serves a connection handed over between two requests, with the bytes read from it but
 /// not parsed (see `crate::handover`): HTTP/1, `Idle`, or one whose protocol is still to be
 /// told, `New`; from the previous generation, or back from a hand-over of this process's
-/// own that did not happen (see [`Origin`]).
+/// own that did not happen (see [`Origin`]). Unix only (see `crate::handover`).
+#[cfg(unix)]
 pub(crate) fn serve_handed<S, B>(
     stream: Stream,
     peer: Addr,
@@ -352,12 +355,12 @@ where
             // between requests, until the hand-over window ends. (Not one already asked to
             // close: its client may have been told so.)
             let seen = ctx.tracker.wake_count();
-            if let Some(outbox) = ctx.tracker.handing_over().filter(|_| !closing) {
-                if let Some(result) =
+            #[cfg(unix)]
+            if let Some(outbox) = ctx.tracker.handing_over().filter(|_| !closing)
+                && let Some(result) =
                     super::h1::hand_over(&mut connection, &conn, &outbox, &ctx.tracker).await
-                {
-                    return log_end(&conn, result);
-                }
+            {
+                return log_end(&conn, result);
             }
             if conn.drain_started() {
                 break;

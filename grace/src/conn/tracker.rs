@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::handing::{HandOverMark, LocalServe};
+use super::handing::HandOverMark;
+#[cfg(unix)]
+use super::handing::LocalServe;
 use super::record::Conn;
 use super::state::Event;
 use super::stats::Stats;
@@ -22,7 +24,7 @@ use crate::base::count::Count;
 use crate::base::latch::Latch;
 use crate::base::lock;
 use crate::base::report::{ConnSnapshot, Trigger};
-use crate::sys::SocketSlot;
+use crate::sys::{AsRawFd, SocketSlot};
 
 /// The user's observer of state changes.
 pub(crate) type Hook = Box<dyn Fn(&ConnInfo, ConnState) + Send + Sync + 'static>;
@@ -70,6 +72,7 @@ pub(crate) struct Tracker {
     pub(crate) previous_done: Latch<()>,
     /// The channel to the next generation, while an upgrade hands connections over (see
     /// `handover::upgrade`); replaced at each upgrade.
+    #[cfg(unix)]
     pub(super) outbox: Mutex<Option<Arc<crate::handover::outbox::Outbox>>>,
     /// An upgrade is handing connections over: every HTTP/1 connection goes at its next
     /// moment between requests. Reversible (a new generation that dies ends it).
@@ -78,6 +81,7 @@ pub(crate) struct Tracker {
     pub(super) hand_over_mark: Mutex<HandOverMark>,
     /// Serves a connection taken back from an interrupted hand-over in this process (set
     /// once, when serving starts).
+    #[cfg(unix)]
     pub(crate) local: OnceLock<LocalServe>,
 }
 
@@ -108,11 +112,7 @@ impl Tracker {
     }
 
     /// Registers a freshly accepted connection, in state `New`.
-    pub(crate) fn register(
-        self: &Arc<Self>,
-        peer: Addr,
-        socket: &impl std::os::fd::AsRawFd,
-    ) -> Arc<Conn> {
+    pub(crate) fn register(self: &Arc<Self>, peer: Addr, socket: &impl AsRawFd) -> Arc<Conn> {
         self.register_in(peer, socket, ConnState::New)
     }
 
@@ -120,10 +120,11 @@ impl Tracker {
     /// `Idle`, its idle time counted from now.
     /// `New` instead if it had not told its protocol yet; not counted as received if it
     /// comes back from an interrupted hand-over of this process's own.
+    #[cfg(unix)]
     pub(crate) fn register_handed(
         self: &Arc<Self>,
         peer: Addr,
-        socket: &impl std::os::fd::AsRawFd,
+        socket: &impl AsRawFd,
         kind: crate::handover::Kind,
         from_previous: bool,
     ) -> Arc<Conn> {
@@ -140,7 +141,7 @@ impl Tracker {
     fn register_in(
         self: &Arc<Self>,
         peer: Addr,
-        socket: &impl std::os::fd::AsRawFd,
+        socket: &impl AsRawFd,
         state: ConnState,
     ) -> Arc<Conn> {
         let info = ConnInfo {

@@ -5,7 +5,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use bytes::Bytes;
-use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendFlags};
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -19,6 +19,7 @@ pub(crate) struct Inbox {
 
 impl Inbox {
     pub(crate) fn new(fd: OwnedFd) -> io::Result<Inbox> {
+        super::no_sigpipe(&fd)?;
         rustix::io::ioctl_fionbio(&fd, true)?;
         Ok(Inbox {
             fd: crate::sys::async_fd(fd, Interest::READABLE | Interest::WRITABLE)?,
@@ -77,7 +78,7 @@ impl Inbox {
     async fn acknowledge(&self, ack: &[u8]) -> io::Result<()> {
         self.fd
             .async_io(Interest::WRITABLE, |fd| {
-                rustix::net::send(fd, ack, SendFlags::NOSIGNAL).map_err(io::Error::from)
+                rustix::net::send(fd, ack, super::SEND_FLAGS).map_err(io::Error::from)
             })
             .await
             .map(|_| ())
@@ -93,7 +94,12 @@ fn receive(
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut iov = [IoSliceMut::new(buf)];
     // CMSG_CLOEXEC: a received socket never leaks into a process this one starts.
-    let msg = rustix::net::recvmsg(fd, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+    #[cfg(target_os = "linux")]
+    let flags = RecvFlags::CMSG_CLOEXEC;
+    // Elsewhere the flag may be missing: set on the socket once received (see below).
+    #[cfg(not(target_os = "linux"))]
+    let flags = RecvFlags::empty();
+    let msg = rustix::net::recvmsg(fd, &mut iov, &mut control, flags)?;
     let mut socket = None;
     for message in control.drain() {
         if let RecvAncillaryMessage::ScmRights(fds) = message {
@@ -102,6 +108,10 @@ fn receive(
                 socket.get_or_insert(fd);
             }
         }
+    }
+    #[cfg(not(target_os = "linux"))]
+    if let Some(socket) = &socket {
+        crate::sys::set_cloexec(&[socket])?;
     }
     Ok((msg.bytes, msg.flags, socket))
 }

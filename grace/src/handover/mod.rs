@@ -24,30 +24,47 @@
 //! - `inbox`: the new generation's end (receive, acknowledge).
 //! - `upgrade`: the one loop that owns an upgrade's hand-over, from the new generation's
 //!   readiness until every connection is acknowledged or taken back.
+//!
+//! Where it runs: Unix, except macOS, which has no `SOCK_SEQPACKET` for Unix-domain sockets
+//! (see [`SUPPORTED`]: there an upgrade hands over the listeners, and the old generation's
+//! connections drain). On Windows only the kinds and origins below, which a connection's
+//! task reads, are compiled.
 
+#[cfg(unix)]
 use std::io;
+#[cfg(unix)]
 use std::os::fd::{BorrowedFd, OwnedFd};
 
+#[cfg(unix)]
 use bytes::Bytes;
+#[cfg(unix)]
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
+#[cfg(unix)]
 pub(crate) mod inbox;
+#[cfg(unix)]
 pub(crate) mod outbox;
+#[cfg(unix)]
 pub(crate) mod upgrade;
 
 /// The most bytes a connection may carry along (a request head still arriving, pipelined
 /// requests). A connection with more stays with the old generation.
+#[cfg(unix)]
 pub(crate) const MAX_BUFFERED: usize = 64 * 1024;
 
 /// The first byte of every message: a message is never empty, so an empty read is the end.
+#[cfg(unix)]
 pub(super) const TAG: u8 = b'C';
 /// The first byte of an acknowledgement.
+#[cfg(unix)]
 pub(super) const ACK: u8 = b'A';
 /// Tag, kind and id.
+#[cfg(unix)]
 pub(super) const HEADER: usize = 1 + 1 + 8;
 
 /// What a connection handed over is known to be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(unix), allow(dead_code))] // read by a connection's task, never made there
 pub(crate) enum Kind {
     /// HTTP/1, between two requests.
     Http1,
@@ -56,6 +73,7 @@ pub(crate) enum Kind {
     Unknown,
 }
 
+#[cfg(unix)]
 impl Kind {
     pub(super) fn byte(self) -> u8 {
         match self {
@@ -74,6 +92,7 @@ impl Kind {
 }
 
 /// A connection on its way: its socket, what it is, the bytes read from it but not parsed.
+#[cfg(unix)]
 #[derive(Debug)]
 pub(crate) struct Handed {
     pub(crate) socket: OwnedFd,
@@ -82,6 +101,7 @@ pub(crate) struct Handed {
     pub(crate) origin: Origin,
 }
 
+#[cfg(unix)]
 impl Handed {
     /// A copy of `socket` (a second descriptor), with its bytes joined.
     pub(crate) fn copy_of(
@@ -100,6 +120,7 @@ impl Handed {
 }
 
 /// Where a connection served from a hand-over comes from.
+#[cfg(unix)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Origin {
     /// The previous generation (counted as received).
@@ -112,20 +133,49 @@ pub(crate) enum Origin {
     Stays,
 }
 
+/// Whether connections can be handed over here: not on macOS (or iOS), which has no
+/// `SOCK_SEQPACKET` for Unix-domain sockets; an upgrade there hands over the listeners only,
+/// and the old generation's connections drain.
+#[cfg(unix)]
+pub(crate) const SUPPORTED: bool = cfg!(not(target_vendor = "apple"));
+
 /// A connected pair: (ours, the new generation's). Both close-on-exec (the child's copy is
 /// passed explicitly) and ours non-blocking.
+#[cfg(unix)]
 pub(crate) fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let (ours, theirs) = rustix::net::socketpair(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
+    #[cfg(target_os = "linux")]
+    let flags = SocketFlags::CLOEXEC;
+    // Elsewhere the flag may be missing: set after the call (see `sys::set_cloexec`).
+    #[cfg(not(target_os = "linux"))]
+    let flags = SocketFlags::empty();
+    let (ours, theirs) =
+        rustix::net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, flags, None)?;
+    #[cfg(not(target_os = "linux"))]
+    crate::sys::set_cloexec(&[&ours, &theirs])?;
+    no_sigpipe(&ours)?;
     rustix::io::ioctl_fionbio(&ours, true)?;
     Ok((ours, theirs))
 }
 
-#[cfg(test)]
+/// Flags for every send on the channel: a receiver gone is an error (`EPIPE`), never a
+/// `SIGPIPE` (`MSG_NOSIGNAL`; on macOS, which lacks it, the socket's `SO_NOSIGPIPE` instead,
+/// see [`no_sigpipe`]).
+#[cfg(all(unix, not(target_vendor = "apple")))]
+pub(super) const SEND_FLAGS: rustix::net::SendFlags = rustix::net::SendFlags::NOSIGNAL;
+#[cfg(target_vendor = "apple")]
+pub(super) const SEND_FLAGS: rustix::net::SendFlags = rustix::net::SendFlags::empty();
+
+/// On macOS, sets `SO_NOSIGPIPE` on our end of the channel (see [`SEND_FLAGS`]); elsewhere
+/// each send says so itself.
+#[cfg(unix)]
+pub(super) fn no_sigpipe(fd: &OwnedFd) -> io::Result<()> {
+    #[cfg(target_vendor = "apple")]
+    rustix::net::sockopt::set_socket_nosigpipe(fd, true)?;
+    let _ = fd;
+    Ok(())
+}
+
+#[cfg(all(test, unix))]
 mod tests {
     use super::inbox::Inbox;
     use super::outbox::Outbox;

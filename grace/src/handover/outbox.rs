@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rustix::net::{RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+use rustix::net::{RecvFlags, SendAncillaryBuffer, SendAncillaryMessage};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -200,7 +200,7 @@ impl Outbox {
                     let mut control = SendAncillaryBuffer::new(&mut space);
                     control.push(SendAncillaryMessage::ScmRights(&fds));
                     // NOSIGNAL: a receiver gone is an error here (EPIPE), not a SIGPIPE.
-                    rustix::net::sendmsg(fd, &iov, &mut control, SendFlags::NOSIGNAL)
+                    rustix::net::sendmsg(fd, &iov, &mut control, super::SEND_FLAGS)
                         .map_err(io::Error::from)
                 });
                 match sent.await {

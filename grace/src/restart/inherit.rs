@@ -423,7 +423,7 @@ fn adopt_handover(fd: RawFd) -> Option<OwnedFd> {
     let check = |fd: BorrowedFd<'_>| {
         let expected = "a Unix-domain seqpacket socket";
         listener::check_socket(fd, SocketType::SEQPACKET, expected)?;
-        match rustix::net::sockopt::socket_domain(fd) {
+        match listener::address_family(fd) {
             Ok(rustix::net::AddressFamily::UNIX) => Ok(()),
             Ok(_) => Err(InheritedFdError::WrongKind {
                 found: "a seqpacket socket of another domain".to_owned(),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::signal::unix::{Signal, SignalKind};
+use crate::signal::{Signal, Stream};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, RestartError, Result};
@@ -97,11 +97,11 @@ pub(crate) const DEFAULT_NAME: &str = "grace";
 ///
 /// ```no_run
 /// use std::time::Duration;
-/// use grace_http::{Restart, SignalKind};
+/// use grace_http::{Restart, Signal};
 ///
 /// # async fn doc() -> Result<(), grace_http::Error> {
 /// let restart = Restart::new() // SIGHUP, this program with its arguments
-///     .signal(SignalKind::user_defined2())
+///     .signal(Signal::user_defined2())
 ///     .ready_timeout(Duration::from_secs(10))
 ///     .pid_file("/run/my-service.pid");
 /// let server = match grace_http::inherited_listeners()? {
@@ -114,7 +114,7 @@ pub(crate) const DEFAULT_NAME: &str = "grace";
 /// ```
 #[derive(Clone, Debug)]
 pub struct Restart {
-    pub(crate) signal: Option<SignalKind>,
+    pub(crate) signal: Option<Signal>,
     pub(crate) ready_timeout: Duration,
     pub(crate) program: PathBuf,
     pub(crate) args: Vec<OsString>,
@@ -133,7 +133,7 @@ impl Restart {
     /// same arguments, waiting up to 30 s for the new process to be ready.
     pub fn new() -> Self {
         Restart {
-            signal: Some(SignalKind::hangup()),
+            signal: Some(Signal::hangup()),
             ready_timeout: Duration::from_secs(30),
             program: spawn::startup_program(),
             args: std::env::args_os().skip(1).collect(),
@@ -143,9 +143,9 @@ impl Restart {
     }
 
     /// The signal that asks for a restart (default SIGHUP). It must not be one of the
-    /// drain signals.
-    pub fn signal(mut self, signal: SignalKind) -> Self {
-        self.signal = Some(signal);
+    /// drain signals. A [`Signal`], or tokio's `SignalKind`.
+    pub fn signal(mut self, signal: impl Into<Signal>) -> Self {
+        self.signal = Some(signal.into());
         self
     }
 
@@ -199,7 +199,7 @@ impl Restart {
 /// from handles and the control socket.
 pub(crate) struct Control {
     config: Restart,
-    signal: Option<std::io::Result<Signal>>,
+    signal: Option<std::io::Result<Stream>>,
     inbox: mpsc::UnboundedReceiver<Reply>,
 }
 
@@ -213,7 +213,7 @@ impl Control {
             tracing::warn!("with_restart called twice: the first configuration stays");
             return None;
         }
-        let signal = config.signal.map(tokio::signal::unix::signal);
+        let signal = config.signal.map(Stream::install);
         Some(Control {
             config,
             signal,
@@ -241,7 +241,7 @@ pub(crate) fn serving(
 ) -> Result<Option<tokio::task::JoinHandle<()>>> {
     let mut signal = None;
     if let Some(c) = control.as_mut() {
-        let name = c.config.signal.map(crate::signal::name).unwrap_or_default();
+        let name = c.config.signal.map(|s| s.to_string()).unwrap_or_default();
         signal = c
             .signal
             .take()
@@ -287,7 +287,7 @@ pub(crate) fn finished(pid_file: Option<&Path>, handed_over: bool) {
     }
 }
 
-async fn next_signal(signal: &mut Option<Signal>) {
+async fn next_signal(signal: &mut Option<Stream>) {
     if let Some(s) = signal {
         if s.recv().await.is_some() {
             return;
@@ -300,11 +300,11 @@ async fn next_signal(signal: &mut Option<Signal>) {
 async fn drive(
     shared: Arc<Shared>,
     config: Restart,
-    mut signal: Option<Signal>,
+    mut signal: Option<Stream>,
     mut inbox: mpsc::UnboundedReceiver<Reply>,
     stop_timeout: Duration,
 ) {
-    let by_signal = config.signal.map(crate::signal::name).unwrap_or_default();
+    let by_signal = config.signal.map(|s| s.to_string()).unwrap_or_default();
     loop {
         let (reply, by) = tokio::select! {
             biased;

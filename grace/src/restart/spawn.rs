@@ -131,12 +131,12 @@ async fn attempt(
     listeners: Vec<Named>,
     stop_timeout: Duration,
 ) -> Result<u32, RestartError> {
-    let (ready_rx, ready_tx) =
-        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(std::io::Error::from)?;
+    let (ready_rx, ready_tx) = sys::cloexec_pipe()?;
     // The hand-over channel, if connections are to be handed over (see `handover`).
     let channel = match config.hand_over {
-        Some(window) => Some((crate::handover::pair()?, window)),
-        None => None,
+        // Not where the channel cannot be made (macOS): the connections drain instead.
+        Some(window) if crate::handover::SUPPORTED => Some((crate::handover::pair()?, window)),
+        _ => None,
     };
     let theirs = channel.as_ref().map(|((_, theirs), _)| theirs);
     let (cmd, control) = command(shared, config, &listeners, &ready_tx, theirs)?;

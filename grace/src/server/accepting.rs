@@ -6,16 +6,21 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
+#[cfg(unix)]
 use super::also::{Route, Routes};
+#[cfg(unix)]
 use super::serve::AbortOnDrop;
 use crate::conn::task::{self, ConnCtx, HttpService, ResponseBody};
-use crate::listener::{self, Listener, Stream};
+#[cfg(unix)]
+use crate::listener::Stream;
+use crate::listener::{self, Listener};
 use crate::shutdown::Shared;
 
 /// Serves what the previous generation hands over, if it does (from before we say we are
 /// ready: it hands them over only once we have), and what an upgrade of ours gives back.
 /// Each is served by the service of the listener that accepted it (see [`Routes`]).
 /// Whether connections are taken from the previous generation.
+#[cfg(unix)]
 pub(super) fn receive<S, B>(
     handover: Option<std::os::fd::OwnedFd>,
     shared: &Shared,
@@ -80,6 +85,7 @@ pub(super) fn start<S, B>(
 
 /// Serves the connections the previous generation hands over, until it closes its end.
 /// They are already accepted: one that finds the connection limit reached is served anyway.
+#[cfg(unix)]
 async fn receive_handed<S, B>(
     mut inbox: crate::handover::inbox::Inbox,
     limit: Option<Arc<tokio::sync::Semaphore>>,
@@ -112,6 +118,7 @@ async fn wait_paused(paused: &mut tokio::sync::watch::Receiver<bool>, to: bool) 
 /// Serves a connection handed over (by the previous generation, or back from an upgrade of
 /// ours that did not take it), by the service of the listener that accepted it. Already
 /// accepted: one that finds the connection limit reached is served anyway.
+#[cfg(unix)]
 fn serve_handed_here<S, B>(
     handed: crate::handover::Handed,
     limit: Option<&Arc<tokio::sync::Semaphore>>,

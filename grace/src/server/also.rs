@@ -11,6 +11,7 @@
 //! the new generation tells which service serves it by the connection's local address, the
 //! address of the listener that accepted it (see [`Routes`]).
 
+#[cfg(unix)]
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -25,7 +26,9 @@ use crate::base::conn::Addr;
 use crate::conn::body::RequestBody;
 use crate::conn::task::{BoxError, ConnCtx};
 use crate::error::{Error, Result};
-use crate::listener::{Listener, Stream};
+use crate::listener::Listener;
+#[cfg(unix)]
+use crate::listener::Stream;
 
 /// The body of an [`AnyService`]'s responses.
 pub(crate) type AnyBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -111,6 +114,8 @@ pub(crate) fn check_names<'a>(
 
 /// Which service serves a connection that did not come through an accept loop (handed over
 /// by the previous generation, or back from an upgrade of ours): told by its local address.
+/// (Such connections come only with restarts: Unix only.)
+#[cfg_attr(not(unix), allow(dead_code))]
 pub(super) struct Routes<S> {
     pub(super) main: Arc<ConnCtx<S>>,
     /// The main service's listeners' addresses (a match there beats a wildcard elsewhere).
@@ -121,6 +126,7 @@ pub(super) struct Routes<S> {
 }
 
 /// The service that serves a connection (see [`Routes::pick`]).
+#[cfg(unix)]
 pub(super) enum Route<'a, S> {
     Main(&'a Arc<ConnCtx<S>>),
     Also(&'a Arc<ConnCtx<AnyService>>),
@@ -150,6 +156,7 @@ impl<S> Routes<S> {
     /// precise match winning (`127.0.0.1:9090` over `0.0.0.0:9090`); the main service when
     /// none matches (a listener this generation did not take, or a local address that
     /// cannot be read).
+    #[cfg(unix)]
     pub(super) fn pick(&self, stream: &Stream) -> Route<'_, S> {
         if self.also.is_empty() {
             return Route::Main(&self.main);
@@ -171,6 +178,7 @@ impl<S> Routes<S> {
 }
 
 /// How well a listener's address matches a connection's local address.
+#[cfg(unix)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Match {
     None,
@@ -180,6 +188,7 @@ enum Match {
     Exact,
 }
 
+#[cfg(unix)]
 fn matches(listener: &Addr, local: &Addr) -> Match {
     match (listener, local) {
         (Addr::Tcp(l), Addr::Tcp(c)) => tcp_matches(*l, *c),
@@ -188,6 +197,7 @@ fn matches(listener: &Addr, local: &Addr) -> Match {
     }
 }
 
+#[cfg(unix)]
 fn tcp_matches(listener: SocketAddr, local: SocketAddr) -> Match {
     if listener.port() != local.port() {
         return Match::None;

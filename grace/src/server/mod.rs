@@ -18,6 +18,8 @@ use crate::shutdown::{Handle, Shared};
 
 mod accepting;
 mod also;
+#[cfg(unix)]
+mod generations;
 mod serve;
 mod settings;
 
@@ -79,10 +81,13 @@ pub struct Server {
     /// Each with the name a restart passes it on under.
     listeners: Vec<(Listener, String)>,
     /// The previous generation's readiness pipe (see [`Server::from_inherited`]).
+    #[cfg(unix)]
     ready_pipe: Option<std::os::fd::OwnedFd>,
     /// The socket on which the previous generation hands connections over, if it does.
+    #[cfg(unix)]
     handover: Option<std::os::fd::OwnedFd>,
     /// The previous generation's control socket (see [`Serve::with_control`]).
+    #[cfg(unix)]
     control: Option<tokio::net::UnixListener>,
     /// The Unix-domain socket files this server removes when it stops for good.
     files: Vec<SocketFile>,
@@ -112,7 +117,8 @@ impl std::fmt::Debug for Server {
 
 impl Server {
     /// Binds a listener: TCP on the first address `addr` resolves to (`"0.0.0.0:8080"`, a
-    /// `SocketAddr`, `("localhost", 8080)`), or a Unix-domain socket for `"unix:PATH"`. A
+    /// `SocketAddr`, `("localhost", 8080)`), or a Unix-domain socket for `"unix:PATH"` (on
+    /// Unix; on Windows that is an [`Error::Bind`] of kind `Unsupported`). A
     /// Unix socket replaces a stale socket file at `PATH` but never a live one or another
     /// kind of file, and its file is removed once the server stops for good (see
     /// [`Listener`]'s docs); [`bind_unix_with_mode`](Self::bind_unix_with_mode) sets its
@@ -126,8 +132,17 @@ impl Server {
     /// ```
     pub async fn bind(addr: impl ToSocketAddrs + std::fmt::Display) -> Result<Server> {
         let text = addr.to_string();
+        #[cfg(unix)]
         if let Some(path) = text.strip_prefix("unix:") {
             return Server::bind_unix_file(std::path::Path::new(path), None);
+        }
+        #[cfg(not(unix))]
+        if text.starts_with("unix:") {
+            let source = std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "Unix-domain sockets are Unix only",
+            );
+            return Err(Error::Bind { addr: text, source });
         }
         let bind_err = |source| Error::Bind { addr: text, source };
         let mut last = None;
@@ -146,6 +161,7 @@ impl Server {
         })))
     }
 
+    #[cfg(unix)]
     fn bind_unix_file(path: &std::path::Path, mode: Option<u32>) -> Result<Server> {
         crate::listener::bind_unix(path, mode)
             .map(|(listener, file)| {
@@ -162,6 +178,7 @@ impl Server {
     /// Like [`bind`](Self::bind) with `"unix:PATH"`, with the socket file's permissions set
     /// to `mode` (for example `0o660`) whatever the umask (see
     /// [`Listener::bind_unix_with_mode`]).
+    #[cfg(unix)]
     pub fn bind_unix_with_mode(path: impl AsRef<std::path::Path>, mode: u32) -> Result<Server> {
         Server::bind_unix_file(path.as_ref(), Some(mode))
     }
@@ -178,8 +195,11 @@ impl Server {
             .map(|l| (l, crate::restart::DEFAULT_NAME.to_owned()));
         Server {
             listeners: named.collect(),
+            #[cfg(unix)]
             ready_pipe: None,
+            #[cfg(unix)]
             handover: None,
+            #[cfg(unix)]
             control: None,
             files: Vec::new(),
             shared: Shared::new(),
@@ -193,6 +213,7 @@ impl Server {
     /// Serves on what this process inherited (see [`inherited_listeners`](crate::inherited_listeners)):
     /// the listeners keep their names, and when an upgrade started this process, the
     /// previous generation is told it is ready once serving starts.
+    #[cfg(unix)]
     pub fn from_inherited(inherited: crate::Inherited) -> Server {
         let mut server = Server::from_listeners([]);
         let upgrade = inherited.is_upgrade();
@@ -393,7 +414,9 @@ impl Server {
             server: self,
             service: serve::routes_ready(service),
             signals: None,
+            #[cfg(unix)]
             control: None,
+            #[cfg(unix)]
             restart: None,
             shutdown: Vec::new(),
             also: Vec::new(),

@@ -1,14 +1,14 @@
 //! [`Serve`]: a server about to serve, what it starts ([`Running`]), and how it stops.
 
 use std::future::{Future, IntoFuture};
-use std::path::{Path, PathBuf};
+#[cfg(unix)]
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
-use tokio::signal::unix::SignalKind;
 use tokio::task::JoinSet;
 
 use super::accepting;
@@ -19,10 +19,12 @@ use crate::base::report::{ShutdownReport, Trigger};
 use crate::conn::body::RequestBody;
 use crate::conn::clock;
 use crate::conn::task::{BoxError, ConnCtx, HttpService, ResponseBody};
-use crate::error::{Error, Result};
+#[cfg(unix)]
+use crate::error::Error;
+use crate::error::Result;
 use crate::listener::{Listener, SocketFile};
 use crate::shutdown::{Handle, Named, Shared, drain};
-use crate::signal::{DEFAULT_SIGNALS, Signals};
+use crate::signal::{DEFAULT_SIGNALS, Signal, Signals};
 
 /// An `axum::Router` with every route made ready (`with_state(())`: each handler turned into
 /// a route once, rather than cloned and boxed per request); any other service as it is.
@@ -50,7 +52,9 @@ pub struct Serve<S> {
     pub(super) server: Server,
     pub(super) service: S,
     pub(super) signals: Option<Result<Signals>>,
+    #[cfg(unix)]
     pub(super) control: Option<(PathBuf, std::io::Result<crate::control::Bound>)>,
+    #[cfg(unix)]
     pub(super) restart: Option<crate::restart::Control>,
     /// Listeners served by services of their own (see [`also_serve`](Self::also_serve)).
     pub(super) also: Vec<Also>,
@@ -62,14 +66,27 @@ pub struct Serve<S> {
 pub(super) type ShutdownFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl<S> Serve<S> {
-    /// Drains on SIGTERM or SIGINT; a second signal during the drain forces.
+    /// Drains on SIGTERM or SIGINT (on Windows Ctrl-Break or Ctrl-C: see
+    /// [`DEFAULT_SIGNALS`](crate::DEFAULT_SIGNALS)); a second signal during the drain forces.
     /// The handlers are installed now, within the current tokio runtime.
     pub fn with_signals(self) -> Self {
         self.with_signals_from(&DEFAULT_SIGNALS)
     }
 
     /// Like [`with_signals`](Self::with_signals), with your own set of signals.
-    pub fn with_signals_from(mut self, signals: &[SignalKind]) -> Self {
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), grace_http::Error> {
+    /// use grace_http::Signal;
+    /// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
+    /// let report = grace_http::Server::bind("127.0.0.1:8080")
+    ///     .await?
+    ///     .serve(app)
+    ///     .with_signals_from(&[Signal::terminate(), Signal::interrupt(), Signal::quit()])
+    ///     .await?;
+    /// # let _ = report; Ok(()) }
+    /// ```
+    pub fn with_signals_from(mut self, signals: &[Signal]) -> Self {
         self.signals = Some(Signals::install(signals));
         self
     }
@@ -111,6 +128,7 @@ impl<S> Serve<S> {
     /// file, a symbolic link or anything else is left alone and makes `serve` fail with
     /// [`Error::Control`]. A new generation takes the very socket over from the previous one
     /// (passed with the listeners), and the last removes its file.
+    #[cfg(unix)]
     pub fn with_control(mut self, path: impl Into<PathBuf>) -> Self {
         let path = path.into();
         let inherited = self.server.control.take();
@@ -121,6 +139,7 @@ impl<S> Serve<S> {
 
     /// Like [`with_control`](Self::with_control), failing now rather than when served if
     /// the control socket cannot be set up, so a program can say so before it says it serves.
+    #[cfg(unix)]
     pub fn try_with_control(self, path: impl Into<PathBuf>) -> Result<Self> {
         let mut serve = self.with_control(path);
         match serve.control.take() {
@@ -147,6 +166,7 @@ impl<S> Serve<S> {
     /// The signal handler is installed now, within the current tokio runtime, so the
     /// signal cannot kill the process from here on. See [`Restart`](crate::Restart) for an
     /// example.
+    #[cfg(unix)]
     pub fn with_restart(mut self, restart: crate::Restart) -> Self {
         if let Some(control) = crate::restart::Control::enable(&self.server.shared, restart) {
             self.restart = Some(control);
@@ -165,7 +185,7 @@ impl<S> Serve<S> {
     /// The server's settings apply to it (timeouts, limits, `max_connections` counting
     /// every listener's connections together, HTTP settings, the peer address in requests,
     /// [`on_conn_state`](Server::on_conn_state)), but not its acceptor: `listener` serves
-    /// plain HTTP even when the server serves HTTPS ([`Server::tls`]).
+    /// plain HTTP even when the server serves HTTPS (`Server::tls`, feature `tls`).
     ///
     /// `service` is any service [`Server::serve`] takes (an `axum::Router` has its routes
     /// made ready once, as there). Its type is erased: its futures and bodies are boxed, one
@@ -266,7 +286,8 @@ impl AbortOnDrop {
     }
 
     /// Waits for the task to end by itself.
-    async fn finish(mut self) {
+    #[cfg(unix)]
+    pub(super) async fn finish(mut self) {
         let _ = (&mut self.0).await;
     }
 }
@@ -284,12 +305,10 @@ struct Running {
     shared: Arc<Shared>,
     budget: Budget,
     accepting: JoinSet<()>,
-    /// The restart task (see `restart::serving`), if restarts are enabled.
-    restarts: Option<AbortOnDrop>,
-    pid_file: Option<PathBuf>,
+    /// Restarts and the control socket (Unix only).
+    #[cfg(unix)]
+    generations: super::generations::Generations,
     files: Vec<SocketFile>,
-    control: Option<AbortOnDrop>,
-    control_file: Option<SocketFile>,
     /// Held until the server stops: the watchdog, the signals, the receiving of handed-over
     /// connections, and the coarse clock.
     _tasks: Vec<AbortOnDrop>,
@@ -314,26 +333,24 @@ impl<S> Serve<S> {
         S: HttpService<B>,
         B: ResponseBody,
     {
+        // The fields for generations (Unix only) are taken below, where they are used.
         let Serve {
             server,
             service,
             signals,
-            control,
-            restart,
             also,
             shutdown,
+            ..
         } = self;
         let Server {
             listeners,
-            ready_pipe,
-            handover,
-            control: inherited_control,
             files,
             shared,
             hook,
             acceptor,
             configure_hyper,
             config,
+            ..
         } = server;
         also::check_names(
             listeners.iter().map(|(_, name)| name.as_str()),
@@ -341,11 +358,20 @@ impl<S> Serve<S> {
         )?;
         // Passed by the previous generation, not taken (no `with_control`, or another path):
         // ours closes now, the previous generation's goes with it.
-        drop(inherited_control);
+        #[cfg(unix)]
+        drop(server.control);
         shared.tracker.configure(config.tracker_settings(hook));
-        let watchdog = crate::systemd::watchdog_interval().map(crate::systemd::watchdog);
-        let mut tasks: Vec<_> = watchdog.into_iter().map(AbortOnDrop::spawn).collect();
-        let (control_socket, control_file) = control_socket(control)?;
+        #[cfg(unix)]
+        let mut tasks = super::generations::watchdog();
+        #[cfg(not(unix))]
+        let mut tasks = Vec::new();
+        #[cfg(unix)]
+        let asked = super::generations::Asked {
+            restart: self.restart,
+            ready_pipe: server.ready_pipe,
+            handover: server.handover,
+            control: super::generations::control_socket(self.control)?,
+        };
         if let Some(signals) = signals {
             tasks.push(AbortOnDrop::spawn(signals?.drive(Arc::clone(&shared))));
         }
@@ -357,34 +383,25 @@ impl<S> Serve<S> {
         let (head, idle) = (config.timeouts.header_read, config.timeouts.idle);
         let clock = clock::start(&shared.tracker, head, idle)?;
         let (listeners, also) = keep_listeners(&shared, listeners, also, &files);
+        #[cfg_attr(not(unix), allow(unused_variables))] // for hand-overs (Unix only)
         let (also, routes) = also_contexts(also, &shared, &config, &builder, &ctx, &listeners);
-        let takes_connections =
-            accepting::receive(handover, &shared, limit.as_ref(), &routes, &mut tasks);
-        // The control socket goes to a new generation with the listeners from the first
-        // restart on (one may be asked for as soon as `serving` returns): held now.
-        let control_socket = control_socket.map(Arc::new);
-        control_socket.iter().for_each(|s| shared.control.hold(s));
-        let pid_file = restart
-            .as_ref()
-            .and_then(|r| r.pid_file().map(Path::to_path_buf));
+        #[cfg(unix)]
         let timeout = config.drain.shutdown_timeout;
-        let restarts =
-            crate::restart::serving(&shared, restart, ready_pipe, takes_connections, timeout)?;
+        #[cfg(unix)]
+        let generations = asked.start(&shared, limit.as_ref(), &routes, &mut tasks, timeout)?;
+        // No restarts on Windows: no previous generation hands anything over.
+        #[cfg(not(unix))]
+        shared.tracker.previous_done.set(());
         // Serving: the files are ours to remove when we stop, whoever bound them.
         files.iter().for_each(SocketFile::arm);
-        control_file.iter().for_each(SocketFile::arm);
-        let control = control_socket
-            .map(|socket| AbortOnDrop::spawn(crate::control::serve(socket, Arc::clone(&shared))));
         let accepting = start_accepting(listeners, also, limit, &shared, &ctx);
         Ok(Running {
             shared,
             budget: config.drain.budget(),
             accepting,
-            restarts: restarts.map(AbortOnDrop),
-            pid_file,
+            #[cfg(unix)]
+            generations,
             files,
-            control,
-            control_file,
             _tasks: tasks,
             _clock: clock,
         })
@@ -398,35 +415,25 @@ impl Running {
             shared,
             budget,
             accepting,
-            restarts,
-            pid_file,
+            #[cfg(unix)]
+            generations,
             files,
-            control,
-            control_file,
             _tasks,
             _clock,
         } = self;
         let trigger = shared.drain_asked().await;
         let report = drain::run(&shared, budget, trigger, accepting).await;
-        // An upgrade under way when the drain was asked for ends first: the new process
-        // is stopped and reaped (see `restart::spawn`), so none outlives this one.
-        if let Some(restarts) = restarts {
-            restarts.finish().await;
-        }
         let handed_on = report.trigger == Trigger::Restart;
-        crate::restart::finished(pid_file.as_deref(), handed_on);
+        // An upgrade under way ends first, and the pid file goes (see `Generations`).
+        #[cfg(unix)]
+        let control = generations.restarts_done(handed_on).await;
         if handed_on {
             // The new generation serves on them, and removes them when it stops.
             files.iter().for_each(SocketFile::disarm);
         }
         drop(files);
-        // The control socket answers until the very end (status during the drain), unless a
-        // new generation took it over; then its file is the new generation's to remove.
-        drop(control);
-        if shared.control.handed_on() {
-            control_file.iter().for_each(SocketFile::disarm);
-        }
-        drop(control_file);
+        #[cfg(unix)]
+        control.done(&shared);
         report
     }
 }
@@ -440,19 +447,6 @@ fn watch_shutdown(fut: ShutdownFuture, shared: &Arc<Shared>) -> AbortOnDrop {
             tracing::info!("the shutdown future resolved: draining");
         }
     })
-}
-
-/// The control socket: bound (or taken over) when asked for, answered once serving, so a
-/// new generation that fails before it is ready never takes a control request.
-#[allow(clippy::type_complexity)]
-fn control_socket(
-    control: Option<(PathBuf, std::io::Result<crate::control::Bound>)>,
-) -> Result<(Option<tokio::net::UnixListener>, Option<SocketFile>)> {
-    let Some((path, bound)) = control else {
-        return Ok((None, None));
-    };
-    let (socket, file) = bound.map_err(|source| Error::Control { path, source })?;
-    Ok((Some(socket), Some(file)))
 }
 
 /// hyper's settings, grace's then the user's.

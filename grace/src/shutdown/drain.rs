@@ -111,6 +111,7 @@ impl<'a> Stop<'a> {
         let tracker = &shared.tracker;
         let at_start = tracker.stats.counts();
         tracing::info!(%trigger, ?at_start, "drain started");
+        #[cfg(unix)]
         crate::systemd::drain_started(&trigger);
         Stop {
             shared,
@@ -176,6 +177,7 @@ impl<'a> Stop<'a> {
         tracker.start_draining();
         // systemd: the stop takes up to the work's deadline plus the resources' time (not
         // said by an old generation that handed over: no longer the service's main process).
+        #[cfg(unix)]
         if self.trigger != Trigger::Restart {
             let needed = deadline.0.saturating_duration_since(Instant::now());
             crate::systemd::extend_timeout(needed.saturating_add(self.reserve));

@@ -7,6 +7,7 @@ use crate::base::conn::StateCounts;
 use crate::base::report::ConnSnapshot;
 use crate::base::report::{ForceReason, Trigger};
 use crate::conn::notice::ShutdownNotice;
+#[cfg(unix)]
 use crate::error::RestartError;
 use crate::health::Readiness;
 use crate::jobs::JobToken;
@@ -104,6 +105,7 @@ impl Handle {
     /// }
     /// # }
     /// ```
+    #[cfg(unix)]
     pub async fn restart(&self) -> Result<u32, RestartError> {
         self.shared.upgrades.ask().await
     }

@@ -10,16 +10,22 @@
 //!
 //! Readiness is not a fact of its own: a server is ready until a drain is asked for.
 
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+#[cfg(unix)]
+use std::sync::Weak;
+use std::sync::{Arc, Mutex, OnceLock};
 
+#[cfg(unix)]
 use tokio::net::UnixListener;
+#[cfg(unix)]
 use tokio::sync::{mpsc, oneshot};
 
 use crate::base::latch::Latch;
+#[cfg(unix)]
 use crate::base::lock;
 use crate::base::report::{ForceReason, Trigger};
 use crate::conn::notice::ShutdownNotice;
 use crate::conn::tracker::Tracker;
+#[cfg(unix)]
 use crate::error::RestartError;
 use crate::jobs::Jobs;
 use crate::listener::Listener;
@@ -28,6 +34,7 @@ use crate::resources::Resources;
 /// A listener as a restart passes it on: its name (`LISTEN_FDNAMES`), and whether its
 /// socket file goes with it (the new generation removes it when it stops for good).
 #[derive(Clone)]
+#[cfg_attr(not(unix), allow(dead_code))] // read by restarts only
 pub(crate) struct Named {
     pub(crate) listener: Arc<Listener>,
     pub(crate) name: String,
@@ -49,6 +56,7 @@ pub(crate) struct Shared {
     listeners: Mutex<Vec<Named>>,
     /// How restarts are asked for from a [`Handle`] or the control socket, and how the last
     /// one went.
+    #[cfg(unix)]
     pub(crate) upgrades: Upgrades,
     /// Which generation of the service this process is: 1, then one more at each upgrade.
     pub(crate) generation: OnceLock<u32>,
@@ -56,6 +64,7 @@ pub(crate) struct Shared {
     /// over: true while paused.
     accept_paused: tokio::sync::watch::Sender<bool>,
     /// The control socket, as restarts see it (passed on, taken over).
+    #[cfg(unix)]
     pub(crate) control: ControlLink,
 }
 
@@ -69,14 +78,17 @@ impl Shared {
             jobs: Jobs::default(),
             resources: Resources::default(),
             listeners: Mutex::default(),
+            #[cfg(unix)]
             upgrades: Upgrades::default(),
             generation: OnceLock::new(),
             accept_paused: tokio::sync::watch::Sender::new(false),
+            #[cfg(unix)]
             control: ControlLink::default(),
         })
     }
 
     /// Pauses the accept loops (`true`), or lets them accept again.
+    #[cfg(unix)]
     pub(crate) fn pause_accepting(&self, paused: bool) {
         self.accept_paused.send_replace(paused);
     }
@@ -106,11 +118,13 @@ impl Shared {
         drop(old);
     }
 
+    #[cfg_attr(not(unix), allow(dead_code))] // read by restarts, and metrics
     pub(crate) fn generation(&self) -> u32 {
         self.generation.get().copied().unwrap_or(1)
     }
 
     /// The listeners while serving (none once draining).
+    #[cfg(unix)]
     pub(crate) fn listeners(&self) -> Vec<Named> {
         crate::base::lock(&self.listeners).clone()
     }
@@ -137,6 +151,7 @@ impl Shared {
     }
 
     /// The trigger of the drain, if one was asked for (it may not have started yet).
+    #[cfg_attr(not(unix), allow(dead_code))] // read by restarts, and metrics
     pub(crate) fn drain_requested(&self) -> Option<Trigger> {
         self.tracker.drain_asked.get().cloned()
     }
@@ -144,16 +159,19 @@ impl Shared {
 
 /// Someone waiting for the outcome of a restart asked through a [`Handle`] or the control
 /// socket.
+#[cfg(unix)]
 pub(crate) type Reply = oneshot::Sender<Result<u32, RestartError>>;
 
 /// The restarts of a server as others see them: where to ask for one (set once restarts
 /// are enabled), and how the last one went.
+#[cfg(unix)]
 #[derive(Default)]
 pub(crate) struct Upgrades {
     asks: OnceLock<mpsc::UnboundedSender<Reply>>,
     last: Mutex<Option<Result<u32, String>>>,
 }
 
+#[cfg(unix)]
 impl Upgrades {
     /// Restarts are enabled: asks go to `asks` (false if they already were).
     pub(crate) fn enable(&self, asks: mpsc::UnboundedSender<Reply>) -> bool {
@@ -182,6 +200,7 @@ impl Upgrades {
 }
 
 /// What a server's restarts need to know of its control socket.
+#[cfg(unix)]
 #[derive(Default)]
 pub(crate) struct ControlLink {
     /// The listening socket while this process answers on it, for an upgrade to pass on
@@ -192,6 +211,7 @@ pub(crate) struct ControlLink {
     pub(crate) passed: Latch<()>,
 }
 
+#[cfg(unix)]
 impl ControlLink {
     /// This process answers on `socket` (kept by the task that answers): an upgrade from now
     /// on passes it to the new generation. Set before restarts can be asked for, so that no
