@@ -130,7 +130,6 @@ mod testing;
 #[cfg(feature = "tls")]
 pub mod tls;
 
-pub use self::metrics::Totals;
 pub use base::conn::{Addr, ConnAddrs, ConnInfo, ConnState, StateCounts};
 pub use base::report::{
     ActiveRequest, ConnSnapshot, ForceReason, ForcedConn, Outcome, Phase, PhaseTiming,
