@@ -281,3 +281,33 @@ async fn jobs_stop_at_the_drain_through_cancelled_and_their_cancellation_token()
     );
     assert_eq!(report.trigger, Trigger::ShutdownFuture);
 }
+
+/// The addresses are on by default for an `axum::Router` only: a bare `tower` service (which
+/// would pay for a map it never reads) gets none unless it asks, and then gets them.
+#[tokio::test]
+async fn a_service_that_is_not_a_router_gets_the_addresses_only_when_it_asks() {
+    let bare = tower::service_fn(|req: http::Request<grace_http::RequestBody>| async move {
+        let has = req.extensions().get::<ConnAddrs>().is_some();
+        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+            Bytes::from(format!("addrs={has}")),
+        )))
+    });
+    for (ask, expected) in [(None, "addrs=false"), (Some(true), "addrs=true")] {
+        let mut server = Server::bind("127.0.0.1:0").await.unwrap();
+        if let Some(ask) = ask {
+            server = server.peer_addr_in_requests(ask);
+        }
+        let to = server.local_addrs()[0].as_tcp().unwrap();
+        let handle = server.handle();
+        let served = tokio::spawn(server.serve(bare.clone()).into_future());
+        let stream = TcpStream::connect(to).await.unwrap();
+        assert_eq!(
+            get_h1(stream, "/").await,
+            (200, expected.to_owned()),
+            "{ask:?}"
+        );
+        handle.shutdown();
+        let report = tokio::time::timeout(SOON, served).await.unwrap().unwrap();
+        assert!(report.unwrap().is_clean());
+    }
+}

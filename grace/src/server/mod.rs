@@ -43,7 +43,8 @@ pub(crate) struct Config {
     pub(crate) timeouts: Timeouts,
     pub(crate) limits: Limits,
     pub(crate) drain: DrainPolicy,
-    pub(crate) peer_in_requests: bool,
+    /// `None`: as the service asks (an axum `Router` does; see `peer_addr_in_requests`).
+    pub(crate) peer_in_requests: Option<bool>,
     pub(crate) record_requests: bool,
 }
 
@@ -53,7 +54,7 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             drain: DrainPolicy::default(),
-            peer_in_requests: true,
+            peer_in_requests: None,
             record_requests: false,
         }
     }
@@ -299,15 +300,21 @@ impl Server {
         self
     }
 
-    /// Whether every request carries its connection's addresses in its extensions. Default
-    /// `true`: with the crate feature `axum` (a default feature), a TCP peer's address as
+    /// Whether every request carries its connection's addresses in its extensions: with the
+    /// crate feature `axum` (a default feature), a TCP peer's address as
     /// `axum::extract::ConnectInfo<SocketAddr>`, so axum's `ConnectInfo` extractor works as
     /// under `into_make_service_with_connect_info`; on every listener,
     /// [`ConnAddrs`](crate::ConnAddrs), the peer's address and the local one (a Unix-domain
     /// peer gets only this one). What an acceptor adds (TLS's `TlsInfo`) is there either
     /// way.
     ///
-    /// `false` leaves the addresses out, for a service that never reads them. Each request
+    /// Default: on when the service served is an `axum::Router` (as it is passed to
+    /// [`serve`](Self::serve), layers added with `Router::layer` included), so an axum user
+    /// asks for nothing; off for any other service (a bare `tower` service, or a `Router`
+    /// wrapped in outer `tower` layers), which pays nothing for addresses it does not read:
+    /// call this with `true` to have them there too.
+    ///
+    /// `false` leaves the addresses out, for a Router that never reads them. Each request
     /// gets a copy of them (a map made once per connection, cloned: each value is boxed);
     /// under callgrind that is about 460 instructions per request through a one-route axum
     /// `Router` (3.5 %; `axum::serve` with `into_make_service_with_connect_info` pays 340
@@ -335,7 +342,7 @@ impl Server {
     /// # Ok(()) }
     /// ```
     pub fn peer_addr_in_requests(mut self, enabled: bool) -> Self {
-        self.config.peer_in_requests = enabled;
+        self.config.peer_in_requests = Some(enabled);
         self
     }
 
@@ -410,8 +417,11 @@ impl Server {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
+        let mut server = self;
+        let asked = server.config.peer_in_requests;
+        server.config.peer_in_requests = Some(asked.unwrap_or(serve::is_axum_router(&service)));
         Serve {
-            server: self,
+            server,
             service: serve::routes_ready(service),
             signals: None,
             #[cfg(unix)]

@@ -26,6 +26,17 @@ use crate::listener::{Listener, SocketFile};
 use crate::shutdown::{Handle, Named, Shared, drain};
 use crate::signal::{DEFAULT_SIGNALS, Signal, Signals};
 
+/// Whether `service` is an `axum::Router` (whose handlers may read `ConnectInfo`).
+pub(super) fn is_axum_router<S: 'static>(service: &S) -> bool {
+    #[cfg(feature = "axum")]
+    return (service as &dyn std::any::Any).is::<axum::Router>();
+    #[cfg(not(feature = "axum"))]
+    {
+        let _ = service;
+        false
+    }
+}
+
 /// An `axum::Router` with every route made ready (`with_state(())`: each handler turned into
 /// a route once, rather than cloned and boxed per request); any other service as it is.
 pub(super) fn routes_ready<S: 'static>(service: S) -> S {
@@ -526,7 +537,7 @@ fn conn_ctx<S>(
         acceptor,
         handshake_timeout: config.timeouts.handshake.unwrap_or(Duration::MAX),
         max_age: config.limits.max_connection_age,
-        peer_in_requests: config.peer_in_requests,
+        peer_in_requests: config.peer_in_requests.unwrap_or(false),
     })
 }
 
