@@ -38,7 +38,7 @@ impl Config {
 }
 
 /// Settings of a server, set through [`Server`]'s builder methods.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Config {
     pub(crate) timeouts: Timeouts,
     pub(crate) limits: Limits,
@@ -46,18 +46,6 @@ pub(crate) struct Config {
     /// `None`: as the service asks (an axum `Router` does; see `peer_addr_in_requests`).
     pub(crate) peer_in_requests: Option<bool>,
     pub(crate) record_requests: bool,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            timeouts: Timeouts::default(),
-            limits: Limits::default(),
-            drain: DrainPolicy::default(),
-            peer_in_requests: None,
-            record_requests: false,
-        }
-    }
 }
 
 /// A graceful HTTP/1.1 + HTTP/2 server that owns its listeners.
