@@ -299,7 +299,7 @@ async fn a_service_that_is_not_a_router_gets_the_addresses_only_when_it_asks() {
         }
         let to = server.local_addrs()[0].as_tcp().unwrap();
         let handle = server.handle();
-        let served = tokio::spawn(server.serve(bare.clone()).into_future());
+        let served = tokio::spawn(server.serve(bare).into_future());
         let stream = TcpStream::connect(to).await.unwrap();
         assert_eq!(
             get_h1(stream, "/").await,
