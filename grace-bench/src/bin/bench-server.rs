@@ -120,11 +120,14 @@ async fn main() -> anyhow::Result<()> {
 
     match args.mode {
         Mode::Grace | Mode::GraceNoConnInfo => {
-            let mut server = grace_http::Server::from_listener(listener)
-                .drain_policy(
-                    grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(30)),
-                )
-                .peer_addr_in_requests(matches!(args.mode, Mode::Grace));
+            // `grace`: the defaults, as a newcomer gets them (addresses in requests for the
+            // Router, none for the bare handler); `grace-no-conn-info`: none for either.
+            let mut server = grace_http::Server::from_listener(listener).drain_policy(
+                grace_http::DrainPolicy::default().shutdown_timeout(Duration::from_secs(30)),
+            );
+            if let Mode::GraceNoConnInfo = args.mode {
+                server = server.peer_addr_in_requests(false);
+            }
             if let Some(tls) = tls {
                 server = server.tls(tls);
             }
