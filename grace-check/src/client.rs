@@ -4,13 +4,13 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::tap::ReadTap;
 
 /// A byte stream to the server: TCP or TLS over TCP.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -595,49 +595,20 @@ impl TapLog {
     }
 }
 
-/// Passes a connection through and reads the frames the server sends.
-pub struct Tap {
-    pub inner: Stream,
-    pub log: Arc<Mutex<TapLog>>,
-}
-
-impl AsyncRead for Tap {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(res) = &r {
-            let new = &buf.filled()[before..];
-            let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-            if new.is_empty() || res.is_err() {
-                log.closed.get_or_insert(Instant::now());
-            } else {
-                log.feed(new);
-            }
+/// `inner`, passed through, with every read of it fed to `log` (the frames the server sends,
+/// and when the connection ended).
+pub fn tap(
+    inner: Stream,
+    log: Arc<Mutex<TapLog>>,
+) -> ReadTap<Stream, impl FnMut(&io::Result<()>, &[u8]) + Unpin + Send + 'static> {
+    ReadTap::new(inner, move |res: &io::Result<()>, new: &[u8]| {
+        let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+        if new.is_empty() || res.is_err() {
+            log.closed.get_or_insert(Instant::now());
+        } else {
+            log.feed(new);
         }
-        r
-    }
-}
-
-impl AsyncWrite for Tap {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+    })
 }
 
 #[cfg(test)]

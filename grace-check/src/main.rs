@@ -4,14 +4,17 @@
 //! scenario fails. See docs/check.md.
 
 mod client;
+mod duration;
 mod proc;
 mod scenarios;
+mod tap;
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use duration::{format_duration, parse_duration};
 use serde_json::{Value, json};
 
 use scenarios::{Ctx, Outcome, Routes, SCENARIOS, Verdict};
@@ -89,22 +92,6 @@ fn scenario_list() -> String {
         .collect()
 }
 
-/// Parses `500ms`, `2s`, `1.5s`, `1m`.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1e3,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("bad duration unit in {s:?} (use ms, s or m)")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
-}
-
 fn route(s: &str) -> Option<String> {
     Some(s.to_owned()).filter(|s| !s.is_empty())
 }
@@ -175,8 +162,8 @@ fn main() {
         println!(
             "grace-check: sh -c '{}'  (--timeout {}, --slack {})",
             args.cmd,
-            proc::format_duration(args.timeout),
-            proc::format_duration(args.slack)
+            format_duration(args.timeout),
+            format_duration(args.slack)
         );
         println!();
         println!(

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use rustix::process::{Pid, Signal, WaitOptions};
 use tokio::sync::watch;
 
+use crate::duration::format_duration;
+
 /// How the server process ended.
 #[derive(Clone, Copy, Debug)]
 pub struct Exit {
@@ -51,15 +53,6 @@ pub struct CommandTemplate {
 fn free_port() -> std::io::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
-}
-
-/// `2s` for whole seconds, else `1500ms`: what the server's duration flags most often take.
-pub fn format_duration(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
 }
 
 /// A command run with `sh -c` gets `exec` in front when it is one simple command, so the

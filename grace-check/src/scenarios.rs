@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::client::{Alpn, Closed, H1, Kind, Tap, TapLog, Target};
+use crate::client::{Alpn, Closed, H1, Kind, TapLog, Target};
 use crate::proc::{CommandTemplate, Exit, Server};
 
 /// A route a scenario needs.
@@ -919,10 +919,7 @@ async fn http2(ctx: &Ctx, srv: &Server, t: &Target, j: &mut Judge) {
         Err(e) => return j.fail(format!("could not connect: {}", e.kind)),
     };
     let log = Arc::new(Mutex::new(TapLog::default()));
-    let tap = Tap {
-        inner: s,
-        log: Arc::clone(&log),
-    };
+    let tap = crate::client::tap(s, Arc::clone(&log));
     let (client, conn) =
         match tokio::time::timeout(Duration::from_secs(3), h2::client::handshake(tap)).await {
             Ok(Ok(x)) => x,

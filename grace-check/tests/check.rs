@@ -28,13 +28,8 @@ fn grace_demo() -> PathBuf {
     path
 }
 
-/// A scratch directory for the run (grace-demo writes its database there).
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("grace-check-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+// `TempDir`: a scratch directory for a run (grace-demo writes its database there).
+grace_testkit::target_tmpdir!();
 
 struct Run {
     status: i32,
@@ -44,15 +39,15 @@ struct Run {
 
 /// Runs grace-check with `--json`; returns its exit status and each scenario's result and why.
 fn check(name: &str, cmd: &str, args: &[&str]) -> Run {
-    let dir = scratch(name);
+    let dir = TempDir::named(&format!("grace-check-{name}"));
     let out = Command::new(CHECK)
-        .current_dir(&dir)
+        .current_dir(&dir.0)
         .args(["--json", "--cmd", cmd])
         .args(TIMING)
         .args(args)
         .output()
         .expect("run grace-check");
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let json: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
         panic!(
@@ -245,8 +240,8 @@ fn tls_clients_speak_tls_and_http2_by_alpn() {
 /// The table, the skip for want of a route, the JUnit file, and the exit statuses.
 #[test]
 fn table_junit_skips_and_exit_status() {
-    let dir = scratch("junit");
-    let junit = dir.join("results.xml");
+    let dir = TempDir::named("grace-check-junit");
+    let junit = dir.path("results.xml");
     let out = Command::new(CHECK)
         .args(["--cmd", &broken("--die-on-bad-request")])
         .args(TIMING)
@@ -281,7 +276,7 @@ fn table_junit_skips_and_exit_status() {
         xml.contains("<skipped message=\"no route for it: give --ws-path\"/>"),
         "{xml}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
 
     let bad = Command::new(CHECK)
         .args(["--cmd", "true", "--only", "no-such-scenario"])

@@ -19,8 +19,13 @@ use clap::Parser;
 
 mod config;
 mod debug;
+// The workspace's one duration syntax (`500ms`, `1.5s`, `2h`, `0`), shared with grace-check.
+#[path = "../../grace-check/src/duration.rs"]
+mod duration;
 mod ledger;
 mod routes;
+
+use duration::parse_duration;
 
 /// Exit code when the shutdown had to cut something (see the report on stderr).
 const EXIT_FORCED: i32 = 3;
@@ -151,23 +156,6 @@ impl Args {
             client_name: format!("grace-demo-{}", std::process::id()),
         }
     }
-}
-
-/// Parses `500ms`, `2s`, `1.5s`, `1m`, `0`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1e3,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("bad duration unit in {s:?} (use ms, s, m or h)")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
 }
 
 /// The settlement interval: a pass is a database transaction, so not more often than

@@ -16,7 +16,7 @@ use common::{Demo, Http, SOON, TempDir, subreaper};
 use futures_util::{SinkExt, StreamExt};
 use rustix::process::Signal;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -276,21 +276,12 @@ impl Sse {
                 }
                 return Some((name, data));
             }
-            let mut size = String::new();
-            let read = tokio::time::timeout(SOON, self.c.raw().read_line(&mut size))
-                .await
-                .expect("no event in time")
-                .ok()?;
-            if read == 0 {
+            let read = tokio::time::timeout(SOON, common::read_chunk(self.c.raw())).await;
+            // The last chunk, or the connection's end.
+            let Ok(Some(chunk)) = read.expect("no event in time") else {
                 return None;
-            }
-            let n = usize::from_str_radix(size.trim(), 16).expect("a chunk size");
-            let mut chunk = vec![0; n + 2];
-            self.c.raw().read_exact(&mut chunk).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            self.buf.push_str(&String::from_utf8_lossy(&chunk[..n]));
+            };
+            self.buf.push_str(&String::from_utf8_lossy(&chunk));
         }
     }
 }

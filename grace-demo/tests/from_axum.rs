@@ -13,7 +13,6 @@ use axum::http::StatusCode;
 use axum::{Router, routing::get};
 use grace_http::{DrainPolicy, Outcome, Resource, Server, Trigger};
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -48,18 +47,15 @@ async fn refresh(pool: PgPool, stop: CancellationToken) -> Result<(), sqlx::Erro
 
 /// `GET path` on a fresh connection: the client's own address, the status and the body.
 async fn fetch(addr: SocketAddr, path: &str) -> (SocketAddr, u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let me = s.local_addr().unwrap();
+    let mut c = grace_testkit::Client::connect(addr).await;
+    let me = c.io.get_ref().local_addr().unwrap();
     let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut text = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut text))
+    c.write(req.as_bytes()).await;
+    let resp = tokio::time::timeout(Duration::from_secs(10), c.read_response())
         .await
         .expect("no response")
         .unwrap();
-    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text.split_once("\r\n\r\n").unwrap().1.to_owned();
-    (me, status, body)
+    (me, resp.status, resp.body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

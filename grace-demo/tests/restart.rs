@@ -102,21 +102,9 @@ impl Conn {
     }
 
     fn read_response(&mut self) -> std::io::Result<(u16, String, bool)> {
-        let mut head = String::new();
-        loop {
-            let before = head.len();
-            if self.stream.read_line(&mut head)? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            if head[before..].trim_end().is_empty() {
-                break;
-            }
-        }
-        let resp = common::parse_head(&head)?;
-        let mut body = vec![0; resp.content_length()?];
-        self.stream.read_exact(&mut body)?;
-        let body = String::from_utf8_lossy(&body).into_owned();
-        Ok((resp.status, body, resp.closes()))
+        let resp = common::read_response_blocking(&mut self.stream)?;
+        let closes = resp.closes();
+        Ok((resp.status, resp.body, closes))
     }
 }
 

@@ -7,7 +7,7 @@
 //! This test process makes itself a child subreaper, so the generation an upgrade starts
 //! (orphaned when the old one exits) is re-parented here and can be reaped.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -160,13 +160,9 @@ fn get(sock: &Path) -> String {
     s.get_mut()
         .write_all(b"GET / HTTP/1.1\r\nHost: grace\r\nConnection: close\r\n\r\n")
         .unwrap();
-    let mut head = String::new();
-    while s.read_line(&mut head).unwrap() > 2 {}
-    let resp = common::parse_head(&head).unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    assert_eq!(resp.status, 200, "{head}{body}");
-    body
+    let resp = common::read_response_blocking(&mut s).unwrap();
+    assert_eq!(resp.status, 200, "{resp:?}");
+    resp.body
 }
 
 fn inode(path: &Path) -> u64 {

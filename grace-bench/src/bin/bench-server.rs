@@ -41,8 +41,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::signal::unix::{SignalKind, signal};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use tower::BoxError;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Mode {

@@ -10,10 +10,8 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,12 +21,22 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, frame::coding::CloseCode};
+use tower::BoxError;
+
+// The workspace's one duration syntax, and grace-check's one stream wrapper.
+#[path = "../duration.rs"]
+mod duration;
+#[path = "../tap.rs"]
+mod tap;
+
+use duration::parse_duration;
+use tap::ReadTap;
 
 #[derive(Parser, Debug, Clone)]
 struct Flags {
@@ -96,20 +104,6 @@ struct Flags {
     naive_restart: bool,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1e3,
-        "s" => n,
-        _ => return Err(format!("bad unit in {s:?}")),
-    };
-    Ok(Duration::from_secs_f64(secs))
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = BoxBody<Bytes, BoxError>;
 
 struct Shared {
@@ -143,43 +137,6 @@ struct ConnState {
     seen_bytes: AtomicBool,
     requests: AtomicUsize,
     h2: AtomicBool,
-}
-
-/// Marks the connection when its first byte arrives.
-struct Seen<S> {
-    inner: S,
-    state: Arc<ConnState>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Seen<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.state.seen_bytes.store(true, Ordering::SeqCst);
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Seen<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 async fn until_draining(rx: &mut watch::Receiver<bool>) {
@@ -311,10 +268,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
 async fn serve_conn(io: Box<dyn Io>, shared: Arc<Shared>, _live: Live) {
     let state = Arc::new(ConnState::default());
-    let io = Seen {
-        inner: io,
-        state: Arc::clone(&state),
-    };
+    // The connection is marked when its first byte arrives.
+    let seen = Arc::clone(&state);
+    let io = ReadTap::new(io, move |_: &std::io::Result<()>, new: &[u8]| {
+        if !new.is_empty() {
+            seen.seen_bytes.store(true, Ordering::SeqCst);
+        }
+    });
     let svc = {
         let (shared, state) = (Arc::clone(&shared), Arc::clone(&state));
         hyper::service::service_fn(move |req| handle(req, Arc::clone(&shared), Arc::clone(&state)))

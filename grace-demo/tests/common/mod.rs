@@ -1,6 +1,8 @@
 //! Helpers for the process-level tests: a real `grace-demo` child process on 127.0.0.1:0, a
-//! service followed across upgrades, a raw keep-alive HTTP/1.1 client (and a TLS one), the
-//! store URLs from the environment, and a look at what the stores hold afterwards.
+//! service followed across upgrades, a keep-alive HTTP/1.1 client speaking the demo's JSON
+//! (and a TLS one), the store URLs from the environment, and a look at what the stores hold
+//! afterwards. The raw HTTP/1 client and reader, the process helpers and the scratch
+//! directories are the workspace's test kit's (`grace-testkit`), re-exported here.
 #![allow(dead_code)]
 
 use std::collections::HashSet;
@@ -8,7 +10,6 @@ use std::io::BufRead as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,11 +17,21 @@ use rustix::process::Signal;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use sqlx::{Connection as _, Row as _};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+
+// Each test uses some of these, as with `dead_code` above.
+#[allow(unused_imports)]
+pub use grace_testkit::http1::{
+    Client, Response, parse_head, read_chunk, read_head, read_response, read_response_blocking,
+};
+#[allow(unused_imports)]
+pub use grace_testkit::process::{
+    Gone, alive, pid, read, replace_file, signal, subreaper, unique_prefix, wait_gone,
+};
 
 /// The demo binary.
 pub const BIN: &str = env!("CARGO_BIN_EXE_grace-demo");
@@ -47,115 +58,9 @@ pub fn env_url(var: &str) -> Option<String> {
     }
 }
 
-/// A table prefix (and Redis key prefix) no other run uses.
-pub fn unique_prefix() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "gt{}_{}_{:x}_",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        nanos
-    )
-}
-
-/// A scratch directory, removed afterwards.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new() -> TempDir {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_prefix());
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        // Kept after a failure, to look at (logs, the ledger, the pid file).
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-// ---- processes ---------------------------------------------------------------------------
-
-/// Makes this test process a child subreaper (once): generations orphaned when their parent
-/// (the previous generation) exits are re-parented here, so they can be reaped and their
-/// exit status read, and none is left behind.
-pub fn subreaper() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
-            .expect("PR_SET_CHILD_SUBREAPER");
-    });
-}
-
-pub fn pid(raw: u32) -> rustix::process::Pid {
-    rustix::process::Pid::from_raw(raw as i32).expect("a pid")
-}
-
-/// Sends `sig` to process `raw`.
-pub fn signal(raw: u32, sig: rustix::process::Signal) {
-    rustix::process::kill_process(pid(raw), sig)
-        .unwrap_or_else(|e| panic!("kill({raw}, {sig:?}): {e}"));
-}
-
-pub fn alive(raw: u32) -> bool {
-    rustix::process::test_kill_process(pid(raw)).is_ok()
-}
-
-/// How a process ended, as far as we can tell.
-#[derive(Debug, PartialEq)]
-pub enum Gone {
-    /// Reaped here: its exit code (`None` if killed by a signal).
-    Exited(Option<i32>),
-    /// Reaped by someone else (its parent).
-    Elsewhere,
-}
-
-/// Waits until process `raw` is gone, reaping it if it is (now) our child.
-pub fn wait_gone(raw: u32, limit: Duration) -> Gone {
-    let t = Instant::now();
-    loop {
-        match rustix::process::waitpid(Some(pid(raw)), rustix::process::WaitOptions::NOHANG) {
-            Ok(Some((_, status))) => return Gone::Exited(status.exit_status()),
-            Ok(None) => {}
-            // Not our child (yet: its parent may still run), or already reaped.
-            Err(_) if !alive(raw) => return Gone::Elsewhere,
-            Err(_) => {}
-        }
-        assert!(
-            t.elapsed() < limit,
-            "process {raw} still runs after {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// What is in `path` (empty if nothing is).
-pub fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-/// Replaces `path` atomically (write a temporary file, rename over it).
-pub fn replace_file(path: &Path, contents: &str, executable: bool) {
-    use std::os::unix::fs::PermissionsExt;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents).unwrap();
-    if executable {
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    std::fs::rename(&tmp, path).unwrap();
-}
+// `TempDir`: scratch directories under `target/tmp`, on the disk of the demo binary, which
+// the upgrade tests hard-link into them.
+grace_testkit::target_tmpdir!();
 
 /// Points `path` at the real demo binary again (a fresh hard link, renamed over it).
 pub fn install_real_binary(path: &Path) {
@@ -577,53 +482,13 @@ impl Demo {
     }
 }
 
-/// One HTTP/1.1 response.
-#[derive(Debug)]
-pub struct Response {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: String,
-}
-
-impl Response {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// The server will close the connection after this response.
-    pub fn closes(&self) -> bool {
-        self.header("connection")
-            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
-    }
-
-    /// The body's length, which every response of the demo declares.
-    pub fn content_length(&self) -> std::io::Result<usize> {
-        self.header("content-length")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| std::io::Error::other("no content-length"))
-    }
-
-    pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
-    }
-}
-
-/// A raw keep-alive HTTP/1.1 client connection.
-pub struct Http {
-    io: BufReader<TcpStream>,
-}
+/// A raw keep-alive HTTP/1.1 client connection (`TCP_NODELAY`): the kit's [`Client`], with
+/// the demo's JSON requests and a bound of 60 s on each response.
+pub struct Http(Client);
 
 impl Http {
     pub async fn connect(addr: SocketAddr) -> std::io::Result<Http> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        Ok(Http {
-            io: BufReader::new(stream),
-        })
+        Ok(Http(Client::try_connect(addr).await?))
     }
 
     /// Sends a request and reads its response; an error means the connection closed (or
@@ -650,78 +515,29 @@ impl Http {
              Content-Length: {}\r\n\r\n",
             body.len()
         );
-        let io = self.io.get_mut();
-        io.write_all(head.as_bytes()).await?;
-        io.write_all(body.as_bytes()).await?;
-        io.flush().await
+        self.0.try_write(head.as_bytes()).await?;
+        self.0.try_write(body.as_bytes()).await
     }
 
     /// The connection itself, to read what follows a head (a stream's raw chunks).
     pub fn raw(&mut self) -> &mut BufReader<TcpStream> {
-        &mut self.io
+        &mut self.0.io
     }
 
     pub async fn read(&mut self) -> std::io::Result<Response> {
-        tokio::time::timeout(Duration::from_secs(60), read_response(&mut self.io))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response"))?
+        within_a_minute(self.0.read_response()).await
     }
 
     /// Reads a response's status line and headers only (its body may still be streaming).
     pub async fn read_head(&mut self) -> std::io::Result<Response> {
-        tokio::time::timeout(Duration::from_secs(60), read_head(&mut self.io))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response"))?
+        within_a_minute(self.0.read_head()).await
     }
 }
 
-/// Reads one HTTP/1 response from any buffered stream (a [`Http`] connection, TLS): its head
-/// through [`read_head`], then its `Content-Length` body.
-pub async fn read_response<R: AsyncBufRead + Unpin>(io: &mut R) -> std::io::Result<Response> {
-    let mut resp = read_head(io).await?;
-    let len = resp.content_length()?;
-    let mut body = vec![0; len];
-    io.read_exact(&mut body).await?;
-    resp.body = String::from_utf8_lossy(&body).into_owned();
-    Ok(resp)
-}
-
-/// Reads a response's status line and headers, up to the blank line, through [`parse_head`].
-pub async fn read_head<R: AsyncBufRead + Unpin>(io: &mut R) -> std::io::Result<Response> {
-    let mut head = String::new();
-    loop {
-        let before = head.len();
-        if io.read_line(&mut head).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        if head[before..].trim_end().is_empty() {
-            return parse_head(&head);
-        }
-    }
-}
-
-/// The one HTTP/1 response-head parser of these tests (the async readers above and the
-/// blocking clients of the restart tests read up to the blank line, then call this): the
-/// status and the headers, names lower-cased.
-pub fn parse_head(head: &str) -> std::io::Result<Response> {
-    let mut lines = head.lines();
-    let line = lines.next().unwrap_or_default();
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
-    let headers = lines
-        .map(str::trim_end)
-        .take_while(|l| !l.is_empty())
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    Ok(Response {
-        status,
-        headers,
-        body: String::new(),
-    })
+async fn within_a_minute<T>(read: impl Future<Output = std::io::Result<T>>) -> std::io::Result<T> {
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response"))?
 }
 
 /// One request on a fresh connection.

@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tower::BoxError;
 
 use super::record::Conn;
 use crate::base::budget::after;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How slowly a request body may arrive: within `initial` of the request's head, plus one
 /// second for every `min_rate` bytes received (Apache's `mod_reqtimeout` rule, whose
@@ -212,7 +211,7 @@ mod tests {
     fn find_sees_a_body_timeout_anywhere_in_a_source_chain() {
         #[derive(Debug, thiserror::Error)]
         #[error("wrapped")]
-        struct Wrapper(#[source] Box<dyn std::error::Error + Send + Sync>);
+        struct Wrapper(#[source] BoxError);
         let timeout = BodyTimeout {
             received: 7,
             elapsed: Duration::from_secs(1),

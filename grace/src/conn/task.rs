@@ -27,7 +27,9 @@ use crate::handover::Kind;
 use crate::handover::Origin;
 use crate::listener::Stream;
 
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The error type of services and bodies grace serves: tower's (the one axum and hyper-util
+/// name too).
+pub(crate) use tower::BoxError;
 
 /// What grace serves, named once: a cloneable tower service taking requests with a
 /// [`RequestBody`], whose futures and errors hyper can carry across tasks.

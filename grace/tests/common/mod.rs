@@ -1,5 +1,5 @@
-//! Helpers shared by the integration tests: a server on 127.0.0.1:0 and a raw HTTP/1 client
-//! that shows exactly what went over the socket.
+//! Helpers shared by the integration tests: a server on 127.0.0.1:0, and from the
+//! workspace's test kit a raw HTTP/1 client that shows exactly what went over the socket.
 #![allow(dead_code)]
 
 use std::future::IntoFuture;
@@ -8,12 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use grace_http::{ConnState, Handle, Server, ShutdownReport};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+// Each test uses some of these, as with `dead_code` above.
+#[allow(unused_imports)]
+pub use grace_testkit::{BoxError, Client, Response as Resp, SOON};
 use tokio::task::JoinHandle;
-
-/// A loose bound for anything that should be immediate: never flakes, still catches a hang.
-pub const SOON: Duration = Duration::from_secs(5);
 
 pub struct Running {
     pub addr: SocketAddr,
@@ -65,10 +63,10 @@ where
         + Sync
         + 'static,
     S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Error: Into<BoxError>,
     B: http_body::Body + Send + 'static,
     B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<BoxError>,
 {
     let server = Server::bind("127.0.0.1:0").await.unwrap();
     let addr = server.local_addrs()[0].as_tcp().unwrap();
@@ -114,106 +112,4 @@ pub fn app() -> axum::Router {
                 "unreachable"
             }),
         )
-}
-
-#[derive(Debug)]
-pub struct Resp {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: String,
-}
-
-impl Resp {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// A raw HTTP/1.1 connection, over TCP or any other stream (TLS).
-pub struct Client<S = TcpStream> {
-    pub io: BufReader<S>,
-}
-
-impl Client {
-    pub async fn connect(addr: SocketAddr) -> Client {
-        Client::over(TcpStream::connect(addr).await.unwrap())
-    }
-}
-
-impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client<S> {
-    pub fn over(stream: S) -> Client<S> {
-        Client {
-            io: BufReader::new(stream),
-        }
-    }
-
-    pub async fn send(&mut self, path: &str) {
-        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
-        self.io.get_mut().write_all(req.as_bytes()).await.unwrap();
-        self.io.get_mut().flush().await.unwrap();
-    }
-
-    pub async fn write(&mut self, bytes: &[u8]) {
-        self.io.get_mut().write_all(bytes).await.unwrap();
-    }
-
-    /// Reads one response; `None` if the server closed the connection first.
-    pub async fn read(&mut self) -> Option<Resp> {
-        let mut line = String::new();
-        if self.io.read_line(&mut line).await.ok()? == 0 {
-            return None;
-        }
-        let status = line.split_whitespace().nth(1)?.parse().ok()?;
-        let mut headers = Vec::new();
-        loop {
-            line.clear();
-            self.io.read_line(&mut line).await.ok()?;
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            let (k, v) = l.split_once(':')?;
-            headers.push((k.trim().to_string(), v.trim().to_string()));
-        }
-        let mut resp = Resp {
-            status,
-            headers,
-            body: String::new(),
-        };
-        if let Some(len) = resp.header("content-length") {
-            let mut body = vec![0; len.parse().ok()?];
-            self.io.read_exact(&mut body).await.ok()?;
-            resp.body = String::from_utf8_lossy(&body).into_owned();
-        } else if resp.header("transfer-encoding") == Some("chunked") {
-            loop {
-                line.clear();
-                self.io.read_line(&mut line).await.ok()?;
-                let n = usize::from_str_radix(line.trim(), 16).ok()?;
-                let mut chunk = vec![0; n + 2];
-                self.io.read_exact(&mut chunk).await.ok()?;
-                if n == 0 {
-                    break;
-                }
-                resp.body.push_str(&String::from_utf8_lossy(&chunk[..n]));
-            }
-        }
-        Some(resp)
-    }
-
-    pub async fn get(&mut self, path: &str) -> Option<Resp> {
-        self.send(path).await;
-        self.read().await
-    }
-
-    /// True once the server has closed the connection (EOF or reset), within `SOON`.
-    pub async fn closed(&mut self) -> bool {
-        let mut buf = [0u8; 64];
-        matches!(
-            tokio::time::timeout(SOON, self.io.read(&mut buf)).await,
-            Ok(Ok(0)) | Ok(Err(_))
-        )
-    }
 }
