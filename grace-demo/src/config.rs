@@ -3,6 +3,7 @@
 //! ```toml
 //! greeting = "hello from generation 2"   # what GET / answers (default "hello")
 //! shutdown_timeout = "30s"               # overrides --shutdown-timeout
+//! websocket_handover = false             # this generation resumes no WebSocket (default true)
 //! ```
 //!
 //! The file is read once, at start-up. An upgrade (SIGHUP) starts a new process that reads
@@ -23,6 +24,7 @@ use serde::Deserialize;
 struct File {
     greeting: Option<String>,
     shutdown_timeout: Option<String>,
+    websocket_handover: Option<bool>,
 }
 
 /// The settings the file gives.
@@ -32,6 +34,10 @@ pub struct Settings {
     pub greeting: Greeting,
     /// Overrides `--shutdown-timeout` when set.
     pub shutdown_timeout: Option<Duration>,
+    /// This generation resumes the WebSockets the previous one hands over (default): with
+    /// `false` it resumes none, so the previous generation keeps them and says goodbye
+    /// (1012) as it drains.
+    pub websocket_handover: bool,
 }
 
 /// What `GET /` answers, put in the request extensions.
@@ -68,6 +74,7 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Settings> {
             .map(|g| Greeting(g.into()))
             .unwrap_or_default(),
         shutdown_timeout,
+        websocket_handover: file.websocket_handover.unwrap_or(true),
     })
 }
 

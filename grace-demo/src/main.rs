@@ -24,6 +24,7 @@ mod debug;
 mod duration;
 mod ledger;
 mod routes;
+mod ws;
 
 use duration::parse_duration;
 
@@ -240,6 +241,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         args.hand_over_window,
     );
     let settings = config::load(args.config.as_deref())?;
+    // The WebSockets the previous generation hands over, resumed here (see `ws`).
+    let restart = match settings.websocket_handover {
+        true => ws::resume(restart),
+        false => restart,
+    };
     // GET /metrics, /debug: the process's metrics recorder, and the live page's wake-ups.
     let observer = debug::Observer::install().context("installing the metrics recorder")?;
     // Sockets handed over by the previous generation (or systemd), else bind --listen (and

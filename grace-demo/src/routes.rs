@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, FromRequest, Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -17,11 +16,6 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::ledger::{Ledger, LedgerError};
-
-/// WebSocket close code 1001: the server is going away.
-const GOING_AWAY: u16 = 1001;
-/// WebSocket close code 1012 (RFC 6455's registry): the service restarts; come back.
-const SERVICE_RESTART: u16 = 1012;
 
 /// Every route: the demo endpoints, the probes, and the ledger API.
 pub fn router(ledger: Arc<Ledger>, handle: &grace_http::Handle) -> Router {
@@ -40,7 +34,14 @@ pub fn router(ledger: Arc<Ledger>, handle: &grace_http::Handle) -> Router {
         .route("/sleep/{ms}", get(sleep))
         .route("/stream/{n}", get(stream_chunks))
         // `any`: HTTP/1.1's GET + Upgrade, and HTTP/2's extended CONNECT (RFC 8441).
-        .route("/ws", any(ws))
+        .route(
+            "/ws",
+            any(|req| crate::ws::route(crate::ws::Kind::Echo, req)),
+        )
+        .route(
+            "/ws/counter",
+            any(|req| crate::ws::route(crate::ws::Kind::Counter, req)),
+        )
         .route("/events", get(events).with_state(handle.notice()))
         .route("/whoami", get(whoami))
         .merge(api)
@@ -204,57 +205,4 @@ async fn events(State(notice): State<ShutdownNotice>) -> Response {
         axum::http::HeaderValue::from_static("text/event-stream"),
     );
     response
-}
-
-async fn ws(upgrade: WebSocketUpgrade, notice: Option<Extension<ShutdownNotice>>) -> Response {
-    upgrade.on_upgrade(move |socket| echo(socket, notice.map(|Extension(n)| n)))
-}
-
-/// Echoes text and binary messages; when the server drains, says goodbye: 1012 when a new
-/// generation already serves (an upgrade: come back), 1001 when the service goes away.
-async fn echo(mut socket: WebSocket, notice: Option<ShutdownNotice>) {
-    let draining = async {
-        match &notice {
-            Some(n) => n.wait().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(draining);
-    loop {
-        tokio::select! {
-            msg = socket.recv() => match msg {
-                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
-                    if socket.send(m).await.is_err() {
-                        return;
-                    }
-                }
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
-                Some(Ok(_)) => {}
-            },
-            _ = &mut draining => break,
-        }
-    }
-    let restart = notice.as_ref().is_some_and(ShutdownNotice::is_restart);
-    let goodbye = Message::Close(Some(match restart {
-        true => CloseFrame {
-            code: SERVICE_RESTART,
-            reason: "service restart".into(),
-        },
-        false => CloseFrame {
-            code: GOING_AWAY,
-            reason: "server shutting down".into(),
-        },
-    }));
-    if socket.send(goodbye).await.is_err() {
-        return;
-    }
-    // Wait (briefly) for the client's close reply, as the protocol asks.
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Some(Ok(m)) = socket.recv().await {
-            if matches!(m, Message::Close(_)) {
-                break;
-            }
-        }
-    })
-    .await;
 }

@@ -184,6 +184,7 @@ fn status_of(shared: &Shared) -> Status {
     // Connections handed over at upgrades: received from the previous generation, sent to
     // the next.
     let (sent, received) = shared.tracker.stats.handed_over_received();
+    let (upgraded_sent, upgraded_received) = shared.tracker.stats.upgraded_handed_over_received();
     let asked = shared.drain_requested().is_some();
     let phase = match (asked, shared.tracker.is_draining()) {
         (false, _) => ServerPhase::Serving,
@@ -201,7 +202,8 @@ fn status_of(shared: &Shared) -> Status {
         ready: !asked,
         counts,
         connections: counts.total(),
-        handed_over: HandedOver::new(received, sent),
+        handed_over: HandedOver::new(received, sent)
+            .with_upgraded(upgraded_received, upgraded_sent),
         last_upgrade: last,
     }
 }

@@ -195,3 +195,32 @@ pub enum RestartError {
     #[error("restart: {0}")]
     Io(#[from] io::Error),
 }
+
+/// Why an upgraded connection did not move, from
+/// [`Movable::hand_over`](crate::Movable::hand_over). It is still here, read and written
+/// as before.
+#[cfg(unix)]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MoveError {
+    /// No hand-over wants it: none is under way, it ended, the new generation does not
+    /// resume its kind, or it already tried in this one.
+    #[error("no hand-over wants this connection")]
+    NotAsked,
+    /// The client's message under way has not been read whole yet: await
+    /// [`Mover::asked`](crate::Mover::asked), which resolves only between two messages.
+    #[error("a message is still being read")]
+    MidMessage,
+    /// The state is more than a hand-over carries (64 KiB).
+    #[error("a state of {len} bytes: more than a hand-over carries (64 KiB)")]
+    StateTooLarge {
+        /// Its length.
+        len: usize,
+    },
+    /// The connection moved already, or the drain closed it.
+    #[error("the connection is gone")]
+    Gone,
+    /// The channel to the new generation failed, or the hand-over's window ended first.
+    #[error("hand-over: {0}")]
+    Channel(#[source] io::Error),
+}

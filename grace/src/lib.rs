@@ -136,8 +136,12 @@ pub use base::report::{
     ShutdownReport, TaskReport, Trigger,
 };
 pub use conn::body::{BodyTimeout, RequestBody};
+#[cfg(unix)]
+pub use conn::movable::{Movable, Mover};
 pub use conn::notice::ShutdownNotice;
 pub use conn::request::TrackedBody;
+#[cfg(unix)]
+pub use error::MoveError;
 pub use error::{Error, InheritedFdError, RestartError, Result};
 pub use health::{Liveness, Readiness};
 pub use jobs::JobToken;

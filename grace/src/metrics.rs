@@ -16,6 +16,8 @@
 //! | `grace_requests_completed_total` | counter | | at `Handle::record_metrics` |
 //! | `grace_connections_handed_over_total` | counter | | at `Handle::record_metrics`: passed, open, to the next generation |
 //! | `grace_connections_received_total` | counter | | at `Handle::record_metrics`: passed to this one by the previous generation |
+//! | `grace_upgraded_handed_over_total` | counter | | at `Handle::record_metrics`: of those handed over, the upgraded ones (WebSockets) |
+//! | `grace_upgraded_received_total` | counter | | at `Handle::record_metrics`: of those received, the upgraded ones |
 //! | `grace_draining` | gauge | | 1 once a drain is asked for, at `Handle::record_metrics` |
 //! | `grace_generation` | gauge | | 1, then one more per upgrade, at `Handle::record_metrics` |
 //! | `grace_drains_total` | counter | `trigger` (`SIGTERM`, `handle`, `restart`…), `outcome`: `clean`, `forced` | when a drain ends |
@@ -52,6 +54,10 @@ pub struct Totals {
     pub handed_over: u64,
     /// Connections the previous generation passed to this one at the upgrade that started it.
     pub received: u64,
+    /// Of `handed_over`, the upgraded connections (WebSockets: see `Movable`).
+    pub upgraded_handed_over: u64,
+    /// Of `received`, the upgraded connections.
+    pub upgraded_received: u64,
 }
 
 /// Sets the `grace_*` gauges and counters to a server's live values (see
@@ -73,6 +79,8 @@ pub(crate) fn record(counts: StateCounts, totals: Totals, draining: bool, genera
     counter!("grace_requests_completed_total").absolute(totals.requests_completed);
     counter!("grace_connections_handed_over_total").absolute(totals.handed_over);
     counter!("grace_connections_received_total").absolute(totals.received);
+    counter!("grace_upgraded_handed_over_total").absolute(totals.upgraded_handed_over);
+    counter!("grace_upgraded_received_total").absolute(totals.upgraded_received);
     gauge!("grace_draining").set(if draining { 1.0 } else { 0.0 });
     gauge!("grace_generation").set(f64::from(generation));
     // Shown (as 0) before anything happened, so that rates and alerts have a series.
@@ -117,6 +125,14 @@ fn describe() {
     describe_counter!(
         "grace_connections_received_total",
         "Connections the previous generation passed to this one."
+    );
+    describe_counter!(
+        "grace_upgraded_handed_over_total",
+        "Of the connections handed over, the upgraded ones (WebSockets)."
+    );
+    describe_counter!(
+        "grace_upgraded_received_total",
+        "Of the connections received, the upgraded ones (WebSockets)."
     );
     describe_gauge!("grace_draining", "1 once a drain was asked for.");
     describe_gauge!(

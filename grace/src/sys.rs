@@ -91,6 +91,13 @@ impl SocketSlot {
         Some(unsafe { BorrowedFd::borrow_raw(fd) })
     }
 
+    /// Puts back a descriptor [`take_lent`](Self::take_lent) took, its hand-over having
+    /// failed: `owner`, the open socket that owns it, is served on here.
+    #[cfg(unix)]
+    pub(crate) fn lend_back(&self, owner: &impl AsRawFd) {
+        *crate::base::lock(&self.0) = Some(owner.as_raw_fd());
+    }
+
     /// Shuts the socket down in both directions: the peer sees FIN, and every pending or
     /// future read on our side returns end-of-file, every write fails. Returns false if the
     /// socket was already closed.

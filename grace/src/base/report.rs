@@ -181,6 +181,9 @@ pub struct ShutdownReport {
     pub requests_completed: u64,
     /// Connections passed, open, to the new generation (an upgrade with hand-over).
     pub handed_over: u64,
+    /// Of [`handed_over`](Self::handed_over), the upgraded connections (WebSockets moved
+    /// by their handlers: see [`Movable`](crate::Movable)).
+    pub upgraded_handed_over: u64,
     /// Connections that closed during the drain: idle ones closed by the drain, those that
     /// finished their work, and one whose hand-over a force cut short; not those handed
     /// over, nor those in [`forced`](Self::forced). Together, `handed_over + closed +
@@ -249,6 +252,7 @@ impl ShutdownReport {
             at_start = ?self.at_start,
             requests_completed = self.requests_completed,
             handed_over = self.handed_over,
+            upgraded_handed_over = self.upgraded_handed_over,
             closed = self.closed,
             forced = self.forced.len(),
             forced_by = ?self.forced_by.as_ref().map(ToString::to_string),

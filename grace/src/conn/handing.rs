@@ -20,6 +20,7 @@ use crate::base::lock;
 #[cfg_attr(not(unix), allow(dead_code))] // set by hand-overs only
 pub(super) struct HandOverMark {
     handed_before: u64,
+    upgraded_before: u64,
     at_start: StateCounts,
     took: Option<Duration>,
 }
@@ -27,6 +28,8 @@ pub(super) struct HandOverMark {
 /// What the last hand-over did, for the report of the drain that followed it.
 pub(crate) struct HandOverDone {
     pub(crate) handed_over: u64,
+    /// Of those, the upgraded ones.
+    pub(crate) upgraded: u64,
     pub(crate) took: Duration,
     pub(crate) at_start: StateCounts,
 }
@@ -43,6 +46,7 @@ impl Tracker {
         *lock(&self.outbox) = Some(outbox);
         *lock(&self.hand_over_mark) = HandOverMark {
             handed_before: self.stats.handed_over.load(Ordering::Relaxed),
+            upgraded_before: self.stats.upgraded_handed_over.load(Ordering::Relaxed),
             at_start: self.stats.counts(),
             took: None,
         };
@@ -50,6 +54,7 @@ impl Tracker {
         // finds the outbox in place.
         self.handing.store(true, Ordering::Release);
         self.wake_all();
+        self.wake_movables();
     }
 
     /// Ends the hand-over (its window closed, it completed, or the next generation went):
@@ -63,6 +68,7 @@ impl Tracker {
         }
         lock(&self.hand_over_mark).took = took;
         self.wake_all();
+        self.wake_movables();
     }
 
     /// What the last hand-over did, if one ended with a drain to follow.
@@ -70,6 +76,8 @@ impl Tracker {
         let mark = lock(&self.hand_over_mark);
         mark.took.map(|took| HandOverDone {
             handed_over: self.stats.handed_over.load(Ordering::Relaxed) - mark.handed_before,
+            upgraded: self.stats.upgraded_handed_over.load(Ordering::Relaxed)
+                - mark.upgraded_before,
             took,
             at_start: mark.at_start,
         })
@@ -91,10 +99,12 @@ impl Tracker {
     }
 
     /// True while some connection may still be handed over: one is between requests or
-    /// will be, or the previous generation still hands some to this one.
+    /// will be, an upgraded one that opted in has not moved, or the previous generation
+    /// still hands some to this one.
     #[cfg(unix)]
-    pub(crate) fn hand_over_left(&self) -> bool {
+    pub(crate) fn hand_over_left(&self, outbox: &crate::handover::outbox::Outbox) -> bool {
         !self.previous_done.is_set()
+            || self.movable_left(outbox)
             || self.shards.iter().any(|shard| {
                 lock(shard)
                     .values()

@@ -33,6 +33,12 @@ impl<S: AsRawFd> TrackedIo<S> {
 }
 
 impl<S> TrackedIo<S> {
+    /// The stream.
+    #[cfg(unix)]
+    pub(crate) fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     /// Around a stream whose connection was registered before (when it was accepted, before
     /// an acceptor's handshake): `conn`'s socket slot holds the underlying socket.
     pub(crate) fn registered(inner: S, conn: Arc<Conn>) -> Self {

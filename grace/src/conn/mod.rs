@@ -12,16 +12,22 @@
 //! - `body`: the request body, with its timeout against dribbling clients.
 //! - `task`: the task of one connection, and how it closes at a drain.
 //! - `clock`: the coarse clock behind the header-read and idle timeouts.
+//! - `movable`, `frames`: upgraded connections (WebSockets) that move to the next
+//!   generation at an upgrade, stopped between two of the client's messages.
 //! - `fanout`: shutting many sockets at once, split across cores (the drain and the force).
 
 pub(crate) mod body;
 pub(crate) mod clock;
 mod fanout;
+#[cfg(unix)]
+mod frames;
 mod h1;
 mod h2;
 pub(crate) mod handing;
 pub(crate) mod http;
 pub(crate) mod io;
+#[cfg(unix)]
+pub(crate) mod movable;
 pub(crate) mod notice;
 pub(crate) mod record;
 pub(crate) mod request;

@@ -22,21 +22,31 @@ pub(crate) struct Stats {
     pub(super) handed_over: AtomicU64,
     /// Connections the previous generation handed to this one.
     pub(super) received: AtomicU64,
+    /// Of `handed_over`, the upgraded ones (WebSockets…: see `movable`).
+    pub(crate) upgraded_handed_over: AtomicU64,
+    /// Of `received`, the upgraded ones.
+    pub(super) upgraded_received: AtomicU64,
     /// Requests whose response was fully written.
     pub(super) completed: AtomicU64,
 }
 
 impl Stats {
-    /// A connection went to the next generation.
+    /// A connection (`upgraded` or not) went to the next generation.
     #[cfg(unix)]
-    pub(crate) fn count_handed_over(&self) {
+    pub(crate) fn count_handed_over(&self, upgraded: bool) {
         self.handed_over.fetch_add(1, Ordering::Relaxed);
+        if upgraded {
+            self.upgraded_handed_over.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    /// Connections counted as handed over came back (see `Outbox::take_back`).
+    /// Connections counted as handed over came back (see `Outbox::take_back`), `upgraded`
+    /// of them upgraded.
     #[cfg(unix)]
-    pub(crate) fn uncount_handed_over(&self, n: u64) {
+    pub(crate) fn uncount_handed_over(&self, n: u64, upgraded: u64) {
         self.handed_over.fetch_sub(n, Ordering::Relaxed);
+        self.upgraded_handed_over
+            .fetch_sub(upgraded, Ordering::Relaxed);
     }
 
     /// Connections handed to the next generation, and received from the previous one.
@@ -44,6 +54,14 @@ impl Stats {
         (
             self.handed_over.load(Ordering::Relaxed),
             self.received.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Of those, the upgraded ones: handed to the next generation, received.
+    pub(crate) fn upgraded_handed_over_received(&self) -> (u64, u64) {
+        (
+            self.upgraded_handed_over.load(Ordering::Relaxed),
+            self.upgraded_received.load(Ordering::Relaxed),
         )
     }
 

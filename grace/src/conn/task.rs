@@ -291,7 +291,9 @@ where
     let connection = match handed {
         None => HttpConn::new(io, service, Arc::clone(&ctx.builder)),
         Some((Kind::Http1, buffered)) => HttpConn::http1(io, buffered, service, &ctx.builder),
-        Some((Kind::Unknown, read)) => {
+        // An upgraded connection is resumed by its kind's handler, never served here (see
+        // `server::accepting`): as one whose protocol is still to be told, were it to come.
+        Some((Kind::Unknown | Kind::Upgraded, read)) => {
             HttpConn::sniffing(io, &read, service, Arc::clone(&ctx.builder))
         }
     };

@@ -83,6 +83,9 @@ pub(crate) struct Tracker {
     /// once, when serving starts).
     #[cfg(unix)]
     pub(crate) local: OnceLock<LocalServe>,
+    /// The upgraded connections whose handlers opted in to move (see `movable`), by id.
+    #[cfg(unix)]
+    pub(super) movables: Mutex<HashMap<u64, Arc<super::movable::Shared>>>,
 }
 
 impl Tracker {
@@ -134,6 +137,12 @@ impl Tracker {
         let state = match kind {
             crate::handover::Kind::Http1 => ConnState::Idle,
             crate::handover::Kind::Unknown => ConnState::New,
+            crate::handover::Kind::Upgraded => {
+                if from_previous {
+                    self.stats.upgraded_received.fetch_add(1, Ordering::Relaxed);
+                }
+                ConnState::Hijacked
+            }
         };
         self.register_in(peer, socket, state)
     }

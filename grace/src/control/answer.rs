@@ -109,11 +109,28 @@ pub struct HandedOver {
     pub received: u64,
     /// Sent to the next generation.
     pub sent: u64,
+    /// Of `received`, the upgraded connections (WebSockets: see
+    /// [`Movable`](crate::Movable)).
+    #[serde(default)]
+    pub upgraded_received: u64,
+    /// Of `sent`, the upgraded connections.
+    #[serde(default)]
+    pub upgraded_sent: u64,
 }
 
 impl HandedOver {
     pub(crate) fn new(received: u64, sent: u64) -> HandedOver {
-        HandedOver { received, sent }
+        HandedOver {
+            received,
+            sent,
+            ..HandedOver::default()
+        }
+    }
+
+    pub(crate) fn with_upgraded(mut self, received: u64, sent: u64) -> HandedOver {
+        self.upgraded_received = received;
+        self.upgraded_sent = sent;
+        self
     }
 }
 
@@ -357,8 +374,11 @@ impl fmt::Display for Status {
         )?;
         writeln!(
             f,
-            "handed over: received {} from the previous generation, sent {} to the next",
-            self.handed_over.received, self.handed_over.sent
+            "handed over: received {} ({} upgraded) from the previous generation, sent {} ({} upgraded) to the next",
+            self.handed_over.received,
+            self.handed_over.upgraded_received,
+            self.handed_over.sent,
+            self.handed_over.upgraded_sent
         )?;
         match &self.last_upgrade {
             None => writeln!(f, "last upgrade none"),

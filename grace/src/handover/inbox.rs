@@ -9,7 +9,7 @@ use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFl
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use super::{ACK, HEADER, Handed, Kind, MAX_BUFFERED, Origin, TAG};
+use super::{ACK, HEADER, Handed, KINDS, Kind, MAX_BUFFERED, MAX_NAME, MAX_STATE, Origin, TAG};
 
 /// The new generation's end.
 pub(crate) struct Inbox {
@@ -17,13 +17,23 @@ pub(crate) struct Inbox {
     buf: Box<[u8]>,
 }
 
+/// The largest message: the header, an upgraded connection's kind name and state, its
+/// bytes, and one more to tell a message cut short.
+const MAX_MESSAGE: usize = HEADER + 2 + MAX_NAME + 4 + MAX_STATE + MAX_BUFFERED + 1;
+
 impl Inbox {
-    pub(crate) fn new(fd: OwnedFd) -> io::Result<Inbox> {
+    /// The new generation's end; tells the old generation first which kinds of upgraded
+    /// connections it resumes (`kinds`: names, none with a line feed).
+    pub(crate) fn new(fd: OwnedFd, kinds: &[String]) -> io::Result<Inbox> {
         super::no_sigpipe(&fd)?;
+        let mut list = vec![KINDS];
+        list.extend_from_slice(kinds.join("\n").as_bytes());
+        // Blocking, once, into an empty channel: it cannot wait.
+        rustix::net::send(&fd, &list, super::SEND_FLAGS)?;
         rustix::io::ioctl_fionbio(&fd, true)?;
         Ok(Inbox {
             fd: crate::sys::async_fd(fd, Interest::READABLE | Interest::WRITABLE)?,
-            buf: vec![0; MAX_BUFFERED + HEADER + 1].into_boxed_slice(),
+            buf: vec![0; MAX_MESSAGE].into_boxed_slice(),
         })
     }
 
@@ -55,7 +65,17 @@ impl Inbox {
             let mut ack = [0u8; HEADER - 1];
             ack[0] = ACK;
             ack[1..].copy_from_slice(&buf[2..HEADER]);
-            let buffered = Bytes::copy_from_slice(&buf[HEADER..n]);
+            let (upgraded, body) = match kind {
+                Kind::Upgraded => match super::Upgraded::decode(&buf[HEADER..n]) {
+                    Some((u, used)) => (Some(u), HEADER + used),
+                    None => {
+                        tracing::warn!(len = n, "malformed upgraded connection: closed");
+                        continue;
+                    }
+                },
+                _ => (None, HEADER),
+            };
+            let buffered = Bytes::copy_from_slice(&buf[body..n]);
             match self.acknowledge(&ack).await {
                 Ok(()) => {}
                 // The old generation closed its end: it kept no copy, the connection is ours.
@@ -71,6 +91,7 @@ impl Inbox {
                 kind,
                 buffered,
                 origin: Origin::Previous,
+                upgraded,
             }));
         }
     }

@@ -1,14 +1,21 @@
-//! The channel on which one generation passes its HTTP/1 connections to the next at an
-//! upgrade: a `SOCK_SEQPACKET` Unix socket pair, one message per connection, carrying the
-//! connection's socket (`SCM_RIGHTS`), what it is known to be, and the bytes already read
-//! from it but not yet parsed; the new generation answers each with an acknowledgement.
+//! The channel on which one generation passes its connections to the next at an upgrade
+//! (HTTP/1 between requests, and upgraded connections whose handler opted in: see
+//! [`Movable`](crate::Movable)): a `SOCK_SEQPACKET` Unix socket pair, one message per
+//! connection, carrying the connection's socket (`SCM_RIGHTS`), what it is known to be, and
+//! the bytes already read from it but not yet processed; the new generation answers each
+//! with an acknowledgement.
 //!
 //! ```text
 //!  old generation                                        new generation
+//!  Outbox::kinds() (what it resumes)     ◄── [KINDS][name\nname…] ──  Inbox::new(names)
 //!  Outbox::send(socket, kind, buffered) ── message ──►  Inbox::recv() → Handed
-//!      [TAG][kind][id: u64][buffered bytes…] + SCM_RIGHTS(socket)
+//!      [TAG][kind][id: u64][upgraded: flags, name, state]?[buffered bytes…] + SCM_RIGHTS(socket)
 //!  Outbox::acks() (counts it handed over) ◄── [ACK][id] ──  (before it is served)
 //! ```
+//!
+//! An upgraded connection carries, after the header, `[flags: u8][name length: u8][name]
+//! [state length: u32 LE][state]`: the kind name its handler gave, the handler's own state
+//! (at most [`MAX_STATE`] bytes), and whether it is read as WebSocket frames.
 //!
 //! A message is atomic (`SEQPACKET`): the socket and its bytes arrive together or not at all.
 //! A connection counts as handed over only once the new generation acknowledged it: until
@@ -52,9 +59,21 @@ pub(crate) mod upgrade;
 #[cfg(unix)]
 pub(crate) const MAX_BUFFERED: usize = 64 * 1024;
 
+/// The most bytes of its own state an upgraded connection's handler may pass along.
+#[cfg(unix)]
+pub(crate) const MAX_STATE: usize = 64 * 1024;
+
+/// The longest kind name of an upgraded connection (its length travels in one byte).
+#[cfg(unix)]
+pub(crate) const MAX_NAME: usize = 255;
+
 /// The first byte of every message: a message is never empty, so an empty read is the end.
 #[cfg(unix)]
 pub(super) const TAG: u8 = b'C';
+/// The first byte of the new generation's first message: the kinds of upgraded connections
+/// it resumes.
+#[cfg(unix)]
+pub(super) const KINDS: u8 = b'K';
 /// The first byte of an acknowledgement.
 #[cfg(unix)]
 pub(super) const ACK: u8 = b'A';
@@ -71,6 +90,9 @@ pub(crate) enum Kind {
     /// Nothing told yet: no byte, or the first bytes of HTTP/2's preface (`P`, `PRI`…),
     /// which could still be either. The receiver tells it from what comes.
     Unknown,
+    /// Upgraded (a WebSocket…), resumed by the handler registered for its name (see
+    /// [`Upgraded`]).
+    Upgraded,
 }
 
 #[cfg(unix)]
@@ -79,6 +101,7 @@ impl Kind {
         match self {
             Kind::Http1 => b'1',
             Kind::Unknown => b'?',
+            Kind::Upgraded => b'U',
         }
     }
 
@@ -86,6 +109,7 @@ impl Kind {
         match b {
             b'1' => Some(Kind::Http1),
             b'?' => Some(Kind::Unknown),
+            b'U' => Some(Kind::Upgraded),
             _ => None,
         }
     }
@@ -99,6 +123,65 @@ pub(crate) struct Handed {
     pub(crate) kind: Kind,
     pub(crate) buffered: Bytes,
     pub(crate) origin: Origin,
+    /// For [`Kind::Upgraded`]: what its handler passes along.
+    pub(crate) upgraded: Option<Upgraded>,
+}
+
+/// What an upgraded connection's handler passes along with its socket.
+#[cfg(unix)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Upgraded {
+    /// The kind name, which picks the handler that resumes it.
+    pub(crate) name: String,
+    /// Read as WebSocket frames (see `conn::frames`).
+    pub(crate) websocket: bool,
+    /// The handler's own state (at most [`MAX_STATE`] bytes).
+    pub(crate) state: Bytes,
+}
+
+#[cfg(unix)]
+impl Upgraded {
+    /// Its bytes on the wire (after the header): flags, name, state.
+    pub(super) fn encode(&self) -> io::Result<Vec<u8>> {
+        if self.name.len() > MAX_NAME || self.state.len() > MAX_STATE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "kind name of {} bytes, state of {}: more than a hand-over carries",
+                    self.name.len(),
+                    self.state.len()
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(2 + self.name.len() + 4 + self.state.len());
+        out.push(u8::from(self.websocket));
+        out.push(self.name.len() as u8);
+        out.extend_from_slice(self.name.as_bytes());
+        out.extend_from_slice(&(self.state.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.state);
+        Ok(out)
+    }
+
+    /// Reads one from the start of `bytes`: it, and where the bytes after it begin. `None`
+    /// if they do not make one.
+    pub(super) fn decode(bytes: &[u8]) -> Option<(Upgraded, usize)> {
+        let (&flags, rest) = bytes.split_first()?;
+        let (&len, rest) = rest.split_first()?;
+        let name = std::str::from_utf8(rest.get(..usize::from(len))?).ok()?;
+        let rest = &rest[usize::from(len)..];
+        let state_len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let state = rest.get(4..4usize.checked_add(state_len)?)?;
+        if state_len > MAX_STATE || flags > 1 {
+            return None;
+        }
+        let used = 2 + usize::from(len) + 4 + state_len;
+        let upgraded = Upgraded {
+            name: name.to_owned(),
+            websocket: flags == 1,
+            state: Bytes::copy_from_slice(state),
+        };
+        Some((upgraded, used))
+    }
 }
 
 #[cfg(unix)]
@@ -115,6 +198,7 @@ impl Handed {
             kind,
             buffered: Bytes::from(buffered.concat()),
             origin,
+            upgraded: None,
         })
     }
 }
@@ -190,7 +274,7 @@ mod tests {
     async fn a_socket_its_kind_and_its_bytes_arrive_together_and_are_acknowledged() {
         let (ours, theirs) = pair().unwrap();
         let outbox = Outbox::new(ours, Duration::from_secs(5)).unwrap();
-        let mut inbox = Inbox::new(theirs).unwrap();
+        let mut inbox = Inbox::new(theirs, &[]).unwrap();
         let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         outbox
             .send(b.as_fd(), Kind::Http1, &[b"GET / HT", b"TP/1.1\r\n"])

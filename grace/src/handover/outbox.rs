@@ -1,18 +1,18 @@
 //! [`Outbox`]: the old generation's end of the hand-over channel.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use rustix::net::{RecvFlags, SendAncillaryBuffer, SendAncillaryMessage};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use super::{ACK, HEADER, Handed, Kind, MAX_BUFFERED, Origin, TAG};
+use super::{ACK, HEADER, Handed, KINDS, Kind, MAX_BUFFERED, Origin, TAG, Upgraded};
 use crate::base::count::Count;
 use crate::base::latch::Latch;
 use crate::base::lock;
@@ -33,6 +33,12 @@ pub(crate) struct Outbox {
     pending: Mutex<HashMap<u64, Pending>>,
     /// Sent and not acknowledged yet.
     unacknowledged: Count,
+    /// The kinds of upgraded connections the receiver resumes, once it said (its first
+    /// message): only those are asked to move.
+    kinds: OnceLock<Vec<String>>,
+    /// Upgraded connections (by id) that tried to move and could not: not asked again in
+    /// this hand-over.
+    declined: Mutex<HashSet<u64>>,
 }
 
 /// A connection sent: our copy, and what tells whether the receiver read from it.
@@ -51,6 +57,8 @@ pub(crate) struct TakenBack {
     pub(crate) back: Vec<Handed>,
     /// Of those, how many had been acknowledged (and counted as handed over).
     pub(crate) were_acknowledged: usize,
+    /// Of those, how many were upgraded connections.
+    pub(crate) were_acknowledged_upgraded: usize,
     /// Acknowledged, and read from by a receiver that then went: what it read is lost with
     /// it, so they are shut down (their clients see the end, as without a hand-over).
     pub(crate) lost: usize,
@@ -76,7 +84,48 @@ impl Outbox {
             next_id: AtomicU64::new(0),
             pending: Mutex::default(),
             unacknowledged: Count::default(),
+            kinds: OnceLock::new(),
+            declined: Mutex::default(),
         })
+    }
+
+    /// Reads the receiver's list of kinds if it has come (it sends it before it says it is
+    /// ready, so by the hand-over it has): without one, no upgraded connection is asked to
+    /// move.
+    pub(crate) fn read_kinds(&self) {
+        let mut buf = vec![0u8; 64 * 1024];
+        // Nothing was sent yet, so nothing else can be waiting (no acknowledgement).
+        let got = rustix::net::recv(self.fd.get_ref(), &mut buf, RecvFlags::DONTWAIT);
+        if let Ok((n, _)) = got
+            && n > 0
+            && buf[0] == KINDS
+        {
+            self.set_kinds(&buf[1..n]);
+        }
+        let _ = self.kinds.set(Vec::new());
+    }
+
+    fn set_kinds(&self, list: &[u8]) {
+        let names = String::from_utf8_lossy(list)
+            .split('\n')
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let _ = self.kinds.set(names);
+    }
+
+    /// Whether the receiver resumes upgraded connections of kind `name`, and the one with
+    /// id `conn` has not already tried to move in this hand-over.
+    pub(crate) fn takes(&self, name: &str, conn: u64) -> bool {
+        self.kinds
+            .get()
+            .is_some_and(|k| k.iter().any(|n| n == name))
+            && !lock(&self.declined).contains(&conn)
+    }
+
+    /// The upgraded connection `conn` could not move: not asked again in this hand-over.
+    pub(crate) fn decline(&self, conn: u64) {
+        lock(&self.declined).insert(conn);
     }
 
     /// How long connections may be handed over.
@@ -144,6 +193,7 @@ impl Outbox {
                 && crate::sys::bytes_consumed(p.handed.socket.as_fd()) == p.consumed;
             if unread {
                 taken.were_acknowledged += 1;
+                taken.were_acknowledged_upgraded += usize::from(p.handed.kind == Kind::Upgraded);
                 taken.back.push(p.handed);
             } else {
                 taken.lost += 1;
@@ -162,9 +212,31 @@ impl Outbox {
         kind: Kind,
         buffered: &[&[u8]],
     ) -> io::Result<()> {
+        self.send_with(socket, kind, None, buffered).await
+    }
+
+    /// [`send`](Self::send) for an upgraded connection: `upgraded` says what resumes it.
+    pub(crate) async fn send_upgraded(
+        &self,
+        socket: BorrowedFd<'_>,
+        upgraded: Upgraded,
+        buffered: &[&[u8]],
+    ) -> io::Result<()> {
+        self.send_with(socket, Kind::Upgraded, Some(upgraded), buffered)
+            .await
+    }
+
+    async fn send_with(
+        &self,
+        socket: BorrowedFd<'_>,
+        kind: Kind,
+        upgraded: Option<Upgraded>,
+        buffered: &[&[u8]],
+    ) -> io::Result<()> {
         if !self.is_open() {
             return Err(ended());
         }
+        let meta = upgraded.as_ref().map(Upgraded::encode).transpose()?;
         let len: usize = buffered.iter().map(|b| b.len()).sum();
         if len > MAX_BUFFERED {
             return Err(io::Error::new(
@@ -173,7 +245,8 @@ impl Outbox {
             ));
         }
         // Our copy, in place before the message can be acknowledged.
-        let handed = Handed::copy_of(socket, kind, buffered, Origin::Back)?;
+        let mut handed = Handed::copy_of(socket, kind, buffered, Origin::Back)?;
+        handed.upgraded = upgraded;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut header = [0u8; HEADER];
         header[0] = TAG;
@@ -189,8 +262,9 @@ impl Outbox {
             },
         );
         self.unacknowledged.add();
-        let mut iov = Vec::with_capacity(buffered.len() + 1);
+        let mut iov = Vec::with_capacity(buffered.len() + 2);
         iov.push(IoSlice::new(&header));
+        iov.extend(meta.as_deref().map(IoSlice::new));
         iov.extend(buffered.iter().map(|b| IoSlice::new(b)));
         let fds = [socket];
         let sending = async {
@@ -232,11 +306,11 @@ impl Outbox {
     }
 
     /// Reads the receiver's acknowledgements, calling `acked` for each connection it now
-    /// has, until the receiver hangs up: then resolves, with the error if the channel
-    /// failed. Our copies stay until the hand-over is complete (the outbox dropped), or are
-    /// taken back ([`take_back`](Self::take_back)).
-    pub(crate) async fn acks(&self, acked: impl Fn()) -> io::Result<()> {
-        let mut buf = [0u8; 64];
+    /// has (`true` for an upgraded one), until the receiver hangs up: then resolves, with
+    /// the error if the channel failed. Our copies stay until the hand-over is complete (the
+    /// outbox dropped), or are taken back ([`take_back`](Self::take_back)).
+    pub(crate) async fn acks(&self, acked: impl Fn(bool)) -> io::Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = self
                 .fd
@@ -249,6 +323,10 @@ impl Outbox {
             if n == 0 {
                 return Ok(());
             }
+            if buf[0] == KINDS {
+                self.set_kinds(&buf[1..n]);
+                continue;
+            }
             if n != HEADER - 1 || buf[0] != ACK {
                 tracing::warn!(len = n, "malformed hand-over acknowledgement: ignored");
                 continue;
@@ -257,13 +335,13 @@ impl Outbox {
             let first = match lock(&self.pending).get_mut(&id) {
                 Some(p) if !p.acknowledged => {
                     p.acknowledged = true;
-                    true
+                    Some(p.handed.kind == Kind::Upgraded)
                 }
-                _ => false,
+                _ => None,
             };
-            if first {
+            if let Some(upgraded) = first {
                 self.unacknowledged.sub();
-                acked();
+                acked(upgraded);
             }
         }
     }

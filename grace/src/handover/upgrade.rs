@@ -61,13 +61,15 @@ pub(crate) async fn hand_over(
     let started = Instant::now();
     let window_end = crate::base::budget::after(started, outbox.window().min(stop_timeout));
     shared.pause_accepting(true);
+    // What the new generation resumes of upgraded connections (said before it was ready).
+    outbox.read_kinds();
     tracker.start_hand_over(Arc::clone(&outbox));
-    let acks = outbox.acks(|| tracker.stats.count_handed_over());
+    let acks = outbox.acks(|upgraded| tracker.stats.count_handed_over(upgraded));
     tokio::pin!(acks);
     let sent = async {
         loop {
             tokio::time::sleep(HAND_OVER_CHECK).await;
-            if !tracker.hand_over_left() && outbox.is_idle() {
+            if !tracker.hand_over_left(&outbox) && outbox.is_idle() {
                 return;
             }
         }
@@ -142,9 +144,10 @@ async fn take_back(
         }
     };
     let taken_back = taken.back.len();
-    tracker
-        .stats
-        .uncount_handed_over(taken.were_acknowledged as u64);
+    tracker.stats.uncount_handed_over(
+        taken.were_acknowledged as u64,
+        taken.were_acknowledged_upgraded as u64,
+    );
     taken.back.into_iter().for_each(|h| tracker.serve_local(h));
     tracker.end_hand_over(None);
     shared.pause_accepting(false);

@@ -120,6 +120,7 @@ pub struct Restart {
     pub(crate) args: Vec<OsString>,
     pub(crate) pid_file: Option<PathBuf>,
     pub(crate) hand_over: Option<Duration>,
+    pub(crate) resumers: crate::conn::movable::Resumers,
 }
 
 impl Default for Restart {
@@ -139,6 +140,7 @@ impl Restart {
             args: std::env::args_os().skip(1).collect(),
             pid_file: None,
             hand_over: Some(DEFAULT_HAND_OVER_WINDOW),
+            resumers: Default::default(),
         }
     }
 
@@ -192,6 +194,40 @@ impl Restart {
         self.pid_file = Some(path.into());
         self
     }
+
+    /// Resumes upgraded connections of kind `name` (see [`Movable`](crate::Movable)) that
+    /// the previous generation hands over, calling `resume` with each connection and the
+    /// state its handler passed, on a task of its own. Register every kind the handlers
+    /// make movable, in every generation: the previous generation asks a connection to move
+    /// only if the new one resumes its kind (it keeps the others, and says goodbye to them
+    /// at its drain), and takes one back with its own handler for the kind if the new
+    /// generation dies before reading it. A second `resume` for a name replaces the first.
+    ///
+    /// `name` must be 1 to 255 bytes without a line feed (panics otherwise: it is a
+    /// constant of the program).
+    ///
+    /// ```
+    /// let restart = grace_http::Restart::new().resume("echo", |socket, _state| async move {
+    ///     let (mut reader, mut writer) = tokio::io::split(socket);
+    ///     let _ = tokio::io::copy(&mut reader, &mut writer).await;
+    /// });
+    /// # let _ = restart;
+    /// ```
+    pub fn resume<F, Fut>(mut self, name: &str, resume: F) -> Self
+    where
+        F: Fn(crate::Movable, bytes::Bytes) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        assert!(
+            crate::conn::movable::valid_name(name),
+            "Restart::resume: {name:?} is not a kind name (1 to 255 bytes, no line feed)"
+        );
+        self.resumers.insert(
+            name.to_owned(),
+            std::sync::Arc::new(move |socket, state| Box::pin(resume(socket, state))),
+        );
+        self
+    }
 }
 
 /// The restart machinery of one server: its configuration, its signal (installed when
@@ -224,6 +260,11 @@ impl Control {
     /// The pid file, if one is kept.
     pub(crate) fn pid_file(&self) -> Option<&Path> {
         self.config.pid_file.as_deref()
+    }
+
+    /// The handlers that resume upgraded connections.
+    pub(crate) fn resumers(&self) -> &crate::conn::movable::Resumers {
+        &self.config.resumers
     }
 }
 

@@ -10,7 +10,13 @@ use tokio::task::JoinSet;
 use super::also::{Route, Routes};
 #[cfg(unix)]
 use super::serve::AbortOnDrop;
+#[cfg(unix)]
+use crate::conn::io::TrackedIo;
+#[cfg(unix)]
+use crate::conn::movable::Resumers;
 use crate::conn::task::{self, ConnCtx, HttpService, ResponseBody};
+#[cfg(unix)]
+use crate::handover::Origin;
 #[cfg(unix)]
 use crate::listener::Stream;
 use crate::listener::{self, Listener};
@@ -26,13 +32,17 @@ pub(super) fn receive<S, B>(
     shared: &Shared,
     limit: Option<&Arc<tokio::sync::Semaphore>>,
     routes: &Arc<Routes<S>>,
+    resumers: Resumers,
     tasks: &mut Vec<AbortOnDrop>,
 ) -> bool
 where
     S: HttpService<B>,
     B: ResponseBody,
 {
-    let inbox = match handover.map(crate::handover::inbox::Inbox::new).transpose() {
+    let kinds = resumers.names();
+    let inbox = handover.map(|fd| crate::handover::inbox::Inbox::new(fd, &kinds));
+    let resumers = Arc::new(resumers);
+    let inbox = match inbox.transpose() {
         Ok(inbox) => inbox,
         Err(e) => {
             tracing::warn!(error = %e, "cannot receive handed-over connections: none taken");
@@ -45,6 +55,7 @@ where
             inbox,
             limit.cloned(),
             Arc::clone(routes),
+            Arc::clone(&resumers),
         )))),
         None => {
             shared.tracker.previous_done.set(());
@@ -54,7 +65,7 @@ where
     // go) is served here again.
     let _ = shared.tracker.local.set({
         let (limit, routes) = (limit.cloned(), Arc::clone(routes));
-        Box::new(move |handed| serve_handed_here(handed, limit.as_ref(), &routes))
+        Box::new(move |handed| serve_handed_here(handed, limit.as_ref(), &routes, &resumers))
     });
     takes_connections
 }
@@ -90,6 +101,7 @@ async fn receive_handed<S, B>(
     mut inbox: crate::handover::inbox::Inbox,
     limit: Option<Arc<tokio::sync::Semaphore>>,
     routes: Arc<Routes<S>>,
+    resumers: Arc<Resumers>,
 ) where
     S: HttpService<B>,
     B: ResponseBody,
@@ -103,7 +115,7 @@ async fn receive_handed<S, B>(
                 break;
             }
         };
-        serve_handed_here(handed, limit.as_ref(), &routes);
+        serve_handed_here(handed, limit.as_ref(), &routes, &resumers);
     }
     tracing::debug!("the previous generation has handed over all it will");
     routes.main.tracker.previous_done.set(());
@@ -116,13 +128,15 @@ async fn wait_paused(paused: &mut tokio::sync::watch::Receiver<bool>, to: bool) 
 }
 
 /// Serves a connection handed over (by the previous generation, or back from an upgrade of
-/// ours that did not take it), by the service of the listener that accepted it. Already
-/// accepted: one that finds the connection limit reached is served anyway.
+/// ours that did not take it), by the service of the listener that accepted it, or an
+/// upgraded one by the handler that resumes its kind. Already accepted: one that finds the
+/// connection limit reached is served anyway.
 #[cfg(unix)]
 fn serve_handed_here<S, B>(
     handed: crate::handover::Handed,
     limit: Option<&Arc<tokio::sync::Semaphore>>,
     routes: &Routes<S>,
+    resumers: &Resumers,
 ) where
     S: HttpService<B>,
     B: ResponseBody,
@@ -132,10 +146,17 @@ fn serve_handed_here<S, B>(
         kind,
         buffered,
         origin,
+        upgraded,
     } = handed;
     match Stream::from_handed(socket) {
         Ok((mut stream, peer)) => {
             stream.hold(limit.and_then(|l| Arc::clone(l).try_acquire_owned().ok()));
+            if let Some(upgraded) = upgraded {
+                let tracker = &routes.main.tracker;
+                let conn = tracker.register_handed(peer, &stream, kind, origin == Origin::Previous);
+                resumers.resume(TrackedIo::registered(stream, conn), upgraded, buffered);
+                return;
+            }
             match routes.pick(&stream) {
                 Route::Main(ctx) => tokio::spawn(task::serve_handed(
                     stream,

@@ -69,7 +69,12 @@ impl Asked {
             handover,
             control: (control_socket, control_file),
         } = self;
-        let takes_connections = accepting::receive(handover, shared, limit, routes, tasks);
+        let resumers = restart
+            .as_ref()
+            .map(|r| r.resumers().clone())
+            .unwrap_or_default();
+        let takes_connections =
+            accepting::receive(handover, shared, limit, routes, resumers, tasks);
         // The control socket goes to a new generation with the listeners from the first
         // restart on (one may be asked for as soon as `serving` returns): held now.
         let control_socket = control_socket.map(Arc::new);

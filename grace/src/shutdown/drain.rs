@@ -255,7 +255,8 @@ impl<'a> Stop<'a> {
                 .as_ref()
                 .map_or(self.at_start, |h| h.at_start),
             requests_completed: tracker.stats.completed() - self.completed_before,
-            handed_over: self.hand_over.map_or(0, |h| h.handed_over),
+            handed_over: self.hand_over.as_ref().map_or(0, |h| h.handed_over),
+            upgraded_handed_over: self.hand_over.as_ref().map_or(0, |h| h.upgraded),
             closed: self.closed,
             forced_by: self.forced_by,
             forced: self.forced,

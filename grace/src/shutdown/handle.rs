@@ -153,12 +153,16 @@ impl Handle {
         let tracker = &self.shared.tracker;
         let (accepted, closed) = tracker.stats.accepted_closed();
         let (handed_over, received) = tracker.stats.handed_over_received();
+        let (upgraded_handed_over, upgraded_received) =
+            tracker.stats.upgraded_handed_over_received();
         Totals {
             accepted,
             closed,
             requests_completed: tracker.stats.completed(),
             handed_over,
             received,
+            upgraded_handed_over,
+            upgraded_received,
         }
     }
 
