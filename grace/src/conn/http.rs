@@ -4,12 +4,12 @@
 //! but not yet parsed, for a hand-over to the next generation (see `crate::handover`).
 
 use std::future::Future;
-use std::io;
+
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::rt::bounds::Http2ServerConnExec;
 use hyper::server::conn::{http1, http2};
@@ -17,6 +17,7 @@ use hyper::service::HttpService;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::io::Rewind;
 use super::task::{BoxError, ResponseBody};
 
 /// HTTP/2's connection preface: a connection whose first bytes are these speaks HTTP/2.
@@ -61,46 +62,6 @@ impl HyperBuilder {
     pub fn http2(&mut self) -> &mut http2::Builder<TokioExecutor> {
         &mut self.http2
     }
-}
-
-/// A stream with bytes put back in front of it: those read to tell the protocol, or those
-/// that came with a connection handed over.
-pub(crate) struct Rewind<I> {
-    prefix: Bytes,
-    inner: I,
-}
-
-impl<I> Rewind<I> {
-    pub(crate) fn new(inner: I, prefix: Bytes) -> Self {
-        Rewind { prefix, inner }
-    }
-
-    /// The stream, and what of the prefix was not read yet.
-    #[cfg(unix)]
-    pub(crate) fn into_parts(self) -> (I, Bytes) {
-        (self.inner, self.prefix)
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
-    #[inline]
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
-    super::io::write_through!(inner);
 }
 
 type Io<I> = TokioIo<Rewind<I>>;

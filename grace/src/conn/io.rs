@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::Addr;
@@ -100,6 +101,46 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
         }
         res
     }
+}
+
+/// A stream with bytes put back in front of it: those read to tell the protocol, or those
+/// that came with a connection handed over.
+pub(crate) struct Rewind<I> {
+    prefix: Bytes,
+    inner: I,
+}
+
+impl<I> Rewind<I> {
+    pub(crate) fn new(inner: I, prefix: Bytes) -> Self {
+        Rewind { prefix, inner }
+    }
+
+    /// The stream, and what of the prefix was not read yet.
+    #[cfg(unix)]
+    pub(crate) fn into_parts(self) -> (I, Bytes) {
+        (self.inner, self.prefix)
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    #[inline]
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    write_through!(inner);
 }
 
 /// The methods of `AsyncWrite` for a wrapper that writes through to its field `$field` as

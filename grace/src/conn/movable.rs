@@ -17,8 +17,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::frames::{self, Frames};
-use super::http::Rewind;
-use super::io::TrackedIo;
+use super::io::{Rewind, TrackedIo};
 use super::record::Conn;
 use super::tracker::Tracker;
 use crate::error::MoveError;
