@@ -240,7 +240,8 @@ async fn serve<S: Moves>(
     goodbye(ws, notice.as_ref().is_some_and(ShutdownNotice::is_restart)).await;
 }
 
-/// Close 1012 (an upgrade: come back) or 1001 (going away), then the client's reply.
+/// Close 1012 (an upgrade: come back) or 1001 (going away), saying which process closed,
+/// then the client's reply.
 async fn goodbye<S: Moves>(mut ws: WebSocketStream<S>, restart: bool) {
     let (code, reason) = match restart {
         true => (SERVICE_RESTART, "service restart"),
@@ -248,7 +249,7 @@ async fn goodbye<S: Moves>(mut ws: WebSocketStream<S>, restart: bool) {
     };
     let frame = CloseFrame {
         code: CloseCode::from(code),
-        reason: reason.into(),
+        reason: format!("{reason} (pid {})", std::process::id()).into(),
     };
     if ws.send(Message::Close(Some(frame))).await.is_err() {
         return;

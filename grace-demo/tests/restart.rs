@@ -807,47 +807,6 @@ fn a_new_generation_whose_starter_is_gone_exits() {
     assert!(stderr.contains("which is gone"), "{stderr}");
 }
 
-/// Issue 12: at an upgrade, a WebSocket on the old generation is told 1012 (service restart:
-/// come back, a new generation serves already), not 1001 (going away), and can reconnect at
-/// once to the new generation.
-#[test]
-fn a_websocket_hears_1012_at_an_upgrade() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
-    let mut service = start(TempDir::new(), Path::new(BIN), &[]);
-    let url = format!("ws://{}/ws", service.addr);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (mut ws, _) = runtime
-        .block_on(tokio_tungstenite::connect_async(&url))
-        .unwrap();
-    runtime.block_on(ws.send(Message::text("hi"))).unwrap();
-    let echo = runtime.block_on(ws.next()).unwrap().unwrap();
-    assert_eq!(echo, Message::text("hi"));
-    service.upgrade();
-    let close =
-        runtime.block_on(async { tokio::time::timeout(PATIENCE, ws.next()).await.unwrap() });
-    match close {
-        Some(Ok(Message::Close(Some(frame)))) => {
-            assert_eq!(u16::from(frame.code), 1012, "{frame:?}");
-        }
-        other => panic!("expected close 1012, got {other:?}"),
-    }
-    runtime.block_on(async { while let Some(Ok(_)) = ws.next().await {} });
-    // The client comes back: the new generation answers.
-    let (mut again, _) = runtime
-        .block_on(tokio_tungstenite::connect_async(&url))
-        .unwrap();
-    runtime.block_on(again.send(Message::text("back"))).unwrap();
-    let echo = runtime.block_on(again.next()).unwrap().unwrap();
-    assert_eq!(echo, Message::text("back"));
-    drop(again);
-    service.retire_old();
-    service.stop();
-}
-
 /// Issue 12: under systemd's watchdog (`WATCHDOG_USEC`) the demo pings `WATCHDOG=1` at half
 /// the interval; a stop says `STOPPING=1` and how long it may take (`EXTEND_TIMEOUT_USEC`),
 /// so a drain longer than `TimeoutStopSec` is not killed half-way.

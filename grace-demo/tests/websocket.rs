@@ -6,19 +6,21 @@
 //! SIGTERM in the middle of a hand-over gives each socket exactly one outcome.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use rustix::process::Signal;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 mod common;
 
-use common::{BIN, PATIENCE, Service, TempDir, replace_file, signal};
+use common::{
+    BIN, Gone, PATIENCE, Service, TempDir, install_real_binary, replace_file, signal, wait_gone,
+};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -64,14 +66,34 @@ fn parse(answer: &str) -> (u64, u32, String) {
     }
 }
 
-/// The next text message, skipping pongs (counted in `pongs`); panics on anything else.
-async fn next_text(ws: &mut Ws, pongs: &mut u64) -> Result<String, String> {
+/// How a socket ended, if it did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ended {
+    /// A close frame: its code, and the pid its reason names (`… (pid N)`).
+    Closed(u16, u32),
+    /// Anything else: an error, the end of the stream, a message out of place.
+    Broken(String),
+}
+
+/// The pid in a close reason `… (pid N)`.
+fn closer(reason: &str) -> u32 {
+    reason
+        .rsplit_once("(pid ")
+        .and_then(|(_, p)| p.trim_end_matches(')').parse().ok())
+        .unwrap_or(0)
+}
+
+/// The next text message, skipping pongs (counted in `pongs`).
+async fn next_text(ws: &mut Ws, pongs: &mut u64) -> Result<String, Ended> {
     loop {
         match tokio::time::timeout(PATIENCE, ws.next()).await {
-            Err(_) => return Err("no answer within the patience".into()),
+            Err(_) => return Err(Ended::Broken("no answer within the patience".into())),
             Ok(Some(Ok(Message::Text(t)))) => return Ok(t.to_string()),
             Ok(Some(Ok(Message::Pong(_)))) => *pongs += 1,
-            Ok(other) => return Err(format!("unexpected: {other:?}")),
+            Ok(Some(Ok(Message::Close(Some(f))))) => {
+                return Err(Ended::Closed(u16::from(f.code), closer(&f.reason)));
+            }
+            Ok(other) => return Err(Ended::Broken(format!("unexpected: {other:?}"))),
         }
     }
 }
@@ -82,7 +104,7 @@ struct Seen {
     answered: u64,
     pings: u64,
     pongs: u64,
-    error: Option<String>,
+    error: Option<Ended>,
 }
 
 /// One `/ws/counter` client: message `n` every `period` (a ping before every tenth), each
@@ -106,35 +128,44 @@ async fn counter_client(
                 .send(Message::Ping(n.to_be_bytes().to_vec().into()))
                 .await
             {
-                seen.error = Some(format!("ping {n}: {e}"));
+                seen.error = Some(Ended::Broken(format!("ping {n}: {e}")));
                 return seen;
             }
             seen.pings += 1;
         }
         let msg = format!("{id}-{n}");
         if let Err(e) = ws.send(Message::text(msg.clone())).await {
-            seen.error = Some(format!("send {n}: {e}"));
+            // The server's close frame may be waiting to be read: say that.
+            seen.error = Some(match next_text(&mut ws, &mut seen.pongs).await {
+                Err(closed @ Ended::Closed(..)) => closed,
+                _ => Ended::Broken(format!("send {n}: {e}")),
+            });
             return seen;
         }
         match next_text(&mut ws, &mut seen.pongs).await {
             Ok(answer) => {
                 let (seq, pid, echoed) = parse(&answer);
                 if seq != n || echoed != msg {
-                    seen.error = Some(format!("sent {msg:?} (#{n}), answered {answer:?}"));
+                    seen.error = Some(Ended::Broken(format!(
+                        "sent {msg:?} (#{n}), answered {answer:?}"
+                    )));
                     return seen;
                 }
                 last_pid.store(pid, Ordering::Relaxed);
                 seen.answered += 1;
             }
-            Err(e) => {
-                seen.error = Some(format!("message {n}: {e}"));
+            Err(ended) => {
+                seen.error = Some(ended);
                 return seen;
             }
         }
     }
     // Every ping answered (each pong goes out before the answer that follows it).
     if seen.pongs != seen.pings {
-        seen.error = Some(format!("{} pings, {} pongs", seen.pings, seen.pongs));
+        seen.error = Some(Ended::Broken(format!(
+            "{} pings, {} pongs",
+            seen.pings, seen.pongs
+        )));
     }
     let _ = ws.close(None).await;
     seen
@@ -203,22 +234,8 @@ async fn websockets_outlive_twenty_upgrades_under_load() {
         &["--shutdown-timeout", "20s"],
     );
     let stop = Arc::new(AtomicBool::new(false));
-    let mut last_pids = Vec::new();
-    let mut clients = Vec::new();
-    for id in 0..sockets {
-        let ws = connect(&service, "/ws/counter").await;
-        let last = Arc::new(AtomicU32::new(0));
-        last_pids.push(Arc::clone(&last));
-        clients.push(tokio::spawn(counter_client(
-            ws,
-            id,
-            Duration::from_millis(50),
-            Arc::clone(&stop),
-            last,
-        )));
-    }
+    let (clients, last_pids) = counters(&service, sockets, &stop).await;
     let http = http_load(&service, 4, &stop);
-    all_answered_by(&last_pids, service.current()).await;
     for _ in 0..upgrades {
         let old = service.hup();
         let new = tokio::task::block_in_place(|| service.next(old));
@@ -242,4 +259,246 @@ async fn websockets_outlive_twenty_upgrades_under_load() {
     assert!(failures.is_empty(), "HTTP failures: {failures:?}");
     assert!(ok > 0);
     tokio::task::block_in_place(|| service.stop());
+}
+
+/// Starts `n` counter clients (a message every 50 ms); waits until each was answered by
+/// the current generation.
+async fn counters(
+    service: &Service,
+    n: usize,
+    stop: &Arc<AtomicBool>,
+) -> (Vec<tokio::task::JoinHandle<Seen>>, Vec<Arc<AtomicU32>>) {
+    let mut clients = Vec::new();
+    let mut last_pids = Vec::new();
+    for id in 0..n {
+        let ws = connect(service, "/ws/counter").await;
+        let last = Arc::new(AtomicU32::new(0));
+        last_pids.push(Arc::clone(&last));
+        let period = Duration::from_millis(50);
+        clients.push(tokio::spawn(counter_client(
+            ws,
+            id,
+            period,
+            Arc::clone(stop),
+            last,
+        )));
+    }
+    all_answered_by(&last_pids, service.current()).await;
+    (clients, last_pids)
+}
+
+/// A masked client text frame (RFC 6455 §5.2) carrying `text` (at most 125 bytes).
+fn text_frame(text: &str) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut f = vec![0x81, 0x80 | text.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// The socket under a client `Ws`, to write raw bytes past tungstenite (which has nothing
+/// buffered between two of our exchanges).
+fn raw(ws: &mut Ws) -> &mut TcpStream {
+    match ws.get_mut() {
+        MaybeTlsStream::Plain(s) => s,
+        _ => unreachable!("plain TCP"),
+    }
+}
+
+/// A message written in two TCP writes around the SIGHUP (after 1 to 12 bytes: inside the
+/// header, the mask, the payload), the second at a different moment each round (at once,
+/// soon, once the new generation is ready, a little after), is answered exactly once, and
+/// the sequence goes on. `GRACE_WS_SPLIT_ROUNDS` rounds (default 16), 12 sockets each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_split_around_the_sighup_is_answered_exactly_once() {
+    let rounds = env_or("GRACE_WS_SPLIT_ROUNDS", 16);
+    let mut service = Service::start(
+        TempDir::new(),
+        std::path::Path::new(BIN),
+        &["--shutdown-timeout", "10s"],
+    );
+    let mut sockets = Vec::new();
+    for _ in 0..12 {
+        sockets.push((connect(&service, "/ws/counter").await, 0u64));
+    }
+    let mut pongs = 0;
+    for round in 0..rounds {
+        for (k, (ws, seq)) in sockets.iter_mut().enumerate() {
+            let frame = text_frame(&format!("split-{round}-{k}"));
+            raw(ws).write_all(&frame[..k + 1]).await.unwrap();
+            *seq += 1;
+        }
+        let old = service.hup();
+        match round % 4 {
+            0 => {}
+            1 => tokio::time::sleep(Duration::from_millis(2)).await,
+            2 => {
+                tokio::task::block_in_place(|| service.next(old));
+            }
+            _ => {
+                tokio::task::block_in_place(|| service.next(old));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        for (k, (ws, _)) in sockets.iter_mut().enumerate() {
+            let frame = text_frame(&format!("split-{round}-{k}"));
+            raw(ws).write_all(&frame[k + 1..]).await.unwrap();
+        }
+        if round % 4 < 2 {
+            tokio::task::block_in_place(|| service.next(old));
+        }
+        let new = service.current();
+        for (k, (ws, seq)) in sockets.iter_mut().enumerate() {
+            let answer = next_text(ws, &mut pongs).await.unwrap();
+            let (got, pid, msg) = parse(&answer);
+            assert_eq!(
+                (got, msg.as_str()),
+                (*seq, format!("split-{round}-{k}").as_str())
+            );
+            assert!(pid == old || pid == new, "answered by {pid}");
+            // The next message, once the old generation is gone, is the new one's.
+            *seq += 1;
+        }
+        tokio::task::block_in_place(|| service.retire_old());
+        for (k, (ws, seq)) in sockets.iter_mut().enumerate() {
+            ws.send(Message::text(format!("after-{round}-{k}")))
+                .await
+                .unwrap();
+            let answer = next_text(ws, &mut pongs).await.unwrap();
+            assert_eq!(parse(&answer), (*seq, new, format!("after-{round}-{k}")));
+        }
+    }
+    // Nothing more came: no message was answered twice.
+    for (ws, _) in &mut sockets {
+        let extra = tokio::time::timeout(Duration::from_millis(100), ws.next()).await;
+        assert!(extra.is_err(), "an extra message: {extra:?}");
+    }
+    tokio::task::block_in_place(|| service.stop());
+}
+
+/// A new generation that exits at start, or never gets ready: the WebSockets stay with the
+/// old one, served throughout. One that does not resume WebSockets (its config says
+/// `websocket_handover = false`): the upgrade goes through, and the old generation says
+/// goodbye (1012) to each as it drains; they come back to the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_new_generation_leaves_websockets_served_or_says_1012() {
+    let scratch = TempDir::new();
+    let program = scratch.path("grace-demo");
+    install_real_binary(&program);
+    let config = scratch.path("grace-demo.toml");
+    replace_file(&config, "", false);
+    let config_arg = config.display().to_string();
+    let mut service = Service::start(
+        scratch,
+        &program,
+        &[
+            "--shutdown-timeout",
+            "10s",
+            "--ready-timeout",
+            "3s",
+            "--config",
+            &config_arg,
+        ],
+    );
+    let first = service.current();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (clients, last_pids) = counters(&service, 50, &stop).await;
+    let answered_again_by_first = || async {
+        last_pids.iter().for_each(|p| p.store(0, Ordering::Relaxed));
+        all_answered_by(&last_pids, first).await;
+    };
+
+    // 1. The new binary exits at start.
+    replace_file(&program, "#!/bin/sh\nexit 7\n", true);
+    let line = tokio::task::block_in_place(|| service.failed_upgrade(1));
+    assert!(line.contains("exited with status 7"), "{line}");
+    answered_again_by_first().await;
+    // 2. It never gets ready (it holds what it inherited, and sleeps).
+    replace_file(&program, "#!/bin/sh\nexec sleep 60\n", true);
+    let line = tokio::task::block_in_place(|| service.failed_upgrade(2));
+    assert!(line.contains("not ready within"), "{line}");
+    answered_again_by_first().await;
+    assert!(clients.iter().all(|c| !c.is_finished()), "a socket ended");
+
+    // 3. It does not resume WebSockets: they stay, and hear 1012 as the old one drains.
+    install_real_binary(&program);
+    replace_file(&config, "websocket_handover = false\n", false);
+    tokio::task::block_in_place(|| service.upgrade());
+    for c in clients {
+        let seen = c.await.unwrap();
+        assert_eq!(seen.error, Some(Ended::Closed(1012, first)), "{seen:?}");
+    }
+    tokio::task::block_in_place(|| service.retire_old());
+    // They come back: the new generation answers.
+    let mut ws = connect(&service, "/ws/counter").await;
+    ws.send(Message::text("back")).await.unwrap();
+    let answer = next_text(&mut ws, &mut 0).await.unwrap();
+    assert_eq!(parse(&answer), (1, service.current(), "back".into()));
+    drop(ws);
+    stop.store(true, Ordering::Relaxed);
+    tokio::task::block_in_place(|| service.stop());
+}
+
+/// Every `{…}` report line of the log: the sum of their `upgraded_handed_over`.
+fn upgraded_handed_over(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|r| r["upgraded_handed_over"].as_u64())
+        .sum()
+}
+
+/// SIGTERM to the old generation at moments around its hand-over of `GRACE_WS_SOCKETS`
+/// (default 1,000) WebSockets (`GRACE_WS_TERM_DELAYS`, in ms after the first socket was
+/// answered by the new generation; -1: as soon as the new generation is ready, before any
+/// moved): each socket has exactly one outcome, a close 1001 from the old generation or,
+/// handed over, from the new one (stopped too); nothing else. The reports add up: the
+/// sockets closed by the new generation are those the old one's report says it handed
+/// over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_websocket_hand_over_gives_each_socket_one_outcome() {
+    let sockets = env_or("GRACE_WS_SOCKETS", 1000);
+    let nofile = raise_nofile();
+    let sockets = sockets.min(nofile.saturating_sub(200) as usize / 2);
+    let delays: Vec<i64> = std::env::var("GRACE_WS_TERM_DELAYS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|d| d.parse().ok()).collect())
+        .unwrap_or_else(|| vec![-1, 0, 0, 1, 2, 5]);
+    for delay_ms in delays {
+        let mut service = Service::start(
+            TempDir::new(),
+            std::path::Path::new(BIN),
+            &["--shutdown-timeout", "10s"],
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let (clients, last_pids) = counters(&service, sockets, &stop).await;
+        let old = service.hup();
+        let new = tokio::task::block_in_place(|| service.next(old));
+        if let Ok(delay) = u64::try_from(delay_ms) {
+            // The hand-over is under way once a socket is answered by the new generation.
+            while !last_pids.iter().any(|p| p.load(Ordering::Relaxed) == new) {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        signal(old, Signal::TERM);
+        let (mut by_old, mut by_new) = (0, 0);
+        for c in clients {
+            match c.await.unwrap().error {
+                Some(Ended::Closed(1001, p)) if p == old => by_old += 1,
+                Some(Ended::Closed(1001, p)) if p == new => by_new += 1,
+                other => panic!("delay {delay_ms} ms: a socket ended with {other:?}"),
+            }
+        }
+        assert_eq!(wait_gone(old, PATIENCE), Gone::Exited(Some(0)));
+        // The new generation, stopped by the old one, is reaped by it.
+        let _ = wait_gone(new, PATIENCE);
+        service.retired.extend([old, new]);
+        let handed = upgraded_handed_over(&service.stderr());
+        eprintln!(
+            "delay {delay_ms} ms: {by_old} closed by the old generation, {by_new} handed over"
+        );
+        assert_eq!(handed, by_new, "the reports' upgraded_handed_over");
+        assert_eq!(by_old + by_new, sockets as u64);
+    }
 }

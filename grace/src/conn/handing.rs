@@ -69,9 +69,26 @@ impl Tracker {
         lock(&self.hand_over_mark).took = took;
         self.wake_all();
         self.wake_movables();
+        self.hand_over_end.notify_waiters();
     }
 
-    /// What the last hand-over did, if one ended with a drain to follow.
+    /// Resolves once no hand-over is under way: a stop that comes during one lets it end
+    /// first (it ends promptly then: sends under way finish, acknowledgements are read),
+    /// so that its report counts what went.
+    pub(crate) async fn hand_over_ended(&self) {
+        loop {
+            let ended = self.hand_over_end.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if !self.is_handing_over() {
+                return;
+            }
+            ended.await;
+        }
+    }
+
+    /// What the last hand-over did, if one ended with a drain to follow (an upgrade's, or a
+    /// stop's that came during it).
     pub(crate) fn last_hand_over(&self) -> Option<HandOverDone> {
         let mark = lock(&self.hand_over_mark);
         mark.took.map(|took| HandOverDone {

@@ -79,6 +79,8 @@ pub(crate) struct Tracker {
     pub(super) handing: AtomicBool,
     /// The last hand-over, for the report of the drain that follows.
     pub(super) hand_over_mark: Mutex<HandOverMark>,
+    /// Notified when a hand-over ends (see `Tracker::hand_over_ended`).
+    pub(super) hand_over_end: Notify,
     /// Serves a connection taken back from an interrupted hand-over in this process (set
     /// once, when serving starts).
     #[cfg(unix)]

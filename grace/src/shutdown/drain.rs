@@ -35,6 +35,9 @@ pub(crate) async fn run(
     trigger: Trigger,
     accepting: JoinSet<()>,
 ) -> ShutdownReport {
+    // A hand-over under way when the stop came ends first (promptly: see
+    // `handover::upgrade`), so the report counts what it handed over.
+    shared.tracker.hand_over_ended().await;
     let mut stop = Stop::new(shared, budget, trigger, accepting);
     let _unpark = Unpark(Arc::clone(&shared.tracker));
     let mut phases = Vec::new();
@@ -124,10 +127,9 @@ impl<'a> Stop<'a> {
             forced: Vec::new(),
             jobs: Vec::new(),
             resources: Vec::new(),
-            hand_over: match trigger {
-                Trigger::Restart => tracker.last_hand_over(),
-                _ => None,
-            },
+            // A completed hand-over is followed by a drain: the upgrade's, or a stop's that
+            // came as it ended.
+            hand_over: tracker.last_hand_over(),
             trigger,
             at_start,
             closed: 0,
