@@ -502,3 +502,68 @@ async fn sigterm_during_a_websocket_hand_over_gives_each_socket_one_outcome() {
         assert_eq!(by_old + by_new, sockets as u64);
     }
 }
+
+/// `ctl status`, `/metrics` and the report count upgraded connections apart from HTTP/1
+/// ones: 10 WebSockets and 3 idle keep-alive connections cross one upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_metrics_and_the_report_count_upgraded_connections_apart() {
+    let scratch = TempDir::new();
+    let socket = scratch.path("control.sock");
+    let socket_arg = socket.display().to_string();
+    let mut service = Service::start(
+        scratch,
+        std::path::Path::new(BIN),
+        &["--shutdown-timeout", "10s", "--control-socket", &socket_arg],
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let (clients, last_pids) = counters(&service, 10, &stop).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut c = grace_testkit::http1::Client::connect(service.addr).await;
+        assert_eq!(c.get("/").await.map(|r| r.status), Some(200));
+        idle.push(c);
+    }
+    let new = tokio::task::block_in_place(|| service.upgrade());
+    all_answered_by(&last_pids, new).await;
+    tokio::task::block_in_place(|| service.retire_old());
+    // The old generation's report.
+    assert_eq!(upgraded_handed_over(&service.stderr()), 10);
+    // The new one's status (the control socket went to it with the listeners).
+    let out = std::process::Command::new(BIN)
+        .args(["ctl", "--socket", &socket_arg, "--json", "status"])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let handed = &status["handed_over"];
+    assert_eq!(handed["upgraded_received"], 10, "{status}");
+    assert_eq!(handed["received"], 13, "{status}");
+    let text = std::process::Command::new(BIN)
+        .args(["ctl", "--socket", &socket_arg, "status"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("received 13 (10 upgraded)"), "{text}");
+    // /metrics, over one of the connections handed over.
+    let metrics = idle[0].get("/metrics").await.unwrap();
+    assert!(
+        metrics
+            .body
+            .lines()
+            .any(|l| l == "grace_upgraded_received_total 10"),
+        "{}",
+        metrics.body
+    );
+    assert!(
+        metrics
+            .body
+            .lines()
+            .any(|l| l == "grace_connections_received_total 13"),
+        "{}",
+        metrics.body
+    );
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        assert_eq!(c.await.unwrap().error, None);
+    }
+    tokio::task::block_in_place(|| service.stop());
+}

@@ -110,12 +110,16 @@ pub struct HandedOver {
     /// Sent to the next generation.
     pub sent: u64,
     /// Of `received`, the upgraded connections (WebSockets: see
-    /// [`Movable`](crate::Movable)).
-    #[serde(default)]
+    /// [`Movable`](crate::Movable)); on the wire only when not 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub upgraded_received: u64,
-    /// Of `sent`, the upgraded connections.
-    #[serde(default)]
+    /// Of `sent`, the upgraded connections; on the wire only when not 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub upgraded_sent: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl HandedOver {
@@ -372,13 +376,18 @@ impl fmt::Display for Status {
             "connections {} (new {}, active {}, idle {}, hijacked {})",
             self.connections, c.new, c.active, c.idle, c.hijacked
         )?;
+        let h = &self.handed_over;
+        let upgraded = |n: u64| match n {
+            0 => String::new(),
+            n => format!(" ({n} upgraded)"),
+        };
         writeln!(
             f,
-            "handed over: received {} ({} upgraded) from the previous generation, sent {} ({} upgraded) to the next",
-            self.handed_over.received,
-            self.handed_over.upgraded_received,
-            self.handed_over.sent,
-            self.handed_over.upgraded_sent
+            "handed over: received {}{} from the previous generation, sent {}{} to the next",
+            h.received,
+            upgraded(h.upgraded_received),
+            h.sent,
+            upgraded(h.upgraded_sent)
         )?;
         match &self.last_upgrade {
             None => writeln!(f, "last upgrade none"),
@@ -411,6 +420,20 @@ mod tests {
 
     /// The wire format is the one the server wrote before these types (issue 12): a client
     /// of either side reads the other.
+    #[test]
+    fn upgraded_counts_are_on_the_wire_only_when_there_are_some() {
+        let h = HandedOver::new(5, 6).with_upgraded(2, 3);
+        let wire = serde_json::to_string(&h).unwrap();
+        assert_eq!(
+            wire,
+            r#"{"received":5,"sent":6,"upgraded_received":2,"upgraded_sent":3}"#
+        );
+        assert_eq!(serde_json::from_str::<HandedOver>(&wire).unwrap(), h);
+        // An older server's answer reads as none upgraded.
+        let old: HandedOver = serde_json::from_str(r#"{"received":5,"sent":6}"#).unwrap();
+        assert_eq!(old, HandedOver::new(5, 6));
+    }
+
     #[test]
     fn the_wire_format_is_unchanged() {
         let s = serde_json::to_string(&status(None)).unwrap();

@@ -299,7 +299,7 @@ mod tests {
         let acked = AtomicUsize::new(0);
         drop(inbox);
         outbox
-            .acks(|| {
+            .acks(|_| {
                 acked.fetch_add(1, Ordering::Relaxed);
             })
             .await
@@ -311,6 +311,94 @@ mod tests {
         // ones would come back).
         let taken = outbox.take_back();
         assert_eq!((taken.back.len(), taken.lost), (0, 2));
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_connection_travels_with_its_kind_state_and_unread_bytes() {
+        let (ours, theirs) = pair().unwrap();
+        let outbox = Outbox::new(ours, Duration::from_secs(5)).unwrap();
+        // The receiver says what it resumes before anything is sent.
+        let mut inbox = Inbox::new(theirs, &["ws-echo".into(), "chat".into()]).unwrap();
+        outbox.read_kinds();
+        assert!(outbox.takes("chat", 1) && outbox.takes("ws-echo", 1));
+        assert!(!outbox.takes("other", 1), "a kind it does not resume");
+        outbox.decline(1);
+        assert!(
+            !outbox.takes("chat", 1) && outbox.takes("chat", 2),
+            "declined once"
+        );
+        let (_a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let state = Bytes::from(vec![7u8; MAX_STATE]);
+        let upgraded = Upgraded {
+            name: "chat".into(),
+            websocket: true,
+            state: state.clone(),
+        };
+        // The most of both: a full state and a full buffer.
+        let unread = vec![b'u'; MAX_BUFFERED];
+        outbox
+            .send_upgraded(b.as_fd(), upgraded.clone(), &[&unread])
+            .await
+            .unwrap();
+        let handed = inbox.recv().await.unwrap().unwrap();
+        assert_eq!(handed.kind, Kind::Upgraded);
+        assert_eq!(handed.upgraded.as_ref(), Some(&upgraded));
+        assert_eq!(handed.buffered.len(), MAX_BUFFERED);
+        // Acknowledged as upgraded.
+        drop(inbox);
+        let upgraded_acks = AtomicUsize::new(0);
+        outbox
+            .acks(|u| {
+                assert!(u);
+                upgraded_acks.fetch_add(1, Ordering::Relaxed);
+            })
+            .await
+            .unwrap();
+        assert_eq!(upgraded_acks.load(Ordering::Relaxed), 1);
+        // A state beyond the bound is refused, and nothing is kept.
+        let too_big = Upgraded {
+            state: Bytes::from(vec![0u8; MAX_STATE + 1]),
+            ..upgraded
+        };
+        let err = outbox
+            .send_upgraded(b.as_fd(), too_big, &[])
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(outbox.unacknowledged(), 0);
+    }
+
+    #[test]
+    fn an_upgraded_header_that_does_not_add_up_is_refused() {
+        let good = Upgraded {
+            name: "n".into(),
+            websocket: false,
+            state: Bytes::from_static(b"st"),
+        };
+        let wire = good.encode().unwrap();
+        assert_eq!(Upgraded::decode(&wire), Some((good, wire.len())));
+        // Cut anywhere: not one.
+        for cut in 0..wire.len() {
+            assert_eq!(Upgraded::decode(&wire[..cut]), None, "cut at {cut}");
+        }
+        // A state length at the limit of arithmetic, an unknown flag, a name not UTF-8.
+        let mut huge = wire.clone();
+        huge[3..7].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(Upgraded::decode(&huge), None);
+        let mut flag = wire.clone();
+        flag[0] = 2;
+        assert_eq!(Upgraded::decode(&flag), None);
+        let mut name = wire;
+        name[2] = 0xff;
+        assert_eq!(Upgraded::decode(&name), None);
+    }
+
+    #[tokio::test]
+    async fn without_a_list_of_kinds_no_upgraded_connection_is_wanted() {
+        let (ours, _theirs) = pair().unwrap();
+        let outbox = Outbox::new(ours, Duration::from_secs(5)).unwrap();
+        outbox.read_kinds(); // an older receiver: it sent none
+        assert!(!outbox.takes("ws-echo", 0));
     }
 
     #[tokio::test]
@@ -326,7 +414,7 @@ mod tests {
         // The receiver dies without reading: the kernel closes what was queued to it.
         drop(theirs);
         // The hang-up ends the acknowledgements (ECONNRESET: it left messages unread).
-        let acks = outbox.acks(|| panic!("nothing was acknowledged"));
+        let acks = outbox.acks(|_| panic!("nothing was acknowledged"));
         let _ = tokio::time::timeout(Duration::from_secs(10), acks)
             .await
             .expect("the hang-up ends the acknowledgements");

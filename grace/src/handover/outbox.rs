@@ -212,7 +212,8 @@ impl Outbox {
         kind: Kind,
         buffered: &[&[u8]],
     ) -> io::Result<()> {
-        self.send_with(socket, kind, None, buffered).await
+        // Boxed: a connection's task holds this future inline, and hand-overs are rare.
+        Box::pin(self.send_with(socket, kind, None, buffered)).await
     }
 
     /// [`send`](Self::send) for an upgraded connection: `upgraded` says what resumes it.
@@ -222,8 +223,7 @@ impl Outbox {
         upgraded: Upgraded,
         buffered: &[&[u8]],
     ) -> io::Result<()> {
-        self.send_with(socket, Kind::Upgraded, Some(upgraded), buffered)
-            .await
+        Box::pin(self.send_with(socket, Kind::Upgraded, Some(upgraded), buffered)).await
     }
 
     async fn send_with(
