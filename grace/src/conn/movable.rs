@@ -88,7 +88,7 @@ const READ_CHUNK: usize = 4096;
 /// }
 ///
 /// # async fn doc(upgraded: hyper::upgrade::Upgraded) {
-/// // In the handler, after `101 Switching Protocols` (see the `websocket_handover` example):
+/// // In the handler, after `101 Switching Protocols` (as the demo's `ws.rs` does):
 /// match Movable::websocket(upgraded, "counter") {
 ///     Ok(socket) => counter(socket, 0).await,
 ///     Err(_upgraded) => { /* TLS, HTTP/2, macOS: serve it as it is */ }
