@@ -66,10 +66,13 @@ pub fn resume(restart: grace_http::Restart) -> grace_http::Restart {
 /// `GET /ws` (or `/ws/counter`): the handshake, then the socket on a task of its own.
 pub async fn route(kind: Kind, mut req: Request) -> Response {
     let notice = req.extensions().get::<ShutdownNotice>().cloned();
-    let response = match handshake(&req) {
-        Ok(response) => response,
-        Err(refused) => return refused,
-    };
+    let response = handshake(&req);
+    if !matches!(
+        response.status(),
+        StatusCode::SWITCHING_PROTOCOLS | StatusCode::OK
+    ) {
+        return response; // refused
+    }
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
@@ -93,16 +96,16 @@ pub async fn route(kind: Kind, mut req: Request) -> Response {
 }
 
 /// The server's side of the handshake: HTTP/1.1's `101 Switching Protocols`, HTTP/2's
-/// `200` to an extended CONNECT; a request that is neither is refused.
-fn handshake(req: &Request) -> Result<Response, Response> {
+/// `200` to an extended CONNECT; a request that is neither is refused (any other status).
+fn handshake(req: &Request) -> Response {
     let headers = req.headers();
     if header_is(headers, header::SEC_WEBSOCKET_VERSION, "13").is_none() {
-        return Err((
+        return (
             StatusCode::UPGRADE_REQUIRED,
             [(header::SEC_WEBSOCKET_VERSION, "13")],
             "a WebSocket handshake (version 13) is expected",
         )
-            .into_response());
+            .into_response();
     }
     let h2 = req.version() == Version::HTTP_2
         && req.method() == Method::CONNECT
@@ -111,27 +114,23 @@ fn handshake(req: &Request) -> Result<Response, Response> {
             .get::<hyper::ext::Protocol>()
             .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
     if h2 {
-        return Ok(StatusCode::OK.into_response());
+        return StatusCode::OK.into_response();
     }
     let key = headers.get(header::SEC_WEBSOCKET_KEY);
     let h1 = req.method() == Method::GET
         && header_is(headers, header::UPGRADE, "websocket").is_some()
         && header_is(headers, header::CONNECTION, "upgrade").is_some();
-    match (h1, key) {
-        (true, Some(key)) => {
-            let accept = derive_accept_key(key.as_bytes());
+    let accept = key.map(|k| derive_accept_key(k.as_bytes()));
+    match (h1, accept.and_then(|a| HeaderValue::from_str(&a).ok())) {
+        (true, Some(accept)) => {
             let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
             let h = response.headers_mut();
             h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            h.insert(
-                header::SEC_WEBSOCKET_ACCEPT,
-                HeaderValue::from_str(&accept)
-                    .map_err(|_| StatusCode::BAD_REQUEST.into_response())?,
-            );
-            Ok(response)
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+            response
         }
-        _ => Err((StatusCode::BAD_REQUEST, "not a WebSocket handshake").into_response()),
+        _ => (StatusCode::BAD_REQUEST, "not a WebSocket handshake").into_response(),
     }
 }
 

@@ -48,8 +48,9 @@
 //! the new process serves, this one drains as above; if it fails, it is killed and this one
 //! keeps serving. The sockets are never closed, so nothing is refused meanwhile, and the
 //! keep-alive HTTP/1.1 connections are handed to the new process between two requests
-//! rather than closed, so no client reconnects. See [`Restart`] for the flow and what is
-//! handed over, and [`systemd`] for `Type=notify`.
+//! rather than closed, so no client reconnects; so are WebSockets whose handler opts in
+//! ([`Movable`]), with their state, between two messages. See [`Restart`] for the flow and
+//! what is handed over, and [`systemd`] for `Type=notify`.
 //!
 //! ## Where it runs
 //!
@@ -64,6 +65,7 @@
 //! | The signals that drain ([`DEFAULT_SIGNALS`], [`Signal`]) | SIGTERM, SIGINT | SIGTERM, SIGINT | Ctrl-Break, Ctrl-C (and the console's close, logoff and shutdown events) |
 //! | Zero-downtime restarts ([`Serve::with_restart`], [`inherited_listeners`], the pid file), systemd socket activation | yes | yes | no |
 //! | Keep-alive connections handed over at an upgrade | yes | BSDs: yes, but only unacknowledged ones are taken back (no `TCP_INFO`); macOS: no (no `SOCK_SEQPACKET`): they drain | no |
+//! | WebSockets handed over at an upgrade ([`Movable`]) | yes | BSDs: as above; macOS: no (`Movable::websocket` gives the connection back) | no (no `Movable`) |
 //! | The control socket ([`Serve::with_control`], [`control::status`] and the other clients, `grace-ctl`) | yes | yes | no |
 //! | systemd notifications and watchdog ([`systemd`]) | yes | compiled, idle (no `NOTIFY_SOCKET`) | no |
 //!

@@ -84,8 +84,10 @@ pub(crate) const DEFAULT_NAME: &str = "grace";
 /// Not handed over, and closed as before: HTTP/2 connections (their HPACK tables and stream
 /// states live in the old process: they get GOAWAY), TLS connections (the session's keys
 /// would have to travel; kTLS could carry them, and is left for later), upgraded
-/// connections (WebSocket: the application owns their state; no hook to serialise it yet),
-/// and a connection whose request body was not read to its end.
+/// connections whose handler did not opt in, and a connection whose request body was not
+/// read to its end. An upgraded connection (a WebSocket) whose handler made it a
+/// [`Movable`](crate::Movable) goes too, between two of its messages, with a state of its
+/// handler's own, if the new process resumes its kind ([`resume`](Restart::resume)).
 ///
 /// A service that ties state to a connection (NTLM or Negotiate authentication, which
 /// authenticate the connection rather than each request) should turn it off with
