@@ -369,7 +369,7 @@ async fn handover_run(args: &Args, ws: bool, tag: &str) -> Result<(f64, f64, u64
         );
     }
     eprintln!(
-        "{tag}: {} {}: hand_over {hand_over_ms:.1} ms, handed over {handed}, old process exited after {:.1} ms; {ok} answered by the new process",
+        "{tag}: {} {}: hand_over {hand_over_ms:.1} ms, handed over {handed}, old process ({old}) exited after {:.1} ms; {ok} answered by the new process ({new})",
         args.conns,
         if ws { "WebSockets" } else { "HTTP/1.1" },
         old_exit.as_secs_f64() * 1e3
@@ -387,7 +387,12 @@ async fn handover(args: &Args) -> Result<()> {
     let (mut ws, mut http) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {
         // Interleaved, the order alternating.
-        for kind in [round % 2 == 0, round % 2 == 1] {
+        let kinds = match std::env::var("WS_BENCH_ONLY").as_deref() {
+            Ok("ws") => vec![true],
+            Ok("http") => vec![false],
+            _ => vec![round % 2 == 0, round % 2 == 1],
+        };
+        for kind in kinds {
             let tag = format!("round {} {}", round + 1, if kind { "ws" } else { "http" });
             let r = handover_run(args, kind, &tag).await?;
             if kind { ws.push(r) } else { http.push(r) }

@@ -10,7 +10,7 @@
 //!  Outbox::kinds() (what it resumes)     ◄── [KINDS][name\nname…] ──  Inbox::new(names)
 //!  Outbox::send(socket, kind, buffered) ── message ──►  Inbox::recv() → Handed
 //!      [TAG][kind][id: u64][upgraded: flags, name, state]?[buffered bytes…] + SCM_RIGHTS(socket)
-//!  Outbox::acks() (counts it handed over) ◄── [ACK][id] ──  (before it is served)
+//!  Outbox::acks() (counts it handed over) ◄── [ACK][id][id…] ──  (one per batch read, before they are served)
 //! ```
 //!
 //! An upgraded connection carries, after the header, `[flags: u8][name length: u8][name]
@@ -365,6 +365,38 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(outbox.unacknowledged(), 0);
+    }
+
+    #[tokio::test]
+    async fn connections_queued_together_arrive_in_order_and_are_all_acknowledged() {
+        let (ours, theirs) = pair().unwrap();
+        let outbox = Outbox::new(ours, Duration::from_secs(5)).unwrap();
+        let mut inbox = Inbox::new(theirs, &[]).unwrap();
+        outbox.read_kinds();
+        // More than one batch, all queued before the receiver reads.
+        let n = inbox::BATCH * 2 + 5;
+        let (_a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        for i in 0..n {
+            let bytes = i.to_string();
+            outbox
+                .send(b.as_fd(), Kind::Http1, &[bytes.as_bytes()])
+                .await
+                .unwrap();
+        }
+        for i in 0..n {
+            let handed = inbox.recv().await.unwrap().unwrap();
+            assert_eq!(&handed.buffered[..], i.to_string().as_bytes(), "in order");
+        }
+        drop(inbox);
+        let acked = AtomicUsize::new(0);
+        outbox
+            .acks(|_| {
+                acked.fetch_add(1, Ordering::Relaxed);
+            })
+            .await
+            .unwrap();
+        assert_eq!(acked.load(Ordering::Relaxed), n);
         assert_eq!(outbox.unacknowledged(), 0);
     }
 

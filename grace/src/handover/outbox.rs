@@ -93,6 +93,7 @@ impl Outbox {
     /// ready, so by the hand-over it has): without one, no upgraded connection is asked to
     /// move.
     pub(crate) fn read_kinds(&self) {
+        // A list of kinds, or an acknowledgement of up to a batch's ids.
         let mut buf = vec![0u8; 64 * 1024];
         // Nothing was sent yet, so nothing else can be waiting (no acknowledgement).
         let got = rustix::net::recv(self.fd.get_ref(), &mut buf, RecvFlags::DONTWAIT);
@@ -310,6 +311,7 @@ impl Outbox {
     /// the error if the channel failed. Our copies stay until the hand-over is complete (the
     /// outbox dropped), or are taken back ([`take_back`](Self::take_back)).
     pub(crate) async fn acks(&self, acked: impl Fn(bool)) -> io::Result<()> {
+        // A list of kinds, or an acknowledgement of up to a batch's ids.
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = self
@@ -327,19 +329,28 @@ impl Outbox {
                 self.set_kinds(&buf[1..n]);
                 continue;
             }
-            if n != HEADER - 1 || buf[0] != ACK {
+            // One acknowledgement per batch the receiver read: the ids, 8 bytes each.
+            let ids = &buf[1..n];
+            if buf[0] != ACK || ids.is_empty() || ids.len() % 8 != 0 {
                 tracing::warn!(len = n, "malformed hand-over acknowledgement: ignored");
                 continue;
             }
-            let id = u64::from_le_bytes(buf[1..9].try_into().unwrap_or_default());
-            let first = match lock(&self.pending).get_mut(&id) {
-                Some(p) if !p.acknowledged => {
-                    p.acknowledged = true;
-                    Some(p.handed.kind == Kind::Upgraded)
-                }
-                _ => None,
-            };
-            if let Some(upgraded) = first {
+            let mut pending = lock(&self.pending);
+            let firsts: Vec<bool> = ids
+                .chunks_exact(8)
+                .filter_map(|id| {
+                    let id = u64::from_le_bytes(id.try_into().unwrap_or_default());
+                    match pending.get_mut(&id) {
+                        Some(p) if !p.acknowledged => {
+                            p.acknowledged = true;
+                            Some(p.handed.kind == Kind::Upgraded)
+                        }
+                        _ => None,
+                    }
+                })
+                .collect();
+            drop(pending);
+            for upgraded in firsts {
                 self.unacknowledged.sub();
                 acked(upgraded);
             }
