@@ -567,3 +567,64 @@ async fn status_metrics_and_the_report_count_upgraded_connections_apart() {
     }
     tokio::task::block_in_place(|| service.stop());
 }
+
+/// Attacks on the hand-over: a client that stops in the middle of a message (half a
+/// payload; a 1 MiB frame with one byte sent) keeps its socket with the old generation,
+/// which says goodbye (1012) once the window ends and it must exit; one that stopped inside
+/// a frame header is between two messages: it moves, the header's first bytes with it, and
+/// the new generation answers once the frame is complete; a frame announcing 2^63 bytes is
+/// refused by the old generation (the connection ends). The others move as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_message_stays_and_hears_1012() {
+    let mut service = Service::start(
+        TempDir::new(),
+        std::path::Path::new(BIN),
+        &["--shutdown-timeout", "10s", "--hand-over-window", "500ms"],
+    );
+    let first = service.current();
+    let mut stuck = Vec::new();
+    let big = {
+        let mut f = vec![0x82, 0x80 | 127];
+        f.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        f.extend_from_slice(&[1, 2, 3, 4, b'x']);
+        f
+    };
+    let half_payload = text_frame("never finished")[..10].to_vec();
+    for partial in [half_payload, big] {
+        let mut ws = connect(&service, "/ws/counter").await;
+        raw(&mut ws).write_all(&partial).await.unwrap();
+        stuck.push(ws);
+    }
+    let mut absurd = connect(&service, "/ws/counter").await;
+    let mut header = vec![0x82, 0x80 | 127];
+    header.extend_from_slice(&(1u64 << 63).to_be_bytes());
+    header.extend_from_slice(&[1, 2, 3, 4]);
+    raw(&mut absurd).write_all(&header).await.unwrap();
+    let frame = text_frame("in two");
+    let mut half_header = connect(&service, "/ws/counter").await;
+    raw(&mut half_header).write_all(&frame[..1]).await.unwrap();
+    let mut fine = connect(&service, "/ws/counter").await;
+    // Let the server read what was sent before the upgrade starts.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let new = tokio::task::block_in_place(|| service.upgrade());
+    fine.send(Message::text("moved")).await.unwrap();
+    let answer = next_text(&mut fine, &mut 0).await.unwrap();
+    assert_eq!(parse(&answer), (1, new, "moved".into()));
+    raw(&mut half_header).write_all(&frame[1..]).await.unwrap();
+    let answer = next_text(&mut half_header, &mut 0).await.unwrap();
+    assert_eq!(parse(&answer), (1, new, "in two".into()));
+    for (i, ws) in stuck.iter_mut().enumerate() {
+        match next_text(ws, &mut 0).await {
+            Err(Ended::Closed(1012, pid)) => assert_eq!(pid, first, "socket {i}"),
+            other => panic!("socket {i}: {other:?}"),
+        }
+    }
+    // Refused by the old generation: the connection ended, nothing answered.
+    match next_text(&mut absurd, &mut 0).await {
+        Err(Ended::Broken(e)) => assert!(!e.contains("patience"), "{e}"),
+        other => panic!("a 2^63-byte frame: {other:?}"),
+    }
+    tokio::task::block_in_place(|| service.retire_old());
+    drop(fine);
+    tokio::task::block_in_place(|| service.stop());
+}
