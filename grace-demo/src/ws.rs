@@ -89,7 +89,8 @@ pub async fn route(kind: Kind, mut req: Request) -> Response {
         // Movable over HTTP/1.1 without TLS; otherwise served as it is.
         match Movable::websocket(upgraded, kind.name()) {
             Ok(socket) => {
-                let ws = WebSocketStream::from_raw_socket(socket, Role::Server, Some(config())).await;
+                let ws =
+                    WebSocketStream::from_raw_socket(socket, Role::Server, Some(config())).await;
                 serve(ws, kind, 0, notice).await;
             }
             Err(upgraded) => {

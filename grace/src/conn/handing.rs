@@ -121,7 +121,7 @@ impl Tracker {
     #[cfg(unix)]
     pub(crate) fn hand_over_left(&self, outbox: &crate::handover::outbox::Outbox) -> bool {
         !self.previous_done.is_set()
-            || self.movable_left(outbox)
+            || self.grant_movables(outbox)
             || self.shards.iter().any(|shard| {
                 lock(shard)
                     .values()

@@ -123,6 +123,9 @@ pub(crate) struct Shared {
     websocket: bool,
     /// Everything given to the reader makes whole messages (always, without frames).
     at_boundary: AtomicBool,
+    /// Its turn in the hand-over under way came (see [`Tracker::grant_movables`]): until it
+    /// does, it is read and served here as usual.
+    granted: AtomicBool,
     /// The reader, stopped at a boundary for a hand-over: woken when it ends.
     reader: atomic_waker::AtomicWaker,
     /// The mover's task: woken when a hand-over starts and when the reader stops.
@@ -130,8 +133,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// The hand-over's channel, if one is under way that takes this connection.
+    /// The hand-over's channel, if one is under way that takes this connection now (its
+    /// turn came).
     fn wanted(&self) -> Option<Arc<Outbox>> {
+        // Acquire: pairs with the Release of the grant, made after the outbox was installed.
+        if !self.granted.load(Ordering::Acquire) {
+            return None;
+        }
         let outbox = self.conn.tracker().handing_over()?;
         outbox
             .takes(&self.name, self.conn.info.id)
@@ -204,6 +212,7 @@ impl Movable {
             name: Arc::from(name),
             websocket,
             at_boundary: AtomicBool::new(true),
+            granted: AtomicBool::new(false),
             reader: Default::default(),
             mover: Default::default(),
         });
@@ -553,19 +562,46 @@ impl std::fmt::Debug for Resumers {
     }
 }
 
+/// How many upgraded connections may be on their way at once: stopped here and not yet
+/// acknowledged by the new generation. Each is read by neither process meanwhile, so its
+/// messages wait; taking them a few at a time (in order) keeps that pause to one batch's
+/// hand-over rather than all of them, while the others are served here.
+const IN_FLIGHT: usize = 64;
+
 impl Tracker {
-    /// Wakes every movable connection's reader and mover (a hand-over started or ended).
+    /// Ends the turn of every movable connection (a hand-over ended, or starts) and wakes
+    /// their readers and movers.
     pub(crate) fn wake_movables(&self) {
-        crate::base::lock(&self.movables)
-            .values()
-            .for_each(|m| m.wake());
+        crate::base::lock(&self.movables).values().for_each(|m| {
+            // Relaxed: read again under the next grant's Release.
+            m.granted.store(false, Ordering::Relaxed);
+            m.wake();
+        });
     }
 
-    /// Whether a movable connection is still wanted by the hand-over under way.
-    pub(crate) fn movable_left(&self, outbox: &Outbox) -> bool {
-        crate::base::lock(&self.movables)
-            .values()
-            .any(|m| outbox.takes(m.name(), m.id()))
+    /// Gives the next movable connections the hand-over wants their turn, keeping at most
+    /// [`IN_FLIGHT`] on their way (granted and still here, or sent and not acknowledged).
+    /// Returns whether one is still wanted (granted or waiting for its turn).
+    pub(crate) fn grant_movables(&self, outbox: &Outbox) -> bool {
+        let movables = crate::base::lock(&self.movables);
+        let taker = outbox.taker();
+        let wanted = movables.values().filter(|m| taker.takes(m.name(), m.id()));
+        let mut in_flight = outbox.unacknowledged();
+        let mut left = false;
+        let mut next = Vec::new();
+        for m in wanted {
+            left = true;
+            if m.granted.load(Ordering::Relaxed) {
+                in_flight += 1;
+            } else {
+                next.push(m);
+            }
+        }
+        for m in next.into_iter().take(IN_FLIGHT.saturating_sub(in_flight)) {
+            m.granted.store(true, Ordering::Release);
+            m.wake();
+        }
+        left
     }
 
     fn add_movable(&self, shared: &Arc<Shared>) {

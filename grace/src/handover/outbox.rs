@@ -64,6 +64,18 @@ pub(crate) struct TakenBack {
     pub(crate) lost: usize,
 }
 
+/// What the receiver takes, read under one lock (see [`Outbox::taker`]).
+pub(crate) struct Taker<'a> {
+    kinds: &'a [String],
+    declined: std::sync::MutexGuard<'a, HashSet<u64>>,
+}
+
+impl Taker<'_> {
+    pub(crate) fn takes(&self, name: &str, conn: u64) -> bool {
+        self.kinds.iter().any(|n| n == name) && !self.declined.contains(&conn)
+    }
+}
+
 /// A hand-over under way: the drain counts what was handed over only once none is.
 pub(crate) struct Sending<'a>(&'a Outbox);
 
@@ -118,10 +130,15 @@ impl Outbox {
     /// Whether the receiver resumes upgraded connections of kind `name`, and the one with
     /// id `conn` has not already tried to move in this hand-over.
     pub(crate) fn takes(&self, name: &str, conn: u64) -> bool {
-        self.kinds
-            .get()
-            .is_some_and(|k| k.iter().any(|n| n == name))
-            && !lock(&self.declined).contains(&conn)
+        self.taker().takes(name, conn)
+    }
+
+    /// [`takes`](Self::takes) for many connections in a row, under one lock.
+    pub(crate) fn taker(&self) -> Taker<'_> {
+        Taker {
+            kinds: self.kinds.get().map_or(&[], Vec::as_slice),
+            declined: lock(&self.declined),
+        }
     }
 
     /// The upgraded connection `conn` could not move: not asked again in this hand-over.

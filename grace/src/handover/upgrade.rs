@@ -15,7 +15,8 @@ use crate::shutdown::Shared;
 const ACK_WAIT: Duration = Duration::from_secs(2);
 
 /// How often the hand-over looks whether a connection is left to hand over (a scan of the
-/// connections' states: there is no event for "none left between requests").
+/// connections' states: there is no event for "none left between requests"), and gives
+/// upgraded connections their turn; acknowledgements also wake it.
 const HAND_OVER_CHECK: Duration = Duration::from_millis(2);
 
 /// How the new generation went during a hand-over: it exited, or it hung up the channel.
@@ -64,14 +65,18 @@ pub(crate) async fn hand_over(
     // What the new generation resumes of upgraded connections (said before it was ready).
     outbox.read_kinds();
     tracker.start_hand_over(Arc::clone(&outbox));
-    let acks = outbox.acks(|upgraded| tracker.stats.count_handed_over(upgraded));
+    let acked = tokio::sync::Notify::new();
+    let acks = outbox.acks(|upgraded| {
+        tracker.stats.count_handed_over(upgraded);
+        acked.notify_one();
+    });
     tokio::pin!(acks);
     let sent = async {
         loop {
-            tokio::time::sleep(HAND_OVER_CHECK).await;
             if !tracker.hand_over_left(&outbox) && outbox.is_idle() {
                 return;
             }
+            let _ = tokio::time::timeout(HAND_OVER_CHECK, acked.notified()).await;
         }
     };
     let mut stopped = false;
