@@ -54,7 +54,7 @@ impl Tracker {
         // finds the outbox in place.
         self.handing.store(true, Ordering::Release);
         self.wake_all();
-        self.wake_movables();
+        self.wake_movables(true);
     }
 
     /// Ends the hand-over (its window closed, it completed, or the next generation went):
@@ -68,7 +68,7 @@ impl Tracker {
         }
         lock(&self.hand_over_mark).took = took;
         self.wake_all();
-        self.wake_movables();
+        self.wake_movables(false);
         self.hand_over_end.notify_waiters();
     }
 

@@ -4,7 +4,7 @@
 //! tells its handler when to move it; and the handlers that resume such connections in
 //! the new generation (registered with [`Restart::resume`](crate::Restart::resume)).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -568,44 +568,68 @@ impl std::fmt::Debug for Resumers {
 /// hand-over rather than all of them, while the others are served here.
 const IN_FLIGHT: usize = 64;
 
+/// The turns of the hand-over under way (see [`Tracker::grant_movables`]): those waiting,
+/// in order, and those granted and not sent yet.
+#[derive(Default)]
+pub(crate) struct Turns {
+    waiting: VecDeque<Arc<Shared>>,
+    granted: Vec<Arc<Shared>>,
+}
+
 impl Tracker {
-    /// Ends the turn of every movable connection (a hand-over ended, or starts) and wakes
-    /// their readers and movers.
-    pub(crate) fn wake_movables(&self) {
-        crate::base::lock(&self.movables).values().for_each(|m| {
+    /// A hand-over starts (`Some`: every movable connection waits for its turn) or ends:
+    /// every turn ends, and every movable connection's reader and mover are woken.
+    pub(crate) fn wake_movables(&self, starts: bool) {
+        let movables = crate::base::lock(&self.movables);
+        let mut turns = crate::base::lock(&self.turns);
+        *turns = Turns::default();
+        for m in movables.values() {
             // Relaxed: read again under the next grant's Release.
             m.granted.store(false, Ordering::Relaxed);
+            if starts {
+                turns.waiting.push_back(Arc::clone(m));
+            }
             m.wake();
-        });
+        }
     }
 
     /// Gives the next movable connections the hand-over wants their turn, keeping at most
-    /// [`IN_FLIGHT`] on their way (granted and still here, or sent and not acknowledged).
-    /// Returns whether one is still wanted (granted or waiting for its turn).
+    /// [`IN_FLIGHT`] on their way (granted and still here, or sent and not acknowledged):
+    /// O(`IN_FLIGHT`) per call, not O(connections). Returns whether one is still wanted
+    /// (granted, or waiting for its turn).
     pub(crate) fn grant_movables(&self, outbox: &Outbox) -> bool {
         let movables = crate::base::lock(&self.movables);
+        let mut turns = crate::base::lock(&self.turns);
         let taker = outbox.taker();
-        let wanted = movables.values().filter(|m| taker.takes(m.name(), m.id()));
-        let mut in_flight = outbox.unacknowledged();
-        let mut left = false;
-        let mut next = Vec::new();
-        for m in wanted {
-            left = true;
-            if m.granted.load(Ordering::Relaxed) {
+        // Still here and wanted: a connection that moved, closed or was declined is not.
+        let wanted =
+            |m: &Arc<Shared>| movables.contains_key(&m.id()) && taker.takes(m.name(), m.id());
+        turns.granted.retain(wanted);
+        let mut in_flight = turns.granted.len() + outbox.unacknowledged();
+        while in_flight < IN_FLIGHT {
+            let Some(next) = turns.waiting.pop_front() else {
+                break;
+            };
+            if wanted(&next) {
+                next.granted.store(true, Ordering::Release);
+                next.wake();
+                turns.granted.push(next);
                 in_flight += 1;
-            } else {
-                next.push(m);
             }
         }
-        for m in next.into_iter().take(IN_FLIGHT.saturating_sub(in_flight)) {
-            m.granted.store(true, Ordering::Release);
-            m.wake();
-        }
-        left
+        !turns.granted.is_empty() || turns.waiting.iter().any(wanted)
     }
 
     fn add_movable(&self, shared: &Arc<Shared>) {
-        crate::base::lock(&self.movables).insert(shared.id(), Arc::clone(shared));
+        let mut movables = crate::base::lock(&self.movables);
+        movables.insert(shared.id(), Arc::clone(shared));
+        // Made during a hand-over (an upgrade on a connection already here): its turn comes
+        // after the others'.
+        if self.is_handing_over() {
+            crate::base::lock(&self.turns)
+                .waiting
+                .push_back(Arc::clone(shared));
+        }
     }
 
     fn remove_movable(&self, shared: &Shared) {

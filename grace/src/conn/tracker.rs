@@ -88,6 +88,10 @@ pub(crate) struct Tracker {
     /// The upgraded connections whose handlers opted in to move (see `movable`), by id.
     #[cfg(unix)]
     pub(super) movables: Mutex<HashMap<u64, Arc<super::movable::Shared>>>,
+    /// The turns of the upgraded connections in the hand-over under way. Locked after
+    /// `movables`, never before.
+    #[cfg(unix)]
+    pub(super) turns: Mutex<super::movable::Turns>,
 }
 
 impl Tracker {
