@@ -565,8 +565,10 @@ impl std::fmt::Debug for Resumers {
 /// How many upgraded connections may be on their way at once: stopped here and not yet
 /// acknowledged by the new generation. Each is read by neither process meanwhile, so its
 /// messages wait; taking them a few at a time (in order) keeps that pause to one batch's
-/// hand-over rather than all of them, while the others are served here.
-const IN_FLIGHT: usize = 64;
+/// hand-over rather than all of them, while the others are served here. Measured
+/// (`ws-bench --mode latency`, docs/benchmarks.md): 16 gave a lower echo p99 through
+/// upgrades than 64 (and 64 than all at once), for about the same total hand-over time.
+const IN_FLIGHT: usize = 16;
 
 /// The turns of the hand-over under way (see [`Tracker::grant_movables`]): those waiting,
 /// in order, and those granted and not sent yet.
