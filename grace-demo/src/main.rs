@@ -23,6 +23,7 @@ mod debug;
 #[path = "../../grace-check/src/duration.rs"]
 mod duration;
 mod ledger;
+mod lines;
 mod routes;
 mod ws;
 
@@ -243,7 +244,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let settings = config::load(args.config.as_deref())?;
     // The WebSockets the previous generation hands over, resumed here (see `ws`).
     let restart = match settings.websocket_handover {
-        true => ws::resume(restart),
+        true => lines::resume(ws::resume(restart)),
         false => restart,
     };
     // GET /metrics, /debug: the process's metrics recorder, and the live page's wake-ups.

@@ -42,6 +42,8 @@ pub fn router(ledger: Arc<Ledger>, handle: &grace_http::Handle) -> Router {
             "/ws/counter",
             any(|req| crate::ws::route(crate::ws::Kind::Counter, req)),
         )
+        // A protocol of the demo's own after an upgrade (`Upgrade: lines`), moved too.
+        .route("/lines", get(crate::lines::route))
         .route("/events", get(events).with_state(handle.notice()))
         .route("/whoami", get(whoami))
         .merge(api)

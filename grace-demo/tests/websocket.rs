@@ -628,3 +628,64 @@ async fn a_client_that_never_finishes_its_message_stays_and_hears_1012() {
     drop(fine);
     tokio::task::block_in_place(|| service.stop());
 }
+
+/// Another protocol after an upgrade (`Upgrade: lines`, moved with `Movable::raw`): a line
+/// begun before the SIGHUP and finished after it is answered exactly once, and the
+/// connection goes on in the new generation; `GRACE_WS_SPLIT_ROUNDS` upgrades (default 16).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_upgraded_protocol_moves_between_its_own_messages() {
+    use tokio::io::AsyncBufReadExt;
+    let rounds = env_or("GRACE_WS_SPLIT_ROUNDS", 16);
+    let mut service = Service::start(
+        TempDir::new(),
+        std::path::Path::new(BIN),
+        &["--shutdown-timeout", "10s"],
+    );
+    let stream = TcpStream::connect(service.addr).await.unwrap();
+    let mut io = tokio::io::BufReader::new(stream);
+    io.get_mut()
+        .write_all(
+            b"GET /lines HTTP/1.1\r\nHost: x\r\nUpgrade: lines\r\nConnection: upgrade\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        assert!(io.read_line(&mut head).await.unwrap() > 0, "{head}");
+    }
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut answer = String::new();
+    for round in 0..rounds {
+        io.get_mut()
+            .write_all(format!("be{round}").as_bytes())
+            .await
+            .unwrap();
+        let old = service.hup();
+        if round % 2 == 1 {
+            tokio::task::block_in_place(|| service.next(old));
+        }
+        io.get_mut()
+            .write_all(format!("gun{round}\n").as_bytes())
+            .await
+            .unwrap();
+        if round % 2 == 0 {
+            tokio::task::block_in_place(|| service.next(old));
+        }
+        let new = service.current();
+        answer.clear();
+        io.read_line(&mut answer).await.unwrap();
+        let (pid, line) = answer.trim_end().split_once(' ').unwrap();
+        assert_eq!(line, format!("be{round}gun{round}"));
+        let pid: u32 = pid.parse().unwrap();
+        assert!(pid == old || pid == new, "answered by {pid}");
+        tokio::task::block_in_place(|| service.retire_old());
+        io.get_mut().write_all(b"after\n").await.unwrap();
+        answer.clear();
+        io.read_line(&mut answer).await.unwrap();
+        assert_eq!(answer, format!("{new} after\n"), "round {round}");
+    }
+    // Nothing more: no line answered twice.
+    let extra = tokio::time::timeout(Duration::from_millis(100), io.read_line(&mut answer)).await;
+    assert!(extra.is_err(), "an extra answer: {answer:?}");
+    tokio::task::block_in_place(|| service.stop());
+}

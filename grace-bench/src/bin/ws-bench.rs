@@ -435,6 +435,19 @@ struct Clock {
     window: std::sync::atomic::AtomicU8,
 }
 
+impl Clock {
+    /// Records the latency of an exchange begun at `t` in the window it ends in.
+    fn record(&self, lat: &Mutex<Lat>, t: Instant) {
+        let us = t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+        let mut l = lat.lock().unwrap_or_else(|e| e.into_inner());
+        match self.window.load(Ordering::Relaxed) {
+            1 => l.steady.push(us),
+            2 => l.burst.push(us),
+            _ => {}
+        }
+    }
+}
+
 fn pct(v: &mut [u32], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -515,17 +528,11 @@ async fn latency_run(args: &Args, round: usize) -> Result<Row> {
                     Ok(())
                 }
                 .await;
-                let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
                 if let Err(e) = r {
                     failures.lock().unwrap().push(format!("ws {i}: {e}"));
                     return;
                 }
-                let mut l = lat.lock().unwrap();
-                match clock.window.load(Ordering::Relaxed) {
-                    1 => l.steady.push(us),
-                    2 => l.burst.push(us),
-                    _ => {}
-                }
+                clock.record(&lat, t);
             }
         }));
     }
@@ -544,10 +551,8 @@ async fn latency_run(args: &Args, round: usize) -> Result<Row> {
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
                 let t = Instant::now();
-                let r = get(&mut io, "/").await;
-                let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
-                match r {
-                    Ok((200, _)) => {}
+                match get(&mut io, "/").await {
+                    Ok((200, _)) => clock.record(&lat, t),
                     other => {
                         failures
                             .lock()
@@ -555,12 +560,6 @@ async fn latency_run(args: &Args, round: usize) -> Result<Row> {
                             .push(format!("http {i}: {other:?}"));
                         return;
                     }
-                }
-                let mut l = lat.lock().unwrap();
-                match clock.window.load(Ordering::Relaxed) {
-                    1 => l.steady.push(us),
-                    2 => l.burst.push(us),
-                    _ => {}
                 }
             }
         }));

@@ -412,9 +412,7 @@ impl AsyncRead for Movable {
                         // was read, then the end).
                         None => {
                             if std::task::ready!(this.fill(cx))? == 0 {
-                                let n = this.unread.len().min(buf.remaining());
-                                buf.put_slice(&this.unread[..n]);
-                                this.unread.advance(n);
+                                give(&mut this.unread, buf, usize::MAX);
                                 return Poll::Ready(Ok(()));
                             }
                         }
@@ -431,10 +429,7 @@ impl AsyncRead for Movable {
                 .unwrap_or(usize::MAX)
                 .min(buf.remaining());
             let given = if !this.unread.is_empty() {
-                let n = limit.min(this.unread.len());
-                buf.put_slice(&this.unread[..n]);
-                this.unread.advance(n);
-                n
+                give(&mut this.unread, buf, limit)
             } else {
                 let Some(io) = this.io.as_mut() else {
                     return Poll::Ready(Err(moved()));
@@ -494,6 +489,14 @@ impl AsyncWrite for Movable {
             None => Poll::Ready(Ok(())),
         }
     }
+}
+
+/// Gives the reader up to `limit` bytes of `unread`, in order; returns how many.
+fn give(unread: &mut BytesMut, buf: &mut ReadBuf<'_>, limit: usize) -> usize {
+    let n = unread.len().min(buf.remaining()).min(limit);
+    buf.put_slice(&unread[..n]);
+    unread.advance(n);
+    n
 }
 
 /// The reads stop here for the hand-over under way: the mover is told, and the reader
