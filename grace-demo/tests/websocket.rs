@@ -698,3 +698,69 @@ async fn another_upgraded_protocol_moves_between_its_own_messages() {
     assert!(extra.is_err(), "an extra answer: {answer:?}");
     tokio::task::block_in_place(|| service.stop());
 }
+
+/// A WebSocket over TLS is not moved (its session's keys are in rustls' memory): at an
+/// upgrade it stays with the old generation, served until that one drains, and hears 1012
+/// from it (as `Movable::websocket` gives such a connection back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_over_tls_stays_and_hears_1012() {
+    let scratch = TempDir::new();
+    let cert = common::cert();
+    let (cert_path, key_path) = (scratch.path("cert.pem"), scratch.path("key.pem"));
+    replace_file(&cert_path, &cert.cert_pem, false);
+    replace_file(&key_path, &cert.key_pem, false);
+    let (cert_arg, key_arg) = (
+        cert_path.display().to_string(),
+        key_path.display().to_string(),
+    );
+    let mut service = Service::start(
+        scratch,
+        std::path::Path::new(BIN),
+        &[
+            "--shutdown-timeout",
+            "10s",
+            "--tls-cert",
+            &cert_arg,
+            "--tls-key",
+            &key_arg,
+        ],
+    );
+    let first = service.current();
+    let tls = common::tls_connector(cert.der)
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            TcpStream::connect(service.addr).await.unwrap(),
+        )
+        .await
+        .unwrap();
+    let url = format!("wss://localhost:{}/ws/counter", service.addr.port());
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    ws.send(Message::text("before")).await.unwrap();
+    let before = next_tls_text(&mut ws).await;
+    assert_eq!(parse(&before), (1, first, "before".into()));
+    tokio::task::block_in_place(|| service.upgrade());
+    let close = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), closer(&f.reason)),
+                Some(Ok(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a close frame");
+    assert_eq!(close, (1012, first));
+    tokio::task::block_in_place(|| service.retire_old());
+    tokio::task::block_in_place(|| service.stop());
+}
+
+async fn next_tls_text<S>(ws: &mut WebSocketStream<S>) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(PATIENCE, ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => t.to_string(),
+        other => panic!("{other:?}"),
+    }
+}
