@@ -266,7 +266,13 @@ fn websocket(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body>
 trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
+/// How long a connection accepted just before the drain may take to send its first byte:
+/// its client may be about to send (a retry after its idle connection was closed), and a
+/// close now would reset its request. One silent for longer is closed at once.
+const FIRST_BYTE: Duration = Duration::from_millis(200);
+
 async fn serve_conn(io: Box<dyn Io>, shared: Arc<Shared>, _live: Live) {
+    let accepted = tokio::time::Instant::now();
     let state = Arc::new(ConnState::default());
     // The connection is marked when its first byte arrives.
     let seen = Arc::clone(&state);
@@ -284,9 +290,19 @@ async fn serve_conn(io: Box<dyn Io>, shared: Arc<Shared>, _live: Live) {
     tokio::pin!(conn);
     let mut draining = shared.draining.clone();
     let mut told = false;
+    // Silent at the drain, accepted just now: closed at this instant unless a byte came.
+    let mut silent_until: Option<tokio::time::Instant> = None;
     let f = &shared.flags;
     loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(silent_until.unwrap_or(accepted)), if silent_until.is_some() => {
+                silent_until = None;
+                if !state.seen_bytes.load(Ordering::SeqCst) {
+                    return; // still silent: closed now
+                }
+                // A request came meanwhile: answered, then closed.
+                conn.as_mut().graceful_shutdown();
+            }
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     let parse = e
@@ -305,7 +321,10 @@ async fn serve_conn(io: Box<dyn Io>, shared: Arc<Shared>, _live: Live) {
                 let seen = state.seen_bytes.load(Ordering::SeqCst);
                 if requests == 0 && !seen {
                     if !f.wait_silent {
-                        return; // a silent connection: closed now
+                        if accepted.elapsed() >= FIRST_BYTE {
+                            return; // a silent connection: closed now
+                        }
+                        silent_until = Some(accepted + FIRST_BYTE);
                     }
                 } else if requests == 0 {
                     if !f.wait_partial_heads {
