@@ -115,13 +115,12 @@ impl Tracker {
         lock(&self.outbox).clone().filter(|o| o.is_open())
     }
 
-    /// True while some connection may still be handed over: one is between requests or
-    /// will be, an upgraded one that opted in has not moved, or the previous generation
-    /// still hands some to this one.
+    /// True while some HTTP/1 connection may still be handed over (one is between requests
+    /// or will be), or the previous generation still hands some to this one. Upgraded ones
+    /// are `Tracker::grant_movables`'.
     #[cfg(unix)]
-    pub(crate) fn hand_over_left(&self, outbox: &crate::handover::outbox::Outbox) -> bool {
+    pub(crate) fn hand_over_left(&self) -> bool {
         !self.previous_done.is_set()
-            || self.grant_movables(outbox)
             || self.shards.iter().any(|shard| {
                 lock(shard)
                     .values()

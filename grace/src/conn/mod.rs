@@ -12,8 +12,9 @@
 //! - `body`: the request body, with its timeout against dribbling clients.
 //! - `task`: the task of one connection, and how it closes at a drain.
 //! - `clock`: the coarse clock behind the header-read and idle timeouts.
-//! - `movable`, `frames`: upgraded connections (WebSockets) that move to the next
-//!   generation at an upgrade, stopped between two of the client's messages.
+//! - `movable`, `frames`, `turns`: upgraded connections (WebSockets) that move to the next
+//!   generation at an upgrade, stopped between two of the client's messages, a few at a
+//!   time.
 //! - `fanout`: shutting many sockets at once, split across cores (the drain and the force).
 
 pub(crate) mod body;
@@ -36,5 +37,7 @@ mod stats;
 mod sweep;
 pub(crate) mod task;
 pub(crate) mod tracker;
+#[cfg(unix)]
+mod turns;
 
 pub use crate::base::conn::{Addr, ConnInfo, ConnState, StateCounts};

@@ -4,7 +4,7 @@
 //! tells its handler when to move it; and the handlers that resume such connections in
 //! the new generation (registered with [`Restart::resume`](crate::Restart::resume)).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -20,6 +20,7 @@ use super::frames::{self, Frames};
 use super::io::{Rewind, TrackedIo};
 use super::record::Conn;
 use super::tracker::Tracker;
+use super::turns::{IN_FLIGHT, Turns};
 use crate::error::MoveError;
 use crate::handover::outbox::Outbox;
 use crate::handover::{MAX_NAME, MAX_STATE, Upgraded};
@@ -120,10 +121,9 @@ pub struct Mover {
 pub(crate) struct Shared {
     conn: Arc<Conn>,
     name: Arc<str>,
-    websocket: bool,
     /// Everything given to the reader makes whole messages (always, without frames).
     at_boundary: AtomicBool,
-    /// Its turn in the hand-over under way came (see [`Tracker::grant_movables`]): until it
+    /// Its turn in the hand-over under way came (see `conn::turns`): until it
     /// does, it is read and served here as usual.
     granted: AtomicBool,
     /// The reader, stopped at a boundary for a hand-over: woken when it ends.
@@ -210,7 +210,6 @@ impl Movable {
         let shared = Arc::new(Shared {
             conn,
             name: Arc::from(name),
-            websocket,
             at_boundary: AtomicBool::new(true),
             granted: AtomicBool::new(false),
             reader: Default::default(),
@@ -286,7 +285,7 @@ impl Movable {
         };
         let upgraded = Upgraded {
             name: self.shared.name.to_string(),
-            websocket: self.shared.websocket,
+            websocket: self.frames.is_some(),
             state: Bytes::copy_from_slice(state),
         };
         // Under way: the hand-over is complete only once none is.
@@ -565,24 +564,8 @@ impl std::fmt::Debug for Resumers {
     }
 }
 
-/// How many upgraded connections may be on their way at once: stopped here and not yet
-/// acknowledged by the new generation. Each is read by neither process meanwhile, so its
-/// messages wait; taking them a few at a time (in order) keeps that pause to one batch's
-/// hand-over rather than all of them, while the others are served here. Measured
-/// (`ws-bench --mode latency`, docs/benchmarks.md): 16 gave a lower echo p99 through
-/// upgrades than 64 (and 64 than all at once), for about the same total hand-over time.
-const IN_FLIGHT: usize = 16;
-
-/// The turns of the hand-over under way (see [`Tracker::grant_movables`]): those waiting,
-/// in order, and those granted and not sent yet.
-#[derive(Default)]
-pub(crate) struct Turns {
-    waiting: VecDeque<Arc<Shared>>,
-    granted: Vec<Arc<Shared>>,
-}
-
 impl Tracker {
-    /// A hand-over starts (`Some`: every movable connection waits for its turn) or ends:
+    /// A hand-over starts (`starts`: every movable connection waits for its turn) or ends:
     /// every turn ends, and every movable connection's reader and mover are woken.
     pub(crate) fn wake_movables(&self, starts: bool) {
         let movables = crate::base::lock(&self.movables);
@@ -592,16 +575,15 @@ impl Tracker {
             // Relaxed: read again under the next grant's Release.
             m.granted.store(false, Ordering::Relaxed);
             if starts {
-                turns.waiting.push_back(Arc::clone(m));
+                turns.push(Arc::clone(m));
             }
             m.wake();
         }
     }
 
-    /// Gives the next movable connections the hand-over wants their turn, keeping at most
-    /// [`IN_FLIGHT`] on their way (granted and still here, or sent and not acknowledged):
-    /// O(`IN_FLIGHT`) per call, not O(connections). Returns whether one is still wanted
-    /// (granted, or waiting for its turn).
+    /// Gives the next movable connections the hand-over wants their turn (see
+    /// `conn::turns`), and wakes them. Returns whether one is still wanted (granted, or
+    /// waiting for its turn).
     pub(crate) fn grant_movables(&self, outbox: &Outbox) -> bool {
         let movables = crate::base::lock(&self.movables);
         let mut turns = crate::base::lock(&self.turns);
@@ -609,20 +591,11 @@ impl Tracker {
         // Still here and wanted: a connection that moved, closed or was declined is not.
         let wanted =
             |m: &Arc<Shared>| movables.contains_key(&m.id()) && taker.takes(m.name(), m.id());
-        turns.granted.retain(wanted);
-        let mut in_flight = turns.granted.len() + outbox.unacknowledged();
-        while in_flight < IN_FLIGHT {
-            let Some(next) = turns.waiting.pop_front() else {
-                break;
-            };
-            if wanted(&next) {
-                next.granted.store(true, Ordering::Release);
-                next.wake();
-                turns.granted.push(next);
-                in_flight += 1;
-            }
+        for m in turns.grant(outbox.unacknowledged(), IN_FLIGHT, wanted) {
+            m.granted.store(true, Ordering::Release);
+            m.wake();
         }
-        !turns.granted.is_empty() || turns.waiting.iter().any(wanted)
+        turns.left(wanted)
     }
 
     fn add_movable(&self, shared: &Arc<Shared>) {
@@ -631,9 +604,7 @@ impl Tracker {
         // Made during a hand-over (an upgrade on a connection already here): its turn comes
         // after the others'.
         if self.is_handing_over() {
-            crate::base::lock(&self.turns)
-                .waiting
-                .push_back(Arc::clone(shared));
+            crate::base::lock(&self.turns).push(Arc::clone(shared));
         }
     }
 

@@ -91,7 +91,7 @@ pub(crate) struct Tracker {
     /// The turns of the upgraded connections in the hand-over under way. Locked after
     /// `movables`, never before.
     #[cfg(unix)]
-    pub(super) turns: Mutex<super::movable::Turns>,
+    pub(super) turns: Mutex<super::turns::Turns<Arc<super::movable::Shared>>>,
 }
 
 impl Tracker {

@@ -73,7 +73,9 @@ pub(crate) async fn hand_over(
     tokio::pin!(acks);
     let sent = async {
         loop {
-            if !tracker.hand_over_left(&outbox) && outbox.is_idle() {
+            // Upgraded connections get their turns here, a few at a time.
+            let movables_left = tracker.grant_movables(&outbox);
+            if !movables_left && !tracker.hand_over_left() && outbox.is_idle() {
                 return;
             }
             let _ = tokio::time::timeout(HAND_OVER_CHECK, acked.notified()).await;
