@@ -10,7 +10,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use grace_http::{Movable, ShutdownNotice};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::upgraded::{Moves, asked, drained};
 
 /// The kind it moves as.
 const KIND: &str = "lines";
@@ -22,7 +24,7 @@ const MAX_LINE: usize = 4096;
 pub fn resume(restart: grace_http::Restart) -> grace_http::Restart {
     restart.resume(KIND, |socket, state| async move {
         let notice = socket.notice();
-        serve(Some(socket), None, state.to_vec(), Some(notice)).await;
+        serve(socket, state.to_vec(), Some(notice)).await;
     })
 }
 
@@ -43,9 +45,9 @@ pub async fn route(mut req: Request) -> Response {
             return;
         };
         match Movable::raw(upgraded, KIND) {
-            Ok(socket) => serve(Some(socket), None, Vec::new(), notice).await,
+            Ok(socket) => serve(socket, Vec::new(), notice).await,
             // Through TLS, or over HTTP/2: served here to the end.
-            Err(upgraded) => serve(None, Some(TokioIo::new(upgraded)), Vec::new(), notice).await,
+            Err(upgraded) => serve(TokioIo::new(upgraded), Vec::new(), notice).await,
         }
     });
     let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
@@ -57,71 +59,35 @@ pub async fn route(mut req: Request) -> Response {
 
 /// Answers each whole line; moves when asked (with the line begun as its state); ends at
 /// the drain (the client sees the connection close).
-async fn serve(
-    mut movable: Option<Movable>,
-    mut plain: Option<TokioIo<hyper::upgrade::Upgraded>>,
-    mut line: Vec<u8>,
-    notice: Option<ShutdownNotice>,
-) {
-    let mover = movable.as_ref().map(Movable::mover);
+async fn serve<S: Moves>(mut io: S, mut line: Vec<u8>, notice: Option<ShutdownNotice>) {
+    let mover = io.mover();
     let mut buf = [0u8; 1024];
     loop {
-        let read = async {
-            match (&mut movable, &mut plain) {
-                (Some(m), _) => m.read(&mut buf).await,
-                (None, Some(p)) => p.read(&mut buf).await,
-                (None, None) => Ok(0),
-            }
-        };
         tokio::select! {
-            n = read => match n {
+            n = io.read(&mut buf) => match n {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
                     let answers = take_lines(&mut line, &buf[..n]);
-                    let written = match (&mut movable, &mut plain) {
-                        (Some(m), _) => write(m, &answers).await,
-                        (None, Some(p)) => write(p, &answers).await,
-                        (None, None) => return,
+                    // Flushed: through TLS the records would wait in the session otherwise.
+                    let written = async {
+                        io.write_all(&answers).await?;
+                        io.flush().await
                     };
-                    if written.is_err() {
+                    if !answers.is_empty() && written.await.is_err() {
                         return;
                     }
                 }
             },
             () = asked(mover.as_ref()) => {
-                if let Some(m) = &mut movable {
-                    // On failure it stays here, read as before (the line is at most 4 KiB,
-                    // far below the 64 KiB a state may carry).
-                    if m.hand_over(&line).await.is_ok() {
-                        return;
-                    }
+                // On failure it stays here, read as before (the line is at most 4 KiB, far
+                // below the 64 KiB a state may carry).
+                if io.hand_over(&line).await.is_ok() {
+                    return;
                 }
             }
             () = drained(notice.as_ref()) => return,
         }
     }
-}
-
-async fn asked(mover: Option<&grace_http::Mover>) {
-    match mover {
-        Some(m) => m.asked().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn drained(notice: Option<&ShutdownNotice>) {
-    match notice {
-        Some(n) => n.wait().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn write<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, bytes: &[u8]) -> std::io::Result<()> {
-    if bytes.is_empty() {
-        return Ok(());
-    }
-    io.write_all(bytes).await?;
-    io.flush().await
 }
 
 /// Adds `bytes` to the line begun; returns the answers to the lines they complete.

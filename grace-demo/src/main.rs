@@ -25,6 +25,7 @@ mod duration;
 mod ledger;
 mod lines;
 mod routes;
+mod upgraded;
 mod ws;
 
 use duration::parse_duration;

@@ -12,7 +12,6 @@
 //! goodbye when the process drains: close 1012 (service restart: come back) at an upgrade,
 //! 1001 (going away) at a stop.
 
-use std::future::Future;
 use std::time::Duration;
 
 use axum::extract::Request;
@@ -21,12 +20,13 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use grace_http::{Movable, ShutdownNotice};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+
+use crate::upgraded::{Moves, asked, drained};
 
 /// WebSocket close code 1001: the server is going away.
 const GOING_AWAY: u16 = 1001;
@@ -107,7 +107,7 @@ pub async fn route(kind: Kind, mut req: Request) -> Response {
 /// `200` to an extended CONNECT; a request that is neither is refused (any other status).
 fn handshake(req: &Request) -> Response {
     let headers = req.headers();
-    if header_is(headers, header::SEC_WEBSOCKET_VERSION, "13").is_none() {
+    if !header_is(headers, header::SEC_WEBSOCKET_VERSION, "13") {
         return (
             StatusCode::UPGRADE_REQUIRED,
             [(header::SEC_WEBSOCKET_VERSION, "13")],
@@ -126,8 +126,8 @@ fn handshake(req: &Request) -> Response {
     }
     let key = headers.get(header::SEC_WEBSOCKET_KEY);
     let h1 = req.method() == Method::GET
-        && header_is(headers, header::UPGRADE, "websocket").is_some()
-        && header_is(headers, header::CONNECTION, "upgrade").is_some();
+        && header_is(headers, header::UPGRADE, "websocket")
+        && header_is(headers, header::CONNECTION, "upgrade");
     let accept = key.map(|k| derive_accept_key(k.as_bytes()));
     match (h1, accept.and_then(|a| HeaderValue::from_str(&a).ok())) {
         (true, Some(accept)) => {
@@ -143,57 +143,13 @@ fn handshake(req: &Request) -> Response {
 }
 
 /// Whether a header's comma-separated tokens include `token` (case-insensitive).
-fn header_is(headers: &HeaderMap, name: header::HeaderName, token: &str) -> Option<()> {
+fn header_is(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
-        .then_some(())
-}
-
-/// What the socket loop needs of its stream: whether (and how) it moves.
-trait Moves: AsyncRead + AsyncWrite + Unpin + Send {
-    fn mover(&self) -> Option<grace_http::Mover>;
-    fn hand_over(
-        &mut self,
-        state: &[u8],
-    ) -> impl Future<Output = Result<(), grace_http::MoveError>> + Send;
-}
-
-impl Moves for Movable {
-    fn mover(&self) -> Option<grace_http::Mover> {
-        Some(Movable::mover(self))
-    }
-
-    fn hand_over(
-        &mut self,
-        state: &[u8],
-    ) -> impl Future<Output = Result<(), grace_http::MoveError>> + Send {
-        Movable::hand_over(self, state)
-    }
-}
-
-impl Moves for TokioIo<hyper::upgrade::Upgraded> {
-    fn mover(&self) -> Option<grace_http::Mover> {
-        None
-    }
-
-    fn hand_over(
-        &mut self,
-        _: &[u8],
-    ) -> impl Future<Output = Result<(), grace_http::MoveError>> + Send {
-        std::future::ready(Err(grace_http::MoveError::NotAsked))
-    }
-}
-
-/// Resolves when `mover` (if any) says the socket should move.
-async fn asked(mover: Option<&grace_http::Mover>) {
-    match mover {
-        Some(m) => m.asked().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Serves one socket: answers each message; moves at an upgrade that wants it; says goodbye
@@ -205,12 +161,7 @@ async fn serve<S: Moves>(
     notice: Option<ShutdownNotice>,
 ) {
     let mover = ws.get_ref().mover();
-    let draining = async {
-        match &notice {
-            Some(n) => n.wait().await,
-            None => std::future::pending().await,
-        }
-    };
+    let draining = drained(notice.as_ref());
     tokio::pin!(draining);
     loop {
         tokio::select! {
