@@ -26,17 +26,6 @@ use common::{
     replace_file,
 };
 
-/// Raises this process's open-file limit to its hard limit. The demo's generations inherit
-/// it: each holds a thousand connections in the first test, beyond a default 1024.
-fn raise_fd_limit() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut limit = getrlimit(Resource::Nofile);
-    if limit.current != limit.maximum {
-        limit.current = limit.maximum;
-        setrlimit(Resource::Nofile, limit).expect("raise RLIMIT_NOFILE");
-    }
-}
-
 /// The control socket's file in the service's scratch directory.
 const CONTROL: &str = "control.sock";
 
@@ -294,7 +283,8 @@ async fn a_thousand_idle_connections_survive_twenty_upgrades_under_load() {
     const IDLE: usize = 1000;
     const LOAD: usize = 4;
     const UPGRADES: usize = 20;
-    raise_fd_limit();
+    // The demo's generations inherit it: each holds a thousand connections.
+    grace_testkit::process::raise_nofile();
     let mut service = start(TempDir::new(), Path::new(BIN), &[]);
     let started = Instant::now();
     let mut idle = clients(service.addr, IDLE, service.current()).await;
@@ -850,7 +840,8 @@ async fn a_request_body_read_goes_along_and_one_left_unread_closes_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_force_during_the_hand_over_leaves_every_connection_accounted_for() {
     const CONNS: usize = 2000;
-    raise_fd_limit();
+    // The demo's generations inherit it: each holds a thousand connections.
+    grace_testkit::process::raise_nofile();
     for round in 0..3 {
         let mut service = start(TempDir::new(), Path::new(BIN), &[]);
         let old = service.current();
@@ -919,7 +910,8 @@ async fn a_force_during_the_hand_over_leaves_every_connection_accounted_for() {
 async fn an_upgrade_during_a_hand_over_loses_no_request() {
     const IDLE: usize = 300;
     const BUSY: usize = 20;
-    raise_fd_limit();
+    // The demo's generations inherit it: each holds a thousand connections.
+    grace_testkit::process::raise_nofile();
     let mut service = start(TempDir::new(), Path::new(BIN), &[]);
     let first = service.current();
     let mut idle = Vec::new();
@@ -1009,7 +1001,8 @@ async fn an_upgrade_during_a_hand_over_loses_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_generation_killed_during_the_hand_over_gives_every_connection_back() {
     const CONNS: usize = 1_000;
-    raise_fd_limit();
+    // The demo's generations inherit it: each holds a thousand connections.
+    grace_testkit::process::raise_nofile();
     let scratch = TempDir::new();
     let program = scratch.path("grace-demo");
     install_real_binary(&program);

@@ -32,18 +32,15 @@ fn env_or(var: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit (the demo, our child, inherits it).
-fn raise_nofile() -> u64 {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    let _ = setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        },
-    );
-    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+/// `wanted` sockets, or as many as the open-file limit (raised to its hard limit) lets
+/// this process and the demo hold, said when fewer.
+fn sockets_within_limit(wanted: usize) -> usize {
+    let limit = grace_testkit::process::raise_nofile();
+    let fit = usize::try_from(limit.saturating_sub(200) / 2).unwrap_or(usize::MAX);
+    if fit < wanted {
+        eprintln!("REDUCED: {fit} sockets, not {wanted} (RLIMIT_NOFILE's hard limit is {limit})");
+    }
+    wanted.min(fit)
 }
 
 async fn connect(service: &Service, path: &str) -> Ws {
@@ -84,7 +81,10 @@ fn closer(reason: &str) -> u32 {
 }
 
 /// The next text message, skipping pongs (counted in `pongs`).
-async fn next_text(ws: &mut Ws, pongs: &mut u64) -> Result<String, Ended> {
+async fn next_text<S>(ws: &mut WebSocketStream<S>, pongs: &mut u64) -> Result<String, Ended>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     loop {
         match tokio::time::timeout(PATIENCE, ws.next()).await {
             Err(_) => return Err(Ended::Broken("no answer within the patience".into())),
@@ -224,10 +224,8 @@ async fn all_answered_by(pids: &[Arc<AtomicU32>], pid: u32) {
 /// no repeat; after each upgrade every socket is answered by the newest pid.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_outlive_twenty_upgrades_under_load() {
-    let sockets = env_or("GRACE_WS_SOCKETS", 1000);
+    let sockets = sockets_within_limit(env_or("GRACE_WS_SOCKETS", 1000));
     let upgrades = env_or("GRACE_WS_UPGRADES", 20);
-    let nofile = raise_nofile();
-    let sockets = sockets.min(nofile.saturating_sub(200) as usize / 2);
     let mut service = Service::start(
         TempDir::new(),
         std::path::Path::new(BIN),
@@ -457,9 +455,7 @@ fn upgraded_handed_over(log: &str) -> u64 {
 /// over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_websocket_hand_over_gives_each_socket_one_outcome() {
-    let sockets = env_or("GRACE_WS_SOCKETS", 1000);
-    let nofile = raise_nofile();
-    let sockets = sockets.min(nofile.saturating_sub(200) as usize / 2);
+    let sockets = sockets_within_limit(env_or("GRACE_WS_SOCKETS", 1000));
     let delays: Vec<i64> = std::env::var("GRACE_WS_TERM_DELAYS")
         .ok()
         .map(|v| v.split(',').filter_map(|d| d.parse().ok()).collect())
@@ -736,31 +732,13 @@ async fn a_websocket_over_tls_stays_and_hears_1012() {
     let url = format!("wss://localhost:{}/ws/counter", service.addr.port());
     let (mut ws, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
     ws.send(Message::text("before")).await.unwrap();
-    let before = next_tls_text(&mut ws).await;
+    let before = next_text(&mut ws, &mut 0).await.unwrap();
     assert_eq!(parse(&before), (1, first, "before".into()));
     tokio::task::block_in_place(|| service.upgrade());
-    let close = tokio::time::timeout(PATIENCE, async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), closer(&f.reason)),
-                Some(Ok(_)) => {}
-                other => panic!("{other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("a close frame");
-    assert_eq!(close, (1012, first));
+    assert_eq!(
+        next_text(&mut ws, &mut 0).await,
+        Err(Ended::Closed(1012, first))
+    );
     tokio::task::block_in_place(|| service.retire_old());
     tokio::task::block_in_place(|| service.stop());
-}
-
-async fn next_tls_text<S>(ws: &mut WebSocketStream<S>) -> String
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    match tokio::time::timeout(PATIENCE, ws.next()).await {
-        Ok(Some(Ok(Message::Text(t)))) => t.to_string(),
-        other => panic!("{other:?}"),
-    }
 }

@@ -20,6 +20,22 @@ pub fn subreaper() {
     });
 }
 
+/// Raises this process's soft open-file limit (`RLIMIT_NOFILE`) to its hard limit, for
+/// tests that hold thousands of connections (the processes they start inherit it); returns
+/// the limit now in force (`u64::MAX` for none).
+pub fn raise_nofile() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        setrlimit(Resource::Nofile, raised).expect("raising RLIMIT_NOFILE to its hard limit");
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
 pub fn pid(raw: u32) -> Pid {
     Pid::from_raw(raw as i32).expect("a pid")
 }

@@ -318,20 +318,11 @@ async fn the_report_counts_the_connections_it_closed() {
 async fn thousands_of_connections_are_all_closed_or_forced_and_reported_once() {
     const EACH: usize = 2_100; // idle and busy: 4,200 in all, above the threaded size
     let needed = 4 * EACH as u64 + 256; // both ends of each connection, and some room
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    if limit.maximum.is_some_and(|max| max < needed) {
-        eprintln!("SKIPPED: RLIMIT_NOFILE's hard limit {limit:?} is below {needed}");
+    let limit = grace_testkit::process::raise_nofile();
+    if limit < needed {
+        eprintln!("SKIPPED: RLIMIT_NOFILE's hard limit {limit} is below {needed}");
         return;
     }
-    setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        },
-    )
-    .expect("raising RLIMIT_NOFILE to its hard limit");
 
     let deadline = Duration::from_secs(2);
     let mut srv = start(app(), |s| {
