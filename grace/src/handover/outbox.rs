@@ -105,20 +105,14 @@ impl Outbox {
     /// ready, so by the hand-over it has): without one, no upgraded connection is asked to
     /// move.
     pub(crate) fn read_kinds(&self) {
-        // A list of kinds, or an acknowledgement of up to a batch's ids.
+        // The list: names of up to 255 bytes, one per line.
         let mut buf = vec![0u8; 64 * 1024];
         // Nothing was sent yet, so nothing else can be waiting (no acknowledgement).
         let got = rustix::net::recv(self.fd.get_ref(), &mut buf, RecvFlags::DONTWAIT);
-        if let Ok((n, _)) = got
-            && n > 0
-            && buf[0] == KINDS
-        {
-            self.set_kinds(&buf[1..n]);
-        }
-        let _ = self.kinds.set(Vec::new());
-    }
-
-    fn set_kinds(&self, list: &[u8]) {
+        let list = match got {
+            Ok((n, _)) if n > 0 && buf[0] == KINDS => &buf[1..n],
+            _ => &[][..],
+        };
         let names = String::from_utf8_lossy(list)
             .split('\n')
             .filter(|n| !n.is_empty())
@@ -328,8 +322,8 @@ impl Outbox {
     /// the error if the channel failed. Our copies stay until the hand-over is complete (the
     /// outbox dropped), or are taken back ([`take_back`](Self::take_back)).
     pub(crate) async fn acks(&self, acked: impl Fn(bool)) -> io::Result<()> {
-        // A list of kinds, or an acknowledgement of up to a batch's ids.
-        let mut buf = vec![0u8; 64 * 1024];
+        // An acknowledgement of up to a batch's ids.
+        let mut buf = [0u8; 1 + 8 * super::inbox::BATCH];
         loop {
             let n = self
                 .fd
@@ -343,7 +337,8 @@ impl Outbox {
                 return Ok(());
             }
             if buf[0] == KINDS {
-                self.set_kinds(&buf[1..n]);
+                // A list that came after the hand-over started: `read_kinds` decided
+                // without it (no upgraded connection moves this time).
                 continue;
             }
             // One acknowledgement per batch the receiver read: the ids, 8 bytes each.
